@@ -1,0 +1,283 @@
+//! Types shared by the kernel datapath (`lb-ebpf`) and the agent (`lb`).
+//!
+//! Every map key and value lives here, once, as a `#[repr(C)]` struct with
+//! explicit padding, so `bpftool map dump` shows the same field names the
+//! code uses. Conventions, chosen so dumps read naturally:
+//! - IPv4 addresses are `[u8; 4]` in wire order (bpftool prints the octets).
+//! - Ports are `u16` in host byte order (bpftool prints the number).
+#![no_std]
+
+pub mod hash;
+
+/// Map names. The pinned files under the pin directory carry these names.
+/// Kernel map names are limited to 15 characters.
+pub mod map_names {
+    pub const FRONTENDS: &str = "lb_frontends";
+    pub const BACKENDS: &str = "lb_backends";
+    pub const MAGLEV: &str = "lb_maglev";
+    pub const CONNTRACK: &str = "lb_conntrack";
+    pub const AFFINITY: &str = "lb_affinity";
+    pub const VERDICTS: &str = "lb_verdicts";
+    pub const SERVICE_STATS: &str = "lb_svc_stats";
+    pub const ALL: [&str; 7] = [
+        FRONTENDS,
+        BACKENDS,
+        MAGLEV,
+        CONNTRACK,
+        AFFINITY,
+        VERDICTS,
+        SERVICE_STATS,
+    ];
+}
+
+/// Program names in the object file.
+pub mod program_names {
+    pub const TC: &str = "lb_tc_ingress";
+    pub const XDP: &str = "lb_xdp";
+}
+
+/// Map capacities. The agent rejects desired states that would not fit.
+pub const MAX_FRONTENDS: u32 = 1 << 19;
+/// Service ids are `1..MAX_SERVICES`; 0 is never allocated.
+pub const MAX_SERVICES: u32 = 1 << 17;
+/// Backend ids are `1..MAX_BACKENDS`; 0 is never allocated.
+pub const MAX_BACKENDS: u32 = 1 << 19;
+pub const MAX_CONNTRACK: u32 = 1 << 18;
+pub const MAX_AFFINITY: u32 = 1 << 16;
+
+/// `BPF_F_INNER_MAP`: lets inner Maglev arrays of one outer map differ in size.
+pub const BPF_F_INNER_MAP: u32 = 1 << 12;
+/// `BPF_F_MMAPABLE`: the agent fills a new Maglev array through mmap, one
+/// memcpy instead of one syscall per slot.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+/// Flags of every inner Maglev array (the kernel requires them equal to the
+/// template's).
+pub const MAGLEV_INNER_FLAGS: u32 = BPF_F_INNER_MAP | BPF_F_MMAPABLE;
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Idle time after which a conntrack entry no longer pins its backend.
+/// Matches the kernel's nf_conntrack defaults closely enough for a first
+/// version: established TCP 5 days is excessive for an LRU map, so we use 6h
+/// (Cilium uses 6h for established TCP too), and 120s for UDP "streams".
+pub const CT_TIMEOUT_TCP_NS: u64 = 6 * 3600 * 1_000_000_000;
+pub const CT_TIMEOUT_UDP_NS: u64 = 120 * 1_000_000_000;
+/// A conntrack entry's `last_seen_ns` is refreshed at most this often, so
+/// established flows do not write to a shared cache line on every packet.
+pub const CT_REFRESH_NS: u64 = 1_000_000_000;
+
+/// Key of `lb_frontends` (HASH): an address, port and protocol a Service
+/// answers on (ClusterIP, or NodePort on a node address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrontendKey {
+    pub addr: [u8; 4],
+    pub port: u16,
+    /// IPPROTO_TCP or IPPROTO_UDP.
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of `lb_frontends`: the service port a frontend belongs to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceEntry {
+    /// Service-port id: key of `lb_maglev` and index of `lb_svc_stats`.
+    pub id: u32,
+    /// Maglev table size M of the current table (0 with no usable backend).
+    pub table_size: u32,
+    /// Usable backends in the table. 0 means: refuse new flows at once.
+    pub backend_count: u32,
+    /// sessionAffinity ClientIP timeout; used only with `SERVICE_F_AFFINITY`.
+    pub affinity_timeout_s: u32,
+    /// `SERVICE_F_*` bits.
+    pub flags: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `ServiceEntry::flags`: sessionAffinity is ClientIP.
+pub const SERVICE_F_AFFINITY: u8 = 1 << 0;
+/// `ServiceEntry::flags`: this frontend is a NodePort.
+pub const SERVICE_F_NODEPORT: u8 = 1 << 1;
+
+/// Value of `lb_backends` (ARRAY indexed by backend id): one endpoint of one
+/// service port. Ids are per service port so a conntrack or affinity entry
+/// can check its backend still belongs to the service that chose it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Backend {
+    pub addr: [u8; 4],
+    pub port: u16,
+    /// `BACKEND_F_*` bits; 0 means the slot is free.
+    pub flags: u8,
+    pub _pad: u8,
+    pub service_id: u32,
+}
+
+/// `Backend::flags`: the slot holds a backend.
+pub const BACKEND_F_PRESENT: u8 = 1 << 0;
+/// `Backend::flags`: the endpoint is terminating (it keeps its flows).
+pub const BACKEND_F_TERMINATING: u8 = 1 << 1;
+/// `Backend::flags`: the endpoint is in the service's current Maglev table,
+/// so it takes new flows (sessionAffinity may lead only to these).
+pub const BACKEND_F_USABLE: u8 = 1 << 2;
+
+/// Key of `lb_conntrack` (LRU_HASH): a flow as seen on the wire in one
+/// direction. A translated flow has two entries: the client's direction
+/// (client -> frontend) and the backend's reply direction (backend -> client).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src_addr: [u8; 4],
+    pub dst_addr: [u8; 4],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of `lb_conntrack`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConntrackEntry {
+    /// `bpf_ktime_get_ns()` when a packet of the flow was last seen
+    /// (refreshed at most every `CT_REFRESH_NS`).
+    pub last_seen_ns: u64,
+    /// `CT_FORWARD`: the backend to send to. `CT_REPLY`: the frontend to
+    /// restore as the source.
+    pub nat_addr: [u8; 4],
+    pub nat_port: u16,
+    /// `CT_FORWARD` or `CT_REPLY`.
+    pub direction: u8,
+    pub _pad: u8,
+    pub backend_id: u32,
+    pub service_id: u32,
+}
+
+pub const CT_FORWARD: u8 = 1;
+pub const CT_REPLY: u8 = 2;
+
+/// Key of `lb_affinity` (LRU_HASH): sessionAffinity ClientIP state.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub client_addr: [u8; 4],
+    pub service_id: u32,
+}
+
+/// Value of `lb_affinity`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AffinityEntry {
+    /// `bpf_ktime_get_ns()` of the last new connection that used it.
+    pub last_used_ns: u64,
+    pub backend_id: u32,
+    pub _pad: u32,
+}
+
+/// Value of `lb_verdicts` (PERCPU_ARRAY indexed by `Verdict`) and of
+/// `lb_svc_stats` (PERCPU_ARRAY indexed by service id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// What the datapath did with a packet; the index into `lb_verdicts`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// IPv4 TCP/UDP, not for a frontend, not a reply: untouched.
+    PassNotService = 0,
+    /// Not IPv4: untouched.
+    PassNotIpv4 = 1,
+    /// IPv4 but not TCP/UDP (ICMP included, for now): untouched.
+    PassOtherProtocol = 2,
+    /// A fragment: untouched (the L4 header is not in every fragment).
+    PassFragment = 3,
+    /// First packet of a flow to a frontend: backend chosen, translated.
+    DnatNew = 4,
+    /// A packet of a tracked flow: translated to its recorded backend.
+    DnatEstablished = 5,
+    /// A backend's reply: source restored to the frontend.
+    ReplyNat = 6,
+    /// New flow to a frontend with no usable backend: ICMP port unreachable sent.
+    RejectNoBackend = 7,
+    /// Truncated or inconsistent headers: passed untouched (the kernel's own
+    /// checks drop them), never translated.
+    PassMalformed = 8,
+    /// A reject could not be built (for example, IP options on the packet).
+    DropRejectFailed = 9,
+    /// A new flow whose backend came from sessionAffinity state.
+    DnatAffinity = 10,
+    /// A frontend whose table or backend entry is missing or stale (a
+    /// transient while the agent rewrites a service): dropped, the client
+    /// retransmits.
+    DropNoBackendEntry = 11,
+}
+
+pub const VERDICT_COUNT: u32 = 12;
+
+impl Verdict {
+    pub const ALL: [Verdict; VERDICT_COUNT as usize] = [
+        Verdict::PassNotService,
+        Verdict::PassNotIpv4,
+        Verdict::PassOtherProtocol,
+        Verdict::PassFragment,
+        Verdict::DnatNew,
+        Verdict::DnatEstablished,
+        Verdict::ReplyNat,
+        Verdict::RejectNoBackend,
+        Verdict::PassMalformed,
+        Verdict::DropRejectFailed,
+        Verdict::DnatAffinity,
+        Verdict::DropNoBackendEntry,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Verdict::PassNotService => "pass_not_service",
+            Verdict::PassNotIpv4 => "pass_not_ipv4",
+            Verdict::PassOtherProtocol => "pass_other_protocol",
+            Verdict::PassFragment => "pass_fragment",
+            Verdict::DnatNew => "dnat_new",
+            Verdict::DnatEstablished => "dnat_established",
+            Verdict::ReplyNat => "reply_nat",
+            Verdict::RejectNoBackend => "reject_no_backend",
+            Verdict::PassMalformed => "pass_malformed",
+            Verdict::DropRejectFailed => "drop_reject_failed",
+            Verdict::DnatAffinity => "dnat_affinity",
+            Verdict::DropNoBackendEntry => "drop_no_backend_entry",
+        }
+    }
+}
+
+// Layouts are part of the pinned-map contract: catch accidental changes.
+const _: () = {
+    assert!(core::mem::size_of::<FrontendKey>() == 8);
+    assert!(core::mem::size_of::<ServiceEntry>() == 20);
+    assert!(core::mem::size_of::<Backend>() == 12);
+    assert!(core::mem::size_of::<FlowKey>() == 16);
+    assert!(core::mem::size_of::<ConntrackEntry>() == 24);
+    assert!(core::mem::align_of::<ConntrackEntry>() == 8);
+    assert!(core::mem::size_of::<AffinityKey>() == 8);
+    assert!(core::mem::size_of::<AffinityEntry>() == 16);
+    assert!(core::mem::size_of::<Counter>() == 16);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: each type is repr(C), Copy, has explicit padding fields and no
+    // implicit padding (sizes asserted above), so every bit pattern is valid.
+    unsafe impl aya::Pod for super::FrontendKey {}
+    unsafe impl aya::Pod for super::ServiceEntry {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::ConntrackEntry {}
+    unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::AffinityEntry {}
+    unsafe impl aya::Pod for super::Counter {}
+}

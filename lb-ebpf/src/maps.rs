@@ -1,0 +1,48 @@
+//! Every map of the datapath, in one place. Keys and values are documented
+//! in `lb-common`; these are BTF maps so `bpftool map dump` names the fields.
+
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, HashOfMaps, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use lb_common::{
+    AffinityEntry, AffinityKey, Backend, ConntrackEntry, Counter, FlowKey, FrontendKey,
+    ServiceEntry, MAGLEV_INNER_FLAGS, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_FRONTENDS,
+    MAX_SERVICES, VERDICT_COUNT,
+};
+
+/// (address, port, protocol) -> service port.
+#[btf_map(name = "lb_frontends")]
+pub static FRONTENDS: HashMap<FrontendKey, ServiceEntry, { MAX_FRONTENDS as usize }> =
+    HashMap::new();
+
+/// Backend id -> endpoint address and port.
+#[btf_map(name = "lb_backends")]
+pub static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
+
+/// Maglev tables: service id -> inner ARRAY[M] of backend ids. The agent
+/// builds a new inner array and swaps it in with one update, so a lookup
+/// never sees a half-written table. `BPF_F_INNER_MAP` lets M differ per
+/// service (the template's size of 1 is not used).
+pub type MaglevTable = Array<u32, 1, { MAGLEV_INNER_FLAGS as usize }>;
+#[btf_map(name = "lb_maglev")]
+pub static MAGLEV: HashOfMaps<u32, MaglevTable, { MAX_SERVICES as usize }> = HashOfMaps::new();
+
+/// Translated flows, both directions.
+#[btf_map(name = "lb_conntrack")]
+pub static CONNTRACK: LruHashMap<FlowKey, ConntrackEntry, { MAX_CONNTRACK as usize }> =
+    LruHashMap::new();
+
+/// sessionAffinity ClientIP: (client, service) -> backend.
+#[btf_map(name = "lb_affinity")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityEntry, { MAX_AFFINITY as usize }> =
+    LruHashMap::new();
+
+/// Packets and bytes per verdict, per CPU.
+#[btf_map(name = "lb_verdicts")]
+pub static VERDICTS: PerCpuArray<Counter, { VERDICT_COUNT as usize }> = PerCpuArray::new();
+
+/// Packets and bytes per service id. Shared (not per CPU) so memory does not
+/// grow with the CPU count; updated with atomic adds.
+#[btf_map(name = "lb_svc_stats")]
+pub static SERVICE_STATS: Array<Counter, { MAX_SERVICES as usize }> = Array::new();

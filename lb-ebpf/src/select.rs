@@ -1,0 +1,61 @@
+//! Backend choice for a new flow: sessionAffinity first, then Maglev.
+
+use aya_ebpf::bindings::BPF_ANY;
+use lb_common::{
+    hash::flow_hash, AffinityEntry, AffinityKey, Backend, ServiceEntry, BACKEND_F_PRESENT,
+    BACKEND_F_USABLE, SERVICE_F_AFFINITY,
+};
+
+use crate::{
+    maps::{AFFINITY, BACKENDS, MAGLEV},
+    packet::Ipv4Flow,
+};
+
+/// The backend with this id, if it still belongs to this service.
+#[inline(always)]
+pub fn backend_of(service_id: u32, backend_id: u32) -> Option<Backend> {
+    let b = *BACKENDS.get(backend_id)?;
+    if b.flags & BACKEND_F_PRESENT != 0 && b.service_id == service_id { Some(b) } else { None }
+}
+
+pub struct Choice {
+    pub backend_id: u32,
+    pub backend: Backend,
+    pub from_affinity: bool,
+}
+
+#[inline(always)]
+pub fn choose(f: &Ipv4Flow, svc: &ServiceEntry, now: u64) -> Option<Choice> {
+    let affinity = svc.flags & SERVICE_F_AFFINITY != 0;
+    let akey = AffinityKey { client_addr: f.saddr, service_id: svc.id };
+    if affinity {
+        if let Some(p) = AFFINITY.get_ptr_mut(&akey) {
+            // SAFETY: copied out at once; a torn read fails the checks below.
+            let a = unsafe { *p };
+            let timeout_ns = svc.affinity_timeout_s as u64 * 1_000_000_000;
+            if now.wrapping_sub(a.last_used_ns) <= timeout_ns {
+                if let Some(b) = backend_of(svc.id, a.backend_id) {
+                    // Like kube-proxy, affinity only leads to endpoints that
+                    // take new connections.
+                    if b.flags & BACKEND_F_USABLE != 0 {
+                        // SAFETY: plain 8-byte store into the map value.
+                        unsafe { (*p).last_used_ns = now };
+                        return Some(Choice { backend_id: a.backend_id, backend: b, from_affinity: true });
+                    }
+                }
+            }
+        }
+    }
+    if svc.table_size == 0 {
+        return None;
+    }
+    let slot = (flow_hash(f.saddr, f.sport, f.dport, f.proto) % svc.table_size as u64) as u32;
+    // SAFETY: the inner map is an ARRAY: its slots are never freed under us.
+    let backend_id = unsafe { *MAGLEV.get_value(&svc.id, &slot)? };
+    let backend = backend_of(svc.id, backend_id)?;
+    if affinity {
+        let entry = AffinityEntry { last_used_ns: now, backend_id, _pad: 0 };
+        let _ = AFFINITY.insert(akey, entry, BPF_ANY as u64);
+    }
+    Some(Choice { backend_id, backend, from_affinity: false })
+}

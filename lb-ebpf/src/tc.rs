@@ -1,0 +1,144 @@
+//! Applying an `Action` to an skb (TC ingress). Checksums go through the
+//! kernel's csum helpers: they update a CHECKSUM_PARTIAL seed, a complete
+//! checksum and `skb->csum` each the right way, which no direct write can
+//! (pods' packets on veth usually carry CHECKSUM_PARTIAL).
+
+use aya_ebpf::{
+    bindings::{
+        bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_F_MARK_MANGLED_0,
+        BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT,
+    },
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail},
+    programs::TcContext,
+};
+use lb_common::{Verdict, IPPROTO_UDP};
+
+use crate::{
+    packet::{Ipv4Flow, ETH_HLEN, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, IP_TTL_OFF},
+    pipeline::{decide, Action},
+    reject,
+    stats::count,
+};
+
+const AF_INET: u8 = 2;
+
+#[inline(always)]
+pub fn run(ctx: &TcContext) -> i32 {
+    let rc = match decide(ctx) {
+        Action::Pass => Ok(TC_ACT_OK),
+        Action::Drop => Ok(TC_ACT_SHOT),
+        Action::Dnat { flow, addr, port } => {
+            rewrite(ctx, &flow, Side::Destination, addr, port).map(|()| TC_ACT_OK)
+        }
+        Action::ReplyNat { flow, addr, port } => rewrite(ctx, &flow, Side::Source, addr, port)
+            .and_then(|()| route_reply(ctx, &flow, addr, port)),
+        Action::Reject { flow } => reject(ctx, &flow),
+    };
+    // A helper failed half-way (out of memory, unwritable skb): the packet
+    // may be half-translated, so it must not go anywhere.
+    rc.unwrap_or(TC_ACT_SHOT)
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Side {
+    Source,
+    Destination,
+}
+
+#[inline(always)]
+fn rewrite(ctx: &TcContext, f: &Ipv4Flow, side: Side, addr: [u8; 4], port: u16) -> Result<(), i64> {
+    let (old_addr, addr_off, old_port, port_off) = match side {
+        Side::Source => (f.saddr, ETH_HLEN + IP_SADDR_OFF, f.sport, f.l4_off),
+        Side::Destination => (f.daddr, ETH_HLEN + IP_DADDR_OFF, f.dport, f.l4_off + 2),
+    };
+    // UDP checksum 0 means "none": BPF_F_MARK_MANGLED_0 keeps it 0 and
+    // writes a computed 0 as 0xffff.
+    let mangled = if f.proto == IPPROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
+    let old_a = u32::from_ne_bytes(old_addr) as u64;
+    let new_a = u32::from_ne_bytes(addr) as u64;
+    ctx.l4_csum_replace(f.l4_csum_off, old_a, new_a, BPF_F_PSEUDO_HDR as u64 | mangled | 4)?;
+    ctx.l3_csum_replace(ETH_HLEN + IP_CSUM_OFF, old_a, new_a, 4)?;
+    ctx.store(addr_off, &addr, 0)?;
+    let old_p = old_port.to_be() as u64;
+    let new_p = port.to_be();
+    ctx.l4_csum_replace(f.l4_csum_off, old_p, new_p as u64, mangled | 2)?;
+    ctx.store(port_off, &new_p, 0)?;
+    Ok(())
+}
+
+/// Sends a reply straight to its next hop. The node's own routing would drop
+/// it: its source is now a node address (NodePort), a martian on input.
+#[inline(always)]
+fn route_reply(ctx: &TcContext, f: &Ipv4Flow, src: [u8; 4], sport: u16) -> Result<i32, i64> {
+    // SAFETY: a zeroed bpf_fib_lookup is a valid argument.
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    p.l4_protocol = f.proto;
+    p.sport = sport.to_be();
+    p.dport = f.dport.to_be();
+    p.__bindgen_anon_1.tot_len = f.tot_len;
+    // SAFETY: reading a field of the context the program was given.
+    p.ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
+    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(f.daddr);
+    // SAFETY: p lives on our stack for the duration of the call.
+    let rc = unsafe {
+        fib_lookup(ctx.skb.skb.cast(), &raw mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, 0)
+    };
+    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        decrement_ttl(ctx)?;
+        ctx.store(0, &p.dmac, 0)?;
+        ctx.store(6, &p.smac, 0)?;
+        // SAFETY: a helper without memory arguments.
+        let r = unsafe { bpf_redirect(p.ifindex, 0) };
+        return Ok(r as i32);
+    }
+    if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        decrement_ttl(ctx)?;
+        // SAFETY: a null params pointer asks the helper to resolve the
+        // next hop from the packet itself.
+        let r = unsafe { bpf_redirect_neigh(p.ifindex, core::ptr::null_mut(), 0, 0) };
+        return Ok(r as i32);
+    }
+    // Not forwardable from here (local destination, no route): the stack
+    // decides, as it would have without us.
+    Ok(TC_ACT_OK)
+}
+
+/// We forward the reply ourselves, so we do the router's TTL decrement.
+#[inline(always)]
+fn decrement_ttl(ctx: &TcContext) -> Result<(), i64> {
+    let word: [u8; 2] = ctx.load(ETH_HLEN + IP_TTL_OFF)?;
+    if word[0] <= 1 {
+        return Err(-1);
+    }
+    let new = [word[0] - 1, word[1]];
+    ctx.l3_csum_replace(
+        ETH_HLEN + IP_CSUM_OFF,
+        u16::from_ne_bytes(word) as u64,
+        u16::from_ne_bytes(new) as u64,
+        2,
+    )?;
+    ctx.store(ETH_HLEN + IP_TTL_OFF, &new[0], 0)
+}
+
+/// Turns the packet into an ICMP port unreachable and sends it back out the
+/// interface it came in on.
+#[inline(always)]
+fn reject(ctx: &TcContext, f: &Ipv4Flow) -> Result<i32, i64> {
+    let Some(frame) = reject::build(ctx, f) else {
+        count(Verdict::DropRejectFailed, 0);
+        return Ok(TC_ACT_SHOT);
+    };
+    // SAFETY: resizing the skb; packet pointers are not used afterwards.
+    let rc = unsafe { bpf_skb_change_tail(ctx.skb.skb, reject::FRAME_LEN as u32, 0) };
+    if rc != 0 {
+        count(Verdict::DropRejectFailed, 0);
+        return Ok(TC_ACT_SHOT);
+    }
+    ctx.store(0, &frame, 0)?;
+    // SAFETY: reading a field of our context; redirect has no memory args.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let r = unsafe { bpf_redirect(ifindex, 0) };
+    Ok(r as i32)
+}

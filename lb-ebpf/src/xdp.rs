@@ -1,0 +1,146 @@
+//! Applying an `Action` in XDP. XDP sees no skb, so checksums are updated
+//! with RFC 1624 arithmetic, which is right for the complete checksums a
+//! physical NIC receives. It is wrong for veth traffic carrying
+//! CHECKSUM_PARTIAL seeds: attach with TC there (see README).
+
+use aya_ebpf::{
+    bindings::{bpf_fib_lookup, xdp_action, BPF_FIB_LKUP_RET_SUCCESS},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    programs::XdpContext,
+};
+use lb_common::{Verdict, IPPROTO_UDP};
+
+use crate::{
+    csum::{update16, update32},
+    packet::{ptr_at, EthHdr, Ipv4Flow, Ipv4Hdr, L4Ports, ETH_HLEN},
+    pipeline::{decide, Action},
+    reject::{self, IcmpUnreachFrame},
+    stats::count,
+};
+
+const AF_INET: u8 = 2;
+
+#[inline(always)]
+pub fn run(ctx: &XdpContext) -> u32 {
+    match decide(ctx) {
+        Action::Pass => xdp_action::XDP_PASS,
+        Action::Drop => xdp_action::XDP_DROP,
+        Action::Dnat { flow, addr, port } => match rewrite(ctx, &flow, false, addr, port) {
+            Some(()) => xdp_action::XDP_PASS,
+            None => xdp_action::XDP_DROP,
+        },
+        Action::ReplyNat { flow, addr, port } => match rewrite(ctx, &flow, true, addr, port) {
+            Some(()) => route_reply(ctx, &flow, addr, port),
+            None => xdp_action::XDP_DROP,
+        },
+        Action::Reject { flow } => reject(ctx, &flow),
+    }
+}
+
+#[inline(always)]
+fn rewrite(ctx: &XdpContext, f: &Ipv4Flow, source: bool, addr: [u8; 4], port: u16) -> Option<()> {
+    let ip = ptr_at::<Ipv4Hdr, _>(ctx, ETH_HLEN)?;
+    let ports = ptr_at::<L4Ports, _>(ctx, f.l4_off)?;
+    let csum = ptr_at::<u16, _>(ctx, f.l4_csum_off)?;
+    let port = port.to_be();
+    // SAFETY: ptr_at checked every pointer against data_end.
+    unsafe {
+        let old_addr = if source { (*ip).saddr } else { (*ip).daddr };
+        let old_port = if source { (*ports).src } else { (*ports).dst };
+        (*ip).check = update32((*ip).check, old_addr, addr);
+        let old_sum = *csum;
+        // A UDP checksum of 0 means "none" and stays so.
+        if !(f.proto == IPPROTO_UDP && old_sum == 0) {
+            let mut sum = update32(old_sum, old_addr, addr);
+            sum = update16(sum, old_port, port);
+            if f.proto == IPPROTO_UDP && sum == 0 {
+                sum = 0xffff;
+            }
+            *csum = sum;
+        }
+        if source {
+            (*ip).saddr = addr;
+            (*ports).src = port;
+        } else {
+            (*ip).daddr = addr;
+            (*ports).dst = port;
+        }
+    }
+    Some(())
+}
+
+/// Forwards the reply to its next hop (the stack would drop a packet whose
+/// source is a node address). Without a resolved neighbour, the stack gets
+/// it and decides.
+#[inline(always)]
+fn route_reply(ctx: &XdpContext, f: &Ipv4Flow, src: [u8; 4], sport: u16) -> u32 {
+    // SAFETY: a zeroed bpf_fib_lookup is a valid argument.
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    p.l4_protocol = f.proto;
+    p.sport = sport.to_be();
+    p.dport = f.dport.to_be();
+    p.__bindgen_anon_1.tot_len = f.tot_len;
+    // SAFETY: reading a field of the context the program was given.
+    p.ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
+    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(f.daddr);
+    // SAFETY: p lives on our stack for the duration of the call.
+    let rc = unsafe {
+        fib_lookup(ctx.ctx.cast(), &raw mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, 0)
+    };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return xdp_action::XDP_PASS;
+    }
+    let (Some(eth), Some(ip)) = (ptr_at::<EthHdr, _>(ctx, 0), ptr_at::<Ipv4Hdr, _>(ctx, ETH_HLEN))
+    else {
+        return xdp_action::XDP_DROP;
+    };
+    // SAFETY: ptr_at checked both pointers.
+    unsafe {
+        if (*ip).ttl <= 1 {
+            return xdp_action::XDP_PASS;
+        }
+        let old = u16::from_ne_bytes([(*ip).ttl, (*ip).protocol]);
+        (*ip).ttl -= 1;
+        let new = u16::from_ne_bytes([(*ip).ttl, (*ip).protocol]);
+        (*ip).check = update16((*ip).check, old, new);
+        (*eth).dst = p.dmac;
+        (*eth).src = p.smac;
+        bpf_redirect(p.ifindex, 0) as u32
+    }
+}
+
+/// Rewrites the frame into an ICMP port unreachable and bounces it out the
+/// interface it came in on.
+#[inline(always)]
+fn reject(ctx: &XdpContext, f: &Ipv4Flow) -> u32 {
+    let Some(frame) = reject::build(ctx, f) else {
+        count(Verdict::DropRejectFailed, 0);
+        return xdp_action::XDP_DROP;
+    };
+    let cur = (ctx.data_end() - ctx.data()) as i32;
+    let want = reject::FRAME_LEN as i32;
+    // Grow at the head (XDP guarantees headroom), shrink at the tail.
+    // SAFETY: resizing helpers; pointers are re-derived afterwards.
+    let rc = unsafe {
+        if cur < want {
+            bpf_xdp_adjust_head(ctx.ctx, cur - want)
+        } else if cur > want {
+            bpf_xdp_adjust_tail(ctx.ctx, want - cur)
+        } else {
+            0
+        }
+    };
+    if rc != 0 {
+        count(Verdict::DropRejectFailed, 0);
+        return xdp_action::XDP_DROP;
+    }
+    let Some(out) = ptr_at::<IcmpUnreachFrame, _>(ctx, 0) else {
+        count(Verdict::DropRejectFailed, 0);
+        return xdp_action::XDP_DROP;
+    };
+    // SAFETY: ptr_at checked the frame fits.
+    unsafe { *out = frame };
+    xdp_action::XDP_TX
+}

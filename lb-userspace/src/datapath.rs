@@ -1,0 +1,275 @@
+//! The kernel side, through aya: loads the embedded eBPF object, pins its
+//! maps under the pin directory, attaches programs to interfaces, and
+//! implements `DatapathMaps` on the real maps. The only `unsafe` of the
+//! agent lives here (mmap of Maglev arrays).
+
+use std::{
+    os::fd::{AsFd, AsRawFd},
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context;
+use aya::{
+    maps::{Array, HashMap, HashOfMaps, MapData, PerCpuArray},
+    programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode},
+    Ebpf, EbpfLoader,
+};
+use lb_common::{
+    map_names, program_names, Backend, Counter, FrontendKey, ServiceEntry, Verdict,
+    MAGLEV_INNER_FLAGS,
+};
+
+use crate::planner::DatapathMaps;
+
+/// The datapath object, built by `cargo xtask build-ebpf` and embedded by
+/// build.rs (empty when it was missing at build time).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error(
+        "this lb binary was built without the eBPF datapath; run `cargo xtask build-ebpf` \
+         and then `cargo build --release --bin lb`"
+    )]
+    NoObject,
+    #[error("the kernel refused program {program}: {io_error}\nlast lines of the verifier log:\n{log_tail}")]
+    Verifier { program: &'static str, io_error: std::io::Error, log_tail: String },
+    #[error("interface {0:?} does not exist in this network namespace (see `ip link show`)")]
+    UnknownInterface(String),
+    #[error("attaching {program} to {iface}: {source}")]
+    Attach {
+        program: &'static str,
+        iface: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[source] aya::EbpfError),
+}
+
+/// How a program is attached to an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    /// TC ingress (TCX): right for any interface, veth included.
+    Tc,
+    /// XDP (native where the driver has it): for NICs that hand over
+    /// complete checksums.
+    Xdp,
+}
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+}
+
+impl Datapath {
+    /// Loads the programs and creates (or, for pins left behind, reuses)
+    /// the maps pinned under `pin_dir`.
+    pub fn load(pin_dir: &Path) -> Result<(Datapath, KernelMaps), DatapathError> {
+        if OBJECT.is_empty() {
+            return Err(DatapathError::NoObject);
+        }
+        let mut loader = EbpfLoader::new();
+        let paths: Vec<(&str, PathBuf)> = map_names::ALL.iter().map(|n| (*n, pin_dir.join(n))).collect();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(DatapathError::Load)?;
+        for name in [program_names::TC, program_names::XDP] {
+            let program = ebpf.program_mut(name).expect("the object defines this program");
+            let loaded = match program {
+                aya::programs::Program::SchedClassifier(p) => p.load(),
+                aya::programs::Program::Xdp(p) => p.load(),
+                _ => unreachable!("lb programs are TC and XDP"),
+            };
+            loaded.map_err(|e| match e {
+                ProgramError::LoadError { io_error, verifier_log } => DatapathError::Verifier {
+                    program: name,
+                    io_error,
+                    log_tail: tail(&verifier_log.to_string(), 20),
+                },
+                other => DatapathError::Load(aya::EbpfError::ProgramError(other)),
+            })?;
+        }
+        let maps = KernelMaps::take(&mut ebpf).map_err(DatapathError::Load)?;
+        Ok((Datapath { ebpf, pin_dir: pin_dir.to_path_buf() }, maps))
+    }
+
+    /// Attaches to `iface`; the attachment lasts as long as this value.
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<(), DatapathError> {
+        if nix::net::if_::if_nametoindex(iface).is_err() {
+            return Err(DatapathError::UnknownInterface(iface.to_string()));
+        }
+        let result = match mode {
+            AttachMode::Tc => {
+                let p: &mut SchedClassifier = self
+                    .ebpf
+                    .program_mut(program_names::TC)
+                    .and_then(|p| p.try_into().ok())
+                    .expect("TC program is loaded");
+                p.attach(iface, TcAttachType::Ingress).map(drop)
+            }
+            AttachMode::Xdp => {
+                let p: &mut Xdp = self
+                    .ebpf
+                    .program_mut(program_names::XDP)
+                    .and_then(|p| p.try_into().ok())
+                    .expect("XDP program is loaded");
+                p.attach(iface, XdpMode::Default).map(drop)
+            }
+        };
+        let program = if mode == AttachMode::Tc { program_names::TC } else { program_names::XDP };
+        result.map_err(|source| DatapathError::Attach { program, iface: iface.to_string(), source })
+    }
+
+    /// For BPF_PROG_TEST_RUN: the loaded programs.
+    pub fn tc_program(&self) -> &SchedClassifier {
+        self.ebpf.program(program_names::TC).and_then(|p| p.try_into().ok()).expect("loaded")
+    }
+
+    pub fn xdp_program(&self) -> &Xdp {
+        self.ebpf.program(program_names::XDP).and_then(|p| p.try_into().ok()).expect("loaded")
+    }
+
+    /// Detaches everything (by dropping the programs' links) and removes
+    /// the pinned maps and the pin directory.
+    pub fn shutdown(self) -> std::io::Result<()> {
+        let Datapath { ebpf, pin_dir } = self;
+        drop(ebpf);
+        remove_pins(&pin_dir)
+    }
+}
+
+/// Removes our pinned maps (and the directory, if then empty).
+pub fn remove_pins(pin_dir: &Path) -> std::io::Result<()> {
+    for name in map_names::ALL {
+        match std::fs::remove_file(pin_dir.join(name)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    match std::fs::remove_dir(pin_dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Pins left behind by an agent that did not exit cleanly.
+pub fn stale_pins(pin_dir: &Path) -> Vec<&'static str> {
+    map_names::ALL.iter().copied().filter(|n| pin_dir.join(n).exists()).collect()
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Typed handles on the pinned maps.
+pub struct KernelMaps {
+    pub frontends: HashMap<MapData, FrontendKey, ServiceEntry>,
+    pub backends: Array<MapData, Backend>,
+    pub maglev: HashOfMaps<MapData, u32, MapData>,
+    pub verdicts: PerCpuArray<MapData, Counter>,
+    pub service_stats: Array<MapData, Counter>,
+}
+
+impl KernelMaps {
+    fn take(ebpf: &mut Ebpf) -> Result<KernelMaps, aya::EbpfError> {
+        let mut take = |name: &str| ebpf.take_map(name).expect("the object defines this map");
+        Ok(KernelMaps {
+            frontends: take(map_names::FRONTENDS).try_into().map_err(aya::EbpfError::MapError)?,
+            backends: take(map_names::BACKENDS).try_into().map_err(aya::EbpfError::MapError)?,
+            maglev: take(map_names::MAGLEV).try_into().map_err(aya::EbpfError::MapError)?,
+            verdicts: take(map_names::VERDICTS).try_into().map_err(aya::EbpfError::MapError)?,
+            service_stats: take(map_names::SERVICE_STATS).try_into().map_err(aya::EbpfError::MapError)?,
+        })
+    }
+
+    /// Packets and bytes per verdict, summed over CPUs.
+    pub fn verdict_counters(&self) -> anyhow::Result<Vec<(Verdict, Counter)>> {
+        Verdict::ALL
+            .iter()
+            .map(|&v| {
+                let per_cpu = self.verdicts.get(&(v as u32), 0)?;
+                let sum = per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
+                    packets: acc.packets + c.packets,
+                    bytes: acc.bytes + c.bytes,
+                });
+                Ok((v, sum))
+            })
+            .collect()
+    }
+
+    pub fn service_counter(&self, service_id: u32) -> anyhow::Result<Counter> {
+        Ok(self.service_stats.get(&service_id, 0)?)
+    }
+}
+
+impl DatapathMaps for KernelMaps {
+    fn set_backend(&mut self, id: u32, backend: Backend) -> anyhow::Result<()> {
+        self.backends.set(id, backend, 0).with_context(|| format!("writing backend {id}"))
+    }
+
+    fn clear_backend(&mut self, id: u32) -> anyhow::Result<()> {
+        self.backends.set(id, Backend::default(), 0).with_context(|| format!("clearing backend {id}"))
+    }
+
+    fn set_maglev(&mut self, service_id: u32, slots: &[u32]) -> anyhow::Result<()> {
+        let table = new_maglev_array(slots).context("building a Maglev table")?;
+        // One update swaps the whole table in; the old array is freed by the
+        // kernel once no program holds it.
+        self.maglev.insert(service_id, &table, 0).with_context(|| format!("swapping in Maglev table {service_id}"))
+    }
+
+    fn remove_maglev(&mut self, service_id: u32) -> anyhow::Result<()> {
+        match self.maglev.remove(&service_id) {
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            other => other.with_context(|| format!("removing Maglev table {service_id}")),
+        }
+    }
+
+    fn set_frontend(&mut self, key: FrontendKey, entry: ServiceEntry) -> anyhow::Result<()> {
+        self.frontends.insert(key, entry, 0).context("writing a frontend")
+    }
+
+    fn remove_frontend(&mut self, key: FrontendKey) -> anyhow::Result<()> {
+        match self.frontends.remove(&key) {
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            other => other.context("removing a frontend"),
+        }
+    }
+}
+
+/// A new inner Maglev array holding `slots`, filled through mmap: one copy
+/// instead of one syscall per slot (65,537 slots would take ~65k syscalls).
+fn new_maglev_array(slots: &[u32]) -> anyhow::Result<MapData> {
+    let obj = aya_obj::Map::new_from_params(
+        aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_ARRAY as u32,
+        4,
+        4,
+        slots.len() as u32,
+        MAGLEV_INNER_FLAGS,
+    );
+    let map = MapData::create(obj, "lb_maglev_tbl", None)?;
+    let len = std::mem::size_of_val(slots);
+    let fd = map.fd().as_fd().as_raw_fd();
+    // SAFETY: mapping a BPF_F_MMAPABLE array of exactly `slots.len()` u32
+    // values; the kernel rounds the mapping to pages. We write `len` bytes,
+    // then unmap before the map is used anywhere.
+    unsafe {
+        let ptr = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        );
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error()).context("mmap of a Maglev array");
+        }
+        std::ptr::copy_nonoverlapping(slots.as_ptr(), ptr.cast::<u32>(), slots.len());
+        libc::munmap(ptr, len);
+    }
+    Ok(map)
+}

@@ -1,0 +1,18 @@
+//! The lb agent as a library: the binary (`lb`) is a thin CLI over it, and
+//! the root tests drive the same code.
+//!
+//! sources (YAML file) -> `manifest` -> `model` (desired state, validated)
+//! -> `planner` (diff, ids, Maglev via `maglev`) -> `datapath` (aya maps)
+
+pub mod agent;
+pub mod datapath;
+pub mod maglev;
+pub mod manifest;
+pub mod model;
+pub mod planner;
+pub mod system;
+
+#[cfg(test)]
+mod model_tests;
+#[cfg(test)]
+mod planner_tests;

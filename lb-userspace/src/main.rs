@@ -1,0 +1,107 @@
+//! `lb`: the agent and its inspection commands.
+
+use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode};
+
+use aya::maps::{MapData, PerCpuArray};
+use clap::{Parser, Subcommand};
+use lb_common::{map_names, Counter, Verdict};
+use lb_userspace::{
+    agent::{self, parse_node_ip, RunOptions, DEFAULT_PIN_DIR},
+    model::NodeConfig,
+};
+
+#[derive(Parser)]
+#[command(name = "lb", version, about = "eBPF/XDP load balancer for Kubernetes Services")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent: program the datapath from a YAML file of Services and
+    /// EndpointSlices and follow its changes.
+    Run {
+        /// YAML stream of v1 Service and discovery.k8s.io/v1 EndpointSlice
+        /// objects (what `kubectl get svc,endpointslices -A -o yaml` prints).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Attach the TC ingress program here (any interface; pod veths).
+        #[arg(long = "iface", value_name = "NAME")]
+        ifaces: Vec<String>,
+        /// Attach the XDP program here instead (NICs with complete receive
+        /// checksums; see the README).
+        #[arg(long = "xdp-iface", value_name = "NAME")]
+        xdp_ifaces: Vec<String>,
+        /// This node's address; NodePorts answer on each one given.
+        #[arg(long = "node-ip", value_name = "ADDR", value_parser = parse_node_ip, required = true)]
+        node_ips: Vec<Ipv4Addr>,
+        /// This node's name, as in EndpointSlice nodeName.
+        #[arg(long, value_name = "NAME")]
+        node_name: String,
+        /// Where maps are pinned (on a bpf filesystem).
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// Print the datapath's packet counters per verdict, from the pinned maps
+    /// of a running agent.
+    Stats {
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run { config, ifaces, xdp_ifaces, node_ips, node_name, pin_dir } => {
+            if ifaces.is_empty() && xdp_ifaces.is_empty() {
+                eprintln!("lb run: give at least one --iface (or --xdp-iface) to attach to");
+                return ExitCode::from(2);
+            }
+            let opts = RunOptions {
+                config,
+                tc_ifaces: ifaces,
+                xdp_ifaces,
+                node: NodeConfig { name: node_name, node_ips },
+                pin_dir,
+            };
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(agent::run(opts)))
+        }
+        Command::Stats { pin_dir } => print_stats(&pin_dir),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lb: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_stats(pin_dir: &std::path::Path) -> anyhow::Result<()> {
+    let path = pin_dir.join(map_names::VERDICTS);
+    let data = MapData::from_pin(&path).map_err(|e| {
+        anyhow::anyhow!("cannot open {} ({e}); is an lb agent running with this --pin-dir?", path.display())
+    })?;
+    let verdicts: PerCpuArray<MapData, Counter> = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))?;
+    println!("{:<24} {:>12} {:>14}", "verdict", "packets", "bytes");
+    for v in Verdict::ALL {
+        let per_cpu = verdicts.get(&(v as u32), 0)?;
+        let (p, b) = per_cpu.iter().fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
+        println!("{:<24} {:>12} {:>14}", v.name(), p, b);
+    }
+    Ok(())
+}

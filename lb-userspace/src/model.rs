@@ -1,0 +1,441 @@
+//! Desired state: what the datapath must do, built from Kubernetes Service
+//! and EndpointSlice objects. Pure: objects in, a validated `DesiredState`
+//! and a list of rejected objects (each with a reason) out.
+//!
+//! The unit is a *service port* (namespace/name, port name, protocol): it
+//! has its own frontends, backends (targetPort differs per port) and Maglev
+//! table, like kube-proxy's per-port chains.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::{IpAddr, Ipv4Addr},
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+/// Label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Kubernetes' default sessionAffinity ClientIP timeout (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+/// The API server's upper bound for that timeout (one day).
+pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub const fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => lb_common::IPPROTO_TCP,
+            Protocol::Udp => lb_common::IPPROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        })
+    }
+}
+
+/// Identity of one port of one Service.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServicePortKey {
+    pub namespace: String,
+    pub name: String,
+    /// Empty for an unnamed (single) port.
+    pub port_name: String,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for ServicePortKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)?;
+        if !self.port_name.is_empty() {
+            write!(f, ":{}", self.port_name)?;
+        }
+        write!(f, "/{}", self.protocol)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FrontendKind {
+    ClusterIp,
+    NodePort,
+}
+
+/// An address, port and protocol a service port answers on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Frontend {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub kind: FrontendKind,
+}
+
+impl fmt::Display for Frontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.addr, self.port, self.protocol)
+    }
+}
+
+/// One endpoint address with the port this service port targets on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Endpoint {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+impl Endpoint {
+    pub const fn target(&self) -> (Ipv4Addr, u16) {
+        (self.addr, self.port)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    pub key: ServicePortKey,
+    /// Sorted, unique.
+    pub frontends: Vec<Frontend>,
+    /// Every endpoint the slices list for this port (sorted by address and
+    /// port, one per target), usable or not: a flow already on an endpoint
+    /// keeps it while the endpoint is listed.
+    pub endpoints: Vec<Endpoint>,
+    /// `Some(timeout)` with sessionAffinity ClientIP.
+    pub affinity_timeout_s: Option<u32>,
+}
+
+impl ServicePort {
+    /// Endpoints that take new flows: the ready ones; when none is ready,
+    /// the serving and terminating ones (kube-proxy's fallback, KEP-1669).
+    pub fn usable_endpoints(&self) -> Vec<Endpoint> {
+        let ready: Vec<Endpoint> = self.endpoints.iter().copied().filter(|e| e.ready).collect();
+        if !ready.is_empty() {
+            return ready;
+        }
+        self.endpoints.iter().copied().filter(|e| e.serving && e.terminating).collect()
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesiredState {
+    pub services: BTreeMap<ServicePortKey, ServicePort>,
+}
+
+/// An object left out of the desired state, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    /// `Service ns/name` or `EndpointSlice ns/name`.
+    pub object: String,
+    pub reason: String,
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.object, self.reason)
+    }
+}
+
+/// Node facts that shape frontends.
+#[derive(Clone, Debug, Default)]
+pub struct NodeConfig {
+    pub name: String,
+    /// NodePorts answer on each of these.
+    pub node_ips: Vec<Ipv4Addr>,
+}
+
+/// The result of building: what to program, what was refused, and what was
+/// knowingly left out (headless, ExternalName, IPv6), for the logs.
+#[derive(Debug, Default)]
+pub struct Build {
+    pub state: DesiredState,
+    pub rejections: Vec<Rejection>,
+    pub skipped: Vec<Rejection>,
+}
+
+/// Builds the desired state. Invalid objects are rejected one by one; every
+/// other service is still built.
+pub fn build(services: &[Service], slices: &[EndpointSlice], node: &NodeConfig) -> Build {
+    let mut out = Build::default();
+
+    let mut endpoints_by_service: BTreeMap<(String, String), Vec<ValidSlice>> = BTreeMap::new();
+    for slice in slices {
+        match validate_slice(slice) {
+            Ok(Some(v)) => endpoints_by_service
+                .entry((v.namespace.clone(), v.service.clone()))
+                .or_default()
+                .push(v),
+            Ok(None) => {}
+            Err(reason) => out.rejections.push(Rejection { object: slice_name(slice), reason }),
+        }
+    }
+
+    // Older services keep a contested frontend (then by name): a new object
+    // cannot take an address away from a running one.
+    let mut ordered: Vec<&Service> = services.iter().collect();
+    ordered.sort_by_key(|s| {
+        (
+            s.metadata.creation_timestamp.as_ref().map(|t| t.0.as_second()),
+            s.metadata.namespace.clone().unwrap_or_default(),
+            s.metadata.name.clone().unwrap_or_default(),
+        )
+    });
+
+    let mut claimed: BTreeMap<(Ipv4Addr, u16, Protocol), String> = BTreeMap::new();
+    for svc in ordered {
+        let object = service_name(svc);
+        let ports = match validate_service(svc, node) {
+            Ok(ServiceVerdict::Program(ports)) => ports,
+            Ok(ServiceVerdict::Skip(reason)) => {
+                out.skipped.push(Rejection { object, reason });
+                continue;
+            }
+            Err(reason) => {
+                out.rejections.push(Rejection { object, reason });
+                continue;
+            }
+        };
+        let conflict = ports.iter().flat_map(|p| &p.frontends).find_map(|f| {
+            claimed.get(&(f.addr, f.port, f.protocol)).map(|owner| (f, owner))
+        });
+        if let Some((f, owner)) = conflict {
+            out.rejections.push(Rejection {
+                object,
+                reason: format!("frontend {f} is already used by {owner}"),
+            });
+            continue;
+        }
+        for f in ports.iter().flat_map(|p| &p.frontends) {
+            claimed.insert((f.addr, f.port, f.protocol), object.clone());
+        }
+        let ns = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+        let name = svc.metadata.name.clone().unwrap_or_default();
+        let slices = endpoints_by_service.get(&(ns, name)).map(Vec::as_slice).unwrap_or(&[]);
+        for mut port in ports {
+            port.endpoints = endpoints_for(&port.key, slices);
+            out.state.services.insert(port.key.clone(), port);
+        }
+    }
+    out
+}
+
+fn service_name(s: &Service) -> String {
+    format!(
+        "Service {}/{}",
+        s.metadata.namespace.as_deref().unwrap_or("default"),
+        s.metadata.name.as_deref().unwrap_or("<unnamed>")
+    )
+}
+
+fn slice_name(s: &EndpointSlice) -> String {
+    format!(
+        "EndpointSlice {}/{}",
+        s.metadata.namespace.as_deref().unwrap_or("default"),
+        s.metadata.name.as_deref().unwrap_or("<unnamed>")
+    )
+}
+
+enum ServiceVerdict {
+    Program(Vec<ServicePort>),
+    Skip(String),
+}
+
+fn parse_protocol(p: Option<&str>) -> Result<Protocol, String> {
+    match p.unwrap_or("TCP") {
+        "TCP" => Ok(Protocol::Tcp),
+        "UDP" => Ok(Protocol::Udp),
+        other => Err(format!("protocol {other} is not supported (TCP and UDP are)")),
+    }
+}
+
+fn port_number(what: &str, n: i32) -> Result<u16, String> {
+    u16::try_from(n)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{what} {n} is out of range 1-65535"))
+}
+
+fn validate_service(svc: &Service, node: &NodeConfig) -> Result<ServiceVerdict, String> {
+    let name = svc.metadata.name.as_deref().filter(|n| !n.is_empty());
+    let name = name.ok_or("metadata.name is missing")?;
+    let namespace = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let spec = svc.spec.as_ref().ok_or("spec is missing")?;
+    let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+    if svc_type == "ExternalName" {
+        return Ok(ServiceVerdict::Skip("ExternalName services have no frontend".into()));
+    }
+    let cluster_ip = spec.cluster_ip.as_deref().unwrap_or("");
+    if cluster_ip == "None" {
+        return Ok(ServiceVerdict::Skip("headless (clusterIP: None)".into()));
+    }
+    let mut ips: Vec<&str> = spec.cluster_ips.iter().flatten().map(String::as_str).collect();
+    if ips.is_empty() && !cluster_ip.is_empty() {
+        ips.push(cluster_ip);
+    }
+    if ips.is_empty() {
+        return Err("spec.clusterIP is missing (a Service the API server accepted has one)".into());
+    }
+    let mut v4 = Vec::new();
+    for ip in &ips {
+        match ip.parse::<IpAddr>() {
+            Ok(IpAddr::V4(a)) => v4.push(a),
+            Ok(IpAddr::V6(_)) => {}
+            Err(_) => return Err(format!("clusterIP {ip:?} is not an IP address")),
+        }
+    }
+    if v4.is_empty() {
+        return Ok(ServiceVerdict::Skip("no IPv4 clusterIP (IPv6 is not supported yet)".into()));
+    }
+
+    let affinity_timeout_s = match spec.session_affinity.as_deref().unwrap_or("None") {
+        "None" => None,
+        "ClientIP" => {
+            let t = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            match t {
+                None => Some(DEFAULT_AFFINITY_TIMEOUT_S),
+                Some(t) if t >= 1 && t as u32 <= MAX_AFFINITY_TIMEOUT_S => Some(t as u32),
+                Some(t) => {
+                    return Err(format!(
+                        "sessionAffinityConfig.clientIP.timeoutSeconds {t} is out of range 1-{MAX_AFFINITY_TIMEOUT_S}"
+                    ))
+                }
+            }
+        }
+        other => return Err(format!("sessionAffinity {other:?} is not None or ClientIP")),
+    };
+
+    let ports = spec.ports.as_deref().unwrap_or(&[]);
+    if ports.is_empty() {
+        return Ok(ServiceVerdict::Skip("no ports".into()));
+    }
+    let node_ports = matches!(svc_type, "NodePort" | "LoadBalancer");
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for p in ports {
+        let port_name = p.name.clone().unwrap_or_default();
+        let protocol = parse_protocol(p.protocol.as_deref())
+            .map_err(|e| format!("port {:?}: {e}", port_name))?;
+        if !seen.insert((port_name.clone(), protocol)) {
+            return Err(format!("port name {port_name:?} is used twice for {protocol}"));
+        }
+        let port = port_number("port", p.port)?;
+        let mut frontends: Vec<Frontend> = v4
+            .iter()
+            .map(|&addr| Frontend { addr, port, protocol, kind: FrontendKind::ClusterIp })
+            .collect();
+        if let Some(np) = p.node_port.filter(|_| node_ports) {
+            let np = port_number("nodePort", np)?;
+            frontends.extend(node.node_ips.iter().map(|&addr| Frontend {
+                addr,
+                port: np,
+                protocol,
+                kind: FrontendKind::NodePort,
+            }));
+        }
+        frontends.sort();
+        frontends.dedup();
+        let key = ServicePortKey { namespace: namespace.clone(), name: name.to_string(), port_name, protocol };
+        out.push(ServicePort { key, frontends, endpoints: Vec::new(), affinity_timeout_s });
+    }
+    // Two ports of one service may not share a frontend either.
+    let mut all: Vec<(Ipv4Addr, u16, Protocol)> =
+        out.iter().flat_map(|p| &p.frontends).map(|f| (f.addr, f.port, f.protocol)).collect();
+    all.sort();
+    if let Some(w) = all.windows(2).find(|w| w[0] == w[1]) {
+        return Err(format!("frontend {}:{}/{} is declared twice", w[0].0, w[0].1, w[0].2));
+    }
+    Ok(ServiceVerdict::Program(out))
+}
+
+/// What a valid slice contributes.
+struct ValidSlice {
+    namespace: String,
+    service: String,
+    /// (port name, protocol) -> target port.
+    ports: BTreeMap<(String, Protocol), u16>,
+    endpoints: Vec<(Ipv4Addr, Conditions)>,
+}
+
+#[derive(Clone, Copy)]
+struct Conditions {
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+}
+
+/// `Ok(None)` for slices we knowingly ignore (not IPv4, no service label).
+fn validate_slice(slice: &EndpointSlice) -> Result<Option<ValidSlice>, String> {
+    let labels = slice.metadata.labels.as_ref();
+    let Some(service) = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
+        return Ok(None);
+    };
+    if slice.address_type != "IPv4" {
+        return Ok(None);
+    }
+    let namespace = slice.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let mut ports = BTreeMap::new();
+    for p in slice.ports.iter().flatten() {
+        let name = p.name.clone().unwrap_or_default();
+        let protocol = parse_protocol(p.protocol.as_deref()).map_err(|e| format!("port {name:?}: {e}"));
+        let Ok(protocol) = protocol else { continue };
+        // A nil port means "all ports" to some consumers; it gives no
+        // target port, so it cannot back a Service port.
+        let Some(n) = p.port else { continue };
+        ports.insert((name, protocol), port_number("port", n)?);
+    }
+    let mut endpoints = Vec::new();
+    for e in &slice.endpoints {
+        let c = e.conditions.as_ref();
+        // API semantics: nil ready means ready; nil serving defers to ready;
+        // nil terminating means not terminating.
+        let ready = c.and_then(|c| c.ready).unwrap_or(true);
+        let conditions = Conditions {
+            ready,
+            serving: c.and_then(|c| c.serving).unwrap_or(ready),
+            terminating: c.and_then(|c| c.terminating).unwrap_or(false),
+        };
+        for a in &e.addresses {
+            let addr: Ipv4Addr =
+                a.parse().map_err(|_| format!("endpoint address {a:?} is not an IPv4 address"))?;
+            endpoints.push((addr, conditions));
+        }
+    }
+    Ok(Some(ValidSlice { namespace, service: service.clone(), ports, endpoints }))
+}
+
+/// Merges every slice of a service for one port: each endpoint once, with
+/// the best conditions any slice gives it (a pod moving between slices is
+/// listed twice for a moment).
+fn endpoints_for(key: &ServicePortKey, slices: &[ValidSlice]) -> Vec<Endpoint> {
+    let mut merged: BTreeMap<(Ipv4Addr, u16), Endpoint> = BTreeMap::new();
+    for s in slices {
+        let Some(&port) = s.ports.get(&(key.port_name.clone(), key.protocol)) else { continue };
+        for &(addr, c) in &s.endpoints {
+            let e = merged.entry((addr, port)).or_insert(Endpoint {
+                addr,
+                port,
+                ready: c.ready,
+                serving: c.serving,
+                terminating: c.terminating,
+            });
+            e.ready |= c.ready;
+            e.serving |= c.serving;
+            e.terminating &= c.terminating;
+        }
+    }
+    merged.into_values().collect()
+}

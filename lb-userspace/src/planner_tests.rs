@@ -1,0 +1,147 @@
+//! Unit tests for the planner: diffs, id allocation, write order.
+
+use std::net::Ipv4Addr;
+
+use lb_common::{BACKEND_F_PRESENT, BACKEND_F_TERMINATING, BACKEND_F_USABLE, SERVICE_F_AFFINITY};
+
+use crate::{
+    manifest,
+    model::{build, DesiredState, NodeConfig, Protocol, ServicePortKey},
+    planner::{diff, frontend_key, IdAllocator, MemoryMaps, Programmer},
+};
+
+fn state(yaml: &str) -> DesiredState {
+    let o = manifest::parse(yaml).unwrap();
+    let node = NodeConfig { name: "n".into(), node_ips: vec![Ipv4Addr::new(198, 18, 0, 2)] };
+    build(&o.services, &o.slices, &node).state
+}
+
+fn http() -> ServicePortKey {
+    ServicePortKey { namespace: "shop".into(), name: "web".into(), port_name: "http".into(), protocol: Protocol::Tcp }
+}
+
+const BASIC: &str = include_str!("testdata/basic.yaml");
+
+#[test]
+fn diff_sees_added_changed_removed_and_unchanged() {
+    let a = state(BASIC);
+    let d = diff(&Default::default(), &a);
+    assert_eq!(d.added.len(), 2);
+    let same = diff(&a.services, &a);
+    assert!(same.is_empty(), "{same:?}");
+    let b = state(&BASIC.replace("198.18.1.12", "198.18.1.14"));
+    let d = diff(&a.services, &b);
+    // Only the two ports whose endpoints changed.
+    assert_eq!(d.changed.len(), 2);
+    assert!(d.added.is_empty() && d.removed.is_empty());
+    let d = diff(&a.services, &DesiredState::default());
+    assert_eq!(d.removed.len(), 2);
+}
+
+#[test]
+fn id_allocator_reuses_freed_ids_and_stops_at_the_limit() {
+    let mut ids = IdAllocator::new(4);
+    assert_eq!([ids.allocate(), ids.allocate(), ids.allocate(), ids.allocate()], [Some(1), Some(2), Some(3), None]);
+    ids.release(2);
+    assert_eq!(ids.allocate(), Some(2));
+}
+
+#[test]
+fn programs_backends_table_and_frontends_consistently() {
+    let mut p = Programmer::new(MemoryMaps::default());
+    let s = state(BASIC);
+    let r = p.apply(&s);
+    assert!(r.failed.is_empty());
+    let id = p.service_id(&http()).unwrap();
+    let m = p.maps();
+    let sp = &s.services[&http()];
+    for f in &sp.frontends {
+        let e = m.frontends[&frontend_key(f)];
+        assert_eq!((e.id, e.backend_count, e.table_size), (id, 2, 251));
+        assert_eq!(e.flags & SERVICE_F_AFFINITY, 0);
+    }
+    // Three listed endpoints, two usable; the table names only usable ones.
+    let mine: Vec<_> = m.backends.iter().filter(|(_, b)| b.service_id == id).collect();
+    assert_eq!(mine.len(), 3);
+    let table = &m.maglev[&id];
+    assert_eq!(table.len(), 251);
+    for bid in table {
+        let b = m.backends[bid];
+        assert_ne!(b.flags & BACKEND_F_USABLE, 0);
+        assert_eq!(b.service_id, id);
+    }
+    let term = mine.iter().find(|(_, b)| b.addr == [198, 18, 1, 13]).unwrap().1;
+    assert_eq!(term.flags, BACKEND_F_PRESENT | BACKEND_F_TERMINATING);
+    // Order: every backend of a service before its table, the table before
+    // its frontends.
+    let pos = |s: &str| m.log.iter().position(|l| l.starts_with(s)).unwrap();
+    assert!(pos("set_backend") < pos("set_maglev"));
+    assert!(pos(&format!("set_maglev {id}")) < pos("set_frontend"));
+}
+
+#[test]
+fn unchanged_services_are_not_rewritten() {
+    let mut p = Programmer::new(MemoryMaps::default());
+    p.apply(&state(BASIC));
+    p.maps_mut().log.clear();
+    let r = p.apply(&state(BASIC));
+    assert!(r.diff.is_empty());
+    assert!(p.maps().log.is_empty(), "{:?}", p.maps().log);
+}
+
+#[test]
+fn removing_an_endpoint_keeps_other_backend_ids_and_clears_it_last() {
+    let mut p = Programmer::new(MemoryMaps::default());
+    p.apply(&state(BASIC));
+    let id = p.service_id(&http()).unwrap();
+    let before = p.maps().backends.clone();
+    p.maps_mut().log.clear();
+    p.apply(&state(&BASIC.replace("- addresses: [198.18.1.12]\n  conditions: {ready: true}\n", "")));
+    let after = &p.maps().backends;
+    let gone = before.iter().find(|(_, b)| b.addr == [198, 18, 1, 12] && b.service_id == id).unwrap().0;
+    assert!(!after.contains_key(gone));
+    for (bid, b) in &before {
+        if b.addr != [198, 18, 1, 12] {
+            assert_eq!(after[bid].addr, b.addr, "surviving backends keep their ids");
+        }
+    }
+    let log = &p.maps().log;
+    let clear = log.iter().position(|l| l == &format!("clear_backend {gone}")).unwrap();
+    let swap = log.iter().position(|l| l == &format!("set_maglev {id}")).unwrap();
+    assert!(swap < clear, "{log:?}");
+    assert_eq!(p.maps().maglev[&id].iter().filter(|b| *b == gone).count(), 0);
+}
+
+#[test]
+fn no_usable_endpoint_means_zero_backends_and_no_table() {
+    let mut p = Programmer::new(MemoryMaps::default());
+    let no_eps = BASIC.split("---").next().unwrap();
+    p.apply(&state(no_eps));
+    let id = p.service_id(&http()).unwrap();
+    let e = p.maps().frontends.values().find(|e| e.id == id).unwrap();
+    assert_eq!((e.backend_count, e.table_size), (0, 0));
+    assert!(!p.maps().maglev.contains_key(&id));
+}
+
+#[test]
+fn removing_a_service_frees_everything() {
+    let mut p = Programmer::new(MemoryMaps::default());
+    p.apply(&state(BASIC));
+    p.apply(&DesiredState::default());
+    let m = p.maps();
+    assert!(m.frontends.is_empty() && m.maglev.is_empty() && m.backends.is_empty());
+    assert_eq!(p.programmed().count(), 0);
+}
+
+#[test]
+fn a_frontend_moving_between_services_ends_up_with_the_new_owner() {
+    let mut p = Programmer::new(MemoryMaps::default());
+    p.apply(&state(BASIC));
+    // The cluster IP moves from web to a new service "web2" in one change.
+    let moved = BASIC.replace("198.19.0.10", "198.19.0.11")
+        + "---\napiVersion: v1\nkind: Service\nmetadata: {name: web2, namespace: shop}\nspec:\n  clusterIP: 198.19.0.10\n  ports: [{name: http, port: 80}]\n";
+    p.apply(&state(&moved));
+    let web2 = ServicePortKey { name: "web2".into(), ..http() };
+    let owner = p.maps().frontends.iter().find(|(k, _)| k.addr == [198, 19, 0, 10] && k.port == 80).unwrap().1.id;
+    assert_eq!(owner, p.service_id(&web2).unwrap());
+}

@@ -1,0 +1,95 @@
+//! Host facts and set-up the agent needs before touching the kernel:
+//! privileges, a mounted bpffs, and one agent per pin directory.
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context};
+use nix::{
+    fcntl::{Flock, FlockArg},
+    mount::{mount, MsFlags},
+    sys::statfs::{statfs, BPF_FS_MAGIC},
+};
+
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_BPF: u32 = 39;
+
+/// The effective capability set of this process, from /proc.
+fn effective_caps() -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let line = status.lines().find_map(|l| l.strip_prefix("CapEff:")).context("no CapEff in /proc/self/status")?;
+    Ok(u64::from_str_radix(line.trim(), 16)?)
+}
+
+/// Fails with a sentence saying what to do unless we may load programs and
+/// attach them to interfaces.
+pub fn check_privileges() -> anyhow::Result<()> {
+    let caps = effective_caps()?;
+    let has = |c: u32| caps & (1 << c) != 0;
+    let mut missing = Vec::new();
+    if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_BPF");
+    }
+    if !has(CAP_NET_ADMIN) {
+        missing.push("CAP_NET_ADMIN");
+    }
+    if !missing.is_empty() {
+        bail!(
+            "lb run needs {} to load eBPF programs and attach them; run it as root \
+             (or grant the capabilities, e.g. a privileged DaemonSet)",
+            missing.join(" and ")
+        );
+    }
+    Ok(())
+}
+
+/// Makes sure `pin_dir` sits on a bpf filesystem, mounting /sys/fs/bpf when
+/// it is not mounted (as on a fresh machine), like a DaemonSet's host mount.
+pub fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
+    let root = Path::new("/sys/fs/bpf");
+    if pin_dir.starts_with(root) && !is_bpffs(root) {
+        mount(Some("bpf"), root, Some("bpf"), MsFlags::empty(), Some("mode=0700"))
+            .context("mounting bpffs on /sys/fs/bpf (try: mount -t bpf bpf /sys/fs/bpf)")?;
+        tracing::info!("mounted bpffs on /sys/fs/bpf");
+    }
+    let parent = pin_dir.parent().unwrap_or(pin_dir);
+    if !is_bpffs(parent) {
+        bail!(
+            "{} is not on a bpf filesystem, so maps cannot be pinned there; \
+             mount one with `mount -t bpf bpf {}` or choose a --pin-dir under /sys/fs/bpf",
+            pin_dir.display(),
+            parent.display()
+        );
+    }
+    Ok(())
+}
+
+fn is_bpffs(p: &Path) -> bool {
+    statfs(p).map(|s| s.filesystem_type() == BPF_FS_MAGIC).unwrap_or(false)
+}
+
+/// An exclusive lock on the pin directory, held for the agent's lifetime:
+/// two agents writing the same maps would undo each other's work.
+pub struct PinDirLock {
+    _lock: Flock<File>,
+    pub path: PathBuf,
+}
+
+impl PinDirLock {
+    pub fn acquire(pin_dir: &Path) -> anyhow::Result<PinDirLock> {
+        std::fs::create_dir_all(pin_dir).with_context(|| format!("creating {}", pin_dir.display()))?;
+        let dir = File::open(pin_dir).with_context(|| format!("opening {}", pin_dir.display()))?;
+        match Flock::lock(dir, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok(PinDirLock { _lock: lock, path: pin_dir.to_path_buf() }),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => bail!(
+                "another lb agent is already running with pin directory {}; stop it first \
+                 or give this one its own --pin-dir",
+                pin_dir.display()
+            ),
+            Err((_, e)) => Err(e).with_context(|| format!("locking {}", pin_dir.display())),
+        }
+    }
+}
