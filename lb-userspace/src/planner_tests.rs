@@ -76,7 +76,8 @@ fn programs_backends_table_and_frontends_consistently() {
     // its frontends.
     let pos = |s: &str| m.log.iter().position(|l| l.starts_with(s)).unwrap();
     assert!(pos("set_backend") < pos("set_maglev"));
-    assert!(pos(&format!("set_maglev {id}")) < pos("set_frontend"));
+    assert!(pos(&format!("set_maglev {id}")) < pos("set_frontend [198, 19, 0, 10]:80"));
+    assert!(pos(&format!("set_maglev {id}")) < pos("set_frontend [198, 18, 0, 2]:30080"));
 }
 
 #[test]
