@@ -251,11 +251,14 @@ fn new_maglev_array(slots: &[u32]) -> anyhow::Result<MapData> {
         MAGLEV_INNER_FLAGS,
     );
     let map = MapData::create(obj, "lb_maglev_tbl", None)?;
-    let len = std::mem::size_of_val(slots);
+    // The kernel stores array elements at an 8-byte stride
+    // (elem_size = round_up(value_size, 8)), and the mmap exposes exactly
+    // that layout: each u32 slot sits in its own u64, little-endian low half.
+    let len = slots.len() * std::mem::size_of::<u64>();
     let fd = map.fd().as_fd().as_raw_fd();
-    // SAFETY: mapping a BPF_F_MMAPABLE array of exactly `slots.len()` u32
-    // values; the kernel rounds the mapping to pages. We write `len` bytes,
-    // then unmap before the map is used anywhere.
+    // SAFETY: mapping a BPF_F_MMAPABLE array of `slots.len()` elements of
+    // 8 bytes; we write exactly `len` bytes, then unmap before the map is
+    // used anywhere.
     unsafe {
         let ptr = libc::mmap(
             std::ptr::null_mut(),
@@ -268,7 +271,10 @@ fn new_maglev_array(slots: &[u32]) -> anyhow::Result<MapData> {
         if ptr == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error()).context("mmap of a Maglev array");
         }
-        std::ptr::copy_nonoverlapping(slots.as_ptr(), ptr.cast::<u32>(), slots.len());
+        let elems = std::slice::from_raw_parts_mut(ptr.cast::<u64>(), slots.len());
+        for (e, &s) in elems.iter_mut().zip(slots) {
+            *e = u64::from(s).to_le();
+        }
         libc::munmap(ptr, len);
     }
     Ok(map)

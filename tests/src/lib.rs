@@ -1,1 +1,18 @@
+//! Harness for the root-only tests, the demo and the benchmark: network
+//! namespaces, a virtual node, real servers, the real agent, and packet
+//! builders with an independent checksum.
 
+pub mod agent;
+pub mod example;
+pub mod netns;
+pub mod packet;
+pub mod servers;
+pub mod topology;
+
+/// Fails unless we can do what the root tests need.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "these tests create network namespaces and load eBPF programs: run them as root via `cargo xtask test`"
+    );
+}

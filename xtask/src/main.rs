@@ -1,1 +1,115 @@
-fn main() {}
+//! `cargo xtask ...`: the project's own build, demo, test and bench
+//! commands. Each installs what it is missing first (idempotent and fast
+//! when everything is present), so a fresh machine needs nothing else.
+
+mod prereqs;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the eBPF object (release, bpfel-unknown-none, BTF) to
+    /// target/bpfel-unknown-none/release/lb-ebpf.
+    BuildEbpf,
+    /// Run the demo: a virtual node in network namespaces, real traffic
+    /// balanced through the datapath, counters shown.
+    Demo,
+    /// Run every test: unit tests, packet fixtures, end-to-end tests.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run the benchmarks (ns/packet via BPF_PROG_TEST_RUN, Maglev build).
+    Bench,
+}
+
+/// Where `build-ebpf` puts the object; lb-userspace's build.rs embeds it.
+pub const EBPF_OBJECT: &str = "target/bpfel-unknown-none/release/lb-ebpf";
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    std::env::set_current_dir(&root)?;
+    match cli.command {
+        Cmd::BuildEbpf => {
+            prereqs::ensure_build_tools()?;
+            build_ebpf(&root)
+        }
+        Cmd::Demo => {
+            prereqs::ensure_all()?;
+            build_all(&root)?;
+            run(Command::new(root.join("target/release/lb-demo")).env("LB_BIN", root.join("target/release/lb")))
+        }
+        Cmd::Test { args } => {
+            prereqs::ensure_all()?;
+            build_all(&root)?;
+            let mut cmd = cargo();
+            cmd.args(["test", "--release", "--workspace"])
+                .args(&args)
+                .env("LB_BIN", root.join("target/release/lb"));
+            run(&mut cmd)
+        }
+        Cmd::Bench => {
+            prereqs::ensure_all()?;
+            build_all(&root)?;
+            run(Command::new(root.join("target/release/lb-bench")).env("LB_BIN", root.join("target/release/lb")))
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+pub fn build_ebpf(root: &Path) -> anyhow::Result<()> {
+    // lb-ebpf/.cargo/config.toml sets the target, BTF rustflags and
+    // build-std; rust-toolchain.toml there selects nightly.
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root.join("lb-ebpf"))
+        .args(["build", "--release", "--target-dir"])
+        .arg(root.join("target"))
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTC")
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS");
+    run(&mut cmd)?;
+    let object = root.join(EBPF_OBJECT);
+    if !object.exists() {
+        bail!("the eBPF build finished but {} is missing", object.display());
+    }
+    println!("xtask: eBPF object at {}", object.display());
+    Ok(())
+}
+
+/// The datapath object, then every binary the demo, tests and bench use.
+fn build_all(root: &Path) -> anyhow::Result<()> {
+    build_ebpf(root)?;
+    run(cargo().args(["build", "--release", "--bin", "lb", "-p", "lb-userspace"]))?;
+    run(cargo().args(["build", "--release", "-p", "lb-tests", "--bins"]))
+}

@@ -1,0 +1,212 @@
+//! The real `lb run`, started inside a node namespace, and stopped (and its
+//! pins removed) on drop.
+
+use std::{
+    io::{BufRead, BufReader},
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use nix::{
+    sys::signal::{kill, Signal},
+    unistd::Pid,
+};
+
+use crate::{
+    netns::{unique, Netns},
+    topology::{Topology, NODE_IP, NODE_NAME},
+};
+
+/// The `lb` binary under test: `$LB_BIN` (set by `cargo xtask test`).
+pub fn lb_bin() -> PathBuf {
+    match std::env::var_os("LB_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => panic!("LB_BIN is not set: run the root tests with `cargo xtask test`"),
+    }
+}
+
+pub struct Agent {
+    child: Option<Child>,
+    pub pin_dir: PathBuf,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Agent {
+    /// Starts `lb run` in `ns` with `args` after `run`, not waiting.
+    pub fn spawn(ns: &Netns, pin_dir: &Path, args: &[String]) -> anyhow::Result<Agent> {
+        let netns = ns.file()?;
+        let mut cmd = Command::new(lb_bin());
+        cmd.arg("run").args(args).arg("--pin-dir").arg(pin_dir);
+        cmd.stdout(Stdio::null()).stderr(Stdio::piped()).env("RUST_LOG", "info");
+        let fd = netns.as_raw_fd();
+        // SAFETY: setns is async-signal-safe; the fd stays open (netns lives
+        // until after spawn returns). Only the network namespace changes:
+        // the agent must see the root mount namespace's /sys/fs/bpf so its
+        // pins are visible to bpftool.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().with_context(|| format!("starting {}", lb_bin().display()))?;
+        drop(netns);
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().expect("piped");
+        let sink = logs.clone();
+        let tag = ns.name.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[lb {tag}] {line}");
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Ok(Agent { child: Some(child), pin_dir: pin_dir.to_path_buf(), logs })
+    }
+
+    /// Starts the agent for a topology (TC on the NIC and every pod veth)
+    /// and waits until the datapath is ready.
+    pub fn start(topo: &Topology, config: &Path) -> anyhow::Result<Agent> {
+        Self::start_with(topo, config, &[])
+    }
+
+    pub fn start_with(topo: &Topology, config: &Path, extra: &[String]) -> anyhow::Result<Agent> {
+        let mut args = vec![
+            "--config".to_string(),
+            config.display().to_string(),
+            "--node-ip".into(),
+            NODE_IP.to_string(),
+            "--node-name".into(),
+            NODE_NAME.into(),
+        ];
+        args.extend_from_slice(extra);
+        if !extra.iter().any(|a| a == "--iface" || a == "--xdp-iface") {
+            for i in topo.tc_ifaces() {
+                args.push("--iface".into());
+                args.push(i);
+            }
+        }
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("lbtest")));
+        let mut agent = Agent::spawn(&topo.node, &pin_dir, &args)?;
+        agent.wait_for_log("datapath ready", Duration::from_secs(20))?;
+        Ok(agent)
+    }
+
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// Waits for a log line containing `needle` (counting only lines that
+    /// appear from now on if `fresh`).
+    pub fn wait_for_log(&mut self, needle: &str, within: Duration) -> anyhow::Result<String> {
+        self.wait_for_nth_log(needle, 1, within)
+    }
+
+    /// Waits until `n` log lines contain `needle`.
+    pub fn wait_for_nth_log(&mut self, needle: &str, n: usize, within: Duration) -> anyhow::Result<String> {
+        let deadline = Instant::now() + within;
+        loop {
+            let matches: Vec<String> = self.logs().into_iter().filter(|l| l.contains(needle)).collect();
+            if matches.len() >= n {
+                return Ok(matches[n - 1].clone());
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("lb exited ({status}) before logging {needle:?}:\n{}", self.logs().join("\n"));
+            }
+            if Instant::now() > deadline {
+                bail!("lb did not log {needle:?} within {within:?}:\n{}", self.logs().join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn count_logs(&self, needle: &str) -> usize {
+        self.logs().iter().filter(|l| l.contains(needle)).count()
+    }
+
+    /// Sends `signal` and waits for the exit status.
+    pub fn stop_with(&mut self, signal: Signal) -> anyhow::Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("agent already stopped")?;
+        kill(Pid::from_raw(child.id() as i32), signal)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                std::thread::sleep(Duration::from_millis(50)); // let the log thread drain
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("lb did not exit within 10s of {signal}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the agent to exit on its own (for start-up errors).
+    pub fn wait_exit(&mut self, within: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("agent already stopped")?;
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                std::thread::sleep(Duration::from_millis(50));
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("lb still running after {within:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop_with(Signal::SIGTERM);
+        }
+        let _ = lb_userspace::datapath::remove_pins(&self.pin_dir);
+    }
+}
+
+/// A config file in a fresh temporary directory, removed on drop.
+pub struct ConfigFile {
+    dir: PathBuf,
+    pub path: PathBuf,
+}
+
+impl ConfigFile {
+    pub fn new(yaml: &str) -> anyhow::Result<ConfigFile> {
+        let dir = std::env::temp_dir().join(unique("lb-config-"));
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join("services.yaml");
+        std::fs::write(&path, yaml)?;
+        Ok(ConfigFile { dir, path })
+    }
+
+    /// Replaces the file the way `kubectl get ... > tmp && mv tmp file` does.
+    pub fn replace(&self, yaml: &str) -> anyhow::Result<()> {
+        let tmp = self.dir.join(".services.yaml.tmp");
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, &self.path)?;
+        Ok(())
+    }
+
+    /// Rewrites the file in place.
+    pub fn rewrite(&self, yaml: &str) -> anyhow::Result<()> {
+        std::fs::write(&self.path, yaml)?;
+        Ok(())
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,204 @@
+//! Small real servers for pods, and the client calls that talk to them.
+//!
+//! TCP: the client sends one line:
+//! - `WHO` -> `<pod name> <peer ip>:<peer port>` (who answered, and which
+//!   client address it saw)
+//! - `BULK <n>` -> n bytes of a known pattern, then close
+//! - `STREAM` -> the pattern, forever, until the client goes away
+//! UDP: any datagram -> `<pod name> <peer ip>:<peer port>`.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use anyhow::Context;
+
+use crate::netns::Netns;
+
+/// Byte `i` of the bulk pattern: not periodic in any power of two, so a
+/// checksum-neutral corruption (swapped 16-bit words) would show.
+pub fn pattern(i: u64) -> u8 {
+    ((i * 7 + i / 251) % 251) as u8
+}
+
+/// A TCP and a UDP server in one pod, stopped on drop.
+pub struct PodServer {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl PodServer {
+    pub fn start(ns: &Netns, name: &str, tcp_port: u16, udp_port: u16) -> anyhow::Result<PodServer> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let mut threads = Vec::new();
+        {
+            let (stop, name, ready) = (stop.clone(), name.to_string(), ready_tx.clone());
+            threads.push(ns.spawn(move || tcp_server(&name, tcp_port, &stop, ready))?);
+        }
+        {
+            let (stop, name, ready) = (stop.clone(), name.to_string(), ready_tx);
+            threads.push(ns.spawn(move || udp_server(&name, udp_port, &stop, ready))?);
+        }
+        for _ in 0..2 {
+            ready_rx.recv_timeout(Duration::from_secs(5)).context("server did not start")??;
+        }
+        Ok(PodServer { stop, threads })
+    }
+}
+
+impl Drop for PodServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+type Ready = std::sync::mpsc::Sender<anyhow::Result<()>>;
+
+fn tcp_server(name: &str, port: u16, stop: &Arc<AtomicBool>, ready: Ready) {
+    let listener = match TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err(e.into()));
+            return;
+        }
+    };
+    listener.set_nonblocking(true).expect("nonblocking listener");
+    let _ = ready.send(Ok(()));
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((conn, peer)) => {
+                let (name, stop) = (name.to_string(), stop.clone());
+                std::thread::spawn(move || {
+                    let _ = serve_tcp(conn, peer, &name, &stop);
+                });
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
+fn serve_tcp(conn: TcpStream, peer: SocketAddr, name: &str, stop: &AtomicBool) -> std::io::Result<()> {
+    conn.set_nonblocking(false)?;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let mut conn = conn;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    match words.as_slice() {
+        ["WHO"] => writeln!(conn, "{name} {peer}"),
+        ["BULK", n] => {
+            let n: u64 = n.parse().unwrap_or(0);
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut sent = 0u64;
+            while sent < n {
+                let len = buf.len().min((n - sent) as usize);
+                for (k, b) in buf[..len].iter_mut().enumerate() {
+                    *b = pattern(sent + k as u64);
+                }
+                conn.write_all(&buf[..len])?;
+                sent += len as u64;
+            }
+            Ok(())
+        }
+        ["STREAM"] => {
+            writeln!(conn, "{name}")?;
+            let buf = vec![b'x'; 16 * 1024];
+            while !stop.load(Ordering::Relaxed) {
+                conn.write_all(&buf)?;
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn udp_server(name: &str, port: u16, stop: &Arc<AtomicBool>, ready: Ready) {
+    let sock = match UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = ready.send(Err(e.into()));
+            return;
+        }
+    };
+    sock.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
+    let _ = ready.send(Ok(()));
+    let mut buf = [0u8; 2048];
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok((_, peer)) = sock.recv_from(&mut buf) {
+            let _ = sock.send_to(format!("{name} {peer}").as_bytes(), peer);
+        }
+    }
+}
+
+/// Who answered a `WHO`, and the client address it saw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Answer {
+    pub pod: String,
+    pub peer: SocketAddrV4,
+}
+
+fn parse_answer(text: &str) -> anyhow::Result<Answer> {
+    let mut it = text.split_whitespace();
+    let pod = it.next().context("empty answer")?.to_string();
+    let peer = it.next().context("answer without peer")?.parse()?;
+    Ok(Answer { pod, peer })
+}
+
+/// One TCP connection to `to`: `WHO`, read the answer.
+pub fn tcp_who(to: SocketAddrV4) -> anyhow::Result<Answer> {
+    let mut s = TcpStream::connect_timeout(&to.into(), Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    s.write_all(b"WHO\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    parse_answer(&text)
+}
+
+/// One UDP exchange from a fresh socket (a new flow each time).
+pub fn udp_who(to: SocketAddrV4) -> anyhow::Result<Answer> {
+    let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    s.connect(to)?;
+    s.set_read_timeout(Some(Duration::from_millis(500)))?;
+    let mut buf = [0u8; 256];
+    // A couple of tries: the first datagram of a flow can race ARP.
+    for _ in 0..4 {
+        s.send(b"WHO")?;
+        if let Ok(n) = s.recv(&mut buf) {
+            return parse_answer(&String::from_utf8_lossy(&buf[..n]));
+        }
+    }
+    anyhow::bail!("no UDP answer from {to}")
+}
+
+/// Downloads `n` bytes with `BULK` and checks every byte of the pattern.
+pub fn tcp_bulk(to: SocketAddrV4, n: u64) -> anyhow::Result<u64> {
+    let mut s = TcpStream::connect_timeout(&to.into(), Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    writeln!(s, "BULK {n}")?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0u64;
+    loop {
+        let len = s.read(&mut buf)?;
+        if len == 0 {
+            break;
+        }
+        for (k, &b) in buf[..len].iter().enumerate() {
+            anyhow::ensure!(b == pattern(got + k as u64), "byte {} corrupted", got + k as u64);
+        }
+        got += len as u64;
+    }
+    anyhow::ensure!(got == n, "got {got} of {n} bytes");
+    Ok(got)
+}

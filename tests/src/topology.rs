@@ -1,0 +1,114 @@
+//! A virtual node: a client namespace, a node namespace and pod namespaces,
+//! wired like a real node (pods on /32 routes behind veths, the client on
+//! the node's "NIC"). Only 198.18.0.0/15 addresses; no default route in the
+//! node, so nothing can leave the machine.
+//!
+//! ```text
+//!  client 198.18.0.1 --eth0-- [node eth0 198.18.0.2] --p1-- pod1 198.18.1.11
+//!                                                      --p2-- pod2 198.18.1.12 ...
+//! ```
+
+use std::net::Ipv4Addr;
+
+use anyhow::Context;
+
+use crate::netns::{unique, Netns};
+
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// The node side of every pod veth carries this address (pods' gateway).
+pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+/// The node's name in the YAML.
+pub const NODE_NAME: &str = "node-a";
+
+pub fn pod_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 1, 10 + i as u8)
+}
+
+pub struct Pod {
+    pub ns: Netns,
+    pub ip: Ipv4Addr,
+    /// Interface name on the node side.
+    pub host_iface: String,
+}
+
+/// How the client reaches the node's NIC.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum NicMode {
+    /// Plain veth, offloads as the kernel sets them (CHECKSUM_PARTIAL).
+    Default,
+    /// The client's veth computes checksums in software and the node's NIC
+    /// side has GRO on: what a physical NIC hands to XDP (complete
+    /// checksums), and where XDP_TX frames can land.
+    LikePhysical,
+}
+
+pub struct Topology {
+    pub client: Netns,
+    pub node: Netns,
+    pub pods: Vec<Pod>,
+    /// The node's interface facing the client.
+    pub nic: String,
+}
+
+impl Topology {
+    /// A node with `pods` pod namespaces.
+    pub fn new(pods: usize) -> anyhow::Result<Topology> {
+        Self::with_nic(pods, NicMode::Default)
+    }
+
+    pub fn with_nic(pods: usize, nic_mode: NicMode) -> anyhow::Result<Topology> {
+        let tag = unique("lb");
+        let node = Netns::new(format!("{tag}-node"))?;
+        let client = Netns::new(format!("{tag}-cli"))?;
+        let nic = "eth0".to_string();
+        node.ip(&["link", "add", &nic, "type", "veth", "peer", "name", "eth0", "netns", &client.name])?;
+        node.ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", &nic])?;
+        node.ip(&["link", "set", &nic, "up"])?;
+        client.ip(&["addr", "add", &format!("{CLIENT_IP}/24"), "dev", "eth0"])?;
+        client.ip(&["link", "set", "eth0", "up"])?;
+        // The client routes ClusterIPs (198.19.0.0/16) via the node, like an
+        // external router would; the node itself has no default route.
+        client.ip(&["route", "add", "198.19.0.0/16", "via", &NODE_IP.to_string()])?;
+        client.ip(&["route", "add", "198.18.1.0/24", "via", &NODE_IP.to_string()])?;
+        node.sysctl("net.ipv4.ip_forward", "1")?;
+        node.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+        node.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+        if nic_mode == NicMode::LikePhysical {
+            client.exec("ethtool", &["-K", "eth0", "tx", "off"]).context("ethtool")?;
+            node.exec("ethtool", &["-K", &nic, "gro", "on"]).context("ethtool")?;
+            client.exec("ethtool", &["-K", "eth0", "gro", "on"]).context("ethtool")?;
+        }
+
+        let mut topo = Topology { client, node, pods: Vec::new(), nic };
+        for i in 1..=pods {
+            topo.add_pod(i)?;
+        }
+        Ok(topo)
+    }
+
+    fn add_pod(&mut self, i: usize) -> anyhow::Result<()> {
+        let ns = Netns::new(format!("{}-p{i}", self.node.name.trim_end_matches("-node")))?;
+        let host_iface = format!("p{i}");
+        let ip = pod_ip(i);
+        self.node.ip(&["link", "add", &host_iface, "type", "veth", "peer", "name", "eth0", "netns", &ns.name])?;
+        self.node.ip(&["addr", "add", &format!("{POD_GATEWAY}/32"), "dev", &host_iface])?;
+        self.node.ip(&["link", "set", &host_iface, "up"])?;
+        self.node.ip(&["route", "add", &format!("{ip}/32"), "dev", &host_iface])?;
+        ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        ns.ip(&["route", "add", &POD_GATEWAY.to_string(), "dev", "eth0"])?;
+        ns.ip(&["route", "add", "default", "via", &POD_GATEWAY.to_string(), "dev", "eth0"])?;
+        self.pods.push(Pod { ns, ip, host_iface });
+        Ok(())
+    }
+
+    /// Every interface the agent attaches TC to: the NIC and the pod veths.
+    pub fn tc_ifaces(&self) -> Vec<String> {
+        std::iter::once(self.nic.clone()).chain(self.pods.iter().map(|p| p.host_iface.clone())).collect()
+    }
+
+    pub fn pod_ifaces(&self) -> Vec<String> {
+        self.pods.iter().map(|p| p.host_iface.clone()).collect()
+    }
+}
