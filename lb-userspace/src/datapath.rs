@@ -222,10 +222,7 @@ impl DatapathMaps for KernelMaps {
     }
 
     fn remove_maglev(&mut self, service_id: u32) -> anyhow::Result<()> {
-        match self.maglev.remove(&service_id) {
-            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            other => other.with_context(|| format!("removing Maglev table {service_id}")),
-        }
+        ignore_missing(self.maglev.remove(&service_id)).with_context(|| format!("removing Maglev table {service_id}"))
     }
 
     fn set_frontend(&mut self, key: FrontendKey, entry: ServiceEntry) -> anyhow::Result<()> {
@@ -233,10 +230,17 @@ impl DatapathMaps for KernelMaps {
     }
 
     fn remove_frontend(&mut self, key: FrontendKey) -> anyhow::Result<()> {
-        match self.frontends.remove(&key) {
-            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            other => other.context("removing a frontend"),
-        }
+        ignore_missing(self.frontends.remove(&key)).context("removing a frontend")
+    }
+}
+
+/// Deleting what is already gone is success (aya reports it either as
+/// KeyNotFound or as the syscall's ENOENT, depending on the map type).
+fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match r {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
     }
 }
 

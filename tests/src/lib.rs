@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod example;
+pub mod fixture;
 pub mod netns;
 pub mod packet;
 pub mod servers;

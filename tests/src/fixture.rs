@@ -1,0 +1,153 @@
+//! A loaded datapath for BPF_PROG_TEST_RUN: the real programs and maps,
+//! programmed by the real planner, run on crafted frames.
+//!
+//! The calling thread moves into a fresh namespace first: test runs use the
+//! caller's namespace for FIB lookups, so replies route the same way on
+//! every machine. That namespace has a veth pair standing for the node's
+//! NIC (`fx0`, 198.18.0.2/24, MAC NODE_MAC) and a pod veth (`fx1`), and a
+//! permanent neighbour entry for the client (198.18.0.1, CLIENT_MAC).
+
+use std::{net::Ipv4Addr, path::PathBuf};
+
+use aya::programs::{TestRun, TestRunOptions};
+use lb_userspace::{
+    datapath::{remove_pins, Datapath, KernelMaps},
+    manifest,
+    model::{build, NodeConfig},
+    planner::Programmer,
+};
+use nix::sched::{setns, CloneFlags};
+use std::os::fd::AsFd;
+
+use crate::{
+    netns::{unique, Netns},
+    packet::{CLIENT_MAC, NODE_MAC},
+    topology::{NODE_IP, NODE_NAME},
+};
+
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+pub const TC_ACT_REDIRECT: u32 = 7;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    Tc,
+    Xdp,
+}
+
+pub struct Fixture {
+    pub dp: Option<Datapath>,
+    pub programmer: Programmer<KernelMaps>,
+    pin_dir: PathBuf,
+    /// ifindex of the pod-side interface replies "arrive" on.
+    pub pod_ifindex: u32,
+    /// Kept so the namespace outlives the fixture.
+    _ns: Netns,
+}
+
+#[derive(Debug)]
+pub struct Outcome {
+    pub verdict: u32,
+    pub frame: Vec<u8>,
+}
+
+impl Fixture {
+    /// Loads the datapath in a fresh namespace and programs `yaml`.
+    pub fn new(yaml: &str) -> anyhow::Result<Fixture> {
+        crate::require_root();
+        let ns = Netns::new(unique("lbfx"))?;
+        ns.ip(&["link", "add", "fx0", "address", &mac(NODE_MAC), "type", "veth", "peer", "name", "fx1"])?;
+        ns.ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", "fx0"])?;
+        ns.ip(&["link", "set", "fx0", "up"])?;
+        ns.ip(&["link", "set", "fx1", "up"])?;
+        ns.ip(&["neigh", "add", "198.18.0.1", "lladdr", &mac(CLIENT_MAC), "dev", "fx0", "nud", "permanent"])?;
+        ns.sysctl("net.ipv4.ip_forward", "1")?;
+        setns(ns.file()?.as_fd(), CloneFlags::CLONE_NEWNET)?;
+        let pod_ifindex = nix::net::if_::if_nametoindex("fx1")?;
+
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("lbfx")));
+        lb_userspace::system::ensure_bpffs(&pin_dir)?;
+        std::fs::create_dir_all(&pin_dir)?;
+        let (dp, maps) = match Datapath::load(&pin_dir) {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                let _ = remove_pins(&pin_dir);
+                return Err(e.into());
+            }
+        };
+        // From here on, Drop cleans up whatever happens.
+        let mut fx = Fixture { dp: Some(dp), programmer: Programmer::new(maps), pin_dir, pod_ifindex, _ns: ns };
+        let objects = manifest::parse(yaml)?;
+        let node = NodeConfig { name: NODE_NAME.into(), node_ips: vec![NODE_IP] };
+        let report = fx.programmer.apply(&build(&objects.services, &objects.slices, &node).state);
+        anyhow::ensure!(report.failed.is_empty(), "programming failed: {:?}", report.failed);
+        Ok(fx)
+    }
+
+    pub fn maps(&self) -> &KernelMaps {
+        self.programmer.maps()
+    }
+
+    /// Runs `frame` through the program of `hook` once, as if it arrived
+    /// on interface `ifindex` (0: the test run's loopback).
+    pub fn run_on(&self, hook: Hook, frame: &[u8], ifindex: u32) -> anyhow::Result<Outcome> {
+        let dp = self.dp.as_ref().expect("loaded");
+        let mut out = vec![0u8; frame.len() + 256];
+        let ctx = match hook {
+            Hook::Tc => skb_ctx(ifindex),
+            Hook::Xdp => xdp_ctx(frame.len() as u32, ifindex),
+        };
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: (ifindex != 0).then_some(ctx.as_slice()),
+            repeat: 1,
+            ..Default::default()
+        };
+        let r = match hook {
+            Hook::Tc => dp.tc_program().test_run(opts)?,
+            Hook::Xdp => dp.xdp_program().test_run(opts)?,
+        };
+        out.truncate(r.data_size_out as usize);
+        Ok(Outcome { verdict: r.return_value, frame: out })
+    }
+
+    pub fn run(&self, hook: Hook, frame: &[u8]) -> anyhow::Result<Outcome> {
+        self.run_on(hook, frame, 0)
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        drop(self.dp.take());
+        let _ = remove_pins(&self.pin_dir);
+    }
+}
+
+fn mac(m: [u8; 6]) -> String {
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// `struct __sk_buff` up to `ifindex`: the fields BPF_PROG_TEST_RUN takes
+/// for an skb (the rest must be zero and may be left out).
+fn skb_ctx(ifindex: u32) -> Vec<u8> {
+    let mut ctx = vec![0u8; 44];
+    ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes()); // ingress_ifindex
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes()); // ifindex
+    ctx
+}
+
+/// `struct xdp_md` for a frame of `len` bytes received on `ifindex`.
+fn xdp_ctx(len: u32, ifindex: u32) -> Vec<u8> {
+    let mut ctx = vec![0u8; 24];
+    ctx[4..8].copy_from_slice(&len.to_ne_bytes()); // data_end
+    ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes()); // ingress_ifindex
+    ctx
+}
+
+/// The client address the fixtures use.
+pub const CLIENT: Ipv4Addr = crate::topology::CLIENT_IP;
