@@ -76,7 +76,9 @@ fn route_reply(ctx: &TcContext, f: &Ipv4Flow, src: [u8; 4], sport: u16) -> Resul
     p.l4_protocol = f.proto;
     p.sport = sport.to_be();
     p.dport = f.dport.to_be();
-    p.__bindgen_anon_1.tot_len = f.tot_len;
+    // tot_len stays 0: with it set, the kernel compares the IP length with
+    // the MTU, and a GSO super-packet (up to 64 KB) would fail; without it
+    // the helper checks is_skb_forwardable(), which understands GSO.
     // SAFETY: reading a field of the context the program was given.
     p.ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
     p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);

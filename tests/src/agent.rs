@@ -98,6 +98,29 @@ impl Agent {
         Ok(agent)
     }
 
+    /// An agent with no services in the client namespace, attached with XDP
+    /// to the client's veth: a pass-through XDP program there is what lets
+    /// the node's XDP_TX frames (refusals) arrive, as a wire would for a NIC.
+    pub fn start_peer_xdp(topo: &Topology) -> anyhow::Result<(Agent, ConfigFile)> {
+        let config = ConfigFile::new("apiVersion: v1\nkind: List\nitems: []\n")?;
+        let args: Vec<String> = [
+            "--config",
+            &config.path.display().to_string(),
+            "--xdp-iface",
+            "eth0",
+            "--node-ip",
+            &crate::topology::CLIENT_IP.to_string(),
+            "--node-name",
+            "client",
+        ]
+        .map(String::from)
+        .to_vec();
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("lbpeer")));
+        let mut agent = Agent::spawn(&topo.client, &pin_dir, &args)?;
+        agent.wait_for_log("datapath ready", Duration::from_secs(20))?;
+        Ok((agent, config))
+    }
+
     pub fn logs(&self) -> Vec<String> {
         self.logs.lock().unwrap().clone()
     }

@@ -4,7 +4,8 @@
 //! - `WHO` -> `<pod name> <peer ip>:<peer port>` (who answered, and which
 //!   client address it saw)
 //! - `BULK <n>` -> n bytes of a known pattern, then close
-//! - `STREAM` -> the pattern, forever, until the client goes away
+//! - `UPLOAD <n>` -> reads n bytes, checks the pattern, answers `OK <n>`
+//! - `STREAM` -> `<pod name>`, then data forever, until the client goes away
 //! UDP: any datagram -> `<pod name> <peer ip>:<peer port>`.
 
 use std::{
@@ -112,6 +113,22 @@ fn serve_tcp(conn: TcpStream, peer: SocketAddr, name: &str, stop: &AtomicBool) -
             }
             Ok(())
         }
+        ["UPLOAD", n] => {
+            let n: u64 = n.parse().unwrap_or(0);
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut got = 0u64;
+            while got < n {
+                let len = reader.read(&mut buf)?;
+                if len == 0 {
+                    break;
+                }
+                if buf[..len].iter().enumerate().any(|(k, &b)| b != pattern(got + k as u64)) {
+                    return writeln!(conn, "CORRUPT at {got}");
+                }
+                got += len as u64;
+            }
+            writeln!(conn, "OK {got}")
+        }
         ["STREAM"] => {
             writeln!(conn, "{name}")?;
             let buf = vec![b'x'; 16 * 1024];
@@ -180,6 +197,27 @@ pub fn udp_who(to: SocketAddrV4) -> anyhow::Result<Answer> {
         }
     }
     anyhow::bail!("no UDP answer from {to}")
+}
+
+/// Uploads `n` bytes of the pattern with `UPLOAD`; the server checks them.
+pub fn tcp_upload(to: SocketAddrV4, n: u64) -> anyhow::Result<()> {
+    let mut s = TcpStream::connect_timeout(&to.into(), Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    writeln!(s, "UPLOAD {n}")?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut sent = 0u64;
+    while sent < n {
+        let len = buf.len().min((n - sent) as usize);
+        for (k, b) in buf[..len].iter_mut().enumerate() {
+            *b = pattern(sent + k as u64);
+        }
+        s.write_all(&buf[..len])?;
+        sent += len as u64;
+    }
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer)?;
+    anyhow::ensure!(answer.trim() == format!("OK {n}"), "server answered {answer:?}");
+    Ok(())
 }
 
 /// Downloads `n` bytes with `BULK` and checks every byte of the pattern.

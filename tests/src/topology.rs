@@ -37,9 +37,9 @@ pub struct Pod {
 pub enum NicMode {
     /// Plain veth, offloads as the kernel sets them (CHECKSUM_PARTIAL).
     Default,
-    /// The client's veth computes checksums in software and the node's NIC
-    /// side has GRO on: what a physical NIC hands to XDP (complete
-    /// checksums), and where XDP_TX frames can land.
+    /// The client's veth computes checksums in software: what a physical
+    /// NIC hands to XDP (complete checksums). XDP_TX frames on a veth only
+    /// reach a peer that runs XDP itself; see `Agent::start_peer_xdp`.
     LikePhysical,
 }
 
@@ -76,8 +76,6 @@ impl Topology {
         node.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
         if nic_mode == NicMode::LikePhysical {
             client.exec("ethtool", &["-K", "eth0", "tx", "off"]).context("ethtool")?;
-            node.exec("ethtool", &["-K", &nic, "gro", "on"]).context("ethtool")?;
-            client.exec("ethtool", &["-K", "eth0", "gro", "on"]).context("ethtool")?;
         }
 
         let mut topo = Topology { client, node, pods: Vec::new(), nic };
