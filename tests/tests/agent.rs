@@ -1,0 +1,208 @@
+//! The agent's own behaviour, with the real binary: following the config
+//! file, bad input, signals, one agent per pin directory, and the errors a
+//! user can hit at start-up.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    agent::{lb_bin, Agent, ConfigFile},
+    example::{yaml, Endpoint, Port, Svc},
+    netns::unique,
+    servers::{tcp_who, PodServer},
+    topology::{Topology, NODE_IP},
+};
+use nix::sys::signal::Signal;
+
+fn setup(backends: usize) -> (Topology, Vec<PodServer>) {
+    lb_tests::require_root();
+    let topo = Topology::new(backends).unwrap();
+    let servers = topo
+        .pods
+        .iter()
+        .enumerate()
+        .map(|(i, p)| PodServer::start(&p.ns, &format!("pod-{}", i + 1), 8080, 5353).unwrap())
+        .collect();
+    (topo, servers)
+}
+
+fn web(topo: &Topology) -> Svc {
+    Svc::web(topo.pods.iter().map(|p| Endpoint::ready(p.ip)).collect())
+}
+
+fn api(ip: Ipv4Addr) -> Svc {
+    Svc {
+        namespace: "demo",
+        name: "api",
+        cluster_ip: Ipv4Addr::new(198, 19, 0, 11),
+        ports: vec![Port { name: "", protocol: "TCP", port: 8443, target: 8080, node_port: Some(30443) }],
+        affinity_timeout_s: None,
+        endpoints: vec![Endpoint::ready(ip)],
+    }
+}
+
+fn node_port(port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(NODE_IP, port)
+}
+
+#[test]
+fn an_in_place_rewrite_is_applied_within_a_second_and_touches_only_what_changed() {
+    let (topo, _servers) = setup(2);
+    let config = ConfigFile::new(&yaml(&[web(&topo)])).unwrap();
+    let mut agent = Agent::start(&topo, &config.path).unwrap();
+    let web_lines = agent.count_logs("service=demo/web");
+    assert_eq!(web_lines, 2, "one line per service port");
+
+    let t = Instant::now();
+    config.rewrite(&yaml(&[web(&topo), api(topo.pods[1].ip)])).unwrap();
+    agent.wait_for_log("applied config", Duration::from_secs(3)).unwrap();
+    assert!(t.elapsed() < Duration::from_secs(1), "applied after {:?}", t.elapsed());
+    let applied = agent.wait_for_log("applied config", Duration::ZERO).unwrap();
+    assert!(applied.contains("added=1") && applied.contains("changed=0"), "{applied}");
+    assert_eq!(agent.count_logs("service=demo/web"), web_lines, "the unchanged service was not rewritten");
+    let a = topo.client.run(|| tcp_who(node_port(30443))).unwrap().unwrap();
+    assert_eq!(a.pod, "pod-2");
+}
+
+#[test]
+fn a_bad_file_keeps_the_last_good_state() {
+    let (topo, _servers) = setup(1);
+    let config = ConfigFile::new(&yaml(&[web(&topo)])).unwrap();
+    let mut agent = Agent::start(&topo, &config.path).unwrap();
+    config.rewrite("apiVersion: v1\nkind: List\nitems: [ {unclosed\n").unwrap();
+    let line = agent.wait_for_log("keeping the last good state", Duration::from_secs(3)).unwrap();
+    assert!(line.contains("YAML syntax error"), "{line}");
+    topo.client.run(|| tcp_who(node_port(30080))).unwrap().expect("still served");
+    // A file that disappears for a moment (an editor's save) changes nothing either.
+    std::fs::remove_file(&config.path).unwrap();
+    agent.wait_for_nth_log("keeping the last good state", 2, Duration::from_secs(3)).unwrap();
+    topo.client.run(|| tcp_who(node_port(30080))).unwrap().expect("still served");
+    config.replace(&yaml(&[web(&topo)])).unwrap();
+    agent.wait_for_log("applied config", Duration::from_secs(3)).unwrap();
+}
+
+#[test]
+fn an_invalid_object_is_skipped_alone_with_a_log_line_naming_it() {
+    let (topo, _servers) = setup(1);
+    let mut bad = api(topo.pods[0].ip);
+    bad.name = "broken";
+    bad.ports[0].node_port = Some(30080); // the NodePort web already uses
+    let text = yaml(&[web(&topo), bad]).replace("198.19.0.11", "198.19.0.300");
+    let config = ConfigFile::new(&text).unwrap();
+    let agent = Agent::start(&topo, &config.path).unwrap();
+    let rejected: Vec<String> = agent.logs().into_iter().filter(|l| l.contains("rejected")).collect();
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    assert!(rejected[0].contains("Service demo/broken") && rejected[0].contains("198.19.0.300"), "{}", rejected[0]);
+    topo.client.run(|| tcp_who(node_port(30080))).unwrap().expect("the valid service works");
+}
+
+/// Names of the TCX ingress programs on the node's NIC (bpftool 7.1
+/// predates TCX, so we ask the kernel through aya from inside the node).
+fn attached(topo: &Topology) -> Vec<String> {
+    let nic = topo.nic.clone();
+    topo.node
+        .run(move || {
+            let (_, progs) = aya::programs::SchedClassifier::query_tcx(&nic, aya::programs::TcAttachType::Ingress).unwrap();
+            progs.iter().map(|p| p.name_as_str().unwrap_or("?").to_string()).collect()
+        })
+        .unwrap()
+}
+
+#[test]
+fn sigterm_and_sigint_detach_clean_up_and_exit_zero() {
+    let (topo, _servers) = setup(1);
+    let config = ConfigFile::new(&yaml(&[web(&topo)])).unwrap();
+    for signal in [Signal::SIGTERM, Signal::SIGINT] {
+        let mut agent = Agent::start(&topo, &config.path).unwrap();
+        assert_eq!(attached(&topo), ["lb_tc_ingress"]);
+        let status = agent.stop_with(signal).unwrap();
+        assert!(status.success(), "{signal}: {status}");
+        assert!(attached(&topo).is_empty(), "{signal}: still attached: {:?}", attached(&topo));
+        let after = topo.client.run(|| tcp_who(node_port(30080))).unwrap();
+        assert!(after.is_err(), "{signal}: NodePort still translated after exit");
+        assert!(!agent.pin_dir.exists(), "{signal}: pins left in {}", agent.pin_dir.display());
+    }
+}
+
+#[test]
+fn a_second_agent_on_the_same_pin_dir_refuses_to_start() {
+    let (topo, _servers) = setup(1);
+    let config = ConfigFile::new(&yaml(&[web(&topo)])).unwrap();
+    let first = Agent::start(&topo, &config.path).unwrap();
+    let args: Vec<String> = ["--config", &config.path.display().to_string(), "--iface", "eth0", "--node-ip", "198.18.0.2", "--node-name", "n"]
+        .map(String::from)
+        .to_vec();
+    let mut second = Agent::spawn(&topo.node, &first.pin_dir, &args).unwrap();
+    let status = second.wait_exit(Duration::from_secs(10)).unwrap();
+    assert!(!status.success());
+    let logs = second.logs().join("\n");
+    assert!(logs.contains("another lb agent is already running with pin directory"), "{logs}");
+    // The first one is untouched.
+    topo.client.run(|| tcp_who(node_port(30080))).unwrap().expect("first agent still serving");
+}
+
+/// Runs `lb run` with `args` (in the root namespace: every case here fails
+/// before touching an interface) and returns its exit status and stderr.
+fn lb_fails(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success(), "lb should have failed");
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+fn run_args(config: &str, iface: &str) -> Vec<String> {
+    run_args_pinned(config, iface, &format!("/sys/fs/bpf/{}", unique("lberr")))
+}
+
+fn run_args_pinned(config: &str, iface: &str, pin: &str) -> Vec<String> {
+    ["run", "--config", config, "--iface", iface, "--node-ip", "198.18.0.2", "--node-name", "n", "--pin-dir", pin]
+        .map(String::from)
+        .to_vec()
+}
+
+#[test]
+fn startup_errors_say_what_to_do() {
+    lb_tests::require_root();
+    let config = ConfigFile::new("apiVersion: v1\nkind: List\nitems: []\n").unwrap();
+    let path = config.path.display().to_string();
+
+    let e = lb_fails(Command::new(lb_bin()).args(run_args("/nonexistent/services.yaml", "lo")));
+    assert!(e.contains("cannot read config file /nonexistent/services.yaml"), "{e}");
+
+    let e = lb_fails(Command::new(lb_bin()).args(run_args(&path, "no-such-if0")));
+    assert!(e.contains("interface \"no-such-if0\" does not exist"), "{e}");
+
+    // Without privileges: an unprivileged user, every capability dropped.
+    let e = lb_fails(
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])
+            .arg(lb_bin())
+            .args(run_args(&path, "lo")),
+    );
+    assert!(e.contains("needs CAP_BPF and CAP_NET_ADMIN") && e.contains("run it as root"), "{e}");
+
+    let not_bpffs = std::env::temp_dir().join(unique("not-bpffs")).join("lb");
+    let e = lb_fails(Command::new(lb_bin()).args(run_args_pinned(&path, "lo", &not_bpffs.display().to_string())));
+    assert!(e.contains("is not on a bpf filesystem"), "{e}");
+}
+
+#[test]
+fn bpftool_dumps_pinned_maps_with_named_fields() {
+    let (topo, _servers) = setup(1);
+    let config = ConfigFile::new(&yaml(&[web(&topo)])).unwrap();
+    let agent = Agent::start(&topo, &config.path).unwrap();
+    let dump = |map: &str| {
+        lb_tests::netns::sh(Command::new("bpftool").args(["map", "dump", "pinned"]).arg(agent.pin_dir.join(map))).unwrap()
+    };
+    let frontends = dump("lb_frontends");
+    for field in ["\"addr\": [198,19,0,10", "\"port\": 80", "\"proto\": 6", "\"backend_count\": 1", "\"table_size\": 251"] {
+        assert!(frontends.contains(field), "{field} missing from:\n{frontends}");
+    }
+    topo.client.run(|| tcp_who(node_port(30080))).unwrap().unwrap();
+    let ct = dump("lb_conntrack");
+    for field in ["\"src_addr\": [198,18,0,1", "\"nat_port\": 8080", "\"nat_port\": 30080", "\"direction\": 1", "\"direction\": 2"] {
+        assert!(ct.contains(field), "{field} missing from:\n{ct}");
+    }
+}
