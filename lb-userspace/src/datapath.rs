@@ -91,7 +91,7 @@ impl Datapath {
                 other => DatapathError::Load(aya::EbpfError::ProgramError(other)),
             })?;
         }
-        let maps = KernelMaps::take(&mut ebpf).map_err(DatapathError::Load)?;
+        let maps = KernelMaps::take(&mut ebpf, pin_dir).map_err(DatapathError::Load)?;
         Ok((Datapath { ebpf, pin_dir: pin_dir.to_path_buf() }, maps))
     }
 
@@ -169,17 +169,19 @@ pub struct KernelMaps {
     pub frontends: HashMap<MapData, FrontendKey, ServiceEntry>,
     pub backends: Array<MapData, Backend>,
     pub maglev: HashOfMaps<MapData, u32, MapData>,
+    maglev_pin: PathBuf,
     pub verdicts: PerCpuArray<MapData, Counter>,
     pub service_stats: Array<MapData, Counter>,
 }
 
 impl KernelMaps {
-    fn take(ebpf: &mut Ebpf) -> Result<KernelMaps, aya::EbpfError> {
+    fn take(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<KernelMaps, aya::EbpfError> {
         let mut take = |name: &str| ebpf.take_map(name).expect("the object defines this map");
         Ok(KernelMaps {
             frontends: take(map_names::FRONTENDS).try_into().map_err(aya::EbpfError::MapError)?,
             backends: take(map_names::BACKENDS).try_into().map_err(aya::EbpfError::MapError)?,
             maglev: take(map_names::MAGLEV).try_into().map_err(aya::EbpfError::MapError)?,
+            maglev_pin: pin_dir.join(map_names::MAGLEV),
             verdicts: take(map_names::VERDICTS).try_into().map_err(aya::EbpfError::MapError)?,
             service_stats: take(map_names::SERVICE_STATS).try_into().map_err(aya::EbpfError::MapError)?,
         })
@@ -214,15 +216,32 @@ impl DatapathMaps for KernelMaps {
         self.backends.set(id, Backend::default(), 0).with_context(|| format!("clearing backend {id}"))
     }
 
-    fn set_maglev(&mut self, service_id: u32, slots: &[u32]) -> anyhow::Result<()> {
-        let table = new_maglev_array(slots).context("building a Maglev table")?;
-        // One update swaps the whole table in; the old array is freed by the
-        // kernel once no program holds it.
-        self.maglev.insert(service_id, &table, 0).with_context(|| format!("swapping in Maglev table {service_id}"))
-    }
-
-    fn remove_maglev(&mut self, service_id: u32) -> anyhow::Result<()> {
-        ignore_missing(self.maglev.remove(&service_id)).with_context(|| format!("removing Maglev table {service_id}"))
+    fn write_maglev(&mut self, tables: &[(u32, Option<&[u32]>)]) -> Vec<anyhow::Result<()>> {
+        if tables.len() <= 2 {
+            return tables.iter().map(|&(id, slots)| write_maglev_one(&mut self.maglev, id, slots)).collect();
+        }
+        // Each map-in-map update waits for an RCU grace period (milliseconds)
+        // in the kernel; waits from different threads overlap, so a batch is
+        // spread over workers, each with its own handle on the pinned map.
+        let chunk = tables.len().div_ceil(MAGLEV_WRITERS);
+        let mut results: Vec<anyhow::Result<()>> = Vec::with_capacity(tables.len());
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = tables
+                .chunks(chunk)
+                .map(|part| {
+                    let pin = &self.maglev_pin;
+                    scope.spawn(move || match open_maglev(pin) {
+                        Ok(mut map) => part.iter().map(|&(id, slots)| write_maglev_one(&mut map, id, slots)).collect(),
+                        Err(e) => part.iter().map(|_| Err(anyhow::anyhow!("opening {}: {e}", pin.display()))).collect(),
+                    })
+                })
+                .collect();
+            for w in workers {
+                let part: Vec<anyhow::Result<()>> = w.join().expect("Maglev writer panicked");
+                results.extend(part);
+            }
+        });
+        results
     }
 
     fn set_frontend(&mut self, key: FrontendKey, entry: ServiceEntry) -> anyhow::Result<()> {
@@ -231,6 +250,31 @@ impl DatapathMaps for KernelMaps {
 
     fn remove_frontend(&mut self, key: FrontendKey) -> anyhow::Result<()> {
         ignore_missing(self.frontends.remove(&key)).context("removing a frontend")
+    }
+}
+
+/// Threads that swap Maglev tables in parallel (they mostly sleep in the
+/// kernel's RCU waits, so this is not bounded by the CPU count).
+const MAGLEV_WRITERS: usize = 64;
+
+fn open_maglev(pin: &Path) -> anyhow::Result<HashOfMaps<MapData, u32, MapData>> {
+    let data = MapData::from_pin(pin)?;
+    Ok(HashOfMaps::try_from(aya::maps::Map::HashOfMaps(data))?)
+}
+
+fn write_maglev_one(
+    map: &mut HashOfMaps<MapData, u32, MapData>,
+    service_id: u32,
+    slots: Option<&[u32]>,
+) -> anyhow::Result<()> {
+    match slots {
+        Some(slots) => {
+            let table = new_maglev_array(slots).context("building a Maglev table")?;
+            // One update swaps the whole table in; the kernel frees the old
+            // array once no program holds it.
+            map.insert(service_id, &table, 0).with_context(|| format!("swapping in Maglev table {service_id}"))
+        }
+        None => ignore_missing(map.remove(&service_id)).with_context(|| format!("removing Maglev table {service_id}")),
     }
 }
 

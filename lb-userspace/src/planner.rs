@@ -53,9 +53,12 @@ pub fn diff(old: &BTreeMap<ServicePortKey, ServicePort>, new: &DesiredState) -> 
 pub trait DatapathMaps {
     fn set_backend(&mut self, id: u32, backend: Backend) -> anyhow::Result<()>;
     fn clear_backend(&mut self, id: u32) -> anyhow::Result<()>;
-    /// Replaces the service's Maglev table in one step (`slots` are backend ids).
-    fn set_maglev(&mut self, service_id: u32, slots: &[u32]) -> anyhow::Result<()>;
-    fn remove_maglev(&mut self, service_id: u32) -> anyhow::Result<()>;
+    /// For each (service id, table): swaps in the new table in one step
+    /// (`Some`, slots are backend ids) or removes the service's table
+    /// (`None`). One result per entry, in order. A batch, because the kernel
+    /// waits an RCU grace period after every map-in-map update, and an
+    /// implementation can overlap those waits.
+    fn write_maglev(&mut self, tables: &[(u32, Option<&[u32]>)]) -> Vec<anyhow::Result<()>>;
     fn set_frontend(&mut self, key: FrontendKey, entry: ServiceEntry) -> anyhow::Result<()>;
     fn remove_frontend(&mut self, key: FrontendKey) -> anyhow::Result<()>;
 }
@@ -94,6 +97,21 @@ struct Programmed {
     id: u32,
     spec: ServicePort,
     backend_ids: BTreeMap<(Ipv4Addr, u16), u32>,
+}
+
+/// A service port between `stage` and `finish`.
+struct Staged {
+    key: ServicePortKey,
+    id: u32,
+    table: Option<StagedTable>,
+    stale_backends: Vec<u32>,
+}
+
+struct StagedTable {
+    /// Backend ids, one per Maglev slot.
+    slots: Vec<u32>,
+    /// How many distinct (usable) backends the table names.
+    backends: u32,
 }
 
 /// Outcome of one `apply`, for the logs.
@@ -140,17 +158,19 @@ impl<M: DatapathMaps> Programmer<M> {
     }
 
     /// Makes the maps equal to `desired`, touching only what changed.
+    ///
+    /// Works in stages across all changed services, so the Maglev swaps can
+    /// go to the kernel as one batch (see `DatapathMaps::write_maglev`):
+    /// removed services go first (frontends, tables, backends), then every
+    /// added or changed service gets its backends, then its table, then its
+    /// frontends, and stale backends are cleared last.
     pub fn apply(&mut self, desired: &DesiredState) -> Report {
         let specs: BTreeMap<ServicePortKey, ServicePort> =
             self.programmed.iter().map(|(k, p)| (k.clone(), p.spec.clone())).collect();
         let d = diff(&specs, desired);
         let mut failed = Vec::new();
+        self.remove_all(&d.removed, &mut failed);
 
-        for key in &d.removed {
-            if let Err(e) = self.remove(key) {
-                failed.push((key.clone(), format!("{e:#}")));
-            }
-        }
         // Free frontends that changed hands before anyone claims them.
         for key in &d.changed {
             let new: BTreeSet<FrontendKey> = frontend_keys(&desired.services[key]).collect();
@@ -162,19 +182,37 @@ impl<M: DatapathMaps> Programmer<M> {
                 }
             }
         }
+
+        let mut staged = Vec::new();
         for key in d.added.iter().chain(&d.changed) {
-            if let Err(e) = self.program(&desired.services[key]) {
-                failed.push((key.clone(), format!("{e:#}")));
-                // Forget it so the next apply rewrites it from scratch.
-                if let Some(p) = self.programmed.remove(key) {
-                    self.release(p);
-                }
+            match self.stage(&desired.services[key]) {
+                Ok(s) => staged.push(s),
+                Err(e) => self.fail(key, e, &mut failed),
+            }
+        }
+        let tables: Vec<(u32, Option<&[u32]>)> =
+            staged.iter().map(|s| (s.id, s.table.as_ref().map(|t| t.slots.as_slice()))).collect();
+        let results = self.maps.write_maglev(&tables);
+        for (s, result) in staged.into_iter().zip(results) {
+            let key = s.key.clone();
+            if let Err(e) = result.and_then(|()| self.finish(s, &desired.services[&key])) {
+                self.fail(&key, e, &mut failed);
             }
         }
         Report { diff: d, failed }
     }
 
-    fn program(&mut self, spec: &ServicePort) -> anyhow::Result<()> {
+    /// Forgets a service whose writes failed, so the next apply rewrites it
+    /// from scratch.
+    fn fail(&mut self, key: &ServicePortKey, e: anyhow::Error, failed: &mut Vec<(ServicePortKey, String)>) {
+        failed.push((key.clone(), format!("{e:#}")));
+        if let Some(p) = self.programmed.remove(key) {
+            self.release(p);
+        }
+    }
+
+    /// Ids, backend entries and the new Maglev table of one service port.
+    fn stage(&mut self, spec: &ServicePort) -> anyhow::Result<Staged> {
         let existing = self.programmed.remove(&spec.key);
         let id = match &existing {
             Some(p) => p.id,
@@ -194,7 +232,7 @@ impl<M: DatapathMaps> Programmer<M> {
                 None => match self.backend_ids.allocate() {
                     Some(bid) => bid,
                     None => {
-                        // Keep every id we hold on record so `apply` frees them.
+                        // Keep every id we hold on record so `fail` frees them.
                         state.backend_ids.append(&mut old_backends);
                         self.programmed.insert(spec.key.clone(), state);
                         anyhow::bail!("backend table is full ({MAX_BACKENDS} backends)");
@@ -216,22 +254,20 @@ impl<M: DatapathMaps> Programmer<M> {
                 return Err(err);
             }
         }
-        // Whatever happens below, the ids we hold are recorded.
-        let stale_backends = std::mem::take(&mut old_backends);
-        self.programmed.insert(spec.key.clone(), state);
-
-        let (table_size, count) = if usable.is_empty() {
-            self.maps.remove_maglev(id)?;
-            (0, 0)
-        } else {
+        let table = (!usable.is_empty()).then(|| {
             let addrs: Vec<(Ipv4Addr, u16)> = usable.iter().copied().collect();
             let table = MaglevTable::build(&addrs, table_size_for(addrs.len()));
-            let ids = &self.programmed[&spec.key].backend_ids;
-            let slots: Vec<u32> = table.slots.iter().map(|&i| ids[&table.backends[i as usize]]).collect();
-            self.maps.set_maglev(id, &slots)?;
-            (table.size(), addrs.len() as u32)
-        };
+            let slots = table.slots.iter().map(|&i| state.backend_ids[&table.backends[i as usize]]).collect();
+            StagedTable { slots, backends: addrs.len() as u32 }
+        });
+        self.programmed.insert(spec.key.clone(), state);
+        Ok(Staged { key: spec.key.clone(), id, table, stale_backends: old_backends.into_values().collect() })
+    }
 
+    /// Frontends of a staged service (its table is in place), then its
+    /// stale backends.
+    fn finish(&mut self, s: Staged, spec: &ServicePort) -> anyhow::Result<()> {
+        let (table_size, count) = s.table.as_ref().map_or((0, 0), |t| (t.slots.len() as u32, t.backends));
         for f in &spec.frontends {
             let mut flags = 0;
             if spec.affinity_timeout_s.is_some() {
@@ -241,7 +277,7 @@ impl<M: DatapathMaps> Programmer<M> {
                 flags |= SERVICE_F_NODEPORT;
             }
             let entry = ServiceEntry {
-                id,
+                id: s.id,
                 table_size,
                 backend_count: count,
                 affinity_timeout_s: spec.affinity_timeout_s.unwrap_or(0),
@@ -250,28 +286,33 @@ impl<M: DatapathMaps> Programmer<M> {
             };
             self.maps.set_frontend(frontend_key(f), entry)?;
         }
-
-        for (_, bid) in stale_backends {
+        for bid in s.stale_backends {
             self.maps.clear_backend(bid)?;
             self.backend_ids.release(bid);
         }
         Ok(())
     }
 
-    fn remove(&mut self, key: &ServicePortKey) -> anyhow::Result<()> {
-        let Some(p) = self.programmed.remove(key) else { return Ok(()) };
-        let result = (|| {
-            for f in frontend_keys(&p.spec) {
-                self.maps.remove_frontend(f)?;
+    /// Removes services: all their frontends first, then their tables in
+    /// one batch, then their backends.
+    fn remove_all(&mut self, keys: &[ServicePortKey], failed: &mut Vec<(ServicePortKey, String)>) {
+        let mut gone = Vec::new();
+        for key in keys {
+            let Some(p) = self.programmed.remove(key) else { continue };
+            if let Some(e) = frontend_keys(&p.spec).map(|f| self.maps.remove_frontend(f)).find_map(Result::err) {
+                failed.push((key.clone(), format!("{e:#}")));
             }
-            self.maps.remove_maglev(p.id)?;
-            for &bid in p.backend_ids.values() {
-                self.maps.clear_backend(bid)?;
+            gone.push(p);
+        }
+        let tables: Vec<(u32, Option<&[u32]>)> = gone.iter().map(|p| (p.id, None)).collect();
+        let results = self.maps.write_maglev(&tables);
+        for (p, result) in gone.into_iter().zip(results) {
+            let backends = p.backend_ids.values().map(|&bid| self.maps.clear_backend(bid)).find_map(Result::err);
+            if let Some(e) = result.err().or(backends) {
+                failed.push((p.spec.key.clone(), format!("{e:#}")));
             }
-            Ok(())
-        })();
-        self.release(p);
-        result
+            self.release(p);
+        }
     }
 
     fn release(&mut self, p: Programmed) {
@@ -312,15 +353,23 @@ impl DatapathMaps for MemoryMaps {
         self.backends.remove(&id);
         Ok(())
     }
-    fn set_maglev(&mut self, service_id: u32, slots: &[u32]) -> anyhow::Result<()> {
-        self.log.push(format!("set_maglev {service_id}"));
-        self.maglev.insert(service_id, slots.to_vec());
-        Ok(())
-    }
-    fn remove_maglev(&mut self, service_id: u32) -> anyhow::Result<()> {
-        self.log.push(format!("remove_maglev {service_id}"));
-        self.maglev.remove(&service_id);
-        Ok(())
+    fn write_maglev(&mut self, tables: &[(u32, Option<&[u32]>)]) -> Vec<anyhow::Result<()>> {
+        tables
+            .iter()
+            .map(|&(id, slots)| {
+                match slots {
+                    Some(slots) => {
+                        self.log.push(format!("set_maglev {id}"));
+                        self.maglev.insert(id, slots.to_vec());
+                    }
+                    None => {
+                        self.log.push(format!("remove_maglev {id}"));
+                        self.maglev.remove(&id);
+                    }
+                }
+                Ok(())
+            })
+            .collect()
     }
     fn set_frontend(&mut self, key: FrontendKey, entry: ServiceEntry) -> anyhow::Result<()> {
         self.log.push(format!("set_frontend {:?}:{}", key.addr, key.port));

@@ -13,7 +13,7 @@ use aya::programs::{TestRun, TestRunOptions};
 use lb_userspace::{
     datapath::{remove_pins, Datapath, KernelMaps},
     manifest,
-    model::{build, NodeConfig},
+    model::{build, DesiredState, NodeConfig},
     planner::Programmer,
 };
 use nix::sched::{setns, CloneFlags};
@@ -58,6 +58,13 @@ pub struct Outcome {
 impl Fixture {
     /// Loads the datapath in a fresh namespace and programs `yaml`.
     pub fn new(yaml: &str) -> anyhow::Result<Fixture> {
+        let objects = manifest::parse(yaml)?;
+        let node = NodeConfig { name: NODE_NAME.into(), node_ips: vec![NODE_IP] };
+        Self::with_state(&build(&objects.services, &objects.slices, &node).state)
+    }
+
+    /// Loads the datapath in a fresh namespace and programs `state`.
+    pub fn with_state(state: &DesiredState) -> anyhow::Result<Fixture> {
         crate::require_root();
         let ns = Netns::new(unique("lbfx"))?;
         ns.ip(&["link", "add", "fx0", "address", &mac(NODE_MAC), "type", "veth", "peer", "name", "fx1"])?;
@@ -81,15 +88,25 @@ impl Fixture {
         };
         // From here on, Drop cleans up whatever happens.
         let mut fx = Fixture { dp: Some(dp), programmer: Programmer::new(maps), pin_dir, pod_ifindex, _ns: ns };
-        let objects = manifest::parse(yaml)?;
-        let node = NodeConfig { name: NODE_NAME.into(), node_ips: vec![NODE_IP] };
-        let report = fx.programmer.apply(&build(&objects.services, &objects.slices, &node).state);
+        let report = fx.programmer.apply(state);
         anyhow::ensure!(report.failed.is_empty(), "programming failed: {:?}", report.failed);
         Ok(fx)
     }
 
     pub fn maps(&self) -> &KernelMaps {
         self.programmer.maps()
+    }
+
+    /// Runs `frame` `repeat` times in the kernel and returns the mean time
+    /// per run the kernel measured (BPF_PROG_TEST_RUN's duration).
+    pub fn time(&self, hook: Hook, frame: &[u8], repeat: u32) -> anyhow::Result<std::time::Duration> {
+        let dp = self.dp.as_ref().expect("loaded");
+        let opts = TestRunOptions { data_in: Some(frame), repeat, ..Default::default() };
+        let r = match hook {
+            Hook::Tc => dp.tc_program().test_run(opts)?,
+            Hook::Xdp => dp.xdp_program().test_run(opts)?,
+        };
+        Ok(r.duration)
     }
 
     /// Runs `frame` through the program of `hook` once, as if it arrived
