@@ -28,10 +28,10 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 
 /// Quiet time after the last file event before we reload: editors and
 /// `kubectl get > file` write in several steps.
-const DEBOUNCE_QUIET: Duration = Duration::from_millis(150);
+const DEBOUNCE_QUIET: Duration = Duration::from_millis(100);
 /// Upper bound on the wait, so a file rewritten in a loop is still applied
-/// within a second.
-const DEBOUNCE_MAX: Duration = Duration::from_millis(700);
+/// well within a second.
+const DEBOUNCE_MAX: Duration = Duration::from_millis(400);
 
 #[derive(Clone, Debug)]
 pub struct RunOptions {

@@ -29,6 +29,13 @@ pub fn pattern(i: u64) -> u8 {
     ((i * 7 + i / 251) % 251) as u8
 }
 
+/// Fills `buf` with the pattern bytes starting at stream offset `offset`.
+pub fn fill_pattern(buf: &mut [u8], offset: u64) {
+    for (k, b) in buf.iter_mut().enumerate() {
+        *b = pattern(offset + k as u64);
+    }
+}
+
 /// A TCP and a UDP server in one pod, stopped on drop.
 pub struct PodServer {
     stop: Arc<AtomicBool>,
@@ -105,9 +112,7 @@ fn serve_tcp(conn: TcpStream, peer: SocketAddr, name: &str, stop: &AtomicBool) -
             let mut sent = 0u64;
             while sent < n {
                 let len = buf.len().min((n - sent) as usize);
-                for (k, b) in buf[..len].iter_mut().enumerate() {
-                    *b = pattern(sent + k as u64);
-                }
+                fill_pattern(&mut buf[..len], sent);
                 conn.write_all(&buf[..len])?;
                 sent += len as u64;
             }
@@ -208,9 +213,7 @@ pub fn tcp_upload(to: SocketAddrV4, n: u64) -> anyhow::Result<()> {
     let mut sent = 0u64;
     while sent < n {
         let len = buf.len().min((n - sent) as usize);
-        for (k, b) in buf[..len].iter_mut().enumerate() {
-            *b = pattern(sent + k as u64);
-        }
+        fill_pattern(&mut buf[..len], sent);
         s.write_all(&buf[..len])?;
         sent += len as u64;
     }

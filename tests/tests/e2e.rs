@@ -113,19 +113,26 @@ fn cluster_ip_tcp_and_udp_from_a_pod_are_balanced_and_keep_the_pod_address() {
     assert!(udp.iter().all(|a| *a.peer.ip() == me && a.peer.port() != 53));
 }
 
+const MB20: u64 = 20 * 1024 * 1024;
+
+/// 20 MB down and up through the NodePort from outside, and through the
+/// ClusterIP from a pod: downloads carry GSO replies through reverse NAT,
+/// uploads carry GSO segments through DNAT.
+fn transfer_20mb_each_way(c: &Cluster) {
+    c.topo.client.run(|| tcp_bulk(node_port(), MB20)).unwrap().expect("NodePort download");
+    c.topo.client.run(|| tcp_upload(node_port(), MB20)).unwrap().expect("NodePort upload");
+    c.client_pod().run(|| tcp_bulk(addr(CLUSTER_TCP), MB20)).unwrap().expect("ClusterIP download");
+    c.client_pod().run(|| tcp_upload(addr(CLUSTER_TCP), MB20)).unwrap().expect("ClusterIP upload");
+}
+
+/// Offloads as the kernel sets them: the pods' and the client's packets
+/// carry CHECKSUM_PARTIAL seeds through the datapath.
 #[test]
 fn twenty_megabytes_each_way_with_offloads_on() {
     let c = Cluster::new(3);
     let config = ConfigFile::new(&c.web()).unwrap();
     let _agent = Agent::start(&c.topo, &config.path).unwrap();
-    const MB20: u64 = 20 * 1024 * 1024;
-    // Through the NodePort from outside, and the ClusterIP from a pod:
-    // downloads carry GSO replies through reverse NAT, uploads carry GSO
-    // segments through DNAT, all with CHECKSUM_PARTIAL seeds.
-    c.topo.client.run(move || tcp_bulk(node_port(), MB20)).unwrap().unwrap();
-    c.topo.client.run(move || tcp_upload(node_port(), MB20)).unwrap().unwrap();
-    c.client_pod().run(move || tcp_bulk(addr(CLUSTER_TCP), MB20)).unwrap().unwrap();
-    c.client_pod().run(move || tcp_upload(addr(CLUSTER_TCP), MB20)).unwrap().unwrap();
+    transfer_20mb_each_way(&c);
 }
 
 /// Same transfers, but the node's egress interfaces finish checksums in
@@ -140,10 +147,7 @@ fn twenty_megabytes_with_checksums_verified_by_the_receivers() {
     }
     let config = ConfigFile::new(&c.web()).unwrap();
     let _agent = Agent::start(&c.topo, &config.path).unwrap();
-    const MB20: u64 = 20 * 1024 * 1024;
-    c.topo.client.run(move || tcp_bulk(node_port(), MB20)).unwrap().unwrap();
-    c.topo.client.run(move || tcp_upload(node_port(), MB20)).unwrap().unwrap();
-    c.client_pod().run(move || tcp_bulk(addr(CLUSTER_TCP), MB20)).unwrap().unwrap();
+    transfer_20mb_each_way(&c);
 }
 
 #[test]
@@ -250,7 +254,7 @@ fn xdp_on_a_nic_with_complete_checksums() {
     let answers = many_tcp(&c.topo.client, node_port(), 120);
     assert_fair(&answers, 3);
     assert!(answers.iter().all(|a| *a.peer.ip() == CLIENT_IP));
-    c.topo.client.run(|| tcp_upload(node_port(), 20 * 1024 * 1024)).unwrap().unwrap();
+    c.topo.client.run(|| tcp_upload(node_port(), MB20)).unwrap().unwrap();
 }
 
 #[test]
