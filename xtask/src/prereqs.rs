@@ -55,17 +55,30 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
     // no system LLVM packages needed.
     let sysroot = nightly_sysroot().context("the nightly toolchain is missing (rustup toolchain install nightly)")?;
     let libdir = sysroot.join("lib");
-    let libllvm = std::fs::read_dir(&libdir)?
+    let libs: Vec<String> = std::fs::read_dir(&libdir)?
         .filter_map(Result::ok)
         .map(|e| e.file_name().to_string_lossy().to_string())
-        .find(|n| n.starts_with("libLLVM.so.") || (n.starts_with("libLLVM-") && n.ends_with(".so")))
-        .with_context(|| format!("no libLLVM in {}", libdir.display()))?;
-    let prefix = std::env::temp_dir().join("lb-xtask-llvm");
+        .filter(|n| n.starts_with("libLLVM"))
+        .collect();
+    // The soname bpf-linker will be linked against (libLLVM.so.<ver>).
+    let soname = libs
+        .iter()
+        .find(|n| n.starts_with("libLLVM.so."))
+        .with_context(|| format!("no libLLVM.so.* in {}", libdir.display()))?
+        .clone();
+    // The built binary keeps this directory as its RUNPATH, so it must
+    // outlive the build: keep it next to the installed binaries.
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .context("neither CARGO_HOME nor HOME is set")?;
+    let prefix = cargo_home.join("lb-bpf-linker-llvm");
     std::fs::create_dir_all(prefix.join("lib"))?;
-    for name in ["libLLVM.so".to_string(), libllvm.clone()] {
-        let link = prefix.join("lib").join(&name);
+    for name in libs.iter().chain(std::iter::once(&"libLLVM.so".to_string())) {
+        let target = if name == "libLLVM.so" { &soname } else { name };
+        let link = prefix.join("lib").join(name);
         let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink(libdir.join(&libllvm), &link)?;
+        std::os::unix::fs::symlink(libdir.join(target), &link)?;
     }
     println!("xtask: building bpf-linker {BPF_LINKER_VERSION} against nightly's LLVM (about 2 minutes, once)");
     let status = Command::new("cargo")
