@@ -51,9 +51,16 @@ pub fn check_privileges() -> anyhow::Result<()> {
 pub fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
     let root = Path::new("/sys/fs/bpf");
     if pin_dir.starts_with(root) && !is_bpffs(root) {
-        mount(Some("bpf"), root, Some("bpf"), MsFlags::empty(), Some("mode=0700"))
-            .context("mounting bpffs on /sys/fs/bpf (try: mount -t bpf bpf /sys/fs/bpf)")?;
-        tracing::info!("mounted bpffs on /sys/fs/bpf");
+        // Agents starting together must not stack two mounts (the second
+        // would hide the first one's pins): check and mount under a lock on
+        // the mount point itself.
+        let dir = File::open(root).context("opening /sys/fs/bpf")?;
+        let _guard = Flock::lock(dir, FlockArg::LockExclusive).map_err(|(_, e)| e).context("locking /sys/fs/bpf")?;
+        if !is_bpffs(root) {
+            mount(Some("bpf"), root, Some("bpf"), MsFlags::empty(), Some("mode=0700"))
+                .context("mounting bpffs on /sys/fs/bpf (try: mount -t bpf bpf /sys/fs/bpf)")?;
+            tracing::info!("mounted bpffs on /sys/fs/bpf");
+        }
     }
     let parent = pin_dir.parent().unwrap_or(pin_dir);
     if !is_bpffs(parent) {

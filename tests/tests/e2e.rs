@@ -297,3 +297,19 @@ fn multiple_services_and_ports_coexist() {
     assert_eq!(via_cluster_ip.keys().collect::<Vec<_>>(), ["pod-3"]);
     assert_fair(&many_tcp(c.client_pod(), addr(CLUSTER_TCP), 90), 3);
 }
+
+#[test]
+fn terminating_endpoints_take_new_flows_only_when_no_ready_one_is_left() {
+    let c = Cluster::new(2);
+    let ips = c.backend_ips();
+    let config = ConfigFile::new(&yaml(&[Svc::web(vec![Endpoint::ready(ips[0]), Endpoint::terminating(ips[1])])])).unwrap();
+    let mut agent = Agent::start(&c.topo, &config.path).unwrap();
+    let t = tally(&many_tcp(c.client_pod(), addr(CLUSTER_TCP), 40));
+    assert_eq!(t.keys().collect::<Vec<_>>(), ["pod-1"], "a ready endpoint exists: {t:?}");
+
+    // The ready one goes away; the serving, terminating one takes over.
+    config.replace(&yaml(&[Svc::web(vec![Endpoint::terminating(ips[1])])])).unwrap();
+    agent.wait_for_log("applied config", Duration::from_secs(3)).unwrap();
+    let t = tally(&many_tcp(c.client_pod(), addr(CLUSTER_TCP), 40));
+    assert_eq!(t.keys().collect::<Vec<_>>(), ["pod-2"], "fallback to serving+terminating: {t:?}");
+}

@@ -328,3 +328,20 @@ fn session_affinity_keeps_a_client_on_one_backend() {
         assert_eq!(decode(&out.frame).saddr, other);
     }
 }
+
+#[test]
+fn session_affinity_expires_after_its_timeout() {
+    let mut svc = Svc::web(backends().into_iter().map(Endpoint::ready).collect());
+    svc.affinity_timeout_s = Some(1);
+    for hook in HOOKS {
+        let fx = Fixture::new(&yaml(&[svc.clone()])).unwrap();
+        fx.run(hook, &Spec::tcp(CLIENT, 40000, CLUSTER_IP, 80).build()).unwrap();
+        fx.run(hook, &Spec::tcp(CLIENT, 40001, CLUSTER_IP, 80).build()).unwrap();
+        assert_eq!(counter(&fx, Verdict::DnatAffinity), 1, "{hook:?}: within the timeout");
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        // After the timeout the new flow is a plain Maglev choice again.
+        let out = fx.run(hook, &Spec::tcp(CLIENT, 40002, CLUSTER_IP, 80).build()).unwrap();
+        assert_eq!(counter(&fx, Verdict::DnatAffinity), 1, "{hook:?}: expired");
+        assert_eq!(decode(&out.frame).daddr, expected_backend(&backends(), 8080, 40002, 80, TCP));
+    }
+}
