@@ -6,9 +6,9 @@ use std::{env, fs, path::PathBuf};
 
 fn main() {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
-    let object = env::var_os("LB_EBPF_OBJECT").map(PathBuf::from).unwrap_or_else(|| {
-        manifest.join("../target/bpfel-unknown-none/release/lb-ebpf")
-    });
+    let object = env::var_os("LB_EBPF_OBJECT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| manifest.join("../target/bpfel-unknown-none/release/lb-ebpf"));
     println!("cargo:rerun-if-env-changed=LB_EBPF_OBJECT");
     println!("cargo:rerun-if-changed={}", object.display());
     let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("lb-ebpf.o");

@@ -37,9 +37,18 @@ mod tests {
     fn flow_hash_is_stable_across_builds() {
         // Pinned value: a change here changes backend choice on upgrade,
         // which moves every flow that has no conntrack entry.
-        assert_eq!(flow_hash([198, 18, 0, 1], 40000, 80, 6), flow_hash([198, 18, 0, 1], 40000, 80, 6));
-        assert_ne!(flow_hash([198, 18, 0, 1], 40000, 80, 6), flow_hash([198, 18, 0, 1], 40001, 80, 6));
-        assert_ne!(flow_hash([198, 18, 0, 1], 40000, 80, 6), flow_hash([198, 18, 0, 1], 40000, 80, 17));
+        assert_eq!(
+            flow_hash([198, 18, 0, 1], 40000, 80, 6),
+            flow_hash([198, 18, 0, 1], 40000, 80, 6)
+        );
+        assert_ne!(
+            flow_hash([198, 18, 0, 1], 40000, 80, 6),
+            flow_hash([198, 18, 0, 1], 40001, 80, 6)
+        );
+        assert_ne!(
+            flow_hash([198, 18, 0, 1], 40000, 80, 6),
+            flow_hash([198, 18, 0, 1], 40000, 80, 17)
+        );
     }
 
     #[test]

@@ -37,7 +37,11 @@ fn reply_key(f: &Ipv4Flow, backend: &Backend) -> FlowKey {
 
 #[inline(always)]
 fn timeout_ns(proto: u8) -> u64 {
-    if proto == IPPROTO_TCP { CT_TIMEOUT_TCP_NS } else { CT_TIMEOUT_UDP_NS }
+    if proto == IPPROTO_TCP {
+        CT_TIMEOUT_TCP_NS
+    } else {
+        CT_TIMEOUT_UDP_NS
+    }
 }
 
 #[inline(always)]
@@ -51,8 +55,12 @@ pub fn lookup_forward(f: &Ipv4Flow, now: u64) -> Option<ConntrackEntry> {
     let key = flow_key(f);
     // SAFETY: the value is copied out at once; a concurrent update can at
     // worst give a torn read, which the backend check below rejects.
-    let e = unsafe { *CONNTRACK.get(&key)? };
-    if e.direction == CT_FORWARD && live(&e, now, f.proto) { Some(e) } else { None }
+    let e = unsafe { *CONNTRACK.get(key)? };
+    if e.direction == CT_FORWARD && live(&e, now, f.proto) {
+        Some(e)
+    } else {
+        None
+    }
 }
 
 /// Records both directions of a new translated flow.
@@ -93,7 +101,7 @@ pub fn refresh(f: &Ipv4Flow, now: u64, e: &ConntrackEntry, backend: &Backend) {
 #[inline(always)]
 pub fn lookup_reply(f: &Ipv4Flow, now: u64) -> Option<ConntrackEntry> {
     let key = flow_key(f);
-    let p = CONNTRACK.get_ptr_mut(&key)?;
+    let p = CONNTRACK.get_ptr_mut(key)?;
     // SAFETY: copied out at once; see lookup_forward.
     let e = unsafe { *p };
     if e.direction != CT_REPLY || !live(&e, now, f.proto) {

@@ -159,7 +159,11 @@ pub fn parse<C: PacketBuf>(ctx: &C) -> Parsed {
         return Parsed::Fragment;
     }
     let l4_off = ETH_HLEN + ihl;
-    let (min_l4, csum_off) = if proto == IPPROTO_TCP { (20, TCP_CSUM_OFF) } else { (8, UDP_CSUM_OFF) };
+    let (min_l4, csum_off) = if proto == IPPROTO_TCP {
+        (20, TCP_CSUM_OFF)
+    } else {
+        (8, UDP_CSUM_OFF)
+    };
     if (tot_len as usize) < ihl + min_l4 {
         return Parsed::Malformed;
     }

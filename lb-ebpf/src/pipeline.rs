@@ -17,11 +17,21 @@ pub enum Action {
     Pass,
     Drop,
     /// Rewrite the destination to the backend.
-    Dnat { flow: Ipv4Flow, addr: [u8; 4], port: u16 },
+    Dnat {
+        flow: Ipv4Flow,
+        addr: [u8; 4],
+        port: u16,
+    },
     /// Rewrite the source back to the frontend and route the reply.
-    ReplyNat { flow: Ipv4Flow, addr: [u8; 4], port: u16 },
+    ReplyNat {
+        flow: Ipv4Flow,
+        addr: [u8; 4],
+        port: u16,
+    },
     /// Answer with ICMP port unreachable.
-    Reject { flow: Ipv4Flow },
+    Reject {
+        flow: Ipv4Flow,
+    },
 }
 
 #[inline(always)]
@@ -34,9 +44,14 @@ pub fn decide<C: PacketBuf>(ctx: &C) -> Action {
         Parsed::Fragment => return pass(Verdict::PassFragment, len),
         Parsed::Malformed => return pass(Verdict::PassMalformed, len),
     };
-    let fkey = FrontendKey { addr: flow.daddr, port: flow.dport, proto: flow.proto, _pad: 0 };
+    let fkey = FrontendKey {
+        addr: flow.daddr,
+        port: flow.dport,
+        proto: flow.proto,
+        _pad: 0,
+    };
     // SAFETY: copied out at once.
-    if let Some(svc) = unsafe { FRONTENDS.get(&fkey) } {
+    if let Some(svc) = unsafe { FRONTENDS.get(fkey) } {
         let svc = *svc;
         return forward(flow, &svc, len);
     }
@@ -45,7 +60,11 @@ pub fn decide<C: PacketBuf>(ctx: &C) -> Action {
         Some(e) => {
             count(Verdict::ReplyNat, len);
             count_service(e.service_id, len);
-            Action::ReplyNat { flow, addr: e.nat_addr, port: e.nat_port }
+            Action::ReplyNat {
+                flow,
+                addr: e.nat_addr,
+                port: e.nat_port,
+            }
         }
         None => pass(Verdict::PassNotService, len),
     }
@@ -70,7 +89,11 @@ fn forward(flow: Ipv4Flow, svc: &ServiceEntry, len: u32) -> Action {
                     conntrack::refresh(&flow, now, &e, &b);
                     count(Verdict::DnatEstablished, len);
                     count_service(svc.id, len);
-                    return Action::Dnat { flow, addr: b.addr, port: b.port };
+                    return Action::Dnat {
+                        flow,
+                        addr: b.addr,
+                        port: b.port,
+                    };
                 }
             }
         }
@@ -85,7 +108,18 @@ fn forward(flow: Ipv4Flow, svc: &ServiceEntry, len: u32) -> Action {
         return Action::Drop;
     };
     conntrack::record(&flow, now, svc.id, choice.backend_id, &choice.backend);
-    count(if choice.from_affinity { Verdict::DnatAffinity } else { Verdict::DnatNew }, len);
+    count(
+        if choice.from_affinity {
+            Verdict::DnatAffinity
+        } else {
+            Verdict::DnatNew
+        },
+        len,
+    );
     count_service(svc.id, len);
-    Action::Dnat { flow, addr: choice.backend.addr, port: choice.backend.port }
+    Action::Dnat {
+        flow,
+        addr: choice.backend.addr,
+        port: choice.backend.port,
+    }
 }

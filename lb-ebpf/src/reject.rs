@@ -46,7 +46,11 @@ pub fn build<C: PacketBuf>(ctx: &C, f: &Ipv4Flow) -> Option<IcmpUnreachFrame> {
     let eth = unsafe { *ptr_at::<EthHdr, C>(ctx, 0)? };
     let quote = unsafe { *ptr_at::<[u8; QUOTE_LEN], C>(ctx, ETH_HLEN)? };
     let mut frame = IcmpUnreachFrame {
-        eth: EthHdr { dst: eth.src, src: eth.dst, ether_type: ETH_P_IP.to_be() },
+        eth: EthHdr {
+            dst: eth.src,
+            src: eth.dst,
+            ether_type: ETH_P_IP.to_be(),
+        },
         ip: Ipv4Hdr {
             version_ihl: 0x45,
             tos: 0,

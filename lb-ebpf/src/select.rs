@@ -15,7 +15,11 @@ use crate::{
 #[inline(always)]
 pub fn backend_of(service_id: u32, backend_id: u32) -> Option<Backend> {
     let b = *BACKENDS.get(backend_id)?;
-    if b.flags & BACKEND_F_PRESENT != 0 && b.service_id == service_id { Some(b) } else { None }
+    if b.flags & BACKEND_F_PRESENT != 0 && b.service_id == service_id {
+        Some(b)
+    } else {
+        None
+    }
 }
 
 pub struct Choice {
@@ -27,9 +31,12 @@ pub struct Choice {
 #[inline(always)]
 pub fn choose(f: &Ipv4Flow, svc: &ServiceEntry, now: u64) -> Option<Choice> {
     let affinity = svc.flags & SERVICE_F_AFFINITY != 0;
-    let akey = AffinityKey { client_addr: f.saddr, service_id: svc.id };
+    let akey = AffinityKey {
+        client_addr: f.saddr,
+        service_id: svc.id,
+    };
     if affinity {
-        if let Some(p) = AFFINITY.get_ptr_mut(&akey) {
+        if let Some(p) = AFFINITY.get_ptr_mut(akey) {
             // SAFETY: copied out at once; a torn read fails the checks below.
             let a = unsafe { *p };
             let timeout_ns = svc.affinity_timeout_s as u64 * 1_000_000_000;
@@ -40,7 +47,11 @@ pub fn choose(f: &Ipv4Flow, svc: &ServiceEntry, now: u64) -> Option<Choice> {
                     if b.flags & BACKEND_F_USABLE != 0 {
                         // SAFETY: plain 8-byte store into the map value.
                         unsafe { (*p).last_used_ns = now };
-                        return Some(Choice { backend_id: a.backend_id, backend: b, from_affinity: true });
+                        return Some(Choice {
+                            backend_id: a.backend_id,
+                            backend: b,
+                            from_affinity: true,
+                        });
                     }
                 }
             }
@@ -54,8 +65,16 @@ pub fn choose(f: &Ipv4Flow, svc: &ServiceEntry, now: u64) -> Option<Choice> {
     let backend_id = unsafe { *MAGLEV.get_value(&svc.id, &slot)? };
     let backend = backend_of(svc.id, backend_id)?;
     if affinity {
-        let entry = AffinityEntry { last_used_ns: now, backend_id, _pad: 0 };
+        let entry = AffinityEntry {
+            last_used_ns: now,
+            backend_id,
+            _pad: 0,
+        };
         let _ = AFFINITY.insert(akey, entry, BPF_ANY as u64);
     }
-    Some(Choice { backend_id, backend, from_affinity: false })
+    Some(Choice {
+        backend_id,
+        backend,
+        from_affinity: false,
+    })
 }

@@ -8,7 +8,9 @@ use aya_ebpf::{
         bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_F_MARK_MANGLED_0,
         BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT,
     },
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail},
+    helpers::{
+        bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail,
+    },
     programs::TcContext,
 };
 use lb_common::{Verdict, IPPROTO_UDP};
@@ -53,10 +55,19 @@ fn rewrite(ctx: &TcContext, f: &Ipv4Flow, side: Side, addr: [u8; 4], port: u16) 
     };
     // UDP checksum 0 means "none": BPF_F_MARK_MANGLED_0 keeps it 0 and
     // writes a computed 0 as 0xffff.
-    let mangled = if f.proto == IPPROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
+    let mangled = if f.proto == IPPROTO_UDP {
+        BPF_F_MARK_MANGLED_0 as u64
+    } else {
+        0
+    };
     let old_a = u32::from_ne_bytes(old_addr) as u64;
     let new_a = u32::from_ne_bytes(addr) as u64;
-    ctx.l4_csum_replace(f.l4_csum_off, old_a, new_a, BPF_F_PSEUDO_HDR as u64 | mangled | 4)?;
+    ctx.l4_csum_replace(
+        f.l4_csum_off,
+        old_a,
+        new_a,
+        BPF_F_PSEUDO_HDR as u64 | mangled | 4,
+    )?;
     ctx.l3_csum_replace(ETH_HLEN + IP_CSUM_OFF, old_a, new_a, 4)?;
     ctx.store(addr_off, &addr, 0)?;
     let old_p = old_port.to_be() as u64;
@@ -85,7 +96,12 @@ fn route_reply(ctx: &TcContext, f: &Ipv4Flow, src: [u8; 4], sport: u16) -> Resul
     p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(f.daddr);
     // SAFETY: p lives on our stack for the duration of the call.
     let rc = unsafe {
-        fib_lookup(ctx.skb.skb.cast(), &raw mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, 0)
+        fib_lookup(
+            ctx.skb.skb.cast(),
+            &raw mut p,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
     };
     if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
         decrement_ttl(ctx)?;

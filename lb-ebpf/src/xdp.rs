@@ -5,7 +5,9 @@
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, xdp_action, BPF_FIB_LKUP_RET_SUCCESS},
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    helpers::{
+        bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
+    },
     programs::XdpContext,
 };
 use lb_common::{Verdict, IPPROTO_UDP};
@@ -87,13 +89,20 @@ fn route_reply(ctx: &XdpContext, f: &Ipv4Flow, src: [u8; 4], sport: u16) -> u32 
     p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(f.daddr);
     // SAFETY: p lives on our stack for the duration of the call.
     let rc = unsafe {
-        fib_lookup(ctx.ctx.cast(), &raw mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, 0)
+        fib_lookup(
+            ctx.ctx.cast(),
+            &raw mut p,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
     };
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
         return xdp_action::XDP_PASS;
     }
-    let (Some(eth), Some(ip)) = (ptr_at::<EthHdr, _>(ctx, 0), ptr_at::<Ipv4Hdr, _>(ctx, ETH_HLEN))
-    else {
+    let (Some(eth), Some(ip)) = (
+        ptr_at::<EthHdr, _>(ctx, 0),
+        ptr_at::<Ipv4Hdr, _>(ctx, ETH_HLEN),
+    ) else {
         return xdp_action::XDP_DROP;
     };
     // SAFETY: ptr_at checked both pointers.

@@ -46,8 +46,10 @@ pub struct RunOptions {
 /// rejected or skipped object. Errors only when the file as a whole cannot
 /// be used (unreadable, YAML syntax).
 pub fn load_config(path: &Path, node: &NodeConfig) -> anyhow::Result<DesiredState> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
-    let objects = manifest::parse(&text).with_context(|| format!("config file {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    let objects =
+        manifest::parse(&text).with_context(|| format!("config file {}", path.display()))?;
     for r in &objects.rejections {
         warn!(object = %r.object, "rejected: {}", r.reason);
     }
@@ -67,7 +69,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let initial = load_config(&opts.config, &opts.node)?;
     for iface in opts.tc_ifaces.iter().chain(&opts.xdp_ifaces) {
         if nix::net::if_::if_nametoindex(iface.as_str()).is_err() {
-            anyhow::bail!("interface {iface:?} does not exist in this network namespace (see `ip link show`)");
+            anyhow::bail!(
+                "interface {iface:?} does not exist in this network namespace (see `ip link show`)"
+            );
         }
     }
     if opts.node.node_ips.is_empty() {
@@ -130,12 +134,20 @@ async fn serve(
     // the inode a file watch would be bound to.
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(ev) = res {
-            if ev.paths.iter().any(|p| p.file_name().map(|n| n.to_os_string()) == file_name) {
+            if ev
+                .paths
+                .iter()
+                .any(|p| p.file_name().map(|n| n.to_os_string()) == file_name)
+            {
                 let _ = tx.send(());
             }
         }
     })?;
-    let dir = opts.config.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = opts
+        .config
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     watcher
         .watch(dir, RecursiveMode::NonRecursive)
         .with_context(|| format!("watching {}", dir.display()))?;
@@ -179,7 +191,9 @@ async fn serve(
 /// One line per service port that was written or removed.
 fn log_report(programmer: &Programmer<KernelMaps>, state: &DesiredState, report: &Report) {
     for key in report.diff.added.iter().chain(&report.diff.changed) {
-        let Some(sp) = state.services.get(key) else { continue };
+        let Some(sp) = state.services.get(key) else {
+            continue;
+        };
         if report.failed.iter().any(|(k, _)| k == key) {
             continue;
         }
@@ -205,5 +219,6 @@ fn log_report(programmer: &Programmer<KernelMaps>, state: &DesiredState, report:
 
 /// The value of `--node-ip`: IPv4 only for now.
 pub fn parse_node_ip(s: &str) -> Result<Ipv4Addr, String> {
-    s.parse().map_err(|_| format!("{s:?} is not an IPv4 address (IPv6 is not supported yet)"))
+    s.parse()
+        .map_err(|_| format!("{s:?} is not an IPv4 address (IPv6 is not supported yet)"))
 }

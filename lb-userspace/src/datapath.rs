@@ -33,7 +33,11 @@ pub enum DatapathError {
     )]
     NoObject,
     #[error("the kernel refused program {program}: {io_error}\nlast lines of the verifier log:\n{log_tail}")]
-    Verifier { program: &'static str, io_error: std::io::Error, log_tail: String },
+    Verifier {
+        program: &'static str,
+        io_error: std::io::Error,
+        log_tail: String,
+    },
     #[error("interface {0:?} does not exist in this network namespace (see `ip link show`)")]
     UnknownInterface(String),
     #[error("attaching {program} to {iface}: {source}")]
@@ -70,20 +74,28 @@ impl Datapath {
             return Err(DatapathError::NoObject);
         }
         let mut loader = EbpfLoader::new();
-        let paths: Vec<(&str, PathBuf)> = map_names::ALL.iter().map(|n| (*n, pin_dir.join(n))).collect();
+        let paths: Vec<(&str, PathBuf)> = map_names::ALL
+            .iter()
+            .map(|n| (*n, pin_dir.join(n)))
+            .collect();
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(OBJECT).map_err(DatapathError::Load)?;
         for name in [program_names::TC, program_names::XDP] {
-            let program = ebpf.program_mut(name).expect("the object defines this program");
+            let program = ebpf
+                .program_mut(name)
+                .expect("the object defines this program");
             let loaded = match program {
                 aya::programs::Program::SchedClassifier(p) => p.load(),
                 aya::programs::Program::Xdp(p) => p.load(),
                 _ => unreachable!("lb programs are TC and XDP"),
             };
             loaded.map_err(|e| match e {
-                ProgramError::LoadError { io_error, verifier_log } => DatapathError::Verifier {
+                ProgramError::LoadError {
+                    io_error,
+                    verifier_log,
+                } => DatapathError::Verifier {
                     program: name,
                     io_error,
                     log_tail: tail(&verifier_log.to_string(), 20),
@@ -92,7 +104,13 @@ impl Datapath {
             })?;
         }
         let maps = KernelMaps::take(&mut ebpf, pin_dir).map_err(DatapathError::Load)?;
-        Ok((Datapath { ebpf, pin_dir: pin_dir.to_path_buf() }, maps))
+        Ok((
+            Datapath {
+                ebpf,
+                pin_dir: pin_dir.to_path_buf(),
+            },
+            maps,
+        ))
     }
 
     /// Attaches to `iface`; the attachment lasts as long as this value.
@@ -118,17 +136,31 @@ impl Datapath {
                 p.attach(iface, XdpMode::Default).map(drop)
             }
         };
-        let program = if mode == AttachMode::Tc { program_names::TC } else { program_names::XDP };
-        result.map_err(|source| DatapathError::Attach { program, iface: iface.to_string(), source })
+        let program = if mode == AttachMode::Tc {
+            program_names::TC
+        } else {
+            program_names::XDP
+        };
+        result.map_err(|source| DatapathError::Attach {
+            program,
+            iface: iface.to_string(),
+            source,
+        })
     }
 
     /// For BPF_PROG_TEST_RUN: the loaded programs.
     pub fn tc_program(&self) -> &SchedClassifier {
-        self.ebpf.program(program_names::TC).and_then(|p| p.try_into().ok()).expect("loaded")
+        self.ebpf
+            .program(program_names::TC)
+            .and_then(|p| p.try_into().ok())
+            .expect("loaded")
     }
 
     pub fn xdp_program(&self) -> &Xdp {
-        self.ebpf.program(program_names::XDP).and_then(|p| p.try_into().ok()).expect("loaded")
+        self.ebpf
+            .program(program_names::XDP)
+            .and_then(|p| p.try_into().ok())
+            .expect("loaded")
     }
 
     /// Detaches everything (by dropping the programs' links) and removes
@@ -156,7 +188,11 @@ pub fn remove_pins(pin_dir: &Path) -> std::io::Result<()> {
 
 /// Pins left behind by an agent that did not exit cleanly.
 pub fn stale_pins(pin_dir: &Path) -> Vec<&'static str> {
-    map_names::ALL.iter().copied().filter(|n| pin_dir.join(n).exists()).collect()
+    map_names::ALL
+        .iter()
+        .copied()
+        .filter(|n| pin_dir.join(n).exists())
+        .collect()
 }
 
 fn tail(text: &str, lines: usize) -> String {
@@ -178,12 +214,22 @@ impl KernelMaps {
     fn take(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<KernelMaps, aya::EbpfError> {
         let mut take = |name: &str| ebpf.take_map(name).expect("the object defines this map");
         Ok(KernelMaps {
-            frontends: take(map_names::FRONTENDS).try_into().map_err(aya::EbpfError::MapError)?,
-            backends: take(map_names::BACKENDS).try_into().map_err(aya::EbpfError::MapError)?,
-            maglev: take(map_names::MAGLEV).try_into().map_err(aya::EbpfError::MapError)?,
+            frontends: take(map_names::FRONTENDS)
+                .try_into()
+                .map_err(aya::EbpfError::MapError)?,
+            backends: take(map_names::BACKENDS)
+                .try_into()
+                .map_err(aya::EbpfError::MapError)?,
+            maglev: take(map_names::MAGLEV)
+                .try_into()
+                .map_err(aya::EbpfError::MapError)?,
             maglev_pin: pin_dir.join(map_names::MAGLEV),
-            verdicts: take(map_names::VERDICTS).try_into().map_err(aya::EbpfError::MapError)?,
-            service_stats: take(map_names::SERVICE_STATS).try_into().map_err(aya::EbpfError::MapError)?,
+            verdicts: take(map_names::VERDICTS)
+                .try_into()
+                .map_err(aya::EbpfError::MapError)?,
+            service_stats: take(map_names::SERVICE_STATS)
+                .try_into()
+                .map_err(aya::EbpfError::MapError)?,
         })
     }
 
@@ -209,16 +255,23 @@ impl KernelMaps {
 
 impl DatapathMaps for KernelMaps {
     fn set_backend(&mut self, id: u32, backend: Backend) -> anyhow::Result<()> {
-        self.backends.set(id, backend, 0).with_context(|| format!("writing backend {id}"))
+        self.backends
+            .set(id, backend, 0)
+            .with_context(|| format!("writing backend {id}"))
     }
 
     fn clear_backend(&mut self, id: u32) -> anyhow::Result<()> {
-        self.backends.set(id, Backend::default(), 0).with_context(|| format!("clearing backend {id}"))
+        self.backends
+            .set(id, Backend::default(), 0)
+            .with_context(|| format!("clearing backend {id}"))
     }
 
     fn write_maglev(&mut self, tables: &[(u32, Option<&[u32]>)]) -> Vec<anyhow::Result<()>> {
         if tables.len() <= 2 {
-            return tables.iter().map(|&(id, slots)| write_maglev_one(&mut self.maglev, id, slots)).collect();
+            return tables
+                .iter()
+                .map(|&(id, slots)| write_maglev_one(&mut self.maglev, id, slots))
+                .collect();
         }
         // Each map-in-map update waits for an RCU grace period (milliseconds)
         // in the kernel; waits from different threads overlap, so a batch is
@@ -231,8 +284,14 @@ impl DatapathMaps for KernelMaps {
                 .map(|part| {
                     let pin = &self.maglev_pin;
                     scope.spawn(move || match open_maglev(pin) {
-                        Ok(mut map) => part.iter().map(|&(id, slots)| write_maglev_one(&mut map, id, slots)).collect(),
-                        Err(e) => part.iter().map(|_| Err(anyhow::anyhow!("opening {}: {e}", pin.display()))).collect(),
+                        Ok(mut map) => part
+                            .iter()
+                            .map(|&(id, slots)| write_maglev_one(&mut map, id, slots))
+                            .collect(),
+                        Err(e) => part
+                            .iter()
+                            .map(|_| Err(anyhow::anyhow!("opening {}: {e}", pin.display())))
+                            .collect(),
                     })
                 })
                 .collect();
@@ -245,7 +304,9 @@ impl DatapathMaps for KernelMaps {
     }
 
     fn set_frontend(&mut self, key: FrontendKey, entry: ServiceEntry) -> anyhow::Result<()> {
-        self.frontends.insert(key, entry, 0).context("writing a frontend")
+        self.frontends
+            .insert(key, entry, 0)
+            .context("writing a frontend")
     }
 
     fn remove_frontend(&mut self, key: FrontendKey) -> anyhow::Result<()> {
@@ -272,9 +333,11 @@ fn write_maglev_one(
             let table = new_maglev_array(slots).context("building a Maglev table")?;
             // One update swaps the whole table in; the kernel frees the old
             // array once no program holds it.
-            map.insert(service_id, &table, 0).with_context(|| format!("swapping in Maglev table {service_id}"))
+            map.insert(service_id, &table, 0)
+                .with_context(|| format!("swapping in Maglev table {service_id}"))
         }
-        None => ignore_missing(map.remove(&service_id)).with_context(|| format!("removing Maglev table {service_id}")),
+        None => ignore_missing(map.remove(&service_id))
+            .with_context(|| format!("removing Maglev table {service_id}")),
     }
 }
 
@@ -283,7 +346,11 @@ fn write_maglev_one(
 fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
     match r {
         Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-        Err(aya::maps::MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Ok(())
+        }
         other => other,
     }
 }

@@ -61,7 +61,10 @@ impl MaglevTable {
             .iter()
             .map(|b| {
                 let id = identity(b);
-                (xxh64(&id, OFFSET_SEED) % m64, xxh64(&id, SKIP_SEED) % (m64 - 1) + 1)
+                (
+                    xxh64(&id, OFFSET_SEED) % m64,
+                    xxh64(&id, SKIP_SEED) % (m64 - 1) + 1,
+                )
             })
             .collect();
         const EMPTY: u32 = u32::MAX;
@@ -91,7 +94,10 @@ impl MaglevTable {
                 }
             }
         }
-        MaglevTable { backends: sorted, slots }
+        MaglevTable {
+            backends: sorted,
+            slots,
+        }
     }
 
     pub fn size(&self) -> u32 {
@@ -115,11 +121,16 @@ mod tests {
     use super::*;
 
     fn backends(n: u32) -> Vec<BackendAddr> {
-        (0..n).map(|i| (Ipv4Addr::from(0xc612_0000 + i), 8080)).collect()
+        (0..n)
+            .map(|i| (Ipv4Addr::from(0xc612_0000 + i), 8080))
+            .collect()
     }
 
     fn is_prime(n: u32) -> bool {
-        n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
+        n >= 2
+            && (2..)
+                .take_while(|d| d * d <= n)
+                .all(|d| !n.is_multiple_of(d))
     }
 
     #[test]
@@ -141,14 +152,24 @@ mod tests {
 
     #[test]
     fn every_backend_owns_floor_or_ceil_of_m_over_n() {
-        for (n, m) in [(1, 251), (3, 509), (7, 1021), (10, 1021), (100, 16_381), (1000, 65_537)] {
+        for (n, m) in [
+            (1, 251),
+            (3, 509),
+            (7, 1021),
+            (10, 1021),
+            (100, 16_381),
+            (1000, 65_537),
+        ] {
             let t = MaglevTable::build(&backends(n), m);
             let mut owned = vec![0u32; n as usize];
             for &s in &t.slots {
                 owned[s as usize] += 1;
             }
             let (lo, hi) = (m / n, m.div_ceil(n));
-            assert!(owned.iter().all(|&c| c == lo || c == hi), "n={n} m={m}: {owned:?}");
+            assert!(
+                owned.iter().all(|&c| c == lo || c == hi),
+                "n={n} m={m}: {owned:?}"
+            );
         }
     }
 
@@ -189,11 +210,19 @@ mod tests {
     /// large services: removing one backend moves at most 1% of the rest.
     #[test]
     fn removing_a_backend_moves_at_most_1_percent_of_others_for_large_services() {
-        for (n, m) in [(1000u32, 65_537u32), (1000, table_size_for(1000)), (2000, table_size_for(2000))] {
+        for (n, m) in [
+            (1000u32, 65_537u32),
+            (1000, table_size_for(1000)),
+            (2000, table_size_for(2000)),
+        ] {
             let all = backends(n);
             for victim in [0, n as usize / 3, n as usize - 1] {
                 let share = others_moved(&all, victim, m);
-                assert!(share <= 0.01, "n={n} m={m} victim={victim}: {:.2}% moved", share * 100.0);
+                assert!(
+                    share <= 0.01,
+                    "n={n} m={m} victim={victim}: {:.2}% moved",
+                    share * 100.0
+                );
             }
         }
     }
@@ -210,7 +239,11 @@ mod tests {
             let m = table_size_for(n as usize);
             for victim in [0, n as usize / 2, n as usize - 1] {
                 let share = others_moved(&all, victim, m);
-                assert!(share <= 0.05, "n={n} m={m} victim={victim}: {:.2}% moved", share * 100.0);
+                assert!(
+                    share <= 0.05,
+                    "n={n} m={m} victim={victim}: {:.2}% moved",
+                    share * 100.0
+                );
             }
         }
     }
@@ -219,7 +252,10 @@ mod tests {
     fn lookup_follows_the_slot() {
         let t = MaglevTable::build(&backends(3), 509);
         for h in 0..2000u64 {
-            assert_eq!(t.lookup(h), t.backends[t.slots[(h % 509) as usize] as usize]);
+            assert_eq!(
+                t.lookup(h),
+                t.backends[t.slots[(h % 509) as usize] as usize]
+            );
         }
     }
 }

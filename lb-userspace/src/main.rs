@@ -11,7 +11,11 @@ use lb_userspace::{
 };
 
 #[derive(Parser)]
-#[command(name = "lb", version, about = "eBPF/XDP load balancer for Kubernetes Services")]
+#[command(
+    name = "lb",
+    version,
+    about = "eBPF/XDP load balancer for Kubernetes Services"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -63,7 +67,14 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { config, ifaces, xdp_ifaces, node_ips, node_name, pin_dir } => {
+        Command::Run {
+            config,
+            ifaces,
+            xdp_ifaces,
+            node_ips,
+            node_name,
+            pin_dir,
+        } => {
             if ifaces.is_empty() && xdp_ifaces.is_empty() {
                 eprintln!("lb run: give at least one --iface (or --xdp-iface) to attach to");
                 return ExitCode::from(2);
@@ -72,7 +83,10 @@ fn main() -> ExitCode {
                 config,
                 tc_ifaces: ifaces,
                 xdp_ifaces,
-                node: NodeConfig { name: node_name, node_ips },
+                node: NodeConfig {
+                    name: node_name,
+                    node_ips,
+                },
                 pin_dir,
             };
             tokio::runtime::Builder::new_current_thread()
@@ -95,13 +109,19 @@ fn main() -> ExitCode {
 fn print_stats(pin_dir: &std::path::Path) -> anyhow::Result<()> {
     let path = pin_dir.join(map_names::VERDICTS);
     let data = MapData::from_pin(&path).map_err(|e| {
-        anyhow::anyhow!("cannot open {} ({e}); is an lb agent running with this --pin-dir?", path.display())
+        anyhow::anyhow!(
+            "cannot open {} ({e}); is an lb agent running with this --pin-dir?",
+            path.display()
+        )
     })?;
-    let verdicts: PerCpuArray<MapData, Counter> = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))?;
+    let verdicts: PerCpuArray<MapData, Counter> =
+        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))?;
     println!("{:<24} {:>12} {:>14}", "verdict", "packets", "bytes");
     for v in Verdict::ALL {
         let per_cpu = verdicts.get(&(v as u32), 0)?;
-        let (p, b) = per_cpu.iter().fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
+        let (p, b) = per_cpu
+            .iter()
+            .fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
         println!("{:<24} {:>12} {:>14}", v.name(), p, b);
     }
     Ok(())

@@ -30,8 +30,10 @@ pub enum ManifestError {
 pub fn parse(text: &str) -> Result<Objects, ManifestError> {
     let mut objects = Objects::default();
     for (i, doc) in yaml_serde::Deserializer::from_str(text).enumerate() {
-        let value = Value::deserialize(doc)
-            .map_err(|source| ManifestError::Syntax { document: i + 1, source })?;
+        let value = Value::deserialize(doc).map_err(|source| ManifestError::Syntax {
+            document: i + 1,
+            source,
+        })?;
         add_value(value, &mut objects);
     }
     Ok(objects)
@@ -42,7 +44,11 @@ fn add_value(value: Value, out: &mut Objects) {
         // Empty documents (a trailing `---`) are null: nothing to do.
         return;
     };
-    let kind = map.get("kind").and_then(Value::as_str).unwrap_or_default().to_string();
+    let kind = map
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
     match kind.as_str() {
         "List" | "ServiceList" | "EndpointSliceList" => {
             if let Some(Value::Sequence(items)) = map.get("items") {
@@ -53,13 +59,17 @@ fn add_value(value: Value, out: &mut Objects) {
         }
         "Service" => match yaml_serde::from_value::<Service>(value.clone()) {
             Ok(s) => out.services.push(s),
-            Err(e) => out.rejections.push(Rejection { object: describe("Service", &value), reason: e.to_string() }),
+            Err(e) => out.rejections.push(Rejection {
+                object: describe("Service", &value),
+                reason: e.to_string(),
+            }),
         },
         "EndpointSlice" => match yaml_serde::from_value::<EndpointSlice>(value.clone()) {
             Ok(s) => out.slices.push(s),
-            Err(e) => {
-                out.rejections.push(Rejection { object: describe("EndpointSlice", &value), reason: e.to_string() })
-            }
+            Err(e) => out.rejections.push(Rejection {
+                object: describe("EndpointSlice", &value),
+                reason: e.to_string(),
+            }),
         },
         // Other kinds (Endpoints, Pods...) are not ours to read.
         _ => {}
@@ -69,7 +79,11 @@ fn add_value(value: Value, out: &mut Objects) {
 /// "Kind ns/name" of an object that failed to deserialize, from its raw fields.
 fn describe(kind: &str, value: &Value) -> String {
     let meta = value.get("metadata");
-    let field = |k: &str| meta.and_then(|m| m.get(k)).and_then(Value::as_str).map(str::to_string);
+    let field = |k: &str| {
+        meta.and_then(|m| m.get(k))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
     format!(
         "{kind} {}/{}",
         field("namespace").unwrap_or_else(|| "default".into()),

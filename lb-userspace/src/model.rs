@@ -123,7 +123,11 @@ impl ServicePort {
         if !ready.is_empty() {
             return ready;
         }
-        self.endpoints.iter().copied().filter(|e| e.serving && e.terminating).collect()
+        self.endpoints
+            .iter()
+            .copied()
+            .filter(|e| e.serving && e.terminating)
+            .collect()
     }
 }
 
@@ -176,7 +180,10 @@ pub fn build(services: &[Service], slices: &[EndpointSlice], node: &NodeConfig) 
                 .or_default()
                 .push(v),
             Ok(None) => {}
-            Err(reason) => out.rejections.push(Rejection { object: slice_name(slice), reason }),
+            Err(reason) => out.rejections.push(Rejection {
+                object: slice_name(slice),
+                reason,
+            }),
         }
     }
 
@@ -185,7 +192,10 @@ pub fn build(services: &[Service], slices: &[EndpointSlice], node: &NodeConfig) 
     let mut ordered: Vec<&Service> = services.iter().collect();
     ordered.sort_by_key(|s| {
         (
-            s.metadata.creation_timestamp.as_ref().map(|t| t.0.as_second()),
+            s.metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.as_second()),
             s.metadata.namespace.clone().unwrap_or_default(),
             s.metadata.name.clone().unwrap_or_default(),
         )
@@ -206,7 +216,9 @@ pub fn build(services: &[Service], slices: &[EndpointSlice], node: &NodeConfig) 
             }
         };
         let conflict = ports.iter().flat_map(|p| &p.frontends).find_map(|f| {
-            claimed.get(&(f.addr, f.port, f.protocol)).map(|owner| (f, owner))
+            claimed
+                .get(&(f.addr, f.port, f.protocol))
+                .map(|owner| (f, owner))
         });
         if let Some((f, owner)) = conflict {
             out.rejections.push(Rejection {
@@ -218,9 +230,16 @@ pub fn build(services: &[Service], slices: &[EndpointSlice], node: &NodeConfig) 
         for f in ports.iter().flat_map(|p| &p.frontends) {
             claimed.insert((f.addr, f.port, f.protocol), object.clone());
         }
-        let ns = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+        let ns = svc
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
         let name = svc.metadata.name.clone().unwrap_or_default();
-        let slices = endpoints_by_service.get(&(ns, name)).map(Vec::as_slice).unwrap_or(&[]);
+        let slices = endpoints_by_service
+            .get(&(ns, name))
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
         for mut port in ports {
             port.endpoints = endpoints_for(&port.key, slices);
             out.state.services.insert(port.key.clone(), port);
@@ -254,7 +273,9 @@ fn parse_protocol(p: Option<&str>) -> Result<Protocol, String> {
     match p.unwrap_or("TCP") {
         "TCP" => Ok(Protocol::Tcp),
         "UDP" => Ok(Protocol::Udp),
-        other => Err(format!("protocol {other} is not supported (TCP and UDP are)")),
+        other => Err(format!(
+            "protocol {other} is not supported (TCP and UDP are)"
+        )),
     }
 }
 
@@ -268,17 +289,28 @@ fn port_number(what: &str, n: i32) -> Result<u16, String> {
 fn validate_service(svc: &Service, node: &NodeConfig) -> Result<ServiceVerdict, String> {
     let name = svc.metadata.name.as_deref().filter(|n| !n.is_empty());
     let name = name.ok_or("metadata.name is missing")?;
-    let namespace = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let namespace = svc
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
     let spec = svc.spec.as_ref().ok_or("spec is missing")?;
     let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
     if svc_type == "ExternalName" {
-        return Ok(ServiceVerdict::Skip("ExternalName services have no frontend".into()));
+        return Ok(ServiceVerdict::Skip(
+            "ExternalName services have no frontend".into(),
+        ));
     }
     let cluster_ip = spec.cluster_ip.as_deref().unwrap_or("");
     if cluster_ip == "None" {
         return Ok(ServiceVerdict::Skip("headless (clusterIP: None)".into()));
     }
-    let mut ips: Vec<&str> = spec.cluster_ips.iter().flatten().map(String::as_str).collect();
+    let mut ips: Vec<&str> = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
     if ips.is_empty() && !cluster_ip.is_empty() {
         ips.push(cluster_ip);
     }
@@ -294,7 +326,9 @@ fn validate_service(svc: &Service, node: &NodeConfig) -> Result<ServiceVerdict, 
         }
     }
     if v4.is_empty() {
-        return Ok(ServiceVerdict::Skip("no IPv4 clusterIP (IPv6 is not supported yet)".into()));
+        return Ok(ServiceVerdict::Skip(
+            "no IPv4 clusterIP (IPv6 is not supported yet)".into(),
+        ));
     }
 
     let affinity_timeout_s = match spec.session_affinity.as_deref().unwrap_or("None") {
@@ -330,12 +364,19 @@ fn validate_service(svc: &Service, node: &NodeConfig) -> Result<ServiceVerdict, 
         let protocol = parse_protocol(p.protocol.as_deref())
             .map_err(|e| format!("port {:?}: {e}", port_name))?;
         if !seen.insert((port_name.clone(), protocol)) {
-            return Err(format!("port name {port_name:?} is used twice for {protocol}"));
+            return Err(format!(
+                "port name {port_name:?} is used twice for {protocol}"
+            ));
         }
         let port = port_number("port", p.port)?;
         let mut frontends: Vec<Frontend> = v4
             .iter()
-            .map(|&addr| Frontend { addr, port, protocol, kind: FrontendKind::ClusterIp })
+            .map(|&addr| Frontend {
+                addr,
+                port,
+                protocol,
+                kind: FrontendKind::ClusterIp,
+            })
             .collect();
         if let Some(np) = p.node_port.filter(|_| node_ports) {
             let np = port_number("nodePort", np)?;
@@ -348,15 +389,31 @@ fn validate_service(svc: &Service, node: &NodeConfig) -> Result<ServiceVerdict, 
         }
         frontends.sort();
         frontends.dedup();
-        let key = ServicePortKey { namespace: namespace.clone(), name: name.to_string(), port_name, protocol };
-        out.push(ServicePort { key, frontends, endpoints: Vec::new(), affinity_timeout_s });
+        let key = ServicePortKey {
+            namespace: namespace.clone(),
+            name: name.to_string(),
+            port_name,
+            protocol,
+        };
+        out.push(ServicePort {
+            key,
+            frontends,
+            endpoints: Vec::new(),
+            affinity_timeout_s,
+        });
     }
     // Two ports of one service may not share a frontend either.
-    let mut all: Vec<(Ipv4Addr, u16, Protocol)> =
-        out.iter().flat_map(|p| &p.frontends).map(|f| (f.addr, f.port, f.protocol)).collect();
+    let mut all: Vec<(Ipv4Addr, u16, Protocol)> = out
+        .iter()
+        .flat_map(|p| &p.frontends)
+        .map(|f| (f.addr, f.port, f.protocol))
+        .collect();
     all.sort();
     if let Some(w) = all.windows(2).find(|w| w[0] == w[1]) {
-        return Err(format!("frontend {}:{}/{} is declared twice", w[0].0, w[0].1, w[0].2));
+        return Err(format!(
+            "frontend {}:{}/{} is declared twice",
+            w[0].0, w[0].1, w[0].2
+        ));
     }
     Ok(ServiceVerdict::Program(out))
 }
@@ -386,11 +443,16 @@ fn validate_slice(slice: &EndpointSlice) -> Result<Option<ValidSlice>, String> {
     if slice.address_type != "IPv4" {
         return Ok(None);
     }
-    let namespace = slice.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let namespace = slice
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
     let mut ports = BTreeMap::new();
     for p in slice.ports.iter().flatten() {
         let name = p.name.clone().unwrap_or_default();
-        let protocol = parse_protocol(p.protocol.as_deref()).map_err(|e| format!("port {name:?}: {e}"));
+        let protocol =
+            parse_protocol(p.protocol.as_deref()).map_err(|e| format!("port {name:?}: {e}"));
         let Ok(protocol) = protocol else { continue };
         // A nil port means "all ports" to some consumers; it gives no
         // target port, so it cannot back a Service port.
@@ -409,12 +471,18 @@ fn validate_slice(slice: &EndpointSlice) -> Result<Option<ValidSlice>, String> {
             terminating: c.and_then(|c| c.terminating).unwrap_or(false),
         };
         for a in &e.addresses {
-            let addr: Ipv4Addr =
-                a.parse().map_err(|_| format!("endpoint address {a:?} is not an IPv4 address"))?;
+            let addr: Ipv4Addr = a
+                .parse()
+                .map_err(|_| format!("endpoint address {a:?} is not an IPv4 address"))?;
             endpoints.push((addr, conditions));
         }
     }
-    Ok(Some(ValidSlice { namespace, service: service.clone(), ports, endpoints }))
+    Ok(Some(ValidSlice {
+        namespace,
+        service: service.clone(),
+        ports,
+        endpoints,
+    }))
 }
 
 /// Merges every slice of a service for one port: each endpoint once, with
@@ -423,7 +491,9 @@ fn validate_slice(slice: &EndpointSlice) -> Result<Option<ValidSlice>, String> {
 fn endpoints_for(key: &ServicePortKey, slices: &[ValidSlice]) -> Vec<Endpoint> {
     let mut merged: BTreeMap<(Ipv4Addr, u16), Endpoint> = BTreeMap::new();
     for s in slices {
-        let Some(&port) = s.ports.get(&(key.port_name.clone(), key.protocol)) else { continue };
+        let Some(&port) = s.ports.get(&(key.port_name.clone(), key.protocol)) else {
+            continue;
+        };
         for &(addr, c) in &s.endpoints {
             let e = merged.entry((addr, port)).or_insert(Endpoint {
                 addr,

@@ -8,7 +8,10 @@ use crate::{
 };
 
 fn node() -> NodeConfig {
-    NodeConfig { name: "node-a".into(), node_ips: vec![Ipv4Addr::new(198, 18, 0, 2)] }
+    NodeConfig {
+        name: "node-a".into(),
+        node_ips: vec![Ipv4Addr::new(198, 18, 0, 2)],
+    }
 }
 
 fn build_yaml(yaml: &str) -> Build {
@@ -18,7 +21,12 @@ fn build_yaml(yaml: &str) -> Build {
 }
 
 fn key(ns: &str, name: &str, port: &str, protocol: Protocol) -> ServicePortKey {
-    ServicePortKey { namespace: ns.into(), name: name.into(), port_name: port.into(), protocol }
+    ServicePortKey {
+        namespace: ns.into(),
+        name: name.into(),
+        port_name: port.into(),
+        protocol,
+    }
 }
 
 #[test]
@@ -44,15 +52,28 @@ fn usable_endpoints_are_ready_ones_then_terminating_serving_ones() {
     let http = &b.state.services[&key("shop", "web", "http", Protocol::Tcp)];
     let usable: Vec<Ipv4Addr> = http.usable_endpoints().iter().map(|e| e.addr).collect();
     // The terminating endpoint is listed but not used while ready ones exist.
-    assert_eq!(usable, [Ipv4Addr::new(198, 18, 1, 11), Ipv4Addr::new(198, 18, 1, 12)]);
+    assert_eq!(
+        usable,
+        [Ipv4Addr::new(198, 18, 1, 11), Ipv4Addr::new(198, 18, 1, 12)]
+    );
 
     let only_terminating = include_str!("testdata/basic.yaml")
-        .replace("conditions: {ready: true, serving: true, terminating: false}", "conditions: {ready: false, serving: false, terminating: true}")
-        .replace("conditions: {ready: true}", "conditions: {ready: false, serving: false}");
+        .replace(
+            "conditions: {ready: true, serving: true, terminating: false}",
+            "conditions: {ready: false, serving: false, terminating: true}",
+        )
+        .replace(
+            "conditions: {ready: true}",
+            "conditions: {ready: false, serving: false}",
+        );
     let b = build_yaml(&only_terminating);
     let http = &b.state.services[&key("shop", "web", "http", Protocol::Tcp)];
     let usable: Vec<Ipv4Addr> = http.usable_endpoints().iter().map(|e| e.addr).collect();
-    assert_eq!(usable, [Ipv4Addr::new(198, 18, 1, 13)], "serving+terminating fallback");
+    assert_eq!(
+        usable,
+        [Ipv4Addr::new(198, 18, 1, 13)],
+        "serving+terminating fallback"
+    );
 }
 
 #[test]
@@ -62,7 +83,11 @@ fn list_kind_merges_slices_and_skips_headless_and_external_name() {
     assert_eq!(b.state.services.len(), 1);
     let api = &b.state.services[&key("default", "api", "", Protocol::Tcp)];
     let addrs: Vec<Ipv4Addr> = api.endpoints.iter().map(|e| e.addr).collect();
-    assert_eq!(addrs, [Ipv4Addr::new(198, 18, 1, 21), Ipv4Addr::new(198, 18, 1, 22)], "de-duplicated");
+    assert_eq!(
+        addrs,
+        [Ipv4Addr::new(198, 18, 1, 21), Ipv4Addr::new(198, 18, 1, 22)],
+        "de-duplicated"
+    );
     assert_eq!(api.affinity_timeout_s, Some(60));
     let skipped: Vec<&str> = b.skipped.iter().map(|r| r.object.as_str()).collect();
     assert_eq!(skipped, ["Service default/ext", "Service default/headless"]);
@@ -78,21 +103,41 @@ fn an_invalid_service_is_rejected_alone() {
     let b = build_yaml(&yaml);
     assert_eq!(b.rejections.len(), 1);
     assert_eq!(b.rejections[0].object, "Service shop/bad");
-    assert!(b.rejections[0].reason.contains("198.19.300.1"), "{}", b.rejections[0].reason);
-    assert_eq!(b.state.services.len(), 2, "the valid service is still built");
+    assert!(
+        b.rejections[0].reason.contains("198.19.300.1"),
+        "{}",
+        b.rejections[0].reason
+    );
+    assert_eq!(
+        b.state.services.len(),
+        2,
+        "the valid service is still built"
+    );
 }
 
 #[test]
 fn out_of_range_ports_are_rejected() {
     for (field, value) in [("port", "70000"), ("port", "0"), ("nodePort", "65536")] {
         let yaml = include_str!("testdata/basic.yaml").replacen(
-            if field == "port" { "port: 80\n" } else { "nodePort: 30080" },
-            &if field == "port" { format!("port: {value}\n") } else { format!("nodePort: {value}") },
+            if field == "port" {
+                "port: 80\n"
+            } else {
+                "nodePort: 30080"
+            },
+            &if field == "port" {
+                format!("port: {value}\n")
+            } else {
+                format!("nodePort: {value}")
+            },
             1,
         );
         let b = build_yaml(&yaml);
         assert_eq!(b.rejections.len(), 1, "{field}={value}");
-        assert!(b.rejections[0].reason.contains(value), "{}", b.rejections[0].reason);
+        assert!(
+            b.rejections[0].reason.contains(value),
+            "{}",
+            b.rejections[0].reason
+        );
         assert!(!b.state.services.keys().any(|k| k.name == "web"));
     }
 }
@@ -104,8 +149,15 @@ fn duplicate_frontend_goes_to_the_older_service() {
     let b = build_yaml(&yaml);
     assert_eq!(b.rejections.len(), 1);
     assert_eq!(b.rejections[0].object, "Service shop/aaa-newer");
-    assert!(b.rejections[0].reason.contains("Service shop/web"), "{}", b.rejections[0].reason);
-    assert!(b.state.services.contains_key(&key("shop", "web", "http", Protocol::Tcp)));
+    assert!(
+        b.rejections[0].reason.contains("Service shop/web"),
+        "{}",
+        b.rejections[0].reason
+    );
+    assert!(b
+        .state
+        .services
+        .contains_key(&key("shop", "web", "http", Protocol::Tcp)));
 }
 
 #[test]
@@ -115,7 +167,10 @@ fn invalid_slice_is_rejected_alone_and_unlabelled_ones_ignored() {
     assert_eq!(b.rejections.len(), 1);
     assert_eq!(b.rejections[0].object, "EndpointSlice shop/web-abc");
     let http = &b.state.services[&key("shop", "web", "http", Protocol::Tcp)];
-    assert!(http.endpoints.is_empty(), "service kept, with no endpoints (refuses at once)");
+    assert!(
+        http.endpoints.is_empty(),
+        "service kept, with no endpoints (refuses at once)"
+    );
 }
 
 #[test]
@@ -134,12 +189,25 @@ fn object_of_wrong_shape_is_rejected_by_name() {
 
 #[test]
 fn sctp_and_bad_affinity_timeout_are_rejected() {
-    let sctp = include_str!("testdata/basic.yaml").replacen("protocol: UDP\n    targetPort", "protocol: SCTP\n    targetPort", 1);
+    let sctp = include_str!("testdata/basic.yaml").replacen(
+        "protocol: UDP\n    targetPort",
+        "protocol: SCTP\n    targetPort",
+        1,
+    );
     let b = build_yaml(&sctp);
-    assert!(b.rejections[0].reason.contains("SCTP"), "{:?}", b.rejections);
-    let aff = include_str!("testdata/list.yaml").replace("timeoutSeconds: 60", "timeoutSeconds: 100000");
+    assert!(
+        b.rejections[0].reason.contains("SCTP"),
+        "{:?}",
+        b.rejections
+    );
+    let aff =
+        include_str!("testdata/list.yaml").replace("timeoutSeconds: 60", "timeoutSeconds: 100000");
     let b = build_yaml(&aff);
-    assert!(b.rejections[0].reason.contains("100000"), "{:?}", b.rejections);
+    assert!(
+        b.rejections[0].reason.contains("100000"),
+        "{:?}",
+        b.rejections
+    );
 }
 
 #[test]
@@ -151,5 +219,9 @@ fn loadbalancer_gets_cluster_ip_and_node_ports() {
     let cip = include_str!("testdata/basic.yaml").replace("type: NodePort", "type: ClusterIP");
     let b = build_yaml(&cip);
     let http = &b.state.services[&key("shop", "web", "http", Protocol::Tcp)];
-    assert_eq!(http.frontends.len(), 1, "nodePort ignored for type ClusterIP");
+    assert_eq!(
+        http.frontends.len(),
+        1,
+        "nodePort ignored for type ClusterIP"
+    );
 }

@@ -45,7 +45,11 @@ pub fn diff(old: &BTreeMap<ServicePortKey, ServicePort>, new: &DesiredState) -> 
             Some(_) => {}
         }
     }
-    d.removed = old.keys().filter(|k| !new.services.contains_key(*k)).cloned().collect();
+    d.removed = old
+        .keys()
+        .filter(|k| !new.services.contains_key(*k))
+        .cloned()
+        .collect();
     d
 }
 
@@ -73,7 +77,11 @@ pub struct IdAllocator {
 
 impl IdAllocator {
     pub fn new(limit: u32) -> Self {
-        IdAllocator { next: 1, limit, free: BTreeSet::new() }
+        IdAllocator {
+            next: 1,
+            limit,
+            free: BTreeSet::new(),
+        }
     }
 
     pub fn allocate(&mut self) -> Option<u32> {
@@ -165,8 +173,11 @@ impl<M: DatapathMaps> Programmer<M> {
     /// added or changed service gets its backends, then its table, then its
     /// frontends, and stale backends are cleared last.
     pub fn apply(&mut self, desired: &DesiredState) -> Report {
-        let specs: BTreeMap<ServicePortKey, ServicePort> =
-            self.programmed.iter().map(|(k, p)| (k.clone(), p.spec.clone())).collect();
+        let specs: BTreeMap<ServicePortKey, ServicePort> = self
+            .programmed
+            .iter()
+            .map(|(k, p)| (k.clone(), p.spec.clone()))
+            .collect();
         let d = diff(&specs, desired);
         let mut failed = Vec::new();
         self.remove_all(&d.removed, &mut failed);
@@ -174,8 +185,9 @@ impl<M: DatapathMaps> Programmer<M> {
         // Free frontends that changed hands before anyone claims them.
         for key in &d.changed {
             let new: BTreeSet<FrontendKey> = frontend_keys(&desired.services[key]).collect();
-            let stale: Vec<FrontendKey> =
-                frontend_keys(&self.programmed[key].spec).filter(|f| !new.contains(f)).collect();
+            let stale: Vec<FrontendKey> = frontend_keys(&self.programmed[key].spec)
+                .filter(|f| !new.contains(f))
+                .collect();
             for f in stale {
                 if let Err(e) = self.maps.remove_frontend(f) {
                     failed.push((key.clone(), format!("{e:#}")));
@@ -190,8 +202,10 @@ impl<M: DatapathMaps> Programmer<M> {
                 Err(e) => self.fail(key, e, &mut failed),
             }
         }
-        let tables: Vec<(u32, Option<&[u32]>)> =
-            staged.iter().map(|s| (s.id, s.table.as_ref().map(|t| t.slots.as_slice()))).collect();
+        let tables: Vec<(u32, Option<&[u32]>)> = staged
+            .iter()
+            .map(|s| (s.id, s.table.as_ref().map(|t| t.slots.as_slice())))
+            .collect();
         let results = self.maps.write_maglev(&tables);
         for (s, result) in staged.into_iter().zip(results) {
             let key = s.key.clone();
@@ -204,7 +218,12 @@ impl<M: DatapathMaps> Programmer<M> {
 
     /// Forgets a service whose writes failed, so the next apply rewrites it
     /// from scratch.
-    fn fail(&mut self, key: &ServicePortKey, e: anyhow::Error, failed: &mut Vec<(ServicePortKey, String)>) {
+    fn fail(
+        &mut self,
+        key: &ServicePortKey,
+        e: anyhow::Error,
+        failed: &mut Vec<(ServicePortKey, String)>,
+    ) {
         failed.push((key.clone(), format!("{e:#}")));
         if let Some(p) = self.programmed.remove(key) {
             self.release(p);
@@ -216,13 +235,19 @@ impl<M: DatapathMaps> Programmer<M> {
         let existing = self.programmed.remove(&spec.key);
         let id = match &existing {
             Some(p) => p.id,
-            None => self
-                .service_ids
-                .allocate()
-                .ok_or_else(|| anyhow::anyhow!("service table is full ({MAX_SERVICES} service ports)"))?,
+            None => self.service_ids.allocate().ok_or_else(|| {
+                anyhow::anyhow!("service table is full ({MAX_SERVICES} service ports)")
+            })?,
         };
-        let mut old_backends = existing.as_ref().map(|p| p.backend_ids.clone()).unwrap_or_default();
-        let mut state = Programmed { id, spec: spec.clone(), backend_ids: BTreeMap::new() };
+        let mut old_backends = existing
+            .as_ref()
+            .map(|p| p.backend_ids.clone())
+            .unwrap_or_default();
+        let mut state = Programmed {
+            id,
+            spec: spec.clone(),
+            backend_ids: BTreeMap::new(),
+        };
 
         let usable: BTreeSet<(Ipv4Addr, u16)> =
             spec.usable_endpoints().iter().map(|e| e.target()).collect();
@@ -247,7 +272,13 @@ impl<M: DatapathMaps> Programmer<M> {
             if usable.contains(&e.target()) {
                 flags |= BACKEND_F_USABLE;
             }
-            let b = Backend { addr: e.addr.octets(), port: e.port, flags, _pad: 0, service_id: id };
+            let b = Backend {
+                addr: e.addr.octets(),
+                port: e.port,
+                flags,
+                _pad: 0,
+                service_id: id,
+            };
             if let Err(err) = self.maps.set_backend(bid, b) {
                 state.backend_ids.append(&mut old_backends);
                 self.programmed.insert(spec.key.clone(), state);
@@ -257,17 +288,32 @@ impl<M: DatapathMaps> Programmer<M> {
         let table = (!usable.is_empty()).then(|| {
             let addrs: Vec<(Ipv4Addr, u16)> = usable.iter().copied().collect();
             let table = MaglevTable::build(&addrs, table_size_for(addrs.len()));
-            let slots = table.slots.iter().map(|&i| state.backend_ids[&table.backends[i as usize]]).collect();
-            StagedTable { slots, backends: addrs.len() as u32 }
+            let slots = table
+                .slots
+                .iter()
+                .map(|&i| state.backend_ids[&table.backends[i as usize]])
+                .collect();
+            StagedTable {
+                slots,
+                backends: addrs.len() as u32,
+            }
         });
         self.programmed.insert(spec.key.clone(), state);
-        Ok(Staged { key: spec.key.clone(), id, table, stale_backends: old_backends.into_values().collect() })
+        Ok(Staged {
+            key: spec.key.clone(),
+            id,
+            table,
+            stale_backends: old_backends.into_values().collect(),
+        })
     }
 
     /// Frontends of a staged service (its table is in place), then its
     /// stale backends.
     fn finish(&mut self, s: Staged, spec: &ServicePort) -> anyhow::Result<()> {
-        let (table_size, count) = s.table.as_ref().map_or((0, 0), |t| (t.slots.len() as u32, t.backends));
+        let (table_size, count) = s
+            .table
+            .as_ref()
+            .map_or((0, 0), |t| (t.slots.len() as u32, t.backends));
         for f in &spec.frontends {
             let mut flags = 0;
             if spec.affinity_timeout_s.is_some() {
@@ -298,8 +344,13 @@ impl<M: DatapathMaps> Programmer<M> {
     fn remove_all(&mut self, keys: &[ServicePortKey], failed: &mut Vec<(ServicePortKey, String)>) {
         let mut gone = Vec::new();
         for key in keys {
-            let Some(p) = self.programmed.remove(key) else { continue };
-            if let Some(e) = frontend_keys(&p.spec).map(|f| self.maps.remove_frontend(f)).find_map(Result::err) {
+            let Some(p) = self.programmed.remove(key) else {
+                continue;
+            };
+            if let Some(e) = frontend_keys(&p.spec)
+                .map(|f| self.maps.remove_frontend(f))
+                .find_map(Result::err)
+            {
                 failed.push((key.clone(), format!("{e:#}")));
             }
             gone.push(p);
@@ -307,7 +358,11 @@ impl<M: DatapathMaps> Programmer<M> {
         let tables: Vec<(u32, Option<&[u32]>)> = gone.iter().map(|p| (p.id, None)).collect();
         let results = self.maps.write_maglev(&tables);
         for (p, result) in gone.into_iter().zip(results) {
-            let backends = p.backend_ids.values().map(|&bid| self.maps.clear_backend(bid)).find_map(Result::err);
+            let backends = p
+                .backend_ids
+                .values()
+                .map(|&bid| self.maps.clear_backend(bid))
+                .find_map(Result::err);
             if let Some(e) = result.err().or(backends) {
                 failed.push((p.spec.key.clone(), format!("{e:#}")));
             }
@@ -324,7 +379,12 @@ impl<M: DatapathMaps> Programmer<M> {
 }
 
 pub fn frontend_key(f: &crate::model::Frontend) -> FrontendKey {
-    FrontendKey { addr: f.addr.octets(), port: f.port, proto: f.protocol.number(), _pad: 0 }
+    FrontendKey {
+        addr: f.addr.octets(),
+        port: f.port,
+        proto: f.protocol.number(),
+        _pad: 0,
+    }
 }
 
 fn frontend_keys(spec: &ServicePort) -> impl Iterator<Item = FrontendKey> + '_ {
@@ -372,12 +432,14 @@ impl DatapathMaps for MemoryMaps {
             .collect()
     }
     fn set_frontend(&mut self, key: FrontendKey, entry: ServiceEntry) -> anyhow::Result<()> {
-        self.log.push(format!("set_frontend {:?}:{}", key.addr, key.port));
+        self.log
+            .push(format!("set_frontend {:?}:{}", key.addr, key.port));
         self.frontends.insert(key, entry);
         Ok(())
     }
     fn remove_frontend(&mut self, key: FrontendKey) -> anyhow::Result<()> {
-        self.log.push(format!("remove_frontend {:?}:{}", key.addr, key.port));
+        self.log
+            .push(format!("remove_frontend {:?}:{}", key.addr, key.port));
         self.frontends.remove(&key);
         Ok(())
     }

@@ -12,12 +12,20 @@ use crate::{
 
 fn state(yaml: &str) -> DesiredState {
     let o = manifest::parse(yaml).unwrap();
-    let node = NodeConfig { name: "n".into(), node_ips: vec![Ipv4Addr::new(198, 18, 0, 2)] };
+    let node = NodeConfig {
+        name: "n".into(),
+        node_ips: vec![Ipv4Addr::new(198, 18, 0, 2)],
+    };
     build(&o.services, &o.slices, &node).state
 }
 
 fn http() -> ServicePortKey {
-    ServicePortKey { namespace: "shop".into(), name: "web".into(), port_name: "http".into(), protocol: Protocol::Tcp }
+    ServicePortKey {
+        namespace: "shop".into(),
+        name: "web".into(),
+        port_name: "http".into(),
+        protocol: Protocol::Tcp,
+    }
 }
 
 const BASIC: &str = include_str!("testdata/basic.yaml");
@@ -41,7 +49,15 @@ fn diff_sees_added_changed_removed_and_unchanged() {
 #[test]
 fn id_allocator_reuses_freed_ids_and_stops_at_the_limit() {
     let mut ids = IdAllocator::new(4);
-    assert_eq!([ids.allocate(), ids.allocate(), ids.allocate(), ids.allocate()], [Some(1), Some(2), Some(3), None]);
+    assert_eq!(
+        [
+            ids.allocate(),
+            ids.allocate(),
+            ids.allocate(),
+            ids.allocate()
+        ],
+        [Some(1), Some(2), Some(3), None]
+    );
     ids.release(2);
     assert_eq!(ids.allocate(), Some(2));
 }
@@ -61,7 +77,11 @@ fn programs_backends_table_and_frontends_consistently() {
         assert_eq!(e.flags & SERVICE_F_AFFINITY, 0);
     }
     // Three listed endpoints, two usable; the table names only usable ones.
-    let mine: Vec<_> = m.backends.iter().filter(|(_, b)| b.service_id == id).collect();
+    let mine: Vec<_> = m
+        .backends
+        .iter()
+        .filter(|(_, b)| b.service_id == id)
+        .collect();
     assert_eq!(mine.len(), 3);
     let table = &m.maglev[&id];
     assert_eq!(table.len(), 251);
@@ -70,7 +90,11 @@ fn programs_backends_table_and_frontends_consistently() {
         assert_ne!(b.flags & BACKEND_F_USABLE, 0);
         assert_eq!(b.service_id, id);
     }
-    let term = mine.iter().find(|(_, b)| b.addr == [198, 18, 1, 13]).unwrap().1;
+    let term = mine
+        .iter()
+        .find(|(_, b)| b.addr == [198, 18, 1, 13])
+        .unwrap()
+        .1;
     assert_eq!(term.flags, BACKEND_F_PRESENT | BACKEND_F_TERMINATING);
     // Order: every backend of a service before its table, the table before
     // its frontends.
@@ -97,9 +121,16 @@ fn removing_an_endpoint_keeps_other_backend_ids_and_clears_it_last() {
     let id = p.service_id(&http()).unwrap();
     let before = p.maps().backends.clone();
     p.maps_mut().log.clear();
-    p.apply(&state(&BASIC.replace("- addresses: [198.18.1.12]\n  conditions: {ready: true}\n", "")));
+    p.apply(&state(&BASIC.replace(
+        "- addresses: [198.18.1.12]\n  conditions: {ready: true}\n",
+        "",
+    )));
     let after = &p.maps().backends;
-    let gone = before.iter().find(|(_, b)| b.addr == [198, 18, 1, 12] && b.service_id == id).unwrap().0;
+    let gone = before
+        .iter()
+        .find(|(_, b)| b.addr == [198, 18, 1, 12] && b.service_id == id)
+        .unwrap()
+        .0;
     assert!(!after.contains_key(gone));
     for (bid, b) in &before {
         if b.addr != [198, 18, 1, 12] {
@@ -107,10 +138,19 @@ fn removing_an_endpoint_keeps_other_backend_ids_and_clears_it_last() {
         }
     }
     let log = &p.maps().log;
-    let clear = log.iter().position(|l| l == &format!("clear_backend {gone}")).unwrap();
-    let swap = log.iter().position(|l| l == &format!("set_maglev {id}")).unwrap();
+    let clear = log
+        .iter()
+        .position(|l| l == &format!("clear_backend {gone}"))
+        .unwrap();
+    let swap = log
+        .iter()
+        .position(|l| l == &format!("set_maglev {id}"))
+        .unwrap();
     assert!(swap < clear, "{log:?}");
-    assert_eq!(p.maps().maglev[&id].iter().filter(|b| *b == gone).count(), 0);
+    assert_eq!(
+        p.maps().maglev[&id].iter().filter(|b| *b == gone).count(),
+        0
+    );
 }
 
 #[test]
@@ -142,7 +182,17 @@ fn a_frontend_moving_between_services_ends_up_with_the_new_owner() {
     let moved = BASIC.replace("198.19.0.10", "198.19.0.11")
         + "---\napiVersion: v1\nkind: Service\nmetadata: {name: web2, namespace: shop}\nspec:\n  clusterIP: 198.19.0.10\n  ports: [{name: http, port: 80}]\n";
     p.apply(&state(&moved));
-    let web2 = ServicePortKey { name: "web2".into(), ..http() };
-    let owner = p.maps().frontends.iter().find(|(k, _)| k.addr == [198, 19, 0, 10] && k.port == 80).unwrap().1.id;
+    let web2 = ServicePortKey {
+        name: "web2".into(),
+        ..http()
+    };
+    let owner = p
+        .maps()
+        .frontends
+        .iter()
+        .find(|(k, _)| k.addr == [198, 19, 0, 10] && k.port == 80)
+        .unwrap()
+        .1
+        .id;
     assert_eq!(owner, p.service_id(&web2).unwrap());
 }

@@ -19,8 +19,12 @@ const CAP_BPF: u32 = 39;
 
 /// The effective capability set of this process, from /proc.
 fn effective_caps() -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
-    let line = status.lines().find_map(|l| l.strip_prefix("CapEff:")).context("no CapEff in /proc/self/status")?;
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .context("no CapEff in /proc/self/status")?;
     Ok(u64::from_str_radix(line.trim(), 16)?)
 }
 
@@ -55,10 +59,18 @@ pub fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
         // would hide the first one's pins): check and mount under a lock on
         // the mount point itself.
         let dir = File::open(root).context("opening /sys/fs/bpf")?;
-        let _guard = Flock::lock(dir, FlockArg::LockExclusive).map_err(|(_, e)| e).context("locking /sys/fs/bpf")?;
+        let _guard = Flock::lock(dir, FlockArg::LockExclusive)
+            .map_err(|(_, e)| e)
+            .context("locking /sys/fs/bpf")?;
         if !is_bpffs(root) {
-            mount(Some("bpf"), root, Some("bpf"), MsFlags::empty(), Some("mode=0700"))
-                .context("mounting bpffs on /sys/fs/bpf (try: mount -t bpf bpf /sys/fs/bpf)")?;
+            mount(
+                Some("bpf"),
+                root,
+                Some("bpf"),
+                MsFlags::empty(),
+                Some("mode=0700"),
+            )
+            .context("mounting bpffs on /sys/fs/bpf (try: mount -t bpf bpf /sys/fs/bpf)")?;
             tracing::info!("mounted bpffs on /sys/fs/bpf");
         }
     }
@@ -75,7 +87,9 @@ pub fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
 }
 
 fn is_bpffs(p: &Path) -> bool {
-    statfs(p).map(|s| s.filesystem_type() == BPF_FS_MAGIC).unwrap_or(false)
+    statfs(p)
+        .map(|s| s.filesystem_type() == BPF_FS_MAGIC)
+        .unwrap_or(false)
 }
 
 /// An exclusive lock on the pin directory, held for the agent's lifetime:
@@ -87,10 +101,14 @@ pub struct PinDirLock {
 
 impl PinDirLock {
     pub fn acquire(pin_dir: &Path) -> anyhow::Result<PinDirLock> {
-        std::fs::create_dir_all(pin_dir).with_context(|| format!("creating {}", pin_dir.display()))?;
+        std::fs::create_dir_all(pin_dir)
+            .with_context(|| format!("creating {}", pin_dir.display()))?;
         let dir = File::open(pin_dir).with_context(|| format!("opening {}", pin_dir.display()))?;
         match Flock::lock(dir, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => Ok(PinDirLock { _lock: lock, path: pin_dir.to_path_buf() }),
+            Ok(lock) => Ok(PinDirLock {
+                _lock: lock,
+                path: pin_dir.to_path_buf(),
+            }),
             Err((_, nix::errno::Errno::EWOULDBLOCK)) => bail!(
                 "another lb agent is already running with pin directory {}; stop it first \
                  or give this one its own --pin-dir",

@@ -41,7 +41,9 @@ impl Agent {
         let netns = ns.file()?;
         let mut cmd = Command::new(lb_bin());
         cmd.arg("run").args(args).arg("--pin-dir").arg(pin_dir);
-        cmd.stdout(Stdio::null()).stderr(Stdio::piped()).env("RUST_LOG", "info");
+        cmd.stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .env("RUST_LOG", "info");
         let fd = netns.as_raw_fd();
         // SAFETY: setns is async-signal-safe; the fd stays open (netns lives
         // until after spawn returns). Only the network namespace changes:
@@ -55,7 +57,9 @@ impl Agent {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().with_context(|| format!("starting {}", lb_bin().display()))?;
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", lb_bin().display()))?;
         drop(netns);
         let logs = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().expect("piped");
@@ -67,7 +71,11 @@ impl Agent {
                 sink.lock().unwrap().push(line);
             }
         });
-        Ok(Agent { child: Some(child), pin_dir: pin_dir.to_path_buf(), logs })
+        Ok(Agent {
+            child: Some(child),
+            pin_dir: pin_dir.to_path_buf(),
+            logs,
+        })
     }
 
     /// Starts the agent for a topology (TC on the NIC and every pod veth)
@@ -132,18 +140,37 @@ impl Agent {
     }
 
     /// Waits until `n` log lines contain `needle`.
-    pub fn wait_for_nth_log(&mut self, needle: &str, n: usize, within: Duration) -> anyhow::Result<String> {
+    pub fn wait_for_nth_log(
+        &mut self,
+        needle: &str,
+        n: usize,
+        within: Duration,
+    ) -> anyhow::Result<String> {
         let deadline = Instant::now() + within;
         loop {
-            let matches: Vec<String> = self.logs().into_iter().filter(|l| l.contains(needle)).collect();
+            let matches: Vec<String> = self
+                .logs()
+                .into_iter()
+                .filter(|l| l.contains(needle))
+                .collect();
             if matches.len() >= n {
                 return Ok(matches[n - 1].clone());
             }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                bail!("lb exited ({status}) before logging {needle:?}:\n{}", self.logs().join("\n"));
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "lb exited ({status}) before logging {needle:?}:\n{}",
+                    self.logs().join("\n")
+                );
             }
             if Instant::now() > deadline {
-                bail!("lb did not log {needle:?} within {within:?}:\n{}", self.logs().join("\n"));
+                bail!(
+                    "lb did not log {needle:?} within {within:?}:\n{}",
+                    self.logs().join("\n")
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }

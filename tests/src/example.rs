@@ -22,10 +22,20 @@ pub struct Endpoint {
 
 impl Endpoint {
     pub fn ready(ip: Ipv4Addr) -> Endpoint {
-        Endpoint { ip, ready: true, serving: true, terminating: false }
+        Endpoint {
+            ip,
+            ready: true,
+            serving: true,
+            terminating: false,
+        }
     }
     pub fn terminating(ip: Ipv4Addr) -> Endpoint {
-        Endpoint { ip, ready: false, serving: true, terminating: true }
+        Endpoint {
+            ip,
+            ready: false,
+            serving: true,
+            terminating: true,
+        }
     }
 }
 
@@ -48,8 +58,20 @@ impl Svc {
             name: "web",
             cluster_ip: Ipv4Addr::new(198, 19, 0, 10),
             ports: vec![
-                Port { name: "http", protocol: "TCP", port: 80, target: 8080, node_port: Some(30080) },
-                Port { name: "dns", protocol: "UDP", port: 53, target: 5353, node_port: None },
+                Port {
+                    name: "http",
+                    protocol: "TCP",
+                    port: 80,
+                    target: 8080,
+                    node_port: Some(30080),
+                },
+                Port {
+                    name: "dns",
+                    protocol: "UDP",
+                    port: 53,
+                    target: 5353,
+                    node_port: None,
+                },
             ],
             affinity_timeout_s: None,
             endpoints,
@@ -75,7 +97,11 @@ pub fn yaml(services: &[Svc]) -> String {
         }
         out.push_str("    ports:\n");
         for p in &s.ports {
-            let _ = write!(out, "    - name: {}\n      protocol: {}\n      port: {}\n      targetPort: {}\n", p.name, p.protocol, p.port, p.target);
+            let _ = write!(
+                out,
+                "    - name: {}\n      protocol: {}\n      port: {}\n      targetPort: {}\n",
+                p.name, p.protocol, p.port, p.target
+            );
             if let Some(np) = p.node_port {
                 let _ = writeln!(out, "      nodePort: {np}");
             }
@@ -86,7 +112,11 @@ pub fn yaml(services: &[Svc]) -> String {
             s.name, s.namespace, s.name
         );
         for p in &s.ports {
-            let _ = write!(out, "  - name: {}\n    protocol: {}\n    port: {}\n", p.name, p.protocol, p.target);
+            let _ = write!(
+                out,
+                "  - name: {}\n    protocol: {}\n    port: {}\n",
+                p.name, p.protocol, p.target
+            );
         }
         if s.endpoints.is_empty() {
             out.push_str("  endpoints: []\n");

@@ -59,7 +59,10 @@ impl Fixture {
     /// Loads the datapath in a fresh namespace and programs `yaml`.
     pub fn new(yaml: &str) -> anyhow::Result<Fixture> {
         let objects = manifest::parse(yaml)?;
-        let node = NodeConfig { name: NODE_NAME.into(), node_ips: vec![NODE_IP] };
+        let node = NodeConfig {
+            name: NODE_NAME.into(),
+            node_ips: vec![NODE_IP],
+        };
         Self::with_state(&build(&objects.services, &objects.slices, &node).state)
     }
 
@@ -67,11 +70,32 @@ impl Fixture {
     pub fn with_state(state: &DesiredState) -> anyhow::Result<Fixture> {
         crate::require_root();
         let ns = Netns::new(unique("lbfx"))?;
-        ns.ip(&["link", "add", "fx0", "address", &mac(NODE_MAC), "type", "veth", "peer", "name", "fx1"])?;
+        ns.ip(&[
+            "link",
+            "add",
+            "fx0",
+            "address",
+            &mac(NODE_MAC),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "fx1",
+        ])?;
         ns.ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", "fx0"])?;
         ns.ip(&["link", "set", "fx0", "up"])?;
         ns.ip(&["link", "set", "fx1", "up"])?;
-        ns.ip(&["neigh", "add", "198.18.0.1", "lladdr", &mac(CLIENT_MAC), "dev", "fx0", "nud", "permanent"])?;
+        ns.ip(&[
+            "neigh",
+            "add",
+            "198.18.0.1",
+            "lladdr",
+            &mac(CLIENT_MAC),
+            "dev",
+            "fx0",
+            "nud",
+            "permanent",
+        ])?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
         setns(ns.file()?.as_fd(), CloneFlags::CLONE_NEWNET)?;
         let pod_ifindex = nix::net::if_::if_nametoindex("fx1")?;
@@ -87,9 +111,19 @@ impl Fixture {
             }
         };
         // From here on, Drop cleans up whatever happens.
-        let mut fx = Fixture { dp: Some(dp), programmer: Programmer::new(maps), pin_dir, pod_ifindex, _ns: ns };
+        let mut fx = Fixture {
+            dp: Some(dp),
+            programmer: Programmer::new(maps),
+            pin_dir,
+            pod_ifindex,
+            _ns: ns,
+        };
         let report = fx.programmer.apply(state);
-        anyhow::ensure!(report.failed.is_empty(), "programming failed: {:?}", report.failed);
+        anyhow::ensure!(
+            report.failed.is_empty(),
+            "programming failed: {:?}",
+            report.failed
+        );
         Ok(fx)
     }
 
@@ -99,9 +133,18 @@ impl Fixture {
 
     /// Runs `frame` `repeat` times in the kernel and returns the mean time
     /// per run the kernel measured (BPF_PROG_TEST_RUN's duration).
-    pub fn time(&self, hook: Hook, frame: &[u8], repeat: u32) -> anyhow::Result<std::time::Duration> {
+    pub fn time(
+        &self,
+        hook: Hook,
+        frame: &[u8],
+        repeat: u32,
+    ) -> anyhow::Result<std::time::Duration> {
         let dp = self.dp.as_ref().expect("loaded");
-        let opts = TestRunOptions { data_in: Some(frame), repeat, ..Default::default() };
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            repeat,
+            ..Default::default()
+        };
         let r = match hook {
             Hook::Tc => dp.tc_program().test_run(opts)?,
             Hook::Xdp => dp.xdp_program().test_run(opts)?,
@@ -130,7 +173,10 @@ impl Fixture {
             Hook::Xdp => dp.xdp_program().test_run(opts)?,
         };
         out.truncate(r.data_size_out as usize);
-        Ok(Outcome { verdict: r.return_value, frame: out })
+        Ok(Outcome {
+            verdict: r.return_value,
+            frame: out,
+        })
     }
 
     pub fn run(&self, hook: Hook, frame: &[u8]) -> anyhow::Result<Outcome> {
@@ -146,7 +192,10 @@ impl Drop for Fixture {
 }
 
 fn mac(m: [u8; 6]) -> String {
-    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// `struct __sk_buff` up to `ifindex`: the fields BPF_PROG_TEST_RUN takes

@@ -18,14 +18,21 @@ use nix::sched::{setns, CloneFlags};
 /// (tests run in parallel, and several test binaries at once).
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    format!("{prefix}{}x{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}{}x{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Runs a command, failing with its stderr.
 pub fn sh(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).to_string())
 }
@@ -56,15 +63,19 @@ impl Netns {
 
     /// A command run inside the namespace (`ip netns exec`).
     pub fn exec(&self, program: &str, args: &[&str]) -> anyhow::Result<String> {
-        sh(Command::new("ip").args(["netns", "exec", &self.name, program]).args(args))
+        sh(Command::new("ip")
+            .args(["netns", "exec", &self.name, program])
+            .args(args))
     }
 
     pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
-        self.exec("sysctl", &["-qw", &format!("{key}={value}")]).map(drop)
+        self.exec("sysctl", &["-qw", &format!("{key}={value}")])
+            .map(drop)
     }
 
     pub fn file(&self) -> anyhow::Result<File> {
-        File::open(format!("/run/netns/{}", self.name)).with_context(|| format!("opening netns {}", self.name))
+        File::open(format!("/run/netns/{}", self.name))
+            .with_context(|| format!("opening netns {}", self.name))
     }
 
     /// Runs `f` on a new thread that lives in this namespace: sockets it
@@ -81,8 +92,13 @@ impl Netns {
     }
 
     /// Runs `f` in this namespace and waits for it.
-    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
-        self.spawn(f)?.join().map_err(|_| anyhow::anyhow!("thread in netns {} panicked", self.name))
+    pub fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> anyhow::Result<T> {
+        self.spawn(f)?
+            .join()
+            .map_err(|_| anyhow::anyhow!("thread in netns {} panicked", self.name))
     }
 }
 

@@ -52,7 +52,12 @@ impl Spec {
     }
 
     pub fn udp(saddr: Ipv4Addr, sport: u16, daddr: Ipv4Addr, dport: u16) -> Spec {
-        Spec { proto: UDP, tcp_flags: 0, payload: b"hello".to_vec(), ..Spec::tcp(saddr, sport, daddr, dport) }
+        Spec {
+            proto: UDP,
+            tcp_flags: 0,
+            payload: b"hello".to_vec(),
+            ..Spec::tcp(saddr, sport, daddr, dport)
+        }
     }
 
     pub fn build(&self) -> Vec<u8> {
@@ -94,7 +99,11 @@ impl Spec {
         if !(self.proto == UDP && self.udp_no_checksum) {
             let c = l4_checksum(&p[ip_start..]);
             let off = l4 + if self.proto == TCP { 16 } else { 6 };
-            let c = if self.proto == UDP && c == 0 { 0xffff } else { c };
+            let c = if self.proto == UDP && c == 0 {
+                0xffff
+            } else {
+                c
+            };
             p[off..off + 2].copy_from_slice(&c.to_be_bytes());
         }
         p
@@ -108,7 +117,11 @@ pub fn checksum(data: &[u8]) -> u16 {
 
 fn sum(data: &[u8], mut acc: u64) -> u64 {
     for chunk in data.chunks(2) {
-        let word = if chunk.len() == 2 { u16::from_be_bytes([chunk[0], chunk[1]]) } else { (chunk[0] as u16) << 8 };
+        let word = if chunk.len() == 2 {
+            u16::from_be_bytes([chunk[0], chunk[1]])
+        } else {
+            (chunk[0] as u16) << 8
+        };
         acc += word as u64;
     }
     acc
@@ -202,8 +215,18 @@ mod tests {
     #[test]
     fn built_frames_have_valid_checksums() {
         for spec in [
-            Spec::tcp(Ipv4Addr::new(198, 18, 0, 1), 40000, Ipv4Addr::new(198, 19, 0, 10), 80),
-            Spec::udp(Ipv4Addr::new(198, 18, 0, 1), 40000, Ipv4Addr::new(198, 19, 0, 10), 53),
+            Spec::tcp(
+                Ipv4Addr::new(198, 18, 0, 1),
+                40000,
+                Ipv4Addr::new(198, 19, 0, 10),
+                80,
+            ),
+            Spec::udp(
+                Ipv4Addr::new(198, 18, 0, 1),
+                40000,
+                Ipv4Addr::new(198, 19, 0, 10),
+                53,
+            ),
         ] {
             let d = decode(&spec.build());
             assert!(d.ip_checksum_ok && d.l4_checksum_ok, "{d:?}");
@@ -212,7 +235,13 @@ mod tests {
 
     #[test]
     fn a_flipped_bit_fails_the_checksum() {
-        let mut f = Spec::tcp(Ipv4Addr::new(198, 18, 0, 1), 40000, Ipv4Addr::new(198, 19, 0, 10), 80).build();
+        let mut f = Spec::tcp(
+            Ipv4Addr::new(198, 18, 0, 1),
+            40000,
+            Ipv4Addr::new(198, 19, 0, 10),
+            80,
+        )
+        .build();
         f[14 + 16] ^= 1; // daddr
         let d = decode(&f);
         assert!(!d.ip_checksum_ok && !d.l4_checksum_ok);

@@ -6,6 +6,7 @@
 //! - `BULK <n>` -> n bytes of a known pattern, then close
 //! - `UPLOAD <n>` -> reads n bytes, checks the pattern, answers `OK <n>`
 //! - `STREAM` -> `<pod name>`, then data forever, until the client goes away
+//!
 //! UDP: any datagram -> `<pod name> <peer ip>:<peer port>`.
 
 use std::{
@@ -43,7 +44,12 @@ pub struct PodServer {
 }
 
 impl PodServer {
-    pub fn start(ns: &Netns, name: &str, tcp_port: u16, udp_port: u16) -> anyhow::Result<PodServer> {
+    pub fn start(
+        ns: &Netns,
+        name: &str,
+        tcp_port: u16,
+        udp_port: u16,
+    ) -> anyhow::Result<PodServer> {
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let mut threads = Vec::new();
@@ -56,7 +62,9 @@ impl PodServer {
             threads.push(ns.spawn(move || udp_server(&name, udp_port, &stop, ready))?);
         }
         for _ in 0..2 {
-            ready_rx.recv_timeout(Duration::from_secs(5)).context("server did not start")??;
+            ready_rx
+                .recv_timeout(Duration::from_secs(5))
+                .context("server did not start")??;
         }
         Ok(PodServer { stop, threads })
     }
@@ -81,7 +89,9 @@ fn tcp_server(name: &str, port: u16, stop: &Arc<AtomicBool>, ready: Ready) {
             return;
         }
     };
-    listener.set_nonblocking(true).expect("nonblocking listener");
+    listener
+        .set_nonblocking(true)
+        .expect("nonblocking listener");
     let _ = ready.send(Ok(()));
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
@@ -96,7 +106,12 @@ fn tcp_server(name: &str, port: u16, stop: &Arc<AtomicBool>, ready: Ready) {
     }
 }
 
-fn serve_tcp(conn: TcpStream, peer: SocketAddr, name: &str, stop: &AtomicBool) -> std::io::Result<()> {
+fn serve_tcp(
+    conn: TcpStream,
+    peer: SocketAddr,
+    name: &str,
+    stop: &AtomicBool,
+) -> std::io::Result<()> {
     conn.set_nonblocking(false)?;
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut reader = BufReader::new(conn.try_clone()?);
@@ -127,7 +142,11 @@ fn serve_tcp(conn: TcpStream, peer: SocketAddr, name: &str, stop: &AtomicBool) -
                 if len == 0 {
                     break;
                 }
-                if buf[..len].iter().enumerate().any(|(k, &b)| b != pattern(got + k as u64)) {
+                if buf[..len]
+                    .iter()
+                    .enumerate()
+                    .any(|(k, &b)| b != pattern(got + k as u64))
+                {
                     return writeln!(conn, "CORRUPT at {got}");
                 }
                 got += len as u64;
@@ -154,7 +173,8 @@ fn udp_server(name: &str, port: u16, stop: &Arc<AtomicBool>, ready: Ready) {
             return;
         }
     };
-    sock.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
+    sock.set_read_timeout(Some(Duration::from_millis(50)))
+        .expect("timeout");
     let _ = ready.send(Ok(()));
     let mut buf = [0u8; 2048];
     while !stop.load(Ordering::Relaxed) {
@@ -219,7 +239,10 @@ pub fn tcp_upload(to: SocketAddrV4, n: u64) -> anyhow::Result<()> {
     }
     let mut answer = String::new();
     BufReader::new(s).read_line(&mut answer)?;
-    anyhow::ensure!(answer.trim() == format!("OK {n}"), "server answered {answer:?}");
+    anyhow::ensure!(
+        answer.trim() == format!("OK {n}"),
+        "server answered {answer:?}"
+    );
     Ok(())
 }
 
@@ -236,7 +259,11 @@ pub fn tcp_bulk(to: SocketAddrV4, n: u64) -> anyhow::Result<u64> {
             break;
         }
         for (k, &b) in buf[..len].iter().enumerate() {
-            anyhow::ensure!(b == pattern(got + k as u64), "byte {} corrupted", got + k as u64);
+            anyhow::ensure!(
+                b == pattern(got + k as u64),
+                "byte {} corrupted",
+                got + k as u64
+            );
         }
         got += len as u64;
     }

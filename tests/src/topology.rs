@@ -62,7 +62,18 @@ impl Topology {
         let node = Netns::new(format!("{tag}-node"))?;
         let client = Netns::new(format!("{tag}-cli"))?;
         let nic = "eth0".to_string();
-        node.ip(&["link", "add", &nic, "type", "veth", "peer", "name", "eth0", "netns", &client.name])?;
+        node.ip(&[
+            "link",
+            "add",
+            &nic,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &client.name,
+        ])?;
         node.ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", &nic])?;
         node.ip(&["link", "set", &nic, "up"])?;
         client.ip(&["addr", "add", &format!("{CLIENT_IP}/24"), "dev", "eth0"])?;
@@ -75,10 +86,17 @@ impl Topology {
         node.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
         node.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
         if nic_mode == NicMode::LikePhysical {
-            client.exec("ethtool", &["-K", "eth0", "tx", "off"]).context("ethtool")?;
+            client
+                .exec("ethtool", &["-K", "eth0", "tx", "off"])
+                .context("ethtool")?;
         }
 
-        let mut topo = Topology { client, node, pods: Vec::new(), nic };
+        let mut topo = Topology {
+            client,
+            node,
+            pods: Vec::new(),
+            nic,
+        };
         for i in 1..=pods {
             topo.add_pod(i)?;
         }
@@ -89,21 +107,49 @@ impl Topology {
         let ns = Netns::new(format!("{}-p{i}", self.node.name.trim_end_matches("-node")))?;
         let host_iface = format!("p{i}");
         let ip = pod_ip(i);
-        self.node.ip(&["link", "add", &host_iface, "type", "veth", "peer", "name", "eth0", "netns", &ns.name])?;
-        self.node.ip(&["addr", "add", &format!("{POD_GATEWAY}/32"), "dev", &host_iface])?;
+        self.node.ip(&[
+            "link",
+            "add",
+            &host_iface,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &ns.name,
+        ])?;
+        self.node.ip(&[
+            "addr",
+            "add",
+            &format!("{POD_GATEWAY}/32"),
+            "dev",
+            &host_iface,
+        ])?;
         self.node.ip(&["link", "set", &host_iface, "up"])?;
-        self.node.ip(&["route", "add", &format!("{ip}/32"), "dev", &host_iface])?;
+        self.node
+            .ip(&["route", "add", &format!("{ip}/32"), "dev", &host_iface])?;
         ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
         ns.ip(&["route", "add", &POD_GATEWAY.to_string(), "dev", "eth0"])?;
-        ns.ip(&["route", "add", "default", "via", &POD_GATEWAY.to_string(), "dev", "eth0"])?;
+        ns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &POD_GATEWAY.to_string(),
+            "dev",
+            "eth0",
+        ])?;
         self.pods.push(Pod { ns, ip, host_iface });
         Ok(())
     }
 
     /// Every interface the agent attaches TC to: the NIC and the pod veths.
     pub fn tc_ifaces(&self) -> Vec<String> {
-        std::iter::once(self.nic.clone()).chain(self.pods.iter().map(|p| p.host_iface.clone())).collect()
+        std::iter::once(self.nic.clone())
+            .chain(self.pods.iter().map(|p| p.host_iface.clone()))
+            .collect()
     }
 
     pub fn pod_ifaces(&self) -> Vec<String> {

@@ -38,7 +38,13 @@ fn api(ip: Ipv4Addr) -> Svc {
         namespace: "demo",
         name: "api",
         cluster_ip: Ipv4Addr::new(198, 19, 0, 11),
-        ports: vec![Port { name: "", protocol: "TCP", port: 8443, target: 8080, node_port: Some(30443) }],
+        ports: vec![Port {
+            name: "",
+            protocol: "TCP",
+            port: 8443,
+            target: 8080,
+            node_port: Some(30443),
+        }],
         affinity_timeout_s: None,
         endpoints: vec![Endpoint::ready(ip)],
     }
@@ -57,13 +63,34 @@ fn an_in_place_rewrite_is_applied_within_a_second_and_touches_only_what_changed(
     assert_eq!(web_lines, 2, "one line per service port");
 
     let t = Instant::now();
-    config.rewrite(&yaml(&[web(&topo), api(topo.pods[1].ip)])).unwrap();
-    agent.wait_for_log("applied config", Duration::from_secs(3)).unwrap();
-    assert!(t.elapsed() < Duration::from_secs(1), "applied after {:?}", t.elapsed());
-    let applied = agent.wait_for_log("applied config", Duration::ZERO).unwrap();
-    assert!(applied.contains("added=1") && applied.contains("changed=0"), "{applied}");
-    assert_eq!(agent.count_logs("service=demo/web"), web_lines, "the unchanged service was not rewritten");
-    let a = topo.client.run(|| tcp_who(node_port(30443))).unwrap().unwrap();
+    config
+        .rewrite(&yaml(&[web(&topo), api(topo.pods[1].ip)]))
+        .unwrap();
+    agent
+        .wait_for_log("applied config", Duration::from_secs(3))
+        .unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "applied after {:?}",
+        t.elapsed()
+    );
+    let applied = agent
+        .wait_for_log("applied config", Duration::ZERO)
+        .unwrap();
+    assert!(
+        applied.contains("added=1") && applied.contains("changed=0"),
+        "{applied}"
+    );
+    assert_eq!(
+        agent.count_logs("service=demo/web"),
+        web_lines,
+        "the unchanged service was not rewritten"
+    );
+    let a = topo
+        .client
+        .run(|| tcp_who(node_port(30443)))
+        .unwrap()
+        .unwrap();
     assert_eq!(a.pod, "pod-2");
 }
 
@@ -72,16 +99,30 @@ fn a_bad_file_keeps_the_last_good_state() {
     let (topo, _servers) = setup(1);
     let config = ConfigFile::new(&yaml(&[web(&topo)])).unwrap();
     let mut agent = Agent::start(&topo, &config.path).unwrap();
-    config.rewrite("apiVersion: v1\nkind: List\nitems: [ {unclosed\n").unwrap();
-    let line = agent.wait_for_log("keeping the last good state", Duration::from_secs(3)).unwrap();
+    config
+        .rewrite("apiVersion: v1\nkind: List\nitems: [ {unclosed\n")
+        .unwrap();
+    let line = agent
+        .wait_for_log("keeping the last good state", Duration::from_secs(3))
+        .unwrap();
     assert!(line.contains("YAML syntax error"), "{line}");
-    topo.client.run(|| tcp_who(node_port(30080))).unwrap().expect("still served");
+    topo.client
+        .run(|| tcp_who(node_port(30080)))
+        .unwrap()
+        .expect("still served");
     // A file that disappears for a moment (an editor's save) changes nothing either.
     std::fs::remove_file(&config.path).unwrap();
-    agent.wait_for_nth_log("keeping the last good state", 2, Duration::from_secs(3)).unwrap();
-    topo.client.run(|| tcp_who(node_port(30080))).unwrap().expect("still served");
+    agent
+        .wait_for_nth_log("keeping the last good state", 2, Duration::from_secs(3))
+        .unwrap();
+    topo.client
+        .run(|| tcp_who(node_port(30080)))
+        .unwrap()
+        .expect("still served");
     config.replace(&yaml(&[web(&topo)])).unwrap();
-    agent.wait_for_log("applied config", Duration::from_secs(3)).unwrap();
+    agent
+        .wait_for_log("applied config", Duration::from_secs(3))
+        .unwrap();
 }
 
 #[test]
@@ -93,10 +134,21 @@ fn an_invalid_object_is_skipped_alone_with_a_log_line_naming_it() {
     let text = yaml(&[web(&topo), bad]).replace("198.19.0.11", "198.19.0.300");
     let config = ConfigFile::new(&text).unwrap();
     let agent = Agent::start(&topo, &config.path).unwrap();
-    let rejected: Vec<String> = agent.logs().into_iter().filter(|l| l.contains("rejected")).collect();
+    let rejected: Vec<String> = agent
+        .logs()
+        .into_iter()
+        .filter(|l| l.contains("rejected"))
+        .collect();
     assert_eq!(rejected.len(), 1, "{rejected:?}");
-    assert!(rejected[0].contains("Service demo/broken") && rejected[0].contains("198.19.0.300"), "{}", rejected[0]);
-    topo.client.run(|| tcp_who(node_port(30080))).unwrap().expect("the valid service works");
+    assert!(
+        rejected[0].contains("Service demo/broken") && rejected[0].contains("198.19.0.300"),
+        "{}",
+        rejected[0]
+    );
+    topo.client
+        .run(|| tcp_who(node_port(30080)))
+        .unwrap()
+        .expect("the valid service works");
 }
 
 /// Names of the TCX ingress programs on the node's NIC (bpftool 7.1
@@ -105,8 +157,15 @@ fn attached(topo: &Topology) -> Vec<String> {
     let nic = topo.nic.clone();
     topo.node
         .run(move || {
-            let (_, progs) = aya::programs::SchedClassifier::query_tcx(&nic, aya::programs::TcAttachType::Ingress).unwrap();
-            progs.iter().map(|p| p.name_as_str().unwrap_or("?").to_string()).collect()
+            let (_, progs) = aya::programs::SchedClassifier::query_tcx(
+                &nic,
+                aya::programs::TcAttachType::Ingress,
+            )
+            .unwrap();
+            progs
+                .iter()
+                .map(|p| p.name_as_str().unwrap_or("?").to_string())
+                .collect()
         })
         .unwrap()
 }
@@ -120,10 +179,21 @@ fn sigterm_and_sigint_detach_clean_up_and_exit_zero() {
         assert_eq!(attached(&topo), ["lb_tc_ingress"]);
         let status = agent.stop_with(signal).unwrap();
         assert!(status.success(), "{signal}: {status}");
-        assert!(attached(&topo).is_empty(), "{signal}: still attached: {:?}", attached(&topo));
+        assert!(
+            attached(&topo).is_empty(),
+            "{signal}: still attached: {:?}",
+            attached(&topo)
+        );
         let after = topo.client.run(|| tcp_who(node_port(30080))).unwrap();
-        assert!(after.is_err(), "{signal}: NodePort still translated after exit");
-        assert!(!agent.pin_dir.exists(), "{signal}: pins left in {}", agent.pin_dir.display());
+        assert!(
+            after.is_err(),
+            "{signal}: NodePort still translated after exit"
+        );
+        assert!(
+            !agent.pin_dir.exists(),
+            "{signal}: pins left in {}",
+            agent.pin_dir.display()
+        );
     }
 }
 
@@ -132,16 +202,31 @@ fn a_second_agent_on_the_same_pin_dir_refuses_to_start() {
     let (topo, _servers) = setup(1);
     let config = ConfigFile::new(&yaml(&[web(&topo)])).unwrap();
     let first = Agent::start(&topo, &config.path).unwrap();
-    let args: Vec<String> = ["--config", &config.path.display().to_string(), "--iface", "eth0", "--node-ip", "198.18.0.2", "--node-name", "n"]
-        .map(String::from)
-        .to_vec();
+    let args: Vec<String> = [
+        "--config",
+        &config.path.display().to_string(),
+        "--iface",
+        "eth0",
+        "--node-ip",
+        "198.18.0.2",
+        "--node-name",
+        "n",
+    ]
+    .map(String::from)
+    .to_vec();
     let mut second = Agent::spawn(&topo.node, &first.pin_dir, &args).unwrap();
     let status = second.wait_exit(Duration::from_secs(10)).unwrap();
     assert!(!status.success());
     let logs = second.logs().join("\n");
-    assert!(logs.contains("another lb agent is already running with pin directory"), "{logs}");
+    assert!(
+        logs.contains("another lb agent is already running with pin directory"),
+        "{logs}"
+    );
     // The first one is untouched.
-    topo.client.run(|| tcp_who(node_port(30080))).unwrap().expect("first agent still serving");
+    topo.client
+        .run(|| tcp_who(node_port(30080)))
+        .unwrap()
+        .expect("first agent still serving");
 }
 
 /// Runs `lb run` with `args` (in the root namespace: every case here fails
@@ -157,9 +242,21 @@ fn run_args(config: &str, iface: &str) -> Vec<String> {
 }
 
 fn run_args_pinned(config: &str, iface: &str, pin: &str) -> Vec<String> {
-    ["run", "--config", config, "--iface", iface, "--node-ip", "198.18.0.2", "--node-name", "n", "--pin-dir", pin]
-        .map(String::from)
-        .to_vec()
+    [
+        "run",
+        "--config",
+        config,
+        "--iface",
+        iface,
+        "--node-ip",
+        "198.18.0.2",
+        "--node-name",
+        "n",
+        "--pin-dir",
+        pin,
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 #[test]
@@ -169,22 +266,41 @@ fn startup_errors_say_what_to_do() {
     let path = config.path.display().to_string();
 
     let e = lb_fails(Command::new(lb_bin()).args(run_args("/nonexistent/services.yaml", "lo")));
-    assert!(e.contains("cannot read config file /nonexistent/services.yaml"), "{e}");
+    assert!(
+        e.contains("cannot read config file /nonexistent/services.yaml"),
+        "{e}"
+    );
 
     let e = lb_fails(Command::new(lb_bin()).args(run_args(&path, "no-such-if0")));
-    assert!(e.contains("interface \"no-such-if0\" does not exist"), "{e}");
+    assert!(
+        e.contains("interface \"no-such-if0\" does not exist"),
+        "{e}"
+    );
 
     // Without privileges: an unprivileged user, every capability dropped.
     let e = lb_fails(
         Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps=-all",
+                "--bounding-set=-all",
+            ])
             .arg(lb_bin())
             .args(run_args(&path, "lo")),
     );
-    assert!(e.contains("needs CAP_BPF and CAP_NET_ADMIN") && e.contains("run it as root"), "{e}");
+    assert!(
+        e.contains("needs CAP_BPF and CAP_NET_ADMIN") && e.contains("run it as root"),
+        "{e}"
+    );
 
     let not_bpffs = std::env::temp_dir().join(unique("not-bpffs")).join("lb");
-    let e = lb_fails(Command::new(lb_bin()).args(run_args_pinned(&path, "lo", &not_bpffs.display().to_string())));
+    let e = lb_fails(Command::new(lb_bin()).args(run_args_pinned(
+        &path,
+        "lo",
+        &not_bpffs.display().to_string(),
+    )));
     assert!(e.contains("is not on a bpf filesystem"), "{e}");
 }
 
@@ -194,15 +310,38 @@ fn bpftool_dumps_pinned_maps_with_named_fields() {
     let config = ConfigFile::new(&yaml(&[web(&topo)])).unwrap();
     let agent = Agent::start(&topo, &config.path).unwrap();
     let dump = |map: &str| {
-        lb_tests::netns::sh(Command::new("bpftool").args(["map", "dump", "pinned"]).arg(agent.pin_dir.join(map))).unwrap()
+        lb_tests::netns::sh(
+            Command::new("bpftool")
+                .args(["map", "dump", "pinned"])
+                .arg(agent.pin_dir.join(map)),
+        )
+        .unwrap()
     };
     let frontends = dump("lb_frontends");
-    for field in ["\"addr\": [198,19,0,10", "\"port\": 80", "\"proto\": 6", "\"backend_count\": 1", "\"table_size\": 251"] {
-        assert!(frontends.contains(field), "{field} missing from:\n{frontends}");
+    for field in [
+        "\"addr\": [198,19,0,10",
+        "\"port\": 80",
+        "\"proto\": 6",
+        "\"backend_count\": 1",
+        "\"table_size\": 251",
+    ] {
+        assert!(
+            frontends.contains(field),
+            "{field} missing from:\n{frontends}"
+        );
     }
-    topo.client.run(|| tcp_who(node_port(30080))).unwrap().unwrap();
+    topo.client
+        .run(|| tcp_who(node_port(30080)))
+        .unwrap()
+        .unwrap();
     let ct = dump("lb_conntrack");
-    for field in ["\"src_addr\": [198,18,0,1", "\"nat_port\": 8080", "\"nat_port\": 30080", "\"direction\": 1", "\"direction\": 2"] {
+    for field in [
+        "\"src_addr\": [198,18,0,1",
+        "\"nat_port\": 8080",
+        "\"nat_port\": 30080",
+        "\"direction\": 1",
+        "\"direction\": 2",
+    ] {
         assert!(ct.contains(field), "{field} missing from:\n{ct}");
     }
 }

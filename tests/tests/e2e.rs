@@ -45,13 +45,21 @@ impl Cluster {
         let servers = topo.pods[..backends]
             .iter()
             .enumerate()
-            .map(|(i, p)| PodServer::start(&p.ns, &format!("pod-{}", i + 1), 8080, 5353).expect("server"))
+            .map(|(i, p)| {
+                PodServer::start(&p.ns, &format!("pod-{}", i + 1), 8080, 5353).expect("server")
+            })
             .collect();
-        Cluster { topo, _servers: servers }
+        Cluster {
+            topo,
+            _servers: servers,
+        }
     }
 
     fn backend_ips(&self) -> Vec<Ipv4Addr> {
-        self.topo.pods[..self.topo.pods.len() - 1].iter().map(|p| p.ip).collect()
+        self.topo.pods[..self.topo.pods.len() - 1]
+            .iter()
+            .map(|p| p.ip)
+            .collect()
     }
 
     fn client_pod(&self) -> &lb_tests::netns::Netns {
@@ -59,7 +67,12 @@ impl Cluster {
     }
 
     fn web(&self) -> String {
-        yaml(&[Svc::web(self.backend_ips().into_iter().map(Endpoint::ready).collect())])
+        yaml(&[Svc::web(
+            self.backend_ips()
+                .into_iter()
+                .map(Endpoint::ready)
+                .collect(),
+        )])
     }
 }
 
@@ -72,8 +85,12 @@ fn tally(answers: &[Answer]) -> BTreeMap<String, usize> {
 }
 
 fn many_tcp(ns: &lb_tests::netns::Netns, to: SocketAddrV4, n: usize) -> Vec<Answer> {
-    ns.run(move || (0..n).map(|i| tcp_who(to).unwrap_or_else(|e| panic!("connection {i} to {to}: {e}"))).collect())
-        .unwrap()
+    ns.run(move || {
+        (0..n)
+            .map(|i| tcp_who(to).unwrap_or_else(|e| panic!("connection {i} to {to}: {e}")))
+            .collect()
+    })
+    .unwrap()
 }
 
 fn assert_fair(answers: &[Answer], backends: usize) {
@@ -82,7 +99,11 @@ fn assert_fair(answers: &[Answer], backends: usize) {
     assert_eq!(t.len(), backends, "every backend must answer: {t:?}");
     for (pod, n) in &t {
         let share = *n as f64 / fair;
-        assert!((0.5..=1.5).contains(&share), "{pod} got {n} of {} (fair {fair:.0}): {t:?}", answers.len());
+        assert!(
+            (0.5..=1.5).contains(&share),
+            "{pod} got {n} of {} (fair {fair:.0}): {t:?}",
+            answers.len()
+        );
     }
 }
 
@@ -93,7 +114,10 @@ fn nodeport_tcp_from_a_client_is_balanced_and_keeps_the_client_address() {
     let _agent = Agent::start(&c.topo, &config.path).unwrap();
     let answers = many_tcp(&c.topo.client, node_port(), 150);
     assert_fair(&answers, 3);
-    assert!(answers.iter().all(|a| *a.peer.ip() == CLIENT_IP), "backends must see the client's address");
+    assert!(
+        answers.iter().all(|a| *a.peer.ip() == CLIENT_IP),
+        "backends must see the client's address"
+    );
 }
 
 #[test]
@@ -107,10 +131,16 @@ fn cluster_ip_tcp_and_udp_from_a_pod_are_balanced_and_keep_the_pod_address() {
     assert!(tcp.iter().all(|a| *a.peer.ip() == me));
     let udp: Vec<Answer> = c
         .client_pod()
-        .run(|| (0..150).map(|_| udp_who(addr(CLUSTER_UDP)).expect("udp answer")).collect())
+        .run(|| {
+            (0..150)
+                .map(|_| udp_who(addr(CLUSTER_UDP)).expect("udp answer"))
+                .collect()
+        })
         .unwrap();
     assert_fair(&udp, 3);
-    assert!(udp.iter().all(|a| *a.peer.ip() == me && a.peer.port() != 53));
+    assert!(udp
+        .iter()
+        .all(|a| *a.peer.ip() == me && a.peer.port() != 53));
 }
 
 const MB20: u64 = 20 * 1024 * 1024;
@@ -119,10 +149,24 @@ const MB20: u64 = 20 * 1024 * 1024;
 /// ClusterIP from a pod: downloads carry GSO replies through reverse NAT,
 /// uploads carry GSO segments through DNAT.
 fn transfer_20mb_each_way(c: &Cluster) {
-    c.topo.client.run(|| tcp_bulk(node_port(), MB20)).unwrap().expect("NodePort download");
-    c.topo.client.run(|| tcp_upload(node_port(), MB20)).unwrap().expect("NodePort upload");
-    c.client_pod().run(|| tcp_bulk(addr(CLUSTER_TCP), MB20)).unwrap().expect("ClusterIP download");
-    c.client_pod().run(|| tcp_upload(addr(CLUSTER_TCP), MB20)).unwrap().expect("ClusterIP upload");
+    c.topo
+        .client
+        .run(|| tcp_bulk(node_port(), MB20))
+        .unwrap()
+        .expect("NodePort download");
+    c.topo
+        .client
+        .run(|| tcp_upload(node_port(), MB20))
+        .unwrap()
+        .expect("NodePort upload");
+    c.client_pod()
+        .run(|| tcp_bulk(addr(CLUSTER_TCP), MB20))
+        .unwrap()
+        .expect("ClusterIP download");
+    c.client_pod()
+        .run(|| tcp_upload(addr(CLUSTER_TCP), MB20))
+        .unwrap()
+        .expect("ClusterIP upload");
 }
 
 /// Offloads as the kernel sets them: the pods' and the client's packets
@@ -143,7 +187,10 @@ fn twenty_megabytes_each_way_with_offloads_on() {
 fn twenty_megabytes_with_checksums_verified_by_the_receivers() {
     let c = Cluster::new(3);
     for iface in c.topo.tc_ifaces() {
-        c.topo.node.exec("ethtool", &["-K", &iface, "tx", "off"]).unwrap();
+        c.topo
+            .node
+            .exec("ethtool", &["-K", &iface, "tx", "off"])
+            .unwrap();
     }
     let config = ConfigFile::new(&c.web()).unwrap();
     let _agent = Agent::start(&c.topo, &config.path).unwrap();
@@ -168,28 +215,43 @@ fn removing_a_backend_stops_new_connections_and_spares_established_ones() {
             (String::from_utf8_lossy(&first).to_string(), s)
         })
         .unwrap();
-    let keep: usize = stream_pod.trim().trim_start_matches("pod-").parse().unwrap();
+    let keep: usize = stream_pod
+        .trim()
+        .trim_start_matches("pod-")
+        .parse()
+        .unwrap();
     let victim = if keep == 1 { 2 } else { 1 };
 
     let mut eps: Vec<Endpoint> = c.backend_ips().into_iter().map(Endpoint::ready).collect();
     eps.remove(victim - 1);
     let changed = Instant::now();
     config.replace(&yaml(&[Svc::web(eps)])).unwrap();
-    agent.wait_for_log("applied config", Duration::from_secs(2)).unwrap();
-    assert!(changed.elapsed() < Duration::from_secs(1), "applied in {:?}", changed.elapsed());
+    agent
+        .wait_for_log("applied config", Duration::from_secs(2))
+        .unwrap();
+    assert!(
+        changed.elapsed() < Duration::from_secs(1),
+        "applied in {:?}",
+        changed.elapsed()
+    );
 
     // The stream is still flowing after the change.
     let mut buf = vec![0u8; 1 << 20];
     let until = Instant::now() + Duration::from_millis(700);
     let mut after = 0usize;
     while Instant::now() < until {
-        after += stream.read(&mut buf).expect("the established stream keeps going");
+        after += stream
+            .read(&mut buf)
+            .expect("the established stream keeps going");
     }
     assert!(after > 1 << 20, "only {after} bytes after the change");
 
     let answers = many_tcp(c.client_pod(), addr(CLUSTER_TCP), 100);
     let t = tally(&answers);
-    assert!(!t.contains_key(&format!("pod-{victim}")), "removed backend got new connections: {t:?}");
+    assert!(
+        !t.contains_key(&format!("pod-{victim}")),
+        "removed backend got new connections: {t:?}"
+    );
     assert_eq!(t.len(), 2, "{t:?}");
     drop(stream);
 }
@@ -199,8 +261,15 @@ fn a_service_with_no_endpoint_refuses_at_once() {
     let c = Cluster::new(1);
     let config = ConfigFile::new(&yaml(&[Svc::web(vec![])])).unwrap();
     let _agent = Agent::start(&c.topo, &config.path).unwrap();
-    for (ns, label) in [(&c.topo.client, "client via NodePort"), (c.client_pod(), "pod via ClusterIP")] {
-        let target = if label.starts_with("client") { node_port() } else { addr(CLUSTER_TCP) };
+    for (ns, label) in [
+        (&c.topo.client, "client via NodePort"),
+        (c.client_pod(), "pod via ClusterIP"),
+    ] {
+        let target = if label.starts_with("client") {
+            node_port()
+        } else {
+            addr(CLUSTER_TCP)
+        };
         let (tcp, tcp_took) = ns
             .run(move || {
                 let t = Instant::now();
@@ -209,7 +278,10 @@ fn a_service_with_no_endpoint_refuses_at_once() {
             })
             .unwrap();
         assert_eq!(tcp, Err(ErrorKind::ConnectionRefused), "{label}");
-        assert!(tcp_took < Duration::from_secs(1), "{label}: refused after {tcp_took:?}");
+        assert!(
+            tcp_took < Duration::from_secs(1),
+            "{label}: refused after {tcp_took:?}"
+        );
     }
     let (udp, took) = c
         .client_pod()
@@ -220,7 +292,10 @@ fn a_service_with_no_endpoint_refuses_at_once() {
             s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
             s.send(b"WHO").unwrap();
             let mut buf = [0u8; 64];
-            (s.recv(&mut buf).map(drop).map_err(|e| e.kind()), t.elapsed())
+            (
+                s.recv(&mut buf).map(drop).map_err(|e| e.kind()),
+                t.elapsed(),
+            )
         })
         .unwrap();
     assert_eq!(udp, Err(ErrorKind::ConnectionRefused));
@@ -254,7 +329,11 @@ fn xdp_on_a_nic_with_complete_checksums() {
     let answers = many_tcp(&c.topo.client, node_port(), 120);
     assert_fair(&answers, 3);
     assert!(answers.iter().all(|a| *a.peer.ip() == CLIENT_IP));
-    c.topo.client.run(|| tcp_upload(node_port(), MB20)).unwrap().unwrap();
+    c.topo
+        .client
+        .run(|| tcp_upload(node_port(), MB20))
+        .unwrap()
+        .unwrap();
 }
 
 #[test]
@@ -285,13 +364,27 @@ fn multiple_services_and_ports_coexist() {
         namespace: "demo",
         name: "api",
         cluster_ip: Ipv4Addr::new(198, 19, 0, 11),
-        ports: vec![Port { name: "", protocol: "TCP", port: 8443, target: 8080, node_port: Some(30443) }],
+        ports: vec![Port {
+            name: "",
+            protocol: "TCP",
+            port: 8443,
+            target: 8080,
+            node_port: Some(30443),
+        }],
         affinity_timeout_s: None,
         endpoints: vec![Endpoint::ready(ips[2])],
     };
-    let config = ConfigFile::new(&yaml(&[Svc::web(ips.iter().copied().map(Endpoint::ready).collect()), other])).unwrap();
+    let config = ConfigFile::new(&yaml(&[
+        Svc::web(ips.iter().copied().map(Endpoint::ready).collect()),
+        other,
+    ]))
+    .unwrap();
     let _agent = Agent::start(&c.topo, &config.path).unwrap();
-    let api = tally(&many_tcp(&c.topo.client, SocketAddrV4::new(NODE_IP, 30443), 20));
+    let api = tally(&many_tcp(
+        &c.topo.client,
+        SocketAddrV4::new(NODE_IP, 30443),
+        20,
+    ));
     assert_eq!(api.keys().collect::<Vec<_>>(), ["pod-3"]);
     let via_cluster_ip = tally(&many_tcp(c.client_pod(), addr("198.19.0.11:8443"), 20));
     assert_eq!(via_cluster_ip.keys().collect::<Vec<_>>(), ["pod-3"]);
@@ -302,14 +395,30 @@ fn multiple_services_and_ports_coexist() {
 fn terminating_endpoints_take_new_flows_only_when_no_ready_one_is_left() {
     let c = Cluster::new(2);
     let ips = c.backend_ips();
-    let config = ConfigFile::new(&yaml(&[Svc::web(vec![Endpoint::ready(ips[0]), Endpoint::terminating(ips[1])])])).unwrap();
+    let config = ConfigFile::new(&yaml(&[Svc::web(vec![
+        Endpoint::ready(ips[0]),
+        Endpoint::terminating(ips[1]),
+    ])]))
+    .unwrap();
     let mut agent = Agent::start(&c.topo, &config.path).unwrap();
     let t = tally(&many_tcp(c.client_pod(), addr(CLUSTER_TCP), 40));
-    assert_eq!(t.keys().collect::<Vec<_>>(), ["pod-1"], "a ready endpoint exists: {t:?}");
+    assert_eq!(
+        t.keys().collect::<Vec<_>>(),
+        ["pod-1"],
+        "a ready endpoint exists: {t:?}"
+    );
 
     // The ready one goes away; the serving, terminating one takes over.
-    config.replace(&yaml(&[Svc::web(vec![Endpoint::terminating(ips[1])])])).unwrap();
-    agent.wait_for_log("applied config", Duration::from_secs(3)).unwrap();
+    config
+        .replace(&yaml(&[Svc::web(vec![Endpoint::terminating(ips[1])])]))
+        .unwrap();
+    agent
+        .wait_for_log("applied config", Duration::from_secs(3))
+        .unwrap();
     let t = tally(&many_tcp(c.client_pod(), addr(CLUSTER_TCP), 40));
-    assert_eq!(t.keys().collect::<Vec<_>>(), ["pod-2"], "fallback to serving+terminating: {t:?}");
+    assert_eq!(
+        t.keys().collect::<Vec<_>>(),
+        ["pod-2"],
+        "fallback to serving+terminating: {t:?}"
+    );
 }

@@ -29,8 +29,20 @@ fn empty_svc() -> Svc {
         name: "empty",
         cluster_ip: EMPTY_IP,
         ports: vec![
-            Port { name: "http", protocol: "TCP", port: 80, target: 8080, node_port: None },
-            Port { name: "dns", protocol: "UDP", port: 53, target: 5353, node_port: None },
+            Port {
+                name: "http",
+                protocol: "TCP",
+                port: 80,
+                target: 8080,
+                node_port: None,
+            },
+            Port {
+                name: "dns",
+                protocol: "UDP",
+                port: 53,
+                target: 5353,
+                node_port: None,
+            },
         ],
         affinity_timeout_s: None,
         endpoints: vec![],
@@ -38,7 +50,10 @@ fn empty_svc() -> Svc {
 }
 
 fn config(eps: &[Ipv4Addr]) -> String {
-    yaml(&[Svc::web(eps.iter().map(|&ip| Endpoint::ready(ip)).collect()), empty_svc()])
+    yaml(&[
+        Svc::web(eps.iter().map(|&ip| Endpoint::ready(ip)).collect()),
+        empty_svc(),
+    ])
 }
 
 fn fixture() -> Fixture {
@@ -50,15 +65,28 @@ fn fixture() -> Fixture {
 fn expected_backend(eps: &[Ipv4Addr], target: u16, sport: u16, dport: u16, proto: u8) -> Ipv4Addr {
     let set: Vec<(Ipv4Addr, u16)> = eps.iter().map(|&ip| (ip, target)).collect();
     let table = MaglevTable::build(&set, table_size_for(set.len()));
-    table.lookup(flow_hash(CLIENT.octets(), sport, dport, proto)).0
+    table
+        .lookup(flow_hash(CLIENT.octets(), sport, dport, proto))
+        .0
 }
 
 fn pass_verdict(hook: Hook) -> u32 {
-    if hook == Hook::Tc { TC_ACT_OK } else { XDP_PASS }
+    if hook == Hook::Tc {
+        TC_ACT_OK
+    } else {
+        XDP_PASS
+    }
 }
 
 fn counter(fx: &Fixture, v: Verdict) -> u64 {
-    fx.maps().verdict_counters().unwrap().into_iter().find(|(x, _)| *x == v).unwrap().1.packets
+    fx.maps()
+        .verdict_counters()
+        .unwrap()
+        .into_iter()
+        .find(|(x, _)| *x == v)
+        .unwrap()
+        .1
+        .packets
 }
 
 #[test]
@@ -70,7 +98,12 @@ fn dnat_tcp_to_cluster_ip_and_node_port() {
                 let input = Spec::tcp(CLIENT, sport, daddr, dport);
                 let out = fx.run(hook, &input.build()).unwrap();
                 let backend = expected_backend(&backends(), 8080, sport, dport, TCP);
-                let want = Spec { daddr: backend, dport: 8080, ..input }.build();
+                let want = Spec {
+                    daddr: backend,
+                    dport: 8080,
+                    ..input
+                }
+                .build();
                 assert_eq!(out.verdict, pass_verdict(hook), "{hook:?}");
                 assert_eq!(out.frame, want, "{hook:?} {daddr}:{dport} sport {sport}");
                 let d = decode(&out.frame);
@@ -88,12 +121,34 @@ fn dnat_udp_with_and_without_checksum() {
         let input = Spec::udp(CLIENT, 40000, CLUSTER_IP, 53);
         let out = fx.run(hook, &input.build()).unwrap();
         let backend = expected_backend(&backends(), 5353, 40000, 53, UDP);
-        assert_eq!(out.frame, Spec { daddr: backend, dport: 5353, ..input.clone() }.build(), "{hook:?}");
+        assert_eq!(
+            out.frame,
+            Spec {
+                daddr: backend,
+                dport: 5353,
+                ..input.clone()
+            }
+            .build(),
+            "{hook:?}"
+        );
         // A zero UDP checksum means "none" and must stay zero.
-        let input = Spec { udp_no_checksum: true, sport: 40001, ..input };
+        let input = Spec {
+            udp_no_checksum: true,
+            sport: 40001,
+            ..input
+        };
         let out = fx.run(hook, &input.build()).unwrap();
         let backend = expected_backend(&backends(), 5353, 40001, 53, UDP);
-        assert_eq!(out.frame, Spec { daddr: backend, dport: 5353, ..input }.build(), "{hook:?}");
+        assert_eq!(
+            out.frame,
+            Spec {
+                daddr: backend,
+                dport: 5353,
+                ..input
+            }
+            .build(),
+            "{hook:?}"
+        );
         assert_eq!(decode(&out.frame).l4_checksum, 0);
     }
 }
@@ -107,25 +162,49 @@ fn established_flow_keeps_its_backend_when_the_table_changes() {
         let mut more = backends();
         more.push(Ipv4Addr::new(198, 18, 1, 14));
         let sport = (40000..41000)
-            .find(|&p| expected_backend(&backends(), 8080, p, 80, TCP) != expected_backend(&more, 8080, p, 80, TCP))
+            .find(|&p| {
+                expected_backend(&backends(), 8080, p, 80, TCP)
+                    != expected_backend(&more, 8080, p, 80, TCP)
+            })
             .expect("some flow moves");
         let first = expected_backend(&backends(), 8080, sport, 80, TCP);
         let syn = Spec::tcp(CLIENT, sport, CLUSTER_IP, 80);
-        assert_eq!(decode(&fx.run(hook, &syn.build()).unwrap().frame).daddr, first);
+        assert_eq!(
+            decode(&fx.run(hook, &syn.build()).unwrap().frame).daddr,
+            first
+        );
 
         let objects = lb_userspace::manifest::parse(&config(&more)).unwrap();
-        let node = lb_userspace::model::NodeConfig { name: "node-a".into(), node_ips: vec![NODE_IP] };
+        let node = lb_userspace::model::NodeConfig {
+            name: "node-a".into(),
+            node_ips: vec![NODE_IP],
+        };
         let state = lb_userspace::model::build(&objects.services, &objects.slices, &node).state;
         assert!(fx.programmer.apply(&state).failed.is_empty());
 
-        let ack = Spec { tcp_flags: TCP_ACK, ..syn.clone() };
+        let ack = Spec {
+            tcp_flags: TCP_ACK,
+            ..syn.clone()
+        };
         let out = fx.run(hook, &ack.build()).unwrap();
-        assert_eq!(out.frame, Spec { daddr: first, dport: 8080, ..ack }.build(), "{hook:?}");
+        assert_eq!(
+            out.frame,
+            Spec {
+                daddr: first,
+                dport: 8080,
+                ..ack
+            }
+            .build(),
+            "{hook:?}"
+        );
         assert_eq!(counter(&fx, Verdict::DnatEstablished), 1);
         // A new flow from another port does follow the new table.
         let other = Spec::tcp(CLIENT, sport + 1000, CLUSTER_IP, 80);
         let out = fx.run(hook, &other.build()).unwrap();
-        assert_eq!(decode(&out.frame).daddr, expected_backend(&more, 8080, sport + 1000, 80, TCP));
+        assert_eq!(
+            decode(&out.frame).daddr,
+            expected_backend(&more, 8080, sport + 1000, 80, TCP)
+        );
     }
 }
 
@@ -156,7 +235,11 @@ fn reply_is_translated_back_to_the_frontend_and_routed() {
             }
             .build();
             assert_eq!(out.frame, want, "{hook:?} via {daddr}:{dport}");
-            let redirect = if hook == Hook::Tc { TC_ACT_REDIRECT } else { XDP_REDIRECT };
+            let redirect = if hook == Hook::Tc {
+                TC_ACT_REDIRECT
+            } else {
+                XDP_REDIRECT
+            };
             assert_eq!(out.verdict, redirect, "{hook:?}");
             assert_eq!(counter(&fx, Verdict::ReplyNat), 1);
         }
@@ -188,12 +271,24 @@ fn icmp_unreachable(input: &[u8]) -> Vec<u8> {
 fn no_endpoint_is_refused_with_icmp_port_unreachable() {
     for hook in HOOKS {
         let fx = fixture();
-        for input in [Spec::tcp(CLIENT, 40000, EMPTY_IP, 80), Spec::udp(CLIENT, 40000, EMPTY_IP, 53)] {
+        for input in [
+            Spec::tcp(CLIENT, 40000, EMPTY_IP, 80),
+            Spec::udp(CLIENT, 40000, EMPTY_IP, 53),
+        ] {
             let frame = input.build();
             let out = fx.run_on(hook, &frame, fx.pod_ifindex).unwrap();
-            let bounce = if hook == Hook::Tc { TC_ACT_REDIRECT } else { XDP_TX };
+            let bounce = if hook == Hook::Tc {
+                TC_ACT_REDIRECT
+            } else {
+                XDP_TX
+            };
             assert_eq!(out.verdict, bounce, "{hook:?}");
-            assert_eq!(out.frame, icmp_unreachable(&frame), "{hook:?} proto {}", input.proto);
+            assert_eq!(
+                out.frame,
+                icmp_unreachable(&frame),
+                "{hook:?} proto {}",
+                input.proto
+            );
         }
         assert_eq!(counter(&fx, Verdict::RejectNoBackend), 2);
     }
@@ -213,7 +308,11 @@ fn traffic_not_for_a_service_passes_untouched() {
         ];
         for frame in frames {
             let out = fx.run(hook, &frame).unwrap();
-            assert_eq!((out.verdict, &out.frame), (pass_verdict(hook), &frame), "{hook:?}");
+            assert_eq!(
+                (out.verdict, &out.frame),
+                (pass_verdict(hook), &frame),
+                "{hook:?}"
+            );
         }
         assert_eq!(counter(&fx, Verdict::PassNotService), 4);
     }
@@ -234,7 +333,11 @@ fn non_ipv4_and_other_protocols_pass_untouched() {
         let fx = fixture();
         for frame in [&arp, &ipv6, &icmp] {
             let out = fx.run(hook, frame).unwrap();
-            assert_eq!((out.verdict, &out.frame), (pass_verdict(hook), frame), "{hook:?}");
+            assert_eq!(
+                (out.verdict, &out.frame),
+                (pass_verdict(hook), frame),
+                "{hook:?}"
+            );
         }
         assert_eq!(counter(&fx, Verdict::PassNotIpv4), 2);
         assert_eq!(counter(&fx, Verdict::PassOtherProtocol), 1);
@@ -266,13 +369,27 @@ fn truncated_and_malformed_packets_are_never_translated() {
         // The kernel's skb test run refuses IPv4 frames without a whole IP
         // header, so TC sees the shorter cases only in production; XDP
         // runs all of them through the same parser.
-        let cases: Vec<&Vec<u8>> = cases.iter().filter(|f| hook == Hook::Xdp || f.len() >= 34).collect();
+        let cases: Vec<&Vec<u8>> = cases
+            .iter()
+            .filter(|f| hook == Hook::Xdp || f.len() >= 34)
+            .collect();
         for frame in &cases {
-            let out = fx.run(hook, frame).unwrap_or_else(|e| panic!("{hook:?} {} bytes: {e}", frame.len()));
-            assert_eq!(out.verdict, pass_verdict(hook), "{hook:?} {} bytes", frame.len());
+            let out = fx
+                .run(hook, frame)
+                .unwrap_or_else(|e| panic!("{hook:?} {} bytes: {e}", frame.len()));
+            assert_eq!(
+                out.verdict,
+                pass_verdict(hook),
+                "{hook:?} {} bytes",
+                frame.len()
+            );
             assert_eq!(&out.frame, *frame, "{hook:?} {} bytes", frame.len());
         }
-        assert_eq!(counter(&fx, Verdict::PassMalformed), cases.len() as u64, "{hook:?}");
+        assert_eq!(
+            counter(&fx, Verdict::PassMalformed),
+            cases.len() as u64,
+            "{hook:?}"
+        );
         assert_eq!(counter(&fx, Verdict::DnatNew), 0);
     }
 }
@@ -281,10 +398,22 @@ fn truncated_and_malformed_packets_are_never_translated() {
 fn fragments_pass_untouched() {
     for hook in HOOKS {
         let fx = fixture();
-        for frag in [0x2000u16 /* MF */, 0x0010 /* offset 128 */, 0x2010] {
-            let frame = Spec { frag, ..Spec::tcp(CLIENT, 40000, CLUSTER_IP, 80) }.build();
+        for frag in [
+            0x2000u16, /* MF */
+            0x0010,    /* offset 128 */
+            0x2010,
+        ] {
+            let frame = Spec {
+                frag,
+                ..Spec::tcp(CLIENT, 40000, CLUSTER_IP, 80)
+            }
+            .build();
             let out = fx.run(hook, &frame).unwrap();
-            assert_eq!((out.verdict, &out.frame), (pass_verdict(hook), &frame), "{hook:?} frag {frag:#x}");
+            assert_eq!(
+                (out.verdict, &out.frame),
+                (pass_verdict(hook), &frame),
+                "{hook:?} frag {frag:#x}"
+            );
         }
         assert_eq!(counter(&fx, Verdict::PassFragment), 3);
     }
@@ -296,15 +425,34 @@ fn ip_options_are_kept_and_translated_correctly() {
     let options = vec![0x94, 0x04, 0x00, 0x00, 0x01, 0x01, 0x01, 0x00];
     for hook in HOOKS {
         let fx = fixture();
-        let input = Spec { ip_options: options.clone(), ..Spec::tcp(CLIENT, 40000, CLUSTER_IP, 80) };
+        let input = Spec {
+            ip_options: options.clone(),
+            ..Spec::tcp(CLIENT, 40000, CLUSTER_IP, 80)
+        };
         let out = fx.run(hook, &input.build()).unwrap();
         let backend = expected_backend(&backends(), 8080, 40000, 80, TCP);
-        assert_eq!(out.frame, Spec { daddr: backend, dport: 8080, ..input }.build(), "{hook:?}");
+        assert_eq!(
+            out.frame,
+            Spec {
+                daddr: backend,
+                dport: 8080,
+                ..input
+            }
+            .build(),
+            "{hook:?}"
+        );
         // A refusal cannot quote a header with options in its fixed-size
         // reply: dropped, never bounced malformed.
-        let input = Spec { ip_options: options.clone(), ..Spec::tcp(CLIENT, 40000, EMPTY_IP, 80) };
+        let input = Spec {
+            ip_options: options.clone(),
+            ..Spec::tcp(CLIENT, 40000, EMPTY_IP, 80)
+        };
         let out = fx.run(hook, &input.build()).unwrap();
-        let drop = if hook == Hook::Tc { TC_ACT_SHOT } else { XDP_DROP };
+        let drop = if hook == Hook::Tc {
+            TC_ACT_SHOT
+        } else {
+            XDP_DROP
+        };
         assert_eq!(out.verdict, drop, "{hook:?}");
         assert_eq!(counter(&fx, Verdict::DropRejectFailed), 1);
     }
@@ -316,15 +464,24 @@ fn session_affinity_keeps_a_client_on_one_backend() {
     svc.affinity_timeout_s = Some(300);
     for hook in HOOKS {
         let fx = Fixture::new(&yaml(&[svc.clone()])).unwrap();
-        let first = decode(&fx.run(hook, &Spec::tcp(CLIENT, 40000, CLUSTER_IP, 80).build()).unwrap().frame).daddr;
+        let first = decode(
+            &fx.run(hook, &Spec::tcp(CLIENT, 40000, CLUSTER_IP, 80).build())
+                .unwrap()
+                .frame,
+        )
+        .daddr;
         for sport in 40001..40040 {
-            let out = fx.run(hook, &Spec::tcp(CLIENT, sport, CLUSTER_IP, 80).build()).unwrap();
+            let out = fx
+                .run(hook, &Spec::tcp(CLIENT, sport, CLUSTER_IP, 80).build())
+                .unwrap();
             assert_eq!(decode(&out.frame).daddr, first, "{hook:?} sport {sport}");
         }
         assert_eq!(counter(&fx, Verdict::DnatAffinity), 39);
         // Another client is balanced on its own.
         let other = Ipv4Addr::new(198, 18, 0, 77);
-        let out = fx.run(hook, &Spec::tcp(other, 40000, CLUSTER_IP, 80).build()).unwrap();
+        let out = fx
+            .run(hook, &Spec::tcp(other, 40000, CLUSTER_IP, 80).build())
+            .unwrap();
         assert_eq!(decode(&out.frame).saddr, other);
     }
 }
@@ -335,13 +492,24 @@ fn session_affinity_expires_after_its_timeout() {
     svc.affinity_timeout_s = Some(1);
     for hook in HOOKS {
         let fx = Fixture::new(&yaml(&[svc.clone()])).unwrap();
-        fx.run(hook, &Spec::tcp(CLIENT, 40000, CLUSTER_IP, 80).build()).unwrap();
-        fx.run(hook, &Spec::tcp(CLIENT, 40001, CLUSTER_IP, 80).build()).unwrap();
-        assert_eq!(counter(&fx, Verdict::DnatAffinity), 1, "{hook:?}: within the timeout");
+        fx.run(hook, &Spec::tcp(CLIENT, 40000, CLUSTER_IP, 80).build())
+            .unwrap();
+        fx.run(hook, &Spec::tcp(CLIENT, 40001, CLUSTER_IP, 80).build())
+            .unwrap();
+        assert_eq!(
+            counter(&fx, Verdict::DnatAffinity),
+            1,
+            "{hook:?}: within the timeout"
+        );
         std::thread::sleep(std::time::Duration::from_millis(1100));
         // After the timeout the new flow is a plain Maglev choice again.
-        let out = fx.run(hook, &Spec::tcp(CLIENT, 40002, CLUSTER_IP, 80).build()).unwrap();
+        let out = fx
+            .run(hook, &Spec::tcp(CLIENT, 40002, CLUSTER_IP, 80).build())
+            .unwrap();
         assert_eq!(counter(&fx, Verdict::DnatAffinity), 1, "{hook:?}: expired");
-        assert_eq!(decode(&out.frame).daddr, expected_backend(&backends(), 8080, 40002, 80, TCP));
+        assert_eq!(
+            decode(&out.frame).daddr,
+            expected_backend(&backends(), 8080, 40002, 80, TCP)
+        );
     }
 }

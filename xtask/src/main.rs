@@ -52,7 +52,8 @@ fn main() -> anyhow::Result<()> {
         Cmd::Demo => {
             prereqs::ensure_all()?;
             build_all(&root)?;
-            run(Command::new(root.join("target/release/lb-demo")).env("LB_BIN", root.join("target/release/lb")))
+            run(Command::new(root.join("target/release/lb-demo"))
+                .env("LB_BIN", root.join("target/release/lb")))
         }
         Cmd::Test { args } => {
             prereqs::ensure_all()?;
@@ -66,13 +67,17 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench => {
             prereqs::ensure_all()?;
             build_all(&root)?;
-            run(Command::new(root.join("target/release/lb-bench")).env("LB_BIN", root.join("target/release/lb")))
+            run(Command::new(root.join("target/release/lb-bench"))
+                .env("LB_BIN", root.join("target/release/lb")))
         }
     }
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
 }
 
 fn cargo() -> Command {
@@ -101,7 +106,10 @@ pub fn build_ebpf(root: &Path) -> anyhow::Result<()> {
     run(&mut cmd)?;
     let object = root.join(EBPF_OBJECT);
     if !object.exists() {
-        bail!("the eBPF build finished but {} is missing", object.display());
+        bail!(
+            "the eBPF build finished but {} is missing",
+            object.display()
+        );
     }
     println!("xtask: eBPF object at {}", object.display());
     Ok(())

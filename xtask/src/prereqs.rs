@@ -7,7 +7,11 @@ use anyhow::{bail, Context};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages and the command each provides.
-const PACKAGES: [(&str, &str); 3] = [("bpftool", "bpftool"), ("iproute2", "ip"), ("ethtool", "ethtool")];
+const PACKAGES: [(&str, &str); 3] = [
+    ("bpftool", "bpftool"),
+    ("iproute2", "ip"),
+    ("ethtool", "ethtool"),
+];
 
 /// Nightly with rust-src and bpf-linker: enough for `build-ebpf`.
 pub fn ensure_build_tools() -> anyhow::Result<()> {
@@ -23,7 +27,9 @@ pub fn ensure_all() -> anyhow::Result<()> {
 
 fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 fn nightly_sysroot() -> Option<PathBuf> {
@@ -47,13 +53,16 @@ fn ensure_rust_src() -> anyhow::Result<()> {
 }
 
 fn ensure_bpf_linker() -> anyhow::Result<()> {
-    if output(Command::new("bpf-linker").arg("--version")).is_some_and(|v| v.contains(BPF_LINKER_VERSION)) {
+    if output(Command::new("bpf-linker").arg("--version"))
+        .is_some_and(|v| v.contains(BPF_LINKER_VERSION))
+    {
         return Ok(());
     }
     // A plain `cargo install bpf-linker` wants LLVM 23, which is not here.
     // Build it against nightly rustc's own LLVM 22 (TOOLCHAIN.md, way 2):
     // no system LLVM packages needed.
-    let sysroot = nightly_sysroot().context("the nightly toolchain is missing (rustup toolchain install nightly)")?;
+    let sysroot = nightly_sysroot()
+        .context("the nightly toolchain is missing (rustup toolchain install nightly)")?;
     let libdir = sysroot.join("lib");
     let libs: Vec<String> = std::fs::read_dir(&libdir)?
         .filter_map(Result::ok)
@@ -74,7 +83,10 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
         .context("neither CARGO_HOME nor HOME is set")?;
     let prefix = cargo_home.join("lb-bpf-linker-llvm");
     std::fs::create_dir_all(prefix.join("lib"))?;
-    for name in libs.iter().chain(std::iter::once(&"libLLVM.so".to_string())) {
+    for name in libs
+        .iter()
+        .chain(std::iter::once(&"libLLVM.so".to_string()))
+    {
         let target = if name == "libLLVM.so" { &soname } else { name };
         let link = prefix.join("lib").join(name);
         let _ = std::fs::remove_file(&link);
@@ -103,7 +115,9 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
 fn ensure_packages() -> anyhow::Result<()> {
     let missing: Vec<&str> = PACKAGES
         .iter()
-        .filter(|(_, cmd)| output(Command::new("sh").args(["-c", &format!("command -v {cmd}")])).is_none())
+        .filter(|(_, cmd)| {
+            output(Command::new("sh").args(["-c", &format!("command -v {cmd}")])).is_none()
+        })
         .map(|(pkg, _)| *pkg)
         .collect();
     if missing.is_empty() {
@@ -111,9 +125,15 @@ fn ensure_packages() -> anyhow::Result<()> {
     }
     println!("xtask: installing {} from Debian", missing.join(", "));
     // The package lists on a fresh machine can be stale (404s): refresh.
-    let update = Command::new("apt-get").args(["update", "-q"]).status().context("running apt-get")?;
+    let update = Command::new("apt-get")
+        .args(["update", "-q"])
+        .status()
+        .context("running apt-get")?;
     if !update.success() {
-        bail!("apt-get update failed; install {} by hand", missing.join(" "));
+        bail!(
+            "apt-get update failed; install {} by hand",
+            missing.join(" ")
+        );
     }
     let status = Command::new("apt-get")
         .args(["install", "-y", "-q", "--no-install-recommends"])

@@ -25,7 +25,9 @@ use lb_tests::{
 };
 use lb_userspace::{
     maglev::{table_size_for, MaglevTable},
-    model::{DesiredState, Endpoint, Frontend, FrontendKind, Protocol, ServicePort, ServicePortKey},
+    model::{
+        DesiredState, Endpoint, Frontend, FrontendKind, Protocol, ServicePort, ServicePortKey,
+    },
 };
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
@@ -38,12 +40,32 @@ fn services(n: u32) -> DesiredState {
     let mut state = DesiredState::default();
     for i in 0..n {
         let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 1)) + i);
-        let backend = if i == 0 { vip } else { Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 0)) + i) };
-        let key = ServicePortKey { namespace: "bench".into(), name: format!("svc-{i}"), port_name: String::new(), protocol: Protocol::Tcp };
+        let backend = if i == 0 {
+            vip
+        } else {
+            Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 0)) + i)
+        };
+        let key = ServicePortKey {
+            namespace: "bench".into(),
+            name: format!("svc-{i}"),
+            port_name: String::new(),
+            protocol: Protocol::Tcp,
+        };
         let sp = ServicePort {
             key: key.clone(),
-            frontends: vec![Frontend { addr: vip, port: 80, protocol: Protocol::Tcp, kind: FrontendKind::ClusterIp }],
-            endpoints: vec![Endpoint { addr: backend, port: 80, ready: true, serving: true, terminating: false }],
+            frontends: vec![Frontend {
+                addr: vip,
+                port: 80,
+                protocol: Protocol::Tcp,
+                kind: FrontendKind::ClusterIp,
+            }],
+            endpoints: vec![Endpoint {
+                addr: backend,
+                port: 80,
+                ready: true,
+                serving: true,
+                terminating: false,
+            }],
             affinity_timeout_s: None,
         };
         state.services.insert(key, sp);
@@ -80,16 +102,27 @@ fn measure(fx: &Fixture, hook: Hook) -> anyhow::Result<Row> {
     }
     let no_service = median(no_service);
     // The per-call cost of a single timed run, on a frame that stays the same.
-    let single: Vec<f64> = (0..NEW_FLOWS).map(|_| fx.time(hook, &other, 1).map(ns)).collect::<Result<_, _>>()?;
+    let single: Vec<f64> = (0..NEW_FLOWS)
+        .map(|_| fx.time(hook, &other, 1).map(ns))
+        .collect::<Result<_, _>>()?;
     let overhead = single.iter().sum::<f64>() / single.len() as f64 - no_service;
-    let base = if hook == Hook::Tc { 1024 } else { 1024 + NEW_FLOWS };
+    let base = if hook == Hook::Tc {
+        1024
+    } else {
+        1024 + NEW_FLOWS
+    };
     let mut fresh = Vec::with_capacity(NEW_FLOWS as usize);
     for i in 0..NEW_FLOWS {
         let frame = Spec::tcp(CLIENT, base + i, vip, 80).build();
         fresh.push(ns(fx.time(hook, &frame, 1)?));
     }
     let new_raw = fresh.iter().sum::<f64>() / fresh.len() as f64;
-    Ok(Row { no_service, new_raw, new_flow: new_raw - overhead, established: median(established) })
+    Ok(Row {
+        no_service,
+        new_raw,
+        new_flow: new_raw - overhead,
+        established: median(established),
+    })
 }
 
 fn main() -> anyhow::Result<()> {
@@ -102,7 +135,10 @@ fn main() -> anyhow::Result<()> {
         let t = Instant::now();
         let fx = Fixture::with_state(&state)?;
         let took = t.elapsed();
-        println!("programmed {n:>6} services (load + {n} Maglev tables + maps) in {:.2} s", took.as_secs_f64());
+        println!(
+            "programmed {n:>6} services (load + {n} Maglev tables + maps) in {:.2} s",
+            took.as_secs_f64()
+        );
         for (hook, name) in [(Hook::Tc, "TC"), (Hook::Xdp, "XDP")] {
             rows.insert((n, name), measure(&fx, hook)?);
         }
@@ -117,8 +153,15 @@ fn main() -> anyhow::Result<()> {
     }
 
     println!("\nMaglev table build (userspace), median of 21:");
-    for (backends, m) in [(1000usize, 65_537u32), (1000, table_size_for(1000)), (100, table_size_for(100)), (3, table_size_for(3))] {
-        let set: Vec<(Ipv4Addr, u16)> = (0..backends as u32).map(|i| (Ipv4Addr::from(0xc612_8000 + i), 8080)).collect();
+    for (backends, m) in [
+        (1000usize, 65_537u32),
+        (1000, table_size_for(1000)),
+        (100, table_size_for(100)),
+        (3, table_size_for(3)),
+    ] {
+        let set: Vec<(Ipv4Addr, u16)> = (0..backends as u32)
+            .map(|i| (Ipv4Addr::from(0xc612_8000 + i), 8080))
+            .collect();
         let times: Vec<f64> = (0..21)
             .map(|_| {
                 let t = Instant::now();
@@ -126,7 +169,10 @@ fn main() -> anyhow::Result<()> {
                 t.elapsed().as_secs_f64() * 1e3
             })
             .collect();
-        println!("| {backends} backends | M = {m} | {:.2} ms |", median(times));
+        println!(
+            "| {backends} backends | M = {m} | {:.2} ms |",
+            median(times)
+        );
     }
     println!("(The Maglev paper reports 1.8 ms for 1,000 backends at M = 65,537.)");
     Ok(())

@@ -29,7 +29,9 @@ fn main() -> ExitCode {
 }
 
 fn demo() -> anyhow::Result<bool> {
-    println!("== building a virtual node: client {CLIENT_IP} -> node {NODE_IP} -> pods 198.18.1.11-13");
+    println!(
+        "== building a virtual node: client {CLIENT_IP} -> node {NODE_IP} -> pods 198.18.1.11-13"
+    );
     let topo = Topology::new(3)?;
     let _servers: Vec<PodServer> = topo
         .pods
@@ -39,8 +41,14 @@ fn demo() -> anyhow::Result<bool> {
         .collect::<Result<_, _>>()?;
     let svc = Svc::web(topo.pods.iter().map(|p| Endpoint::ready(p.ip)).collect());
     let config = ConfigFile::new(&yaml(&[svc]))?;
-    println!("== built-in example (services.yaml):\n{}", std::fs::read_to_string(&config.path)?);
-    println!("== starting: lb run --config services.yaml --iface {} --node-ip {NODE_IP}", topo.tc_ifaces().join(" --iface "));
+    println!(
+        "== built-in example (services.yaml):\n{}",
+        std::fs::read_to_string(&config.path)?
+    );
+    println!(
+        "== starting: lb run --config services.yaml --iface {} --node-ip {NODE_IP}",
+        topo.tc_ifaces().join(" --iface ")
+    );
     let agent = Agent::start(&topo, &config.path)?;
 
     let cluster_ip: SocketAddrV4 = "198.19.0.10:80".parse()?;
@@ -53,7 +61,15 @@ fn demo() -> anyhow::Result<bool> {
         ("ClusterIP UDP", dns, true),
     ] {
         let results = topo.client.run(move || {
-            (0..CONNECTIONS).map(|_| if udp { udp_who(target) } else { tcp_who(target) }).collect::<Vec<_>>()
+            (0..CONNECTIONS)
+                .map(|_| {
+                    if udp {
+                        udp_who(target)
+                    } else {
+                        tcp_who(target)
+                    }
+                })
+                .collect::<Vec<_>>()
         })?;
         let mut per_pod: BTreeMap<String, usize> = BTreeMap::new();
         let mut failed = 0;
@@ -75,15 +91,39 @@ fn demo() -> anyhow::Result<bool> {
         ok &= failed == 0 && per_pod.len() == 3 && client_seen;
     }
 
-    println!("== datapath counters (lb stats --pin-dir {})", agent.pin_dir.display());
-    print!("{}", sh(std::process::Command::new(lb_bin()).arg("stats").arg("--pin-dir").arg(&agent.pin_dir))?);
-    println!("== bpftool map dump pinned {}/lb_frontends", agent.pin_dir.display());
-    let dump = sh(std::process::Command::new("bpftool").args(["map", "dump", "pinned"]).arg(agent.pin_dir.join("lb_frontends")));
+    println!(
+        "== datapath counters (lb stats --pin-dir {})",
+        agent.pin_dir.display()
+    );
+    print!(
+        "{}",
+        sh(std::process::Command::new(lb_bin())
+            .arg("stats")
+            .arg("--pin-dir")
+            .arg(&agent.pin_dir))?
+    );
+    println!(
+        "== bpftool map dump pinned {}/lb_frontends",
+        agent.pin_dir.display()
+    );
+    let dump = sh(std::process::Command::new("bpftool")
+        .args(["map", "dump", "pinned"])
+        .arg(agent.pin_dir.join("lb_frontends")));
     match dump {
-        Ok(text) => print!("{}", text.lines().take(40).collect::<Vec<_>>().join("\n") + "\n"),
+        Ok(text) => print!(
+            "{}",
+            text.lines().take(40).collect::<Vec<_>>().join("\n") + "\n"
+        ),
         Err(e) => println!("   (bpftool: {e})"),
     }
     drop(agent);
-    println!("== torn down; traffic {}", if ok { "flowed to every backend" } else { "DID NOT flow as expected" });
+    println!(
+        "== torn down; traffic {}",
+        if ok {
+            "flowed to every backend"
+        } else {
+            "DID NOT flow as expected"
+        }
+    );
     Ok(ok)
 }
