@@ -68,9 +68,12 @@ impl Netns {
             .args(args))
     }
 
+    /// Sets a sysctl of this namespace. /proc/sys/net resolves against the
+    /// opening thread's namespace, so no `sysctl` binary is needed.
     pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
-        self.exec("sysctl", &["-qw", &format!("{key}={value}")])
-            .map(drop)
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        let value = value.to_string();
+        self.run(move || std::fs::write(&path, value).with_context(|| format!("writing {path}")))?
     }
 
     pub fn file(&self) -> anyhow::Result<File> {

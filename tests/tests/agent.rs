@@ -353,3 +353,18 @@ fn bpftool_dumps_pinned_maps_with_named_fields() {
         assert!(ct.contains(field), "{field} missing from:\n{ct}");
     }
 }
+
+/// Guard for the test rules: the harness's sysctls land in the test's own
+/// namespace, never in the root namespace.
+#[test]
+fn harness_sysctls_stay_in_the_test_namespace() {
+    lb_tests::require_root();
+    let ns = lb_tests::netns::Netns::new(unique("lbsys")).unwrap();
+    let root_before = std::fs::read_to_string("/proc/sys/net/ipv4/conf/lo/forwarding").unwrap();
+    let flipped = if root_before.trim() == "1" { "0" } else { "1" };
+    ns.sysctl("net.ipv4.conf.lo.forwarding", flipped).unwrap();
+    let inside = ns.exec("cat", &["/proc/sys/net/ipv4/conf/lo/forwarding"]).unwrap();
+    assert_eq!(inside.trim(), flipped);
+    let root_after = std::fs::read_to_string("/proc/sys/net/ipv4/conf/lo/forwarding").unwrap();
+    assert_eq!(root_after, root_before);
+}
