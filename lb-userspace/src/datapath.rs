@@ -70,7 +70,16 @@ impl Datapath {
     /// Loads the programs and creates (or, for pins left behind, reuses)
     /// the maps pinned under `pin_dir`.
     pub fn load(pin_dir: &Path) -> Result<(Datapath, KernelMaps), DatapathError> {
-        if OBJECT.is_empty() {
+        Self::load_object(OBJECT, pin_dir)
+    }
+
+    /// `load` with another object (tests use a damaged one to see the
+    /// verifier's refusal reported).
+    pub fn load_object(
+        object: &[u8],
+        pin_dir: &Path,
+    ) -> Result<(Datapath, KernelMaps), DatapathError> {
+        if object.is_empty() {
             return Err(DatapathError::NoObject);
         }
         let mut loader = EbpfLoader::new();
@@ -81,7 +90,7 @@ impl Datapath {
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
-        let mut ebpf = loader.load(OBJECT).map_err(DatapathError::Load)?;
+        let mut ebpf = loader.load(object).map_err(DatapathError::Load)?;
         for name in [program_names::TC, program_names::XDP] {
             let program = ebpf
                 .program_mut(name)

@@ -334,7 +334,13 @@ fn bpftool_dumps_pinned_maps_with_named_fields() {
         .run(|| tcp_who(node_port(30080)))
         .unwrap()
         .unwrap();
-    let stats = lb_tests::netns::sh(Command::new(lb_bin()).arg("stats").arg("--pin-dir").arg(&agent.pin_dir)).unwrap();
+    let stats = lb_tests::netns::sh(
+        Command::new(lb_bin())
+            .arg("stats")
+            .arg("--pin-dir")
+            .arg(&agent.pin_dir),
+    )
+    .unwrap();
     let dnat_new: u64 = stats
         .lines()
         .find_map(|l| l.strip_prefix("dnat_new"))
@@ -363,7 +369,9 @@ fn harness_sysctls_stay_in_the_test_namespace() {
     let root_before = std::fs::read_to_string("/proc/sys/net/ipv4/conf/lo/forwarding").unwrap();
     let flipped = if root_before.trim() == "1" { "0" } else { "1" };
     ns.sysctl("net.ipv4.conf.lo.forwarding", flipped).unwrap();
-    let inside = ns.exec("cat", &["/proc/sys/net/ipv4/conf/lo/forwarding"]).unwrap();
+    let inside = ns
+        .exec("cat", &["/proc/sys/net/ipv4/conf/lo/forwarding"])
+        .unwrap();
     assert_eq!(inside.trim(), flipped);
     let root_after = std::fs::read_to_string("/proc/sys/net/ipv4/conf/lo/forwarding").unwrap();
     assert_eq!(root_after, root_before);

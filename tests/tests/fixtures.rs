@@ -513,3 +513,57 @@ fn session_affinity_expires_after_its_timeout() {
         );
     }
 }
+
+/// Offset and size of the ELF64 section called `name`.
+fn elf_section(elf: &[u8], name: &str) -> (usize, usize) {
+    let u16_at = |o: usize| u16::from_le_bytes(elf[o..o + 2].try_into().unwrap()) as usize;
+    let u32_at = |o: usize| u32::from_le_bytes(elf[o..o + 4].try_into().unwrap()) as usize;
+    let u64_at = |o: usize| u64::from_le_bytes(elf[o..o + 8].try_into().unwrap()) as usize;
+    let (shoff, shentsize, shnum, shstrndx) =
+        (u64_at(0x28), u16_at(0x3a), u16_at(0x3c), u16_at(0x3e));
+    let header = |i: usize| shoff + i * shentsize;
+    let strtab = u64_at(header(shstrndx) + 0x18);
+    (0..shnum)
+        .map(header)
+        .find(|&h| {
+            let n = strtab + u32_at(h);
+            elf[n..].starts_with(name.as_bytes()) && elf[n + name.len()] == 0
+        })
+        .map(|h| (u64_at(h + 0x18), u64_at(h + 0x20)))
+        .unwrap_or_else(|| panic!("no section {name}"))
+}
+
+#[test]
+fn a_program_the_kernel_refuses_is_reported_with_the_verifier_log() {
+    lb_tests::require_root();
+    let path = std::env::var("LB_EBPF_OBJECT").unwrap_or_else(|_| {
+        format!(
+            "{}/../target/bpfel-unknown-none/release/lb-ebpf",
+            env!("CARGO_MANIFEST_DIR")
+        )
+    });
+    let mut object = std::fs::read(&path).expect("the eBPF object (cargo xtask build-ebpf)");
+    // First instruction of the XDP program becomes `r0 = *(u64 *)(r10 + 8)`:
+    // a read above the stack frame, which the verifier must refuse.
+    let (off, size) = elf_section(&object, "xdp");
+    assert!(size >= 8);
+    object[off..off + 8].copy_from_slice(&[0x79, 0xa0, 0x08, 0x00, 0, 0, 0, 0]);
+    let pin_dir = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/{}",
+        lb_tests::netns::unique("lbverif")
+    ));
+    lb_userspace::system::ensure_bpffs(&pin_dir).unwrap();
+    std::fs::create_dir_all(&pin_dir).unwrap();
+    let err = match lb_userspace::datapath::Datapath::load_object(&object, &pin_dir) {
+        Ok(_) => panic!("the damaged program loaded"),
+        Err(e) => e.to_string(),
+    };
+    lb_userspace::datapath::remove_pins(&pin_dir).unwrap();
+    eprintln!("{err}");
+    assert!(err.contains("the kernel refused program lb_xdp"), "{err}");
+    assert!(err.contains("last lines of the verifier log"), "{err}");
+    assert!(
+        err.to_lowercase().contains("stack"),
+        "the verifier's reason is shown: {err}"
+    );
+}
