@@ -37,7 +37,7 @@ pub mod program_names {
 }
 
 /// Map capacities. The agent rejects desired states that would not fit.
-pub const MAX_FRONTENDS: u32 = 1 << 19;
+pub const MAX_FRONTENDS: u32 = 1 << 18;
 /// Service ids are `1..MAX_SERVICES`; 0 is never allocated.
 pub const MAX_SERVICES: u32 = 1 << 17;
 /// Backend ids are `1..MAX_BACKENDS`; 0 is never allocated.

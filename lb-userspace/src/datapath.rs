@@ -38,8 +38,6 @@ pub enum DatapathError {
         io_error: std::io::Error,
         log_tail: String,
     },
-    #[error("interface {0:?} does not exist in this network namespace (see `ip link show`)")]
-    UnknownInterface(String),
     #[error("attaching {program} to {iface}: {source}")]
     Attach {
         program: &'static str,
@@ -122,11 +120,9 @@ impl Datapath {
         ))
     }
 
-    /// Attaches to `iface`; the attachment lasts as long as this value.
+    /// Attaches to `iface` (which the caller has checked exists); the
+    /// attachment lasts as long as this value.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<(), DatapathError> {
-        if nix::net::if_::if_nametoindex(iface).is_err() {
-            return Err(DatapathError::UnknownInterface(iface.to_string()));
-        }
         let result = match mode {
             AttachMode::Tc => {
                 let p: &mut SchedClassifier = self

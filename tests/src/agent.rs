@@ -182,29 +182,18 @@ impl Agent {
 
     /// Sends `signal` and waits for the exit status.
     pub fn stop_with(&mut self, signal: Signal) -> anyhow::Result<std::process::ExitStatus> {
-        let mut child = self.child.take().context("agent already stopped")?;
+        let child = self.child.as_ref().context("agent already stopped")?;
         kill(Pid::from_raw(child.id() as i32), signal)?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = child.try_wait()? {
-                std::thread::sleep(Duration::from_millis(50)); // let the log thread drain
-                return Ok(status);
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                bail!("lb did not exit within 10s of {signal}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.wait_exit(Duration::from_secs(10))
     }
 
-    /// Waits for the agent to exit on its own (for start-up errors).
+    /// Waits for the agent to exit (killing it after `within`).
     pub fn wait_exit(&mut self, within: Duration) -> anyhow::Result<std::process::ExitStatus> {
         let mut child = self.child.take().context("agent already stopped")?;
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = child.try_wait()? {
-                std::thread::sleep(Duration::from_millis(50));
+                std::thread::sleep(Duration::from_millis(50)); // let the log thread drain
                 return Ok(status);
             }
             if Instant::now() > deadline {

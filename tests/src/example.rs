@@ -79,6 +79,27 @@ impl Svc {
     }
 }
 
+impl Svc {
+    /// A second service: ClusterIP 198.19.0.11, unnamed TCP port 8443 ->
+    /// 8080 with NodePort 30443, on one endpoint.
+    pub fn api(endpoint: Ipv4Addr) -> Svc {
+        Svc {
+            namespace: "demo",
+            name: "api",
+            cluster_ip: Ipv4Addr::new(198, 19, 0, 11),
+            ports: vec![Port {
+                name: "",
+                protocol: "TCP",
+                port: 8443,
+                target: 8080,
+                node_port: Some(30443),
+            }],
+            affinity_timeout_s: None,
+            endpoints: vec![Endpoint::ready(endpoint)],
+        }
+    }
+}
+
 pub fn yaml(services: &[Svc]) -> String {
     let mut out = String::from("apiVersion: v1\nkind: List\nitems:\n");
     for s in services {

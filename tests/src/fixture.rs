@@ -131,6 +131,18 @@ impl Fixture {
         self.programmer.maps()
     }
 
+    fn test_run(
+        &self,
+        hook: Hook,
+        opts: TestRunOptions<'_>,
+    ) -> anyhow::Result<aya::programs::TestRunResult> {
+        let dp = self.dp.as_ref().expect("loaded");
+        Ok(match hook {
+            Hook::Tc => dp.tc_program().test_run(opts)?,
+            Hook::Xdp => dp.xdp_program().test_run(opts)?,
+        })
+    }
+
     /// Runs `frame` `repeat` times in the kernel and returns the mean time
     /// per run the kernel measured (BPF_PROG_TEST_RUN's duration).
     pub fn time(
@@ -139,23 +151,17 @@ impl Fixture {
         frame: &[u8],
         repeat: u32,
     ) -> anyhow::Result<std::time::Duration> {
-        let dp = self.dp.as_ref().expect("loaded");
         let opts = TestRunOptions {
             data_in: Some(frame),
             repeat,
             ..Default::default()
         };
-        let r = match hook {
-            Hook::Tc => dp.tc_program().test_run(opts)?,
-            Hook::Xdp => dp.xdp_program().test_run(opts)?,
-        };
-        Ok(r.duration)
+        Ok(self.test_run(hook, opts)?.duration)
     }
 
     /// Runs `frame` through the program of `hook` once, as if it arrived
     /// on interface `ifindex` (0: the test run's loopback).
     pub fn run_on(&self, hook: Hook, frame: &[u8], ifindex: u32) -> anyhow::Result<Outcome> {
-        let dp = self.dp.as_ref().expect("loaded");
         let mut out = vec![0u8; frame.len() + 256];
         let ctx = match hook {
             Hook::Tc => skb_ctx(ifindex),
@@ -168,10 +174,7 @@ impl Fixture {
             repeat: 1,
             ..Default::default()
         };
-        let r = match hook {
-            Hook::Tc => dp.tc_program().test_run(opts)?,
-            Hook::Xdp => dp.xdp_program().test_run(opts)?,
-        };
+        let r = self.test_run(hook, opts)?;
         out.truncate(r.data_size_out as usize);
         Ok(Outcome {
             verdict: r.return_value,

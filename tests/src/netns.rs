@@ -61,6 +61,14 @@ impl Netns {
         ip(&all)
     }
 
+    /// A veth pair: `local` here, `peer_name` inside `peer`.
+    pub fn add_veth(&self, local: &str, peer: &Netns, peer_name: &str) -> anyhow::Result<()> {
+        self.ip(&[
+            "link", "add", local, "type", "veth", "peer", "name", peer_name, "netns", &peer.name,
+        ])
+        .map(drop)
+    }
+
     /// A command run inside the namespace (`ip netns exec`).
     pub fn exec(&self, program: &str, args: &[&str]) -> anyhow::Result<String> {
         sh(Command::new("ip")

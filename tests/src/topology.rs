@@ -62,18 +62,7 @@ impl Topology {
         let node = Netns::new(format!("{tag}-node"))?;
         let client = Netns::new(format!("{tag}-cli"))?;
         let nic = "eth0".to_string();
-        node.ip(&[
-            "link",
-            "add",
-            &nic,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &client.name,
-        ])?;
+        node.add_veth(&nic, &client, "eth0")?;
         node.ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", &nic])?;
         node.ip(&["link", "set", &nic, "up"])?;
         client.ip(&["addr", "add", &format!("{CLIENT_IP}/24"), "dev", "eth0"])?;
@@ -107,18 +96,7 @@ impl Topology {
         let ns = Netns::new(format!("{}-p{i}", self.node.name.trim_end_matches("-node")))?;
         let host_iface = format!("p{i}");
         let ip = pod_ip(i);
-        self.node.ip(&[
-            "link",
-            "add",
-            &host_iface,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &ns.name,
-        ])?;
+        self.node.add_veth(&host_iface, &ns, "eth0")?;
         self.node.ip(&[
             "addr",
             "add",

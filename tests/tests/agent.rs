@@ -3,14 +3,14 @@
 //! user can hit at start-up.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::SocketAddrV4,
     process::Command,
     time::{Duration, Instant},
 };
 
 use lb_tests::{
     agent::{lb_bin, Agent, ConfigFile},
-    example::{yaml, Endpoint, Port, Svc},
+    example::{yaml, Endpoint, Svc},
     netns::unique,
     servers::{tcp_who, PodServer},
     topology::{Topology, NODE_IP},
@@ -33,23 +33,6 @@ fn web(topo: &Topology) -> Svc {
     Svc::web(topo.pods.iter().map(|p| Endpoint::ready(p.ip)).collect())
 }
 
-fn api(ip: Ipv4Addr) -> Svc {
-    Svc {
-        namespace: "demo",
-        name: "api",
-        cluster_ip: Ipv4Addr::new(198, 19, 0, 11),
-        ports: vec![Port {
-            name: "",
-            protocol: "TCP",
-            port: 8443,
-            target: 8080,
-            node_port: Some(30443),
-        }],
-        affinity_timeout_s: None,
-        endpoints: vec![Endpoint::ready(ip)],
-    }
-}
-
 fn node_port(port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(NODE_IP, port)
 }
@@ -64,7 +47,7 @@ fn an_in_place_rewrite_is_applied_within_a_second_and_touches_only_what_changed(
 
     let t = Instant::now();
     config
-        .rewrite(&yaml(&[web(&topo), api(topo.pods[1].ip)]))
+        .rewrite(&yaml(&[web(&topo), Svc::api(topo.pods[1].ip)]))
         .unwrap();
     agent
         .wait_for_log("applied config", Duration::from_secs(3))
@@ -128,7 +111,7 @@ fn a_bad_file_keeps_the_last_good_state() {
 #[test]
 fn an_invalid_object_is_skipped_alone_with_a_log_line_naming_it() {
     let (topo, _servers) = setup(1);
-    let mut bad = api(topo.pods[0].ip);
+    let mut bad = Svc::api(topo.pods[0].ip);
     bad.name = "broken";
     bad.ports[0].node_port = Some(30080); // the NodePort web already uses
     let text = yaml(&[web(&topo), bad]).replace("198.19.0.11", "198.19.0.300");

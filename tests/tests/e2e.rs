@@ -12,7 +12,7 @@ use std::{
 
 use lb_tests::{
     agent::{Agent, ConfigFile},
-    example::{yaml, Endpoint, Port, Svc},
+    example::{yaml, Endpoint, Svc},
     servers::{tcp_bulk, tcp_upload, tcp_who, udp_who, Answer, PodServer},
     topology::{pod_ip, NicMode, Topology, CLIENT_IP, NODE_IP},
 };
@@ -74,6 +74,19 @@ impl Cluster {
                 .collect(),
         )])
     }
+}
+
+/// A TCP connect from `ns`: how it ended, and how long it took.
+fn timed_connect(
+    ns: &lb_tests::netns::Netns,
+    to: SocketAddrV4,
+) -> (Result<(), ErrorKind>, Duration) {
+    ns.run(move || {
+        let t = Instant::now();
+        let r = TcpStream::connect_timeout(&to.into(), Duration::from_secs(5));
+        (r.map(drop).map_err(|e| e.kind()), t.elapsed())
+    })
+    .unwrap()
 }
 
 fn tally(answers: &[Answer]) -> BTreeMap<String, usize> {
@@ -270,13 +283,7 @@ fn a_service_with_no_endpoint_refuses_at_once() {
         } else {
             addr(CLUSTER_TCP)
         };
-        let (tcp, tcp_took) = ns
-            .run(move || {
-                let t = Instant::now();
-                let r = TcpStream::connect_timeout(&target.into(), Duration::from_secs(5));
-                (r.map(drop).map_err(|e| e.kind()), t.elapsed())
-            })
-            .unwrap();
+        let (tcp, tcp_took) = timed_connect(ns, target);
         assert_eq!(tcp, Err(ErrorKind::ConnectionRefused), "{label}");
         assert!(
             tcp_took < Duration::from_secs(1),
@@ -343,15 +350,7 @@ fn xdp_refuses_at_once_too() {
     let extra = vec!["--xdp-iface".to_string(), c.topo.nic.clone()];
     let _agent = Agent::start_with(&c.topo, &config.path, &extra).unwrap();
     let _peer = Agent::start_peer_xdp(&c.topo).unwrap();
-    let (r, took) = c
-        .topo
-        .client
-        .run(|| {
-            let t = Instant::now();
-            let r = TcpStream::connect_timeout(&node_port().into(), Duration::from_secs(5));
-            (r.map(drop).map_err(|e| e.kind()), t.elapsed())
-        })
-        .unwrap();
+    let (r, took) = timed_connect(&c.topo.client, node_port());
     assert_eq!(r, Err(ErrorKind::ConnectionRefused));
     assert!(took < Duration::from_secs(1), "refused after {took:?}");
 }
@@ -360,20 +359,7 @@ fn xdp_refuses_at_once_too() {
 fn multiple_services_and_ports_coexist() {
     let c = Cluster::new(3);
     let ips = c.backend_ips();
-    let other = Svc {
-        namespace: "demo",
-        name: "api",
-        cluster_ip: Ipv4Addr::new(198, 19, 0, 11),
-        ports: vec![Port {
-            name: "",
-            protocol: "TCP",
-            port: 8443,
-            target: 8080,
-            node_port: Some(30443),
-        }],
-        affinity_timeout_s: None,
-        endpoints: vec![Endpoint::ready(ips[2])],
-    };
+    let other = Svc::api(ips[2]);
     let config = ConfigFile::new(&yaml(&[
         Svc::web(ips.iter().copied().map(Endpoint::ready).collect()),
         other,

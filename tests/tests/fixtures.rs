@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 
 use lb_common::{hash::flow_hash, Verdict};
 use lb_tests::{
-    example::{yaml, Endpoint, Port, Svc},
+    example::{yaml, Endpoint, Svc},
     fixture::*,
     packet::{checksum, decode, Spec, CLIENT_MAC, NODE_MAC, TCP, TCP_ACK, TCP_SYN, UDP},
     topology::NODE_IP,
@@ -24,29 +24,13 @@ fn backends() -> Vec<Ipv4Addr> {
 }
 
 fn empty_svc() -> Svc {
-    Svc {
-        namespace: "demo",
+    let mut svc = Svc {
         name: "empty",
         cluster_ip: EMPTY_IP,
-        ports: vec![
-            Port {
-                name: "http",
-                protocol: "TCP",
-                port: 80,
-                target: 8080,
-                node_port: None,
-            },
-            Port {
-                name: "dns",
-                protocol: "UDP",
-                port: 53,
-                target: 5353,
-                node_port: None,
-            },
-        ],
-        affinity_timeout_s: None,
-        endpoints: vec![],
-    }
+        ..Svc::web(vec![])
+    };
+    svc.ports[0].node_port = None; // 30080 belongs to web
+    svc
 }
 
 fn config(eps: &[Ipv4Addr]) -> String {
@@ -76,6 +60,18 @@ fn pass_verdict(hook: Hook) -> u32 {
     } else {
         XDP_PASS
     }
+}
+
+/// The packet passes, byte for byte as it came.
+fn assert_untouched(fx: &Fixture, hook: Hook, frame: &[u8]) {
+    let out = fx.run(hook, frame).unwrap();
+    assert_eq!(
+        out.verdict,
+        pass_verdict(hook),
+        "{hook:?} {} bytes",
+        frame.len()
+    );
+    assert_eq!(out.frame, frame, "{hook:?} {} bytes", frame.len());
 }
 
 fn counter(fx: &Fixture, v: Verdict) -> u64 {
@@ -307,12 +303,7 @@ fn traffic_not_for_a_service_passes_untouched() {
             Spec::tcp(Ipv4Addr::new(198, 18, 1, 11), 8080, CLIENT, 40000).build(),
         ];
         for frame in frames {
-            let out = fx.run(hook, &frame).unwrap();
-            assert_eq!(
-                (out.verdict, &out.frame),
-                (pass_verdict(hook), &frame),
-                "{hook:?}"
-            );
+            assert_untouched(&fx, hook, &frame);
         }
         assert_eq!(counter(&fx, Verdict::PassNotService), 4);
     }
@@ -332,12 +323,7 @@ fn non_ipv4_and_other_protocols_pass_untouched() {
     for hook in HOOKS {
         let fx = fixture();
         for frame in [&arp, &ipv6, &icmp] {
-            let out = fx.run(hook, frame).unwrap();
-            assert_eq!(
-                (out.verdict, &out.frame),
-                (pass_verdict(hook), frame),
-                "{hook:?}"
-            );
+            assert_untouched(&fx, hook, frame);
         }
         assert_eq!(counter(&fx, Verdict::PassNotIpv4), 2);
         assert_eq!(counter(&fx, Verdict::PassOtherProtocol), 1);
@@ -408,12 +394,7 @@ fn fragments_pass_untouched() {
                 ..Spec::tcp(CLIENT, 40000, CLUSTER_IP, 80)
             }
             .build();
-            let out = fx.run(hook, &frame).unwrap();
-            assert_eq!(
-                (out.verdict, &out.frame),
-                (pass_verdict(hook), &frame),
-                "{hook:?} frag {frag:#x}"
-            );
+            assert_untouched(&fx, hook, &frame);
         }
         assert_eq!(counter(&fx, Verdict::PassFragment), 3);
     }
