@@ -19,7 +19,10 @@ pub mod map_names {
     pub const AFFINITY: &str = "lb_affinity";
     pub const VERDICTS: &str = "lb_verdicts";
     pub const SERVICE_STATS: &str = "lb_svc_stats";
-    pub const ALL: [&str; 7] = [
+    pub const CONFIG: &str = "lb_config";
+    pub const SOURCE_RANGES: &str = "lb_src_ranges";
+    pub const SOCK_REVERSE: &str = "lb_sock_rev";
+    pub const ALL: [&str; 10] = [
         FRONTENDS,
         BACKENDS,
         MAGLEV,
@@ -27,6 +30,9 @@ pub mod map_names {
         AFFINITY,
         VERDICTS,
         SERVICE_STATS,
+        CONFIG,
+        SOURCE_RANGES,
+        SOCK_REVERSE,
     ];
 }
 
@@ -34,6 +40,12 @@ pub mod map_names {
 pub mod program_names {
     pub const TC: &str = "lb_tc_ingress";
     pub const XDP: &str = "lb_xdp";
+    /// cgroup/connect4: the node's own sockets to a frontend.
+    pub const SOCK_CONNECT4: &str = "lb_sock_connect4";
+    pub const SOCK_SENDMSG4: &str = "lb_sock_sendmsg4";
+    pub const SOCK_RECVMSG4: &str = "lb_sock_recvmsg4";
+    pub const SOCK_PEER4: &str = "lb_sock_peer4";
+    pub const SOCK_ALL: [&str; 4] = [SOCK_CONNECT4, SOCK_SENDMSG4, SOCK_RECVMSG4, SOCK_PEER4];
 }
 
 /// Map capacities. The agent rejects desired states that would not fit.
@@ -44,6 +56,11 @@ pub const MAX_SERVICES: u32 = 1 << 17;
 pub const MAX_BACKENDS: u32 = 1 << 19;
 pub const MAX_CONNTRACK: u32 = 1 << 18;
 pub const MAX_AFFINITY: u32 = 1 << 16;
+/// loadBalancerSourceRanges entries, all services together.
+pub const MAX_SOURCE_RANGES: u32 = 1 << 16;
+/// Sockets whose destination the connect/sendmsg hooks rewrote (for
+/// getpeername and the source of received UDP datagrams).
+pub const MAX_SOCK_REVERSE: u32 = 1 << 16;
 
 /// `BPF_F_INNER_MAP`: lets inner Maglev arrays of one outer map differ in size.
 pub const BPF_F_INNER_MAP: u32 = 1 << 12;
@@ -99,8 +116,19 @@ pub struct ServiceEntry {
 
 /// `ServiceEntry::flags`: sessionAffinity is ClientIP.
 pub const SERVICE_F_AFFINITY: u8 = 1 << 0;
-/// `ServiceEntry::flags`: this frontend is a NodePort.
-pub const SERVICE_F_NODEPORT: u8 = 1 << 1;
+/// `ServiceEntry::flags`: an external frontend (NodePort, externalIP,
+/// load-balancer ingress IP). With traffic policy Cluster, a flow to a
+/// backend on another node is SNATed to the node address, so the reply
+/// comes back through this node.
+pub const SERVICE_F_EXTERNAL: u8 = 1 << 1;
+/// `ServiceEntry::flags`: traffic policy Local (externalTrafficPolicy for
+/// external frontends, internalTrafficPolicy for ClusterIPs). The table
+/// holds only this node's endpoints; with none, traffic is dropped (not
+/// refused) and the client's address is kept.
+pub const SERVICE_F_LOCAL: u8 = 1 << 2;
+/// `ServiceEntry::flags`: a load-balancer ingress IP with
+/// loadBalancerSourceRanges; sources outside `lb_src_ranges` are dropped.
+pub const SERVICE_F_SOURCE_RANGES: u8 = 1 << 3;
 
 /// Value of `lb_backends` (ARRAY indexed by backend id): one endpoint of one
 /// service port. Ids are per service port so a conntrack or affinity entry
@@ -123,6 +151,9 @@ pub const BACKEND_F_TERMINATING: u8 = 1 << 1;
 /// `Backend::flags`: the endpoint is in the service's current Maglev table,
 /// so it takes new flows (sessionAffinity may lead only to these).
 pub const BACKEND_F_USABLE: u8 = 1 << 2;
+/// `Backend::flags`: the endpoint runs on this node (its `nodeName` is the
+/// agent's `--node-name`); replies from it pass through this node anyway.
+pub const BACKEND_F_LOCAL: u8 = 1 << 3;
 
 /// Key of `lb_conntrack` (LRU_HASH): a flow as seen on the wire in one
 /// direction. A translated flow has two entries: the client's direction
@@ -139,6 +170,10 @@ pub struct FlowKey {
 }
 
 /// Value of `lb_conntrack`.
+///
+/// A SNATed flow (hairpin, or external traffic to another node's backend)
+/// is keyed on the reply side by the node address and the allocated port,
+/// so two clients' flows to one backend never share a reply key.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConntrackEntry {
@@ -151,13 +186,80 @@ pub struct ConntrackEntry {
     pub nat_port: u16,
     /// `CT_FORWARD` or `CT_REPLY`.
     pub direction: u8,
-    pub _pad: u8,
+    /// `CT_F_*` bits.
+    pub flags: u8,
+    /// With `CT_F_SNAT`. `CT_FORWARD`: the node address and port to write
+    /// as the source. `CT_REPLY`: the client address and port to restore as
+    /// the destination.
+    pub snat_addr: [u8; 4],
+    pub snat_port: u16,
+    pub _pad: u16,
     pub backend_id: u32,
     pub service_id: u32,
 }
 
 pub const CT_FORWARD: u8 = 1;
 pub const CT_REPLY: u8 = 2;
+/// `ConntrackEntry::flags`: the source is translated too.
+pub const CT_F_SNAT: u8 = 1 << 0;
+
+/// Value of `lb_config` (ARRAY of one): node facts the datapath needs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DatapathConfig {
+    /// The node address SNAT and hairpin masquerade use (the first
+    /// `--node-ip`); 0.0.0.0 disables SNAT.
+    pub snat_addr: [u8; 4],
+    /// SNAT source ports are taken from `snat_port_min..=snat_port_max`.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    /// Network namespace cookie of the node: the socket hooks translate
+    /// only sockets of this namespace (pods go through TC).
+    pub netns_cookie: u64,
+}
+
+/// Default SNAT port range: above Linux's default ephemeral range
+/// (32768-60999), so translated flows never take a 4-tuple a local socket
+/// could use, and clear of the NodePort range (30000-32767).
+pub const SNAT_PORT_MIN: u16 = 61_000;
+pub const SNAT_PORT_MAX: u16 = 65_535;
+/// Ports tried before a new SNAT flow is dropped (counted as
+/// `drop_snat_exhausted`).
+pub const SNAT_PORT_TRIES: u32 = 32;
+
+/// Data of the `lb_src_ranges` key (LPM_TRIE, key = prefix length then
+/// this): service id then source prefix. The prefix length counts the 32
+/// bits of `service_id` (always matched whole) plus the address prefix.
+/// Value: `SOURCE_RANGE_ALLOW`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRange {
+    /// Big-endian, so the trie compares it byte by byte as a whole.
+    pub service_id: [u8; 4],
+    pub addr: [u8; 4],
+}
+
+pub const SOURCE_RANGE_ALLOW: u32 = 1;
+
+/// Key of `lb_sock_rev` (LRU_HASH): a socket the connect/sendmsg hooks
+/// translated, and the backend it now talks to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockReverseKey {
+    pub cookie: u64,
+    pub backend_addr: [u8; 4],
+    pub backend_port: u16,
+    pub _pad: u16,
+}
+
+/// Value of `lb_sock_rev`: the frontend the socket asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockReverseEntry {
+    pub frontend_addr: [u8; 4],
+    pub frontend_port: u16,
+    pub _pad: u16,
+}
 
 /// Key of `lb_affinity` (LRU_HASH): sessionAffinity ClientIP state.
 #[repr(C)]
@@ -194,7 +296,7 @@ pub enum Verdict {
     PassNotService = 0,
     /// Not IPv4: untouched.
     PassNotIpv4 = 1,
-    /// IPv4 but not TCP/UDP (ICMP included, for now): untouched.
+    /// IPv4 but neither TCP/UDP nor an ICMP error: untouched.
     PassOtherProtocol = 2,
     /// A fragment: untouched (the L4 header is not in every fragment).
     PassFragment = 3,
@@ -217,9 +319,21 @@ pub enum Verdict {
     /// transient while the agent rewrites a service): dropped, the client
     /// retransmits.
     DropNoBackendEntry = 11,
+    /// A load-balancer address whose loadBalancerSourceRanges exclude the
+    /// client: dropped.
+    DropSourceRange = 12,
+    /// Traffic policy Local and no endpoint on this node: dropped.
+    DropNoLocalBackend = 13,
+    /// No free SNAT port for a new flow that needs one: dropped.
+    DropSnatExhausted = 14,
+    /// An ICMP error about a translated flow, translated back.
+    IcmpErrorNat = 15,
+    /// A socket of the node connected (or sent) to a frontend: translated
+    /// at the socket by the cgroup hooks.
+    SockTranslated = 16,
 }
 
-pub const VERDICT_COUNT: u32 = 12;
+pub const VERDICT_COUNT: u32 = 17;
 
 impl Verdict {
     pub const ALL: [Verdict; VERDICT_COUNT as usize] = [
@@ -235,6 +349,11 @@ impl Verdict {
         Verdict::DropRejectFailed,
         Verdict::DnatAffinity,
         Verdict::DropNoBackendEntry,
+        Verdict::DropSourceRange,
+        Verdict::DropNoLocalBackend,
+        Verdict::DropSnatExhausted,
+        Verdict::IcmpErrorNat,
+        Verdict::SockTranslated,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -251,6 +370,11 @@ impl Verdict {
             Verdict::DropRejectFailed => "drop_reject_failed",
             Verdict::DnatAffinity => "dnat_affinity",
             Verdict::DropNoBackendEntry => "drop_no_backend_entry",
+            Verdict::DropSourceRange => "drop_source_range",
+            Verdict::DropNoLocalBackend => "drop_no_local_backend",
+            Verdict::DropSnatExhausted => "drop_snat_exhausted",
+            Verdict::IcmpErrorNat => "icmp_error_nat",
+            Verdict::SockTranslated => "sock_translated",
         }
     }
 }
@@ -261,7 +385,11 @@ const _: () = {
     assert!(core::mem::size_of::<ServiceEntry>() == 20);
     assert!(core::mem::size_of::<Backend>() == 12);
     assert!(core::mem::size_of::<FlowKey>() == 16);
-    assert!(core::mem::size_of::<ConntrackEntry>() == 24);
+    assert!(core::mem::size_of::<ConntrackEntry>() == 32);
+    assert!(core::mem::size_of::<DatapathConfig>() == 16);
+    assert!(core::mem::size_of::<SourceRange>() == 8);
+    assert!(core::mem::size_of::<SockReverseKey>() == 16);
+    assert!(core::mem::size_of::<SockReverseEntry>() == 8);
     assert!(core::mem::align_of::<ConntrackEntry>() == 8);
     assert!(core::mem::size_of::<AffinityKey>() == 8);
     assert!(core::mem::size_of::<AffinityEntry>() == 16);
@@ -280,4 +408,8 @@ mod pod {
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::AffinityEntry {}
     unsafe impl aya::Pod for super::Counter {}
+    unsafe impl aya::Pod for super::DatapathConfig {}
+    unsafe impl aya::Pod for super::SourceRange {}
+    unsafe impl aya::Pod for super::SockReverseKey {}
+    unsafe impl aya::Pod for super::SockReverseEntry {}
 }

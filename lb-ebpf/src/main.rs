@@ -9,18 +9,21 @@
 
 mod conntrack;
 mod csum;
+mod icmp;
 mod maps;
 mod packet;
 mod pipeline;
+mod policy;
 mod reject;
 mod select;
+mod sock;
 mod stats;
 mod tc;
 mod xdp;
 
 use aya_ebpf::{
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 
 /// TC ingress: pod veths and any interface whose packets may carry
@@ -34,6 +37,30 @@ pub fn lb_tc_ingress(ctx: TcContext) -> i32 {
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     xdp::run(&ctx)
+}
+
+/// The node's own sockets: translated at connect() (see `sock`).
+#[cgroup_sock_addr(connect4)]
+pub fn lb_sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock::translate(&ctx)
+}
+
+/// Unconnected UDP sends of the node's own sockets.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn lb_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::translate(&ctx)
+}
+
+/// UDP datagrams from a backend appear to come from the frontend.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn lb_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx)
+}
+
+/// getpeername() of a translated socket shows the frontend.
+#[cgroup_sock_addr(getpeername4)]
+pub fn lb_sock_peer4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx)
 }
 
 #[cfg(not(test))]

@@ -2,13 +2,14 @@
 //! in `lb-common`; these are BTF maps so `bpftool map dump` names the fields.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, HashOfMaps, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
-    AffinityEntry, AffinityKey, Backend, ConntrackEntry, Counter, FlowKey, FrontendKey,
-    ServiceEntry, MAGLEV_INNER_FLAGS, MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_FRONTENDS,
-    MAX_SERVICES, VERDICT_COUNT,
+    AffinityEntry, AffinityKey, Backend, ConntrackEntry, Counter, DatapathConfig, FlowKey,
+    FrontendKey, ServiceEntry, SockReverseEntry, SockReverseKey, SourceRange, MAGLEV_INNER_FLAGS,
+    MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_FRONTENDS, MAX_SERVICES, MAX_SOCK_REVERSE,
+    MAX_SOURCE_RANGES, VERDICT_COUNT,
 };
 
 /// (address, port, protocol) -> service port.
@@ -46,3 +47,20 @@ pub static VERDICTS: PerCpuArray<Counter, { VERDICT_COUNT as usize }> = PerCpuAr
 /// grow with the CPU count; updated with atomic adds.
 #[btf_map(name = "lb_svc_stats")]
 pub static SERVICE_STATS: Array<Counter, { MAX_SERVICES as usize }> = Array::new();
+
+/// Node facts (SNAT address and ports, the node's netns cookie), slot 0.
+#[btf_map(name = "lb_config")]
+pub static CONFIG: Array<DatapathConfig, 1> = Array::new();
+
+/// loadBalancerSourceRanges: (service id, source prefix) -> allowed.
+#[btf_map(name = "lb_src_ranges")]
+pub static SOURCE_RANGES: LpmTrie<SourceRange, u32, { MAX_SOURCE_RANGES as usize }> =
+    LpmTrie::new();
+
+/// Sockets the cgroup hooks translated: (cookie, backend) -> frontend.
+#[btf_map(name = "lb_sock_rev")]
+pub static SOCK_REVERSE: LruHashMap<
+    SockReverseKey,
+    SockReverseEntry,
+    { MAX_SOCK_REVERSE as usize },
+> = LruHashMap::new();

@@ -1,7 +1,7 @@
 //! Header layouts and the parse of Ethernet / IPv4 / TCP-UDP ports.
 //! `ptr_at` is the only place packet bounds are checked.
 
-use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
@@ -110,14 +110,43 @@ pub struct Ipv4Flow {
     pub l4_off: usize,
     /// Offset of the L4 checksum field.
     pub l4_csum_off: usize,
-    /// IP total length (host byte order), for byte counters and the FIB.
-    pub tot_len: u16,
     /// IHL was 5: no IP options.
     pub no_ip_options: bool,
 }
 
+/// An ICMP error (destination unreachable, time exceeded) quoting a TCP or
+/// UDP packet. Both IP headers are option-free, so every offset is fixed:
+/// outer IP at 14, ICMP at 34, quoted IP at 42, quoted ports at 62.
+#[derive(Clone, Copy)]
+pub struct IcmpError {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    /// The quoted packet: the one that caused the error, as it was sent.
+    pub inner_saddr: [u8; 4],
+    pub inner_daddr: [u8; 4],
+    /// Host byte order.
+    pub inner_sport: u16,
+    pub inner_dport: u16,
+    pub inner_proto: u8,
+    /// Offset of the quoted L4 checksum when the quote includes it (always
+    /// for UDP, for TCP when at least 20 bytes are quoted).
+    pub inner_csum_off: Option<usize>,
+}
+
+pub const ICMP_OFF: usize = ETH_HLEN + IPV4_HLEN;
+pub const ICMP_CSUM_OFF: usize = ICMP_OFF + 2;
+pub const INNER_IP_OFF: usize = ICMP_OFF + 8;
+pub const INNER_L4_OFF: usize = INNER_IP_OFF + IPV4_HLEN;
+/// Bytes an ICMP error must have for us to read it: up to the quoted ports
+/// and the UDP checksum.
+pub const ICMP_ERROR_MIN: usize = INNER_L4_OFF + 8;
+
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+
 pub enum Parsed {
     Flow(Ipv4Flow),
+    IcmpError(IcmpError),
     NotIpv4,
     OtherProtocol,
     Fragment,
@@ -151,10 +180,13 @@ pub fn parse<C: PacketBuf>(ctx: &C) -> Parsed {
         return Parsed::Malformed;
     }
     let proto = ip.protocol;
+    let frag = u16::from_be(ip.frag_off);
+    if proto == IPPROTO_ICMP && frag & (IP_MF | IP_OFFSET_MASK) == 0 && ihl == IPV4_HLEN {
+        return parse_icmp_error(ctx, &ip);
+    }
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return Parsed::OtherProtocol;
     }
-    let frag = u16::from_be(ip.frag_off);
     if frag & (IP_MF | IP_OFFSET_MASK) != 0 {
         return Parsed::Fragment;
     }
@@ -187,7 +219,56 @@ pub fn parse<C: PacketBuf>(ctx: &C) -> Parsed {
         proto,
         l4_off,
         l4_csum_off: l4_off + csum_off,
-        tot_len,
         no_ip_options: ihl == IPV4_HLEN,
+    })
+}
+
+/// An ICMP error quoting a TCP/UDP packet we may have translated; any other
+/// ICMP is "other protocol" (passed untouched).
+#[inline(always)]
+fn parse_icmp_error<C: PacketBuf>(ctx: &C, outer: &Ipv4Hdr) -> Parsed {
+    let Some(head) = ptr_at::<[u8; 2], C>(ctx, ICMP_OFF) else {
+        return Parsed::Malformed;
+    };
+    // SAFETY: ptr_at checked bounds.
+    let icmp_type = unsafe { (*head)[0] };
+    if icmp_type != ICMP_DEST_UNREACH && icmp_type != ICMP_TIME_EXCEEDED {
+        return Parsed::OtherProtocol;
+    }
+    let (Some(inner), Some(ports)) = (
+        ptr_at::<Ipv4Hdr, C>(ctx, INNER_IP_OFF),
+        ptr_at::<L4Ports, C>(ctx, INNER_L4_OFF),
+    ) else {
+        return Parsed::OtherProtocol;
+    };
+    if ptr_at::<[u8; 8], C>(ctx, INNER_L4_OFF).is_none() {
+        return Parsed::OtherProtocol;
+    }
+    // SAFETY: ptr_at checked bounds.
+    let (inner, ports) = unsafe { (*inner, *ports) };
+    let proto = inner.protocol;
+    // Only option-free quotes of first fragments carry ports where we look.
+    if inner.version_ihl != 0x45
+        || (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+        || u16::from_be(inner.frag_off) & IP_OFFSET_MASK != 0
+    {
+        return Parsed::OtherProtocol;
+    }
+    let inner_csum_off = if proto == IPPROTO_UDP {
+        Some(INNER_L4_OFF + UDP_CSUM_OFF)
+    } else if ptr_at::<u16, C>(ctx, INNER_L4_OFF + TCP_CSUM_OFF).is_some() {
+        Some(INNER_L4_OFF + TCP_CSUM_OFF)
+    } else {
+        None
+    };
+    Parsed::IcmpError(IcmpError {
+        saddr: outer.saddr,
+        daddr: outer.daddr,
+        inner_saddr: inner.saddr,
+        inner_daddr: inner.daddr,
+        inner_sport: u16::from_be(ports.src),
+        inner_dport: u16::from_be(ports.dst),
+        inner_proto: proto,
+        inner_csum_off,
     })
 }

@@ -3,12 +3,16 @@
 //! counters; the entry points then apply the returned `Action`.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use lb_common::{FrontendKey, ServiceEntry, Verdict};
+use lb_common::{
+    hash::flow_hash, FlowKey, FrontendKey, ServiceEntry, Verdict, CT_FORWARD, CT_REPLY,
+    SERVICE_F_LOCAL,
+};
 
 use crate::{
-    conntrack,
+    conntrack::{self, flow_key, snat_of, AddrPort},
     maps::FRONTENDS,
-    packet::{parse, Ipv4Flow, PacketBuf, Parsed},
+    packet::{parse, IcmpError, Ipv4Flow, PacketBuf, Parsed},
+    policy::{config, needs_snat, source_allowed},
     select::{backend_of, choose},
     stats::{count, count_service},
 };
@@ -16,22 +20,35 @@ use crate::{
 pub enum Action {
     Pass,
     Drop,
-    /// Rewrite the destination to the backend.
-    Dnat {
+    /// Rewrite the source and/or destination of a TCP/UDP packet. With
+    /// `route`, the packet is sent to its next hop directly: the node's own
+    /// routing would drop it as a martian (its source is now a node or
+    /// frontend address).
+    Nat {
         flow: Ipv4Flow,
-        addr: [u8; 4],
-        port: u16,
-    },
-    /// Rewrite the source back to the frontend and route the reply.
-    ReplyNat {
-        flow: Ipv4Flow,
-        addr: [u8; 4],
-        port: u16,
+        src: Option<AddrPort>,
+        dst: Option<AddrPort>,
+        route: bool,
     },
     /// Answer with ICMP port unreachable.
     Reject {
         flow: Ipv4Flow,
     },
+    /// Translate an ICMP error about a translated flow, then route it.
+    IcmpNat {
+        icmp: IcmpError,
+        to: IcmpRewrite,
+    },
+}
+
+/// The addresses and ports an ICMP error gets (outer header, and the quoted
+/// packet). Fields equal to the packet's are left alone.
+#[derive(Clone, Copy)]
+pub struct IcmpRewrite {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub inner_src: AddrPort,
+    pub inner_dst: AddrPort,
 }
 
 #[inline(always)]
@@ -39,6 +56,7 @@ pub fn decide<C: PacketBuf>(ctx: &C) -> Action {
     let len = ctx.wire_len();
     let flow = match parse(ctx) {
         Parsed::Flow(f) => f,
+        Parsed::IcmpError(icmp) => return icmp_error(icmp, len),
         Parsed::NotIpv4 => return pass(Verdict::PassNotIpv4, len),
         Parsed::OtherProtocol => return pass(Verdict::PassOtherProtocol, len),
         Parsed::Fragment => return pass(Verdict::PassFragment, len),
@@ -56,14 +74,18 @@ pub fn decide<C: PacketBuf>(ctx: &C) -> Action {
         return forward(flow, &svc, len);
     }
     let now = unsafe { bpf_ktime_get_ns() };
-    match conntrack::lookup_reply(&flow, now) {
+    match conntrack::lookup_reply(&flow_key(&flow), now) {
         Some(e) => {
             count(Verdict::ReplyNat, len);
             count_service(e.service_id, len);
-            Action::ReplyNat {
+            Action::Nat {
                 flow,
-                addr: e.nat_addr,
-                port: e.nat_port,
+                src: Some(AddrPort {
+                    addr: e.nat_addr,
+                    port: e.nat_port,
+                }),
+                dst: snat_of(&e),
+                route: true,
             }
         }
         None => pass(Verdict::PassNotService, len),
@@ -77,37 +99,73 @@ fn pass(v: Verdict, len: u32) -> Action {
 }
 
 #[inline(always)]
+fn drop(v: Verdict, len: u32) -> Action {
+    count(v, len);
+    Action::Drop
+}
+
+/// A packet of a flow to a frontend.
+#[inline(always)]
 fn forward(flow: Ipv4Flow, svc: &ServiceEntry, len: u32) -> Action {
+    if !source_allowed(svc, flow.saddr) {
+        return drop(Verdict::DropSourceRange, len);
+    }
     // SAFETY: a helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(e) = conntrack::lookup_forward(&flow, now) {
+    let key = flow_key(&flow);
+    if let Some(e) = conntrack::lookup(&key, CT_FORWARD, now) {
         // The recorded backend wins while it still exists with the same
         // address, even if the Maglev table no longer lists it.
         if e.service_id == svc.id {
             if let Some(b) = backend_of(svc.id, e.backend_id) {
                 if b.addr == e.nat_addr && b.port == e.nat_port {
-                    conntrack::refresh(&flow, now, &e, &b);
+                    conntrack::refresh(&key, now, &e, &b);
                     count(Verdict::DnatEstablished, len);
                     count_service(svc.id, len);
-                    return Action::Dnat {
+                    let snat = snat_of(&e);
+                    return Action::Nat {
                         flow,
-                        addr: b.addr,
-                        port: b.port,
+                        src: snat,
+                        dst: Some(AddrPort {
+                            addr: b.addr,
+                            port: b.port,
+                        }),
+                        route: snat.is_some(),
                     };
                 }
             }
         }
     }
     if svc.backend_count == 0 {
-        count(Verdict::RejectNoBackend, len);
         count_service(svc.id, len);
+        // Traffic policy Local with no endpoint here: kube-proxy drops it
+        // (a load balancer's health check steers clients elsewhere).
+        if svc.flags & SERVICE_F_LOCAL != 0 {
+            return drop(Verdict::DropNoLocalBackend, len);
+        }
+        count(Verdict::RejectNoBackend, len);
         return Action::Reject { flow };
     }
-    let Some(choice) = choose(&flow, svc, now) else {
-        count(Verdict::DropNoBackendEntry, len);
-        return Action::Drop;
+    let hash = flow_hash(flow.saddr, flow.sport, flow.dport, flow.proto);
+    let Some(choice) = choose(flow.saddr, hash, svc, now) else {
+        return drop(Verdict::DropNoBackendEntry, len);
     };
-    conntrack::record(&flow, now, svc.id, choice.backend_id, &choice.backend);
+    let b = choice.backend;
+    let mut snat = None;
+    if needs_snat(svc, flow.saddr, &b) {
+        let cfg = config();
+        // Without a node address (no --node-ip) there is nothing to
+        // masquerade to; the agent warns at start-up.
+        if cfg.snat_addr != [0; 4] {
+            match conntrack::record_snat(&key, now, svc.id, choice.backend_id, &b, &cfg) {
+                Some(s) => snat = Some(s),
+                None => return drop(Verdict::DropSnatExhausted, len),
+            }
+        }
+    }
+    if snat.is_none() {
+        conntrack::record(&key, now, svc.id, choice.backend_id, &b, None);
+    }
     count(
         if choice.from_affinity {
             Verdict::DnatAffinity
@@ -117,9 +175,96 @@ fn forward(flow: Ipv4Flow, svc: &ServiceEntry, len: u32) -> Action {
         len,
     );
     count_service(svc.id, len);
-    Action::Dnat {
+    Action::Nat {
         flow,
-        addr: choice.backend.addr,
-        port: choice.backend.port,
+        src: snat,
+        dst: Some(AddrPort {
+            addr: b.addr,
+            port: b.port,
+        }),
+        route: snat.is_some(),
     }
+}
+
+/// An ICMP error quoting a packet of a translated flow gets the addresses
+/// the other end knows, like Linux NAT does for "related" ICMP:
+/// - quoting a packet we sent towards a backend (a router on the way, or
+///   the backend itself, complains): the quote gets back the frontend as
+///   destination and the client as source, the outer destination becomes
+///   the client, and an outer source equal to the backend becomes the
+///   frontend;
+/// - quoting a reply we sent to the client (a router towards the client, or
+///   the client, complains, e.g. fragmentation needed): the quote becomes
+///   the backend's packet as it left the backend, and the error goes to the
+///   backend.
+/// Path MTU discovery through a smaller-MTU link depends on this.
+#[inline(always)]
+fn icmp_error(icmp: IcmpError, len: u32) -> Action {
+    // The quoted packet reversed: the direction the flow's entry is keyed by.
+    let key = FlowKey {
+        src_addr: icmp.inner_daddr,
+        dst_addr: icmp.inner_saddr,
+        src_port: icmp.inner_dport,
+        dst_port: icmp.inner_sport,
+        proto: icmp.inner_proto,
+        _pad: [0; 3],
+    };
+    // SAFETY: a helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let quoted_src = AddrPort {
+        addr: icmp.inner_saddr,
+        port: icmp.inner_sport,
+    };
+    let quoted_dst = AddrPort {
+        addr: icmp.inner_daddr,
+        port: icmp.inner_dport,
+    };
+    let to = if let Some(e) = conntrack::lookup(&key, CT_REPLY, now) {
+        // Quote: client-or-node -> backend. Entry: restore frontend/client.
+        let client = snat_of(&e).unwrap_or(quoted_src);
+        let frontend = AddrPort {
+            addr: e.nat_addr,
+            port: e.nat_port,
+        };
+        IcmpRewrite {
+            saddr: if icmp.saddr == icmp.inner_daddr {
+                frontend.addr
+            } else {
+                icmp.saddr
+            },
+            daddr: if icmp.daddr == icmp.inner_saddr {
+                client.addr
+            } else {
+                icmp.daddr
+            },
+            inner_src: client,
+            inner_dst: frontend,
+        }
+    } else if let Some(e) = conntrack::lookup(&key, CT_FORWARD, now) {
+        // Quote: frontend -> client. Entry: backend, and the node address
+        // and port the backend sees when SNATed.
+        let backend = AddrPort {
+            addr: e.nat_addr,
+            port: e.nat_port,
+        };
+        let seen_client = snat_of(&e).unwrap_or(quoted_dst);
+        IcmpRewrite {
+            saddr: if icmp.saddr == icmp.inner_daddr {
+                seen_client.addr
+            } else {
+                icmp.saddr
+            },
+            daddr: if icmp.daddr == icmp.inner_saddr {
+                backend.addr
+            } else {
+                icmp.daddr
+            },
+            inner_src: backend,
+            inner_dst: seen_client,
+        }
+    } else {
+        return pass(Verdict::PassNotService, len);
+    };
+    count(Verdict::IcmpErrorNat, len);
+    Action::IcmpNat { icmp, to }
 }

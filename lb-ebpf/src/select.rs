@@ -2,14 +2,11 @@
 
 use aya_ebpf::bindings::BPF_ANY;
 use lb_common::{
-    hash::flow_hash, AffinityEntry, AffinityKey, Backend, ServiceEntry, BACKEND_F_PRESENT,
-    BACKEND_F_USABLE, SERVICE_F_AFFINITY,
+    AffinityEntry, AffinityKey, Backend, ServiceEntry, BACKEND_F_PRESENT, BACKEND_F_USABLE,
+    SERVICE_F_AFFINITY,
 };
 
-use crate::{
-    maps::{AFFINITY, BACKENDS, MAGLEV},
-    packet::Ipv4Flow,
-};
+use crate::maps::{AFFINITY, BACKENDS, MAGLEV};
 
 /// The backend with this id, if it still belongs to this service.
 #[inline(always)]
@@ -28,11 +25,12 @@ pub struct Choice {
     pub from_affinity: bool,
 }
 
+/// The backend for a new flow from `client` whose flow hash is `hash`.
 #[inline(always)]
-pub fn choose(f: &Ipv4Flow, svc: &ServiceEntry, now: u64) -> Option<Choice> {
+pub fn choose(client: [u8; 4], hash: u64, svc: &ServiceEntry, now: u64) -> Option<Choice> {
     let affinity = svc.flags & SERVICE_F_AFFINITY != 0;
     let akey = AffinityKey {
-        client_addr: f.saddr,
+        client_addr: client,
         service_id: svc.id,
     };
     if affinity {
@@ -60,7 +58,7 @@ pub fn choose(f: &Ipv4Flow, svc: &ServiceEntry, now: u64) -> Option<Choice> {
     if svc.table_size == 0 {
         return None;
     }
-    let slot = (flow_hash(f.saddr, f.sport, f.dport, f.proto) % svc.table_size as u64) as u32;
+    let slot = (hash % svc.table_size as u64) as u32;
     // SAFETY: the inner map is an ARRAY: its slots are never freed under us.
     let backend_id = unsafe { *MAGLEV.get_value(&svc.id, &slot)? };
     let backend = backend_of(svc.id, backend_id)?;

@@ -13,11 +13,16 @@ use aya_ebpf::{
     },
     programs::TcContext,
 };
-use lb_common::{Verdict, IPPROTO_UDP};
+use lb_common::{Verdict, IPPROTO_ICMP, IPPROTO_UDP};
 
 use crate::{
-    packet::{Ipv4Flow, ETH_HLEN, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, IP_TTL_OFF},
-    pipeline::{decide, Action},
+    conntrack::AddrPort,
+    icmp,
+    packet::{
+        IcmpError, Ipv4Flow, ETH_HLEN, ICMP_ERROR_MIN, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF,
+        IP_TTL_OFF,
+    },
+    pipeline::{decide, Action, IcmpRewrite},
     reject,
     stats::count,
 };
@@ -29,16 +34,92 @@ pub fn run(ctx: &TcContext) -> i32 {
     let rc = match decide(ctx) {
         Action::Pass => Ok(TC_ACT_OK),
         Action::Drop => Ok(TC_ACT_SHOT),
-        Action::Dnat { flow, addr, port } => {
-            rewrite(ctx, &flow, Side::Destination, addr, port).map(|()| TC_ACT_OK)
-        }
-        Action::ReplyNat { flow, addr, port } => rewrite(ctx, &flow, Side::Source, addr, port)
-            .and_then(|()| route_reply(ctx, &flow, addr, port)),
+        Action::Nat {
+            flow,
+            src,
+            dst,
+            route: r,
+        } => nat(ctx, &flow, src, dst, r),
         Action::Reject { flow } => reject(ctx, &flow),
+        Action::IcmpNat { icmp, to } => icmp_nat(ctx, &icmp, &to),
     };
     // A helper failed half-way (out of memory, unwritable skb): the packet
     // may be half-translated, so it must not go anywhere.
     rc.unwrap_or(TC_ACT_SHOT)
+}
+
+/// Translates a TCP/UDP packet, then lets the stack route it or routes it
+/// ourselves.
+#[inline(always)]
+fn nat(
+    ctx: &TcContext,
+    f: &Ipv4Flow,
+    src: Option<AddrPort>,
+    dst: Option<AddrPort>,
+    redirect: bool,
+) -> Result<i32, i64> {
+    if let Some(s) = src {
+        rewrite(ctx, f, Side::Source, s.addr, s.port)?;
+    }
+    if let Some(d) = dst {
+        rewrite(ctx, f, Side::Destination, d.addr, d.port)?;
+    }
+    if !redirect {
+        return Ok(TC_ACT_OK);
+    }
+    let s = src.unwrap_or(AddrPort {
+        addr: f.saddr,
+        port: f.sport,
+    });
+    let d = dst.unwrap_or(AddrPort {
+        addr: f.daddr,
+        port: f.dport,
+    });
+    route(
+        ctx,
+        &Route {
+            proto: f.proto,
+            saddr: s.addr,
+            daddr: d.addr,
+            sport: s.port,
+            dport: d.port,
+        },
+    )
+}
+
+#[inline(always)]
+fn icmp_nat(ctx: &TcContext, icmp: &IcmpError, to: &IcmpRewrite) -> Result<i32, i64> {
+    // Writes go straight into the packet: make its head linear and private
+    // (a clone's data is shared) first. The quote may end before a TCP
+    // checksum, so ask for that much only if it is there.
+    let want = if ctx.len() as usize >= ICMP_ERROR_MIN + 12 {
+        ICMP_ERROR_MIN + 12
+    } else {
+        ICMP_ERROR_MIN
+    };
+    ctx.pull_data(want as u32)?;
+    if icmp::rewrite(ctx, icmp, to).is_none() {
+        return Ok(TC_ACT_SHOT);
+    }
+    route(
+        ctx,
+        &Route {
+            proto: IPPROTO_ICMP,
+            saddr: to.saddr,
+            daddr: to.daddr,
+            sport: 0,
+            dport: 0,
+        },
+    )
+}
+
+/// What the FIB lookup needs about a translated packet.
+struct Route {
+    proto: u8,
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+    sport: u16,
+    dport: u16,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -77,23 +158,24 @@ fn rewrite(ctx: &TcContext, f: &Ipv4Flow, side: Side, addr: [u8; 4], port: u16) 
     Ok(())
 }
 
-/// Sends a reply straight to its next hop. The node's own routing would drop
-/// it: its source is now a node address (NodePort), a martian on input.
+/// Sends a translated packet straight to its next hop. The node's own
+/// routing would drop it: its source is now a node address (NodePort reply,
+/// SNAT), a martian on input.
 #[inline(always)]
-fn route_reply(ctx: &TcContext, f: &Ipv4Flow, src: [u8; 4], sport: u16) -> Result<i32, i64> {
+fn route(ctx: &TcContext, r: &Route) -> Result<i32, i64> {
     // SAFETY: a zeroed bpf_fib_lookup is a valid argument.
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
-    p.l4_protocol = f.proto;
-    p.sport = sport.to_be();
-    p.dport = f.dport.to_be();
+    p.l4_protocol = r.proto;
+    p.sport = r.sport.to_be();
+    p.dport = r.dport.to_be();
     // tot_len stays 0: with it set, the kernel compares the IP length with
     // the MTU, and a GSO super-packet (up to 64 KB) would fail; without it
     // the helper checks is_skb_forwardable(), which understands GSO.
     // SAFETY: reading a field of the context the program was given.
     p.ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
-    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(f.daddr);
+    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(r.saddr);
+    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(r.daddr);
     // SAFETY: p lives on our stack for the duration of the call.
     let rc = unsafe {
         fib_lookup(

@@ -10,10 +10,12 @@ use aya_ebpf::{
     },
     programs::XdpContext,
 };
-use lb_common::{Verdict, IPPROTO_UDP};
+use lb_common::{Verdict, IPPROTO_ICMP, IPPROTO_UDP};
 
 use crate::{
+    conntrack::AddrPort,
     csum::{update16, update32},
+    icmp,
     packet::{ptr_at, EthHdr, Ipv4Flow, Ipv4Hdr, L4Ports, ETH_HLEN},
     pipeline::{decide, Action},
     reject::{self, IcmpUnreachFrame},
@@ -27,16 +29,74 @@ pub fn run(ctx: &XdpContext) -> u32 {
     match decide(ctx) {
         Action::Pass => xdp_action::XDP_PASS,
         Action::Drop => xdp_action::XDP_DROP,
-        Action::Dnat { flow, addr, port } => match rewrite(ctx, &flow, false, addr, port) {
-            Some(()) => xdp_action::XDP_PASS,
-            None => xdp_action::XDP_DROP,
-        },
-        Action::ReplyNat { flow, addr, port } => match rewrite(ctx, &flow, true, addr, port) {
-            Some(()) => route_reply(ctx, &flow, addr, port),
-            None => xdp_action::XDP_DROP,
-        },
+        Action::Nat {
+            flow,
+            src,
+            dst,
+            route: r,
+        } => nat(ctx, &flow, src, dst, r).unwrap_or(xdp_action::XDP_DROP),
         Action::Reject { flow } => reject(ctx, &flow),
+        Action::IcmpNat { icmp, to } => match icmp::rewrite(ctx, &icmp, &to) {
+            Some(()) => route(
+                ctx,
+                &Route {
+                    proto: IPPROTO_ICMP,
+                    saddr: to.saddr,
+                    daddr: to.daddr,
+                    sport: 0,
+                    dport: 0,
+                },
+            ),
+            None => xdp_action::XDP_DROP,
+        },
     }
+}
+
+/// Translates a TCP/UDP packet, then passes it to the stack or routes it.
+#[inline(always)]
+fn nat(
+    ctx: &XdpContext,
+    f: &Ipv4Flow,
+    src: Option<AddrPort>,
+    dst: Option<AddrPort>,
+    redirect: bool,
+) -> Option<u32> {
+    if let Some(s) = src {
+        rewrite(ctx, f, true, s.addr, s.port)?;
+    }
+    if let Some(d) = dst {
+        rewrite(ctx, f, false, d.addr, d.port)?;
+    }
+    if !redirect {
+        return Some(xdp_action::XDP_PASS);
+    }
+    let s = src.unwrap_or(AddrPort {
+        addr: f.saddr,
+        port: f.sport,
+    });
+    let d = dst.unwrap_or(AddrPort {
+        addr: f.daddr,
+        port: f.dport,
+    });
+    Some(route(
+        ctx,
+        &Route {
+            proto: f.proto,
+            saddr: s.addr,
+            daddr: d.addr,
+            sport: s.port,
+            dport: d.port,
+        },
+    ))
+}
+
+/// What the FIB lookup needs about a translated packet.
+struct Route {
+    proto: u8,
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+    sport: u16,
+    dport: u16,
 }
 
 #[inline(always)]
@@ -71,22 +131,26 @@ fn rewrite(ctx: &XdpContext, f: &Ipv4Flow, source: bool, addr: [u8; 4], port: u1
     Some(())
 }
 
-/// Forwards the reply to its next hop (the stack would drop a packet whose
-/// source is a node address). Without a resolved neighbour, the stack gets
-/// it and decides.
+/// Forwards a translated packet to its next hop (the stack would drop a
+/// packet whose source is a node address). Without a resolved neighbour,
+/// the stack gets it and decides.
 #[inline(always)]
-fn route_reply(ctx: &XdpContext, f: &Ipv4Flow, src: [u8; 4], sport: u16) -> u32 {
+fn route(ctx: &XdpContext, r: &Route) -> u32 {
     // SAFETY: a zeroed bpf_fib_lookup is a valid argument.
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
-    p.l4_protocol = f.proto;
-    p.sport = sport.to_be();
-    p.dport = f.dport.to_be();
-    p.__bindgen_anon_1.tot_len = f.tot_len;
+    p.l4_protocol = r.proto;
+    p.sport = r.sport.to_be();
+    p.dport = r.dport.to_be();
+    let Some(ip) = ptr_at::<Ipv4Hdr, _>(ctx, ETH_HLEN) else {
+        return xdp_action::XDP_DROP;
+    };
+    // SAFETY: ptr_at checked the pointer.
+    p.__bindgen_anon_1.tot_len = u16::from_be(unsafe { (*ip).tot_len });
     // SAFETY: reading a field of the context the program was given.
     p.ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
-    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
-    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(f.daddr);
+    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(r.saddr);
+    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(r.daddr);
     // SAFETY: p lives on our stack for the duration of the call.
     let rc = unsafe {
         fib_lookup(

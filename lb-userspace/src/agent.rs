@@ -8,6 +8,7 @@ use std::{
 };
 
 use anyhow::Context;
+use lb_common::{DatapathConfig, SNAT_PORT_MAX, SNAT_PORT_MIN};
 use notify::{RecursiveMode, Watcher};
 use tokio::{
     signal::unix::{signal, SignalKind},
@@ -40,6 +41,8 @@ pub struct RunOptions {
     pub xdp_ifaces: Vec<String>,
     pub node: NodeConfig,
     pub pin_dir: PathBuf,
+    /// cgroup v2 directory for the socket hooks (host-originated traffic).
+    pub cgroup: Option<PathBuf>,
 }
 
 /// Reads and builds the desired state from the config file, logging every
@@ -95,7 +98,13 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         info!("could not raise RLIMIT_MEMLOCK ({e}); fine on kernels that account BPF memory by cgroup");
     }
 
-    let (mut dp, maps) = Datapath::load(&opts.pin_dir)?;
+    let (mut dp, mut maps) = Datapath::load(&opts.pin_dir)?;
+    maps.set_config(DatapathConfig {
+        snat_addr: opts.node.node_ips.first().map_or([0; 4], |a| a.octets()),
+        snat_port_min: SNAT_PORT_MIN,
+        snat_port_max: SNAT_PORT_MAX,
+        netns_cookie: system::netns_cookie()?,
+    })?;
     let result = serve(&opts, &mut dp, maps, initial).await;
     let cleanup = dp.shutdown();
     result?;
@@ -121,6 +130,13 @@ async fn serve(
     for iface in &opts.xdp_ifaces {
         dp.attach(iface, AttachMode::Xdp)?;
         info!(iface = %iface, "attached XDP");
+    }
+    match &opts.cgroup {
+        Some(cg) => {
+            dp.attach_cgroup(cg)?;
+            info!(cgroup = %cg.display(), "attached socket hooks (node-originated traffic)");
+        }
+        None => info!("no --cgroup: the node's own connections to services are not balanced"),
     }
     info!(
         pin_dir = %opts.pin_dir.display(),

@@ -10,16 +10,18 @@ use std::{
 
 use anyhow::Context;
 use aya::{
-    maps::{Array, HashMap, HashOfMaps, MapData, PerCpuArray},
-    programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode},
+    maps::{lpm_trie::Key, Array, HashMap, HashOfMaps, LpmTrie, MapData, PerCpuArray},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+    },
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    map_names, program_names, Backend, Counter, FrontendKey, ServiceEntry, Verdict,
-    MAGLEV_INNER_FLAGS,
+    map_names, program_names, Backend, Counter, DatapathConfig, FrontendKey, ServiceEntry,
+    SourceRange, Verdict, MAGLEV_INNER_FLAGS, SOURCE_RANGE_ALLOW,
 };
 
-use crate::planner::DatapathMaps;
+use crate::{model::Prefix, planner::DatapathMaps};
 
 /// The datapath object, built by `cargo xtask build-ebpf` and embedded by
 /// build.rs (empty when it was missing at build time).
@@ -89,14 +91,18 @@ impl Datapath {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(object).map_err(DatapathError::Load)?;
-        for name in [program_names::TC, program_names::XDP] {
+        let names = [program_names::TC, program_names::XDP]
+            .into_iter()
+            .chain(program_names::SOCK_ALL);
+        for name in names {
             let program = ebpf
                 .program_mut(name)
                 .expect("the object defines this program");
             let loaded = match program {
                 aya::programs::Program::SchedClassifier(p) => p.load(),
                 aya::programs::Program::Xdp(p) => p.load(),
-                _ => unreachable!("lb programs are TC and XDP"),
+                aya::programs::Program::CgroupSockAddr(p) => p.load(),
+                _ => unreachable!("lb programs are TC, XDP and cgroup sock_addr"),
             };
             loaded.map_err(|e| match e {
                 ProgramError::LoadError {
@@ -151,6 +157,29 @@ impl Datapath {
             iface: iface.to_string(),
             source,
         })
+    }
+
+    /// Attaches the socket hooks (connect4, sendmsg4, recvmsg4,
+    /// getpeername4) to the cgroup v2 directory `cgroup`: the node's own
+    /// sockets in it (and below it) reach frontends too.
+    pub fn attach_cgroup(&mut self, cgroup: &Path) -> anyhow::Result<()> {
+        let dir = std::fs::File::open(cgroup).with_context(|| {
+            format!(
+                "opening cgroup {}: give the cgroup v2 directory whose processes' \
+                 connections to services should be balanced (usually /sys/fs/cgroup)",
+                cgroup.display()
+            )
+        })?;
+        for name in program_names::SOCK_ALL {
+            let p: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .and_then(|p| p.try_into().ok())
+                .expect("socket hook is loaded");
+            p.attach(&dir, CgroupAttachMode::AllowMultiple)
+                .with_context(|| format!("attaching {name} to cgroup {}", cgroup.display()))?;
+        }
+        Ok(())
     }
 
     /// For BPF_PROG_TEST_RUN: the loaded programs.
@@ -213,6 +242,8 @@ pub struct KernelMaps {
     maglev_pin: PathBuf,
     pub verdicts: PerCpuArray<MapData, Counter>,
     pub service_stats: Array<MapData, Counter>,
+    pub config: Array<MapData, DatapathConfig>,
+    pub source_ranges: LpmTrie<MapData, SourceRange, u32>,
 }
 
 impl KernelMaps {
@@ -235,7 +266,19 @@ impl KernelMaps {
             service_stats: take(map_names::SERVICE_STATS)
                 .try_into()
                 .map_err(aya::EbpfError::MapError)?,
+            config: take(map_names::CONFIG)
+                .try_into()
+                .map_err(aya::EbpfError::MapError)?,
+            source_ranges: take(map_names::SOURCE_RANGES)
+                .try_into()
+                .map_err(aya::EbpfError::MapError)?,
         })
+    }
+
+    /// Writes the node facts the datapath reads (SNAT address and ports,
+    /// the node's netns cookie).
+    pub fn set_config(&mut self, cfg: DatapathConfig) -> anyhow::Result<()> {
+        self.config.set(0, cfg, 0).context("writing lb_config")
     }
 
     /// Packets and bytes per verdict, summed over CPUs.
@@ -317,6 +360,30 @@ impl DatapathMaps for KernelMaps {
     fn remove_frontend(&mut self, key: FrontendKey) -> anyhow::Result<()> {
         ignore_missing(self.frontends.remove(&key)).context("removing a frontend")
     }
+
+    fn set_source_range(&mut self, service_id: u32, range: Prefix) -> anyhow::Result<()> {
+        self.source_ranges
+            .insert(&source_range_key(service_id, range), SOURCE_RANGE_ALLOW, 0)
+            .with_context(|| format!("writing source range {range} of service {service_id}"))
+    }
+
+    fn remove_source_range(&mut self, service_id: u32, range: Prefix) -> anyhow::Result<()> {
+        ignore_missing(
+            self.source_ranges
+                .remove(&source_range_key(service_id, range)),
+        )
+        .with_context(|| format!("removing source range {range} of service {service_id}"))
+    }
+}
+
+fn source_range_key(service_id: u32, range: Prefix) -> Key<SourceRange> {
+    Key::new(
+        32 + u32::from(range.len),
+        SourceRange {
+            service_id: service_id.to_be_bytes(),
+            addr: range.addr.octets(),
+        },
+    )
 }
 
 /// Threads that swap Maglev tables in parallel (they mostly sleep in the

@@ -46,6 +46,16 @@ enum Command {
         /// Where maps are pinned (on a bpf filesystem).
         #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
+        /// Balance the node's own connections (kubelet, hostNetwork pods) to
+        /// services too, with socket hooks on this cgroup v2 directory
+        /// (usually /sys/fs/cgroup, the root). Without it only traffic
+        /// arriving on the interfaces above is balanced.
+        #[arg(long, value_name = "DIR")]
+        cgroup: Option<PathBuf>,
+        /// Serve Services labelled service.kubernetes.io/service-proxy-name
+        /// with this value (others with that label are left alone).
+        #[arg(long, value_name = "NAME")]
+        service_proxy_name: Option<String>,
     },
     /// Print the datapath's packet counters per verdict, from the pinned maps
     /// of a running agent.
@@ -74,6 +84,8 @@ fn main() -> ExitCode {
             node_ips,
             node_name,
             pin_dir,
+            cgroup,
+            service_proxy_name,
         } => {
             if ifaces.is_empty() && xdp_ifaces.is_empty() {
                 eprintln!("lb run: give at least one --iface (or --xdp-iface) to attach to");
@@ -86,8 +98,10 @@ fn main() -> ExitCode {
                 node: NodeConfig {
                     name: node_name,
                     node_ips,
+                    service_proxy_name,
                 },
                 pin_dir,
+                cgroup,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

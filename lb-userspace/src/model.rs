@@ -2,9 +2,13 @@
 //! and EndpointSlice objects. Pure: objects in, a validated `DesiredState`
 //! and a list of rejected objects (each with a reason) out.
 //!
-//! The unit is a *service port* (namespace/name, port name, protocol): it
-//! has its own frontends, backends (targetPort differs per port) and Maglev
-//! table, like kube-proxy's per-port chains.
+//! The unit is a *service port* (namespace/name, port name, protocol,
+//! scope): it has its own frontends, backends (targetPort differs per port)
+//! and Maglev table, like kube-proxy's per-port chains. The scope splits a
+//! port whose traffic policies differ: frontends with policy Local (a
+//! ClusterIP with internalTrafficPolicy Local, external frontends with
+//! externalTrafficPolicy Local) get their own table of this node's
+//! endpoints only.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -16,6 +20,10 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 /// Label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Services with this label are left to a headless-aware proxy.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// Services with this label belong to the proxy of that name only.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// Kubernetes' default sessionAffinity ClientIP timeout (3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 /// The API server's upper bound for that timeout (one day).
@@ -45,6 +53,16 @@ impl fmt::Display for Protocol {
     }
 }
 
+/// Which endpoints a service port's frontends lead to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scope {
+    /// Every endpoint of the service (traffic policy Cluster).
+    #[default]
+    Cluster,
+    /// This node's endpoints only (traffic policy Local).
+    Local,
+}
+
 /// Identity of one port of one Service.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServicePortKey {
@@ -53,6 +71,14 @@ pub struct ServicePortKey {
     /// Empty for an unnamed (single) port.
     pub port_name: String,
     pub protocol: Protocol,
+    pub scope: Scope,
+}
+
+impl ServicePortKey {
+    /// `namespace/name` of the Service.
+    pub fn service(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
 }
 
 impl fmt::Display for ServicePortKey {
@@ -61,7 +87,11 @@ impl fmt::Display for ServicePortKey {
         if !self.port_name.is_empty() {
             write!(f, ":{}", self.port_name)?;
         }
-        write!(f, "/{}", self.protocol)
+        write!(f, "/{}", self.protocol)?;
+        if self.scope == Scope::Local {
+            f.write_str("/local")?;
+        }
+        Ok(())
     }
 }
 
@@ -69,6 +99,51 @@ impl fmt::Display for ServicePortKey {
 pub enum FrontendKind {
     ClusterIp,
     NodePort,
+    /// `spec.externalIPs`.
+    ExternalIp,
+    /// `status.loadBalancer.ingress[].ip`.
+    LoadBalancer,
+}
+
+impl FrontendKind {
+    /// Reached from outside the cluster: externalTrafficPolicy applies.
+    pub const fn is_external(self) -> bool {
+        !matches!(self, FrontendKind::ClusterIp)
+    }
+}
+
+/// An IPv4 prefix (loadBalancerSourceRanges), host bits cleared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Prefix {
+    pub addr: Ipv4Addr,
+    pub len: u8,
+}
+
+impl fmt::Display for Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl std::str::FromStr for Prefix {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Prefix, String> {
+        let s = s.trim();
+        let (addr, len) = s.split_once('/').unwrap_or((s, "32"));
+        let addr: Ipv4Addr = addr
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IPv4 CIDR"))?;
+        let len: u8 = len
+            .parse()
+            .ok()
+            .filter(|l| *l <= 32)
+            .ok_or_else(|| format!("{s:?} has a prefix length outside 0-32"))?;
+        let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+        Ok(Prefix {
+            addr: Ipv4Addr::from(u32::from(addr) & mask),
+            len,
+        })
+    }
 }
 
 /// An address, port and protocol a service port answers on.
@@ -94,6 +169,8 @@ pub struct Endpoint {
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
+    /// On this node (`nodeName` equals `--node-name`).
+    pub local: bool,
 }
 
 impl Endpoint {
@@ -113,6 +190,9 @@ pub struct ServicePort {
     pub endpoints: Vec<Endpoint>,
     /// `Some(timeout)` with sessionAffinity ClientIP.
     pub affinity_timeout_s: Option<u32>,
+    /// loadBalancerSourceRanges (sorted, unique); they apply to the
+    /// `LoadBalancer` frontends. Empty: every source is admitted.
+    pub source_ranges: Vec<Prefix>,
 }
 
 impl ServicePort {
@@ -134,6 +214,19 @@ impl ServicePort {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub services: BTreeMap<ServicePortKey, ServicePort>,
+    /// healthCheckNodePort -> what the agent answers on it.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
+}
+
+/// A LoadBalancer Service with externalTrafficPolicy Local: its load
+/// balancer asks every node, on `healthCheckNodePort`, whether to send
+/// traffic there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub namespace: String,
+    pub name: String,
+    /// Ready endpoints on this node (terminating ones do not count).
+    pub local_endpoints: usize,
 }
 
 /// An object left out of the desired state, and why.
@@ -156,6 +249,10 @@ pub struct NodeConfig {
     pub name: String,
     /// NodePorts answer on each of these.
     pub node_ips: Vec<Ipv4Addr>,
+    /// `--service-proxy-name`: Services labelled
+    /// `service.kubernetes.io/service-proxy-name` are ours only if the
+    /// value equals this.
+    pub service_proxy_name: Option<String>,
 }
 
 /// The result of building: what to program, what was refused, and what was
@@ -237,15 +334,45 @@ pub fn build(services: &[Service], slices: &[EndpointSlice], node: &NodeConfig) 
             .unwrap_or_else(|| "default".into());
         let name = svc.metadata.name.clone().unwrap_or_default();
         let slices = endpoints_by_service
-            .get(&(ns, name))
+            .get(&(ns.clone(), name.clone()))
             .map(Vec::as_slice)
             .unwrap_or(&[]);
+        let mut local_ready = BTreeSet::new();
         for mut port in ports {
-            port.endpoints = endpoints_for(&port.key, slices);
+            let all = endpoints_for(&port.key, slices, &node.name);
+            local_ready.extend(all.iter().filter(|e| e.local && e.ready).map(|e| e.addr));
+            port.endpoints = match port.key.scope {
+                Scope::Cluster => all,
+                Scope::Local => all.into_iter().filter(|e| e.local).collect(),
+            };
             out.state.services.insert(port.key.clone(), port);
+        }
+        if let Some(port) = health_check_port(svc) {
+            out.state.health_checks.insert(
+                port,
+                HealthCheck {
+                    namespace: ns,
+                    name,
+                    local_endpoints: local_ready.len(),
+                },
+            );
         }
     }
     out
+}
+
+/// healthCheckNodePort of a LoadBalancer Service with
+/// externalTrafficPolicy Local (validated with the service).
+fn health_check_port(svc: &Service) -> Option<u16> {
+    let spec = svc.spec.as_ref()?;
+    if spec.type_.as_deref() != Some("LoadBalancer")
+        || spec.external_traffic_policy.as_deref() != Some("Local")
+    {
+        return None;
+    }
+    u16::try_from(spec.health_check_node_port?)
+        .ok()
+        .filter(|p| *p != 0)
 }
 
 fn service_name(s: &Service) -> String {
@@ -294,6 +421,20 @@ fn validate_service(svc: &Service, node: &NodeConfig) -> Result<ServiceVerdict, 
         .namespace
         .clone()
         .unwrap_or_else(|| "default".into());
+    let labels = svc.metadata.labels.as_ref();
+    if labels.is_some_and(|l| l.contains_key(HEADLESS_LABEL)) {
+        return Ok(ServiceVerdict::Skip(format!("labelled {HEADLESS_LABEL}")));
+    }
+    if let Some(proxy) = labels.and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL)) {
+        if node.service_proxy_name.as_deref() != Some(proxy.as_str()) {
+            return Ok(ServiceVerdict::Skip(format!(
+                "{SERVICE_PROXY_NAME_LABEL}={proxy} is another proxy's (this one is {})",
+                node.service_proxy_name
+                    .as_deref()
+                    .unwrap_or("unnamed: see --service-proxy-name")
+            )));
+        }
+    }
     let spec = svc.spec.as_ref().ok_or("spec is missing")?;
     let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
     if svc_type == "ExternalName" {
@@ -352,6 +493,49 @@ fn validate_service(svc: &Service, node: &NodeConfig) -> Result<ServiceVerdict, 
         other => return Err(format!("sessionAffinity {other:?} is not None or ClientIP")),
     };
 
+    let internal_scope = traffic_policy(
+        "internalTrafficPolicy",
+        spec.internal_traffic_policy.as_deref(),
+    )?;
+    let external_scope = traffic_policy(
+        "externalTrafficPolicy",
+        spec.external_traffic_policy.as_deref(),
+    )?;
+    let external_ips = parse_ipv4_list("externalIPs", spec.external_ips.iter().flatten())?;
+    // ipMode Proxy (KEP-1860) means the load balancer proxies to the node
+    // itself: its address must not be short-circuited here.
+    let lb_ips: Vec<&String> = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
+        .filter_map(|i| i.ip.as_ref())
+        .collect();
+    let lb_ips = if svc_type == "LoadBalancer" {
+        parse_ipv4_list("status.loadBalancer.ingress[].ip", lb_ips)?
+    } else {
+        Vec::new()
+    };
+    let mut source_ranges = Vec::new();
+    if svc_type == "LoadBalancer" {
+        for r in spec.load_balancer_source_ranges.iter().flatten() {
+            // Like kube-proxy, a list may hold IPv6 ranges for the other
+            // family; they do not apply to IPv4 addresses.
+            if r.contains(':') {
+                continue;
+            }
+            source_ranges.push(
+                r.parse::<Prefix>()
+                    .map_err(|e| format!("loadBalancerSourceRanges: {e}"))?,
+            );
+        }
+    }
+    source_ranges.sort();
+    source_ranges.dedup();
+
     let ports = spec.ports.as_deref().unwrap_or(&[]);
     if ports.is_empty() {
         return Ok(ServiceVerdict::Skip("no ports".into()));
@@ -369,38 +553,62 @@ fn validate_service(svc: &Service, node: &NodeConfig) -> Result<ServiceVerdict, 
             ));
         }
         let port = port_number("port", p.port)?;
-        let mut frontends: Vec<Frontend> = v4
-            .iter()
-            .map(|&addr| Frontend {
-                addr,
-                port,
-                protocol,
-                kind: FrontendKind::ClusterIp,
-            })
-            .collect();
+        let at = |addrs: &[Ipv4Addr], port: u16, kind: FrontendKind| -> Vec<Frontend> {
+            addrs
+                .iter()
+                .map(|&addr| Frontend {
+                    addr,
+                    port,
+                    protocol,
+                    kind,
+                })
+                .collect()
+        };
+        let mut frontends = at(&v4, port, FrontendKind::ClusterIp);
+        frontends.extend(at(&external_ips, port, FrontendKind::ExternalIp));
+        frontends.extend(at(&lb_ips, port, FrontendKind::LoadBalancer));
         if let Some(np) = p.node_port.filter(|_| node_ports) {
             let np = port_number("nodePort", np)?;
-            frontends.extend(node.node_ips.iter().map(|&addr| Frontend {
-                addr,
-                port: np,
-                protocol,
-                kind: FrontendKind::NodePort,
-            }));
+            frontends.extend(at(&node.node_ips, np, FrontendKind::NodePort));
         }
-        frontends.sort();
-        frontends.dedup();
-        let key = ServicePortKey {
-            namespace: namespace.clone(),
-            name: name.to_string(),
-            port_name,
-            protocol,
-        };
-        out.push(ServicePort {
-            key,
-            frontends,
-            endpoints: Vec::new(),
-            affinity_timeout_s,
-        });
+        // One service port per scope its frontends use.
+        for scope in [Scope::Cluster, Scope::Local] {
+            let mut mine: Vec<Frontend> = frontends
+                .iter()
+                .copied()
+                .filter(|f| {
+                    let policy = if f.kind.is_external() {
+                        external_scope
+                    } else {
+                        internal_scope
+                    };
+                    policy == scope
+                })
+                .collect();
+            if mine.is_empty() {
+                continue;
+            }
+            mine.sort();
+            mine.dedup();
+            let has_lb = mine.iter().any(|f| f.kind == FrontendKind::LoadBalancer);
+            out.push(ServicePort {
+                key: ServicePortKey {
+                    namespace: namespace.clone(),
+                    name: name.to_string(),
+                    port_name: port_name.clone(),
+                    protocol,
+                    scope,
+                },
+                frontends: mine,
+                endpoints: Vec::new(),
+                affinity_timeout_s,
+                source_ranges: if has_lb {
+                    source_ranges.clone()
+                } else {
+                    Vec::new()
+                },
+            });
+        }
     }
     // Two ports of one service may not share a frontend either.
     let mut all: Vec<(Ipv4Addr, u16, Protocol)> = out
@@ -418,13 +626,38 @@ fn validate_service(svc: &Service, node: &NodeConfig) -> Result<ServiceVerdict, 
     Ok(ServiceVerdict::Program(out))
 }
 
+fn traffic_policy(field: &str, value: Option<&str>) -> Result<Scope, String> {
+    match value.unwrap_or("Cluster") {
+        "Cluster" => Ok(Scope::Cluster),
+        "Local" => Ok(Scope::Local),
+        other => Err(format!("{field} {other:?} is not Cluster or Local")),
+    }
+}
+
+/// IPv4 addresses of a list; IPv6 ones are skipped (not supported yet).
+fn parse_ipv4_list<'a>(
+    field: &str,
+    list: impl IntoIterator<Item = &'a String>,
+) -> Result<Vec<Ipv4Addr>, String> {
+    let mut out = Vec::new();
+    for ip in list {
+        match ip.parse::<IpAddr>() {
+            Ok(IpAddr::V4(a)) => out.push(a),
+            Ok(IpAddr::V6(_)) => {}
+            Err(_) => return Err(format!("{field}: {ip:?} is not an IP address")),
+        }
+    }
+    Ok(out)
+}
+
 /// What a valid slice contributes.
 struct ValidSlice {
     namespace: String,
     service: String,
     /// (port name, protocol) -> target port.
     ports: BTreeMap<(String, Protocol), u16>,
-    endpoints: Vec<(Ipv4Addr, Conditions)>,
+    /// Address, conditions, nodeName.
+    endpoints: Vec<(Ipv4Addr, Conditions, Option<String>)>,
 }
 
 #[derive(Clone, Copy)]
@@ -474,7 +707,7 @@ fn validate_slice(slice: &EndpointSlice) -> Result<Option<ValidSlice>, String> {
             let addr: Ipv4Addr = a
                 .parse()
                 .map_err(|_| format!("endpoint address {a:?} is not an IPv4 address"))?;
-            endpoints.push((addr, conditions));
+            endpoints.push((addr, conditions, e.node_name.clone()));
         }
     }
     Ok(Some(ValidSlice {
@@ -487,24 +720,29 @@ fn validate_slice(slice: &EndpointSlice) -> Result<Option<ValidSlice>, String> {
 
 /// Merges every slice of a service for one port: each endpoint once, with
 /// the best conditions any slice gives it (a pod moving between slices is
-/// listed twice for a moment).
-fn endpoints_for(key: &ServicePortKey, slices: &[ValidSlice]) -> Vec<Endpoint> {
+/// listed twice for a moment). An endpoint is local when its nodeName is
+/// this node's name; one without nodeName is remote (SNAT keeps its replies
+/// right wherever it runs).
+fn endpoints_for(key: &ServicePortKey, slices: &[ValidSlice], node_name: &str) -> Vec<Endpoint> {
     let mut merged: BTreeMap<(Ipv4Addr, u16), Endpoint> = BTreeMap::new();
     for s in slices {
         let Some(&port) = s.ports.get(&(key.port_name.clone(), key.protocol)) else {
             continue;
         };
-        for &(addr, c) in &s.endpoints {
-            let e = merged.entry((addr, port)).or_insert(Endpoint {
-                addr,
+        for (addr, c, node) in &s.endpoints {
+            let local = !node_name.is_empty() && node.as_deref() == Some(node_name);
+            let e = merged.entry((*addr, port)).or_insert(Endpoint {
+                addr: *addr,
                 port,
                 ready: c.ready,
                 serving: c.serving,
                 terminating: c.terminating,
+                local,
             });
             e.ready |= c.ready;
             e.serving |= c.serving;
             e.terminating &= c.terminating;
+            e.local |= local;
         }
     }
     merged.into_values().collect()

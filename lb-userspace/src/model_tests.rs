@@ -4,13 +4,14 @@ use std::net::Ipv4Addr;
 
 use crate::{
     manifest,
-    model::{build, Build, FrontendKind, NodeConfig, Protocol, ServicePortKey},
+    model::{build, Build, FrontendKind, NodeConfig, Protocol, Scope, ServicePortKey},
 };
 
 fn node() -> NodeConfig {
     NodeConfig {
         name: "node-a".into(),
         node_ips: vec![Ipv4Addr::new(198, 18, 0, 2)],
+        service_proxy_name: None,
     }
 }
 
@@ -26,6 +27,7 @@ fn key(ns: &str, name: &str, port: &str, protocol: Protocol) -> ServicePortKey {
         name: name.into(),
         port_name: port.into(),
         protocol,
+        scope: Scope::Cluster,
     }
 }
 
@@ -223,5 +225,155 @@ fn loadbalancer_gets_cluster_ip_and_node_ports() {
         http.frontends.len(),
         1,
         "nodePort ignored for type ClusterIP"
+    );
+}
+
+const POLICIES: &str = include_str!("testdata/policies.yaml");
+
+fn local(mut k: ServicePortKey) -> ServicePortKey {
+    k.scope = Scope::Local;
+    k
+}
+
+fn frontends_of(sp: &crate::model::ServicePort) -> Vec<String> {
+    sp.frontends
+        .iter()
+        .map(|f| format!("{f} {:?}", f.kind))
+        .collect()
+}
+
+#[test]
+fn external_traffic_policy_local_splits_the_port_by_scope() {
+    let b = build_yaml(POLICIES);
+    assert!(b.rejections.is_empty(), "{:?}", b.rejections);
+    let cluster = &b.state.services[&key("shop", "lb", "http", Protocol::Tcp)];
+    assert_eq!(frontends_of(cluster), ["198.19.0.20:80/TCP ClusterIp"]);
+    // Every endpoint, local or not (nodeName missing = remote).
+    let all: Vec<(String, bool)> = cluster
+        .endpoints
+        .iter()
+        .map(|e| (e.addr.to_string(), e.local))
+        .collect();
+    assert_eq!(
+        all,
+        [
+            ("198.18.1.10".into(), true),
+            ("198.18.1.11".into(), true),
+            ("198.18.2.10".into(), false),
+            ("198.18.3.10".into(), false)
+        ]
+    );
+    let ext = &b.state.services[&local(key("shop", "lb", "http", Protocol::Tcp))];
+    assert_eq!(
+        frontends_of(ext),
+        [
+            "198.18.0.2:30100/TCP NodePort",
+            "198.18.5.1:80/TCP ExternalIp",
+            // ipMode Proxy (198.18.6.2) is the load balancer's to proxy.
+            "198.18.6.1:80/TCP LoadBalancer",
+        ]
+    );
+    let addrs: Vec<String> = ext.endpoints.iter().map(|e| e.addr.to_string()).collect();
+    assert_eq!(addrs, ["198.18.1.10", "198.18.1.11"], "local only");
+    assert_eq!(
+        ext.usable_endpoints().len(),
+        1,
+        "terminating one is not used"
+    );
+    // Host bits cleared; the IPv6 range is the other family's.
+    let ranges: Vec<String> = ext.source_ranges.iter().map(|r| r.to_string()).collect();
+    assert_eq!(ranges, ["198.18.0.0/16", "198.18.0.0/24"]);
+    assert!(cluster.source_ranges.is_empty(), "no LB frontend there");
+    assert_eq!(
+        ext.key.to_string(),
+        "shop/lb:http/TCP/local",
+        "logs tell the scopes apart"
+    );
+}
+
+#[test]
+fn health_check_counts_ready_local_endpoints_only() {
+    let b = build_yaml(POLICIES);
+    let hc = &b.state.health_checks[&31999];
+    assert_eq!((hc.namespace.as_str(), hc.name.as_str()), ("shop", "lb"));
+    assert_eq!(hc.local_endpoints, 1);
+    let gone = POLICIES.replacen(
+        "conditions: {ready: true}",
+        "conditions: {ready: false, serving: true, terminating: true}",
+        1,
+    );
+    let b = build_yaml(&gone);
+    assert_eq!(b.state.health_checks[&31999].local_endpoints, 0);
+    let cluster = POLICIES.replace(
+        "externalTrafficPolicy: Local",
+        "externalTrafficPolicy: Cluster",
+    );
+    assert!(build_yaml(&cluster).state.health_checks.is_empty());
+}
+
+#[test]
+fn internal_traffic_policy_local_keeps_only_local_endpoints() {
+    let yaml = format!(
+        "{POLICIES}---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: i, namespace: shop, labels: {{kubernetes.io/service-name: internal}}}}\naddressType: IPv4\nports: [{{protocol: UDP, port: 5353}}]\nendpoints:\n- {{addresses: [198.18.1.20], nodeName: node-a}}\n- {{addresses: [198.18.2.20], nodeName: node-b}}\n"
+    );
+    let b = build_yaml(&yaml);
+    assert!(!b
+        .state
+        .services
+        .contains_key(&key("shop", "internal", "", Protocol::Udp)));
+    let sp = &b.state.services[&local(key("shop", "internal", "", Protocol::Udp))];
+    let addrs: Vec<String> = sp.endpoints.iter().map(|e| e.addr.to_string()).collect();
+    assert_eq!(addrs, ["198.18.1.20"]);
+}
+
+#[test]
+fn service_proxy_name_and_headless_labels_are_honoured() {
+    let b = build_yaml(POLICIES);
+    let skipped: Vec<&str> = b.skipped.iter().map(|s| s.object.as_str()).collect();
+    assert!(
+        skipped.contains(&"Service shop/headless-labelled"),
+        "{skipped:?}"
+    );
+    assert!(skipped.contains(&"Service shop/other-proxy"), "{skipped:?}");
+    assert!(
+        skipped.contains(&"Service shop/our-proxy"),
+        "unnamed proxy skips it"
+    );
+    let o = manifest::parse(POLICIES).unwrap();
+    let named = NodeConfig {
+        service_proxy_name: Some("lb".into()),
+        ..node()
+    };
+    let b = build(&o.services, &o.slices, &named);
+    assert!(b
+        .state
+        .services
+        .contains_key(&key("shop", "our-proxy", "", Protocol::Tcp)));
+    assert!(!b
+        .state
+        .services
+        .contains_key(&key("shop", "other-proxy", "", Protocol::Tcp)));
+}
+
+#[test]
+fn bad_traffic_policy_or_range_rejects_only_that_service() {
+    let bad = POLICIES.replace(
+        "externalTrafficPolicy: Local",
+        "externalTrafficPolicy: Nearby",
+    );
+    let b = build_yaml(&bad);
+    assert_eq!(b.rejections.len(), 1, "{:?}", b.rejections);
+    assert_eq!(b.rejections[0].object, "Service shop/lb");
+    assert!(b.rejections[0].reason.contains("Nearby"));
+    assert!(b
+        .state
+        .services
+        .contains_key(&local(key("shop", "internal", "", Protocol::Udp))));
+    let bad = POLICIES.replace("198.18.0.0/24", "198.18.0.0/33");
+    let b = build_yaml(&bad);
+    assert!(
+        b.rejections[0].reason.contains("loadBalancerSourceRanges"),
+        "{:?}",
+        b.rejections
     );
 }

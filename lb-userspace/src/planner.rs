@@ -13,13 +13,14 @@ use std::{
 };
 
 use lb_common::{
-    Backend, FrontendKey, ServiceEntry, BACKEND_F_PRESENT, BACKEND_F_TERMINATING, BACKEND_F_USABLE,
-    MAX_BACKENDS, MAX_SERVICES, SERVICE_F_AFFINITY, SERVICE_F_NODEPORT,
+    Backend, FrontendKey, ServiceEntry, BACKEND_F_LOCAL, BACKEND_F_PRESENT, BACKEND_F_TERMINATING,
+    BACKEND_F_USABLE, MAX_BACKENDS, MAX_SERVICES, SERVICE_F_AFFINITY, SERVICE_F_EXTERNAL,
+    SERVICE_F_LOCAL, SERVICE_F_SOURCE_RANGES,
 };
 
 use crate::{
     maglev::{table_size_for, MaglevTable},
-    model::{DesiredState, FrontendKind, ServicePort, ServicePortKey},
+    model::{DesiredState, Frontend, FrontendKind, Prefix, Scope, ServicePort, ServicePortKey},
 };
 
 /// Which service ports to (re)write and which to remove.
@@ -65,6 +66,9 @@ pub trait DatapathMaps {
     fn write_maglev(&mut self, tables: &[(u32, Option<&[u32]>)]) -> Vec<anyhow::Result<()>>;
     fn set_frontend(&mut self, key: FrontendKey, entry: ServiceEntry) -> anyhow::Result<()>;
     fn remove_frontend(&mut self, key: FrontendKey) -> anyhow::Result<()>;
+    /// Admits `range` to the load-balancer frontends of `service_id`.
+    fn set_source_range(&mut self, service_id: u32, range: Prefix) -> anyhow::Result<()>;
+    fn remove_source_range(&mut self, service_id: u32, range: Prefix) -> anyhow::Result<()>;
 }
 
 /// Hands out small integer ids from `1..limit`, reusing freed ones.
@@ -113,6 +117,7 @@ struct Staged {
     id: u32,
     table: Option<StagedTable>,
     stale_backends: Vec<u32>,
+    stale_ranges: Vec<Prefix>,
 }
 
 struct StagedTable {
@@ -243,6 +248,10 @@ impl<M: DatapathMaps> Programmer<M> {
             .as_ref()
             .map(|p| p.backend_ids.clone())
             .unwrap_or_default();
+        let old_ranges: BTreeSet<Prefix> = existing
+            .as_ref()
+            .map(|p| p.spec.source_ranges.iter().copied().collect())
+            .unwrap_or_default();
         let mut state = Programmed {
             id,
             spec: spec.clone(),
@@ -272,6 +281,9 @@ impl<M: DatapathMaps> Programmer<M> {
             if usable.contains(&e.target()) {
                 flags |= BACKEND_F_USABLE;
             }
+            if e.local {
+                flags |= BACKEND_F_LOCAL;
+            }
             let b = Backend {
                 addr: e.addr.octets(),
                 port: e.port,
@@ -298,12 +310,28 @@ impl<M: DatapathMaps> Programmer<M> {
                 backends: addrs.len() as u32,
             }
         });
+        // Ranges before the frontends that check them; stale ones after.
+        for r in spec
+            .source_ranges
+            .iter()
+            .filter(|r| !old_ranges.contains(r))
+        {
+            if let Err(err) = self.maps.set_source_range(id, *r) {
+                state.backend_ids.append(&mut old_backends);
+                self.programmed.insert(spec.key.clone(), state);
+                return Err(err);
+            }
+        }
         self.programmed.insert(spec.key.clone(), state);
         Ok(Staged {
             key: spec.key.clone(),
             id,
             table,
             stale_backends: old_backends.into_values().collect(),
+            stale_ranges: old_ranges
+                .into_iter()
+                .filter(|r| !spec.source_ranges.contains(r))
+                .collect(),
         })
     }
 
@@ -315,22 +343,18 @@ impl<M: DatapathMaps> Programmer<M> {
             .as_ref()
             .map_or((0, 0), |t| (t.slots.len() as u32, t.backends));
         for f in &spec.frontends {
-            let mut flags = 0;
-            if spec.affinity_timeout_s.is_some() {
-                flags |= SERVICE_F_AFFINITY;
-            }
-            if f.kind == FrontendKind::NodePort {
-                flags |= SERVICE_F_NODEPORT;
-            }
             let entry = ServiceEntry {
                 id: s.id,
                 table_size,
                 backend_count: count,
                 affinity_timeout_s: spec.affinity_timeout_s.unwrap_or(0),
-                flags,
+                flags: frontend_flags(spec, f),
                 _pad: [0; 3],
             };
             self.maps.set_frontend(frontend_key(f), entry)?;
+        }
+        for r in s.stale_ranges {
+            self.maps.remove_source_range(s.id, r)?;
         }
         for bid in s.stale_backends {
             self.maps.clear_backend(bid)?;
@@ -358,11 +382,18 @@ impl<M: DatapathMaps> Programmer<M> {
         let tables: Vec<(u32, Option<&[u32]>)> = gone.iter().map(|p| (p.id, None)).collect();
         let results = self.maps.write_maglev(&tables);
         for (p, result) in gone.into_iter().zip(results) {
+            let ranges = p
+                .spec
+                .source_ranges
+                .iter()
+                .map(|&r| self.maps.remove_source_range(p.id, r))
+                .find_map(Result::err);
             let backends = p
                 .backend_ids
                 .values()
                 .map(|&bid| self.maps.clear_backend(bid))
-                .find_map(Result::err);
+                .find_map(Result::err)
+                .or(ranges);
             if let Some(e) = result.err().or(backends) {
                 failed.push((p.spec.key.clone(), format!("{e:#}")));
             }
@@ -378,7 +409,25 @@ impl<M: DatapathMaps> Programmer<M> {
     }
 }
 
-pub fn frontend_key(f: &crate::model::Frontend) -> FrontendKey {
+/// `SERVICE_F_*` of one frontend of a service port.
+pub fn frontend_flags(spec: &ServicePort, f: &Frontend) -> u8 {
+    let mut flags = 0;
+    if spec.affinity_timeout_s.is_some() {
+        flags |= SERVICE_F_AFFINITY;
+    }
+    if f.kind.is_external() {
+        flags |= SERVICE_F_EXTERNAL;
+    }
+    if spec.key.scope == Scope::Local {
+        flags |= SERVICE_F_LOCAL;
+    }
+    if f.kind == FrontendKind::LoadBalancer && !spec.source_ranges.is_empty() {
+        flags |= SERVICE_F_SOURCE_RANGES;
+    }
+    flags
+}
+
+pub fn frontend_key(f: &Frontend) -> FrontendKey {
     FrontendKey {
         addr: f.addr.octets(),
         port: f.port,
@@ -398,6 +447,7 @@ pub struct MemoryMaps {
     pub backends: HashMap<u32, Backend>,
     pub maglev: HashMap<u32, Vec<u32>>,
     pub frontends: HashMap<FrontendKey, ServiceEntry>,
+    pub source_ranges: BTreeSet<(u32, Prefix)>,
     /// Every write, in order, for tests that check ordering.
     pub log: Vec<String>,
 }
@@ -441,6 +491,18 @@ impl DatapathMaps for MemoryMaps {
         self.log
             .push(format!("remove_frontend {:?}:{}", key.addr, key.port));
         self.frontends.remove(&key);
+        Ok(())
+    }
+    fn set_source_range(&mut self, service_id: u32, range: Prefix) -> anyhow::Result<()> {
+        self.log
+            .push(format!("set_source_range {service_id} {range}"));
+        self.source_ranges.insert((service_id, range));
+        Ok(())
+    }
+    fn remove_source_range(&mut self, service_id: u32, range: Prefix) -> anyhow::Result<()> {
+        self.log
+            .push(format!("remove_source_range {service_id} {range}"));
+        self.source_ranges.remove(&(service_id, range));
         Ok(())
     }
 }

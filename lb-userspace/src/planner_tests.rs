@@ -6,7 +6,7 @@ use lb_common::{BACKEND_F_PRESENT, BACKEND_F_TERMINATING, BACKEND_F_USABLE, SERV
 
 use crate::{
     manifest,
-    model::{build, DesiredState, NodeConfig, Protocol, ServicePortKey},
+    model::{build, DesiredState, NodeConfig, Protocol, Scope, ServicePortKey},
     planner::{diff, frontend_key, IdAllocator, MemoryMaps, Programmer},
 };
 
@@ -15,6 +15,7 @@ fn state(yaml: &str) -> DesiredState {
     let node = NodeConfig {
         name: "n".into(),
         node_ips: vec![Ipv4Addr::new(198, 18, 0, 2)],
+        service_proxy_name: None,
     };
     build(&o.services, &o.slices, &node).state
 }
@@ -25,6 +26,7 @@ fn http() -> ServicePortKey {
         name: "web".into(),
         port_name: "http".into(),
         protocol: Protocol::Tcp,
+        scope: Scope::Cluster,
     }
 }
 
@@ -195,4 +197,82 @@ fn a_frontend_moving_between_services_ends_up_with_the_new_owner() {
         .1
         .id;
     assert_eq!(owner, p.service_id(&web2).unwrap());
+}
+
+#[test]
+fn policies_become_frontend_and_backend_flags_and_source_ranges() {
+    use lb_common::{
+        BACKEND_F_LOCAL, SERVICE_F_EXTERNAL, SERVICE_F_LOCAL, SERVICE_F_SOURCE_RANGES,
+    };
+    let o = manifest::parse(include_str!("testdata/policies.yaml")).unwrap();
+    let node = NodeConfig {
+        name: "node-a".into(),
+        node_ips: vec![Ipv4Addr::new(198, 18, 0, 2)],
+        service_proxy_name: None,
+    };
+    let desired = build(&o.services, &o.slices, &node).state;
+    let mut p = Programmer::new(MemoryMaps::default());
+    assert!(p.apply(&desired).failed.is_empty());
+    let m = p.maps();
+    let flags_of = |addr: [u8; 4], port: u16| {
+        m.frontends
+            .iter()
+            .find(|(k, _)| k.addr == addr && k.port == port)
+            .map(|(_, e)| (e.flags, e.id, e.backend_count))
+            .unwrap()
+    };
+    let (cip, cluster_id, n) = flags_of([198, 19, 0, 20], 80);
+    assert_eq!((cip, n), (0, 3), "ClusterIP: cluster-wide, 3 ready");
+    let (np, local_id, n) = flags_of([198, 18, 0, 2], 30100);
+    assert_eq!((np, n), (SERVICE_F_EXTERNAL | SERVICE_F_LOCAL, 1));
+    assert_ne!(cluster_id, local_id);
+    let (lb, _, _) = flags_of([198, 18, 6, 1], 80);
+    assert_eq!(
+        lb,
+        SERVICE_F_EXTERNAL | SERVICE_F_LOCAL | SERVICE_F_SOURCE_RANGES
+    );
+    let (eip, _, _) = flags_of([198, 18, 5, 1], 80);
+    assert_eq!(
+        eip,
+        SERVICE_F_EXTERNAL | SERVICE_F_LOCAL,
+        "ranges are for LB IPs"
+    );
+    let ranges: Vec<String> = m
+        .source_ranges
+        .iter()
+        .map(|(id, r)| format!("{id} {r}"))
+        .collect();
+    assert_eq!(
+        ranges,
+        [
+            format!("{local_id} 198.18.0.0/16"),
+            format!("{local_id} 198.18.0.0/24")
+        ]
+    );
+    let local_backends = m
+        .backends
+        .values()
+        .filter(|b| b.flags & BACKEND_F_LOCAL != 0)
+        .count();
+    assert_eq!(local_backends, 2 + 2, "two local endpoints, in both scopes");
+
+    // Dropping a range removes it after the frontends; deleting the
+    // service removes the rest.
+    let one = include_str!("testdata/policies.yaml").replace(", \"198.18.7.9/16\"", "");
+    let desired = build(&manifest::parse(&one).unwrap().services, &o.slices, &node).state;
+    assert!(p.apply(&desired).failed.is_empty());
+    assert_eq!(p.maps().source_ranges.len(), 1);
+    let log = &p.maps().log;
+    let removed = log
+        .iter()
+        .position(|l| l.starts_with("remove_source_range"))
+        .unwrap();
+    let last_frontend = log
+        .iter()
+        .rposition(|l| l.starts_with("set_frontend"))
+        .unwrap();
+    assert!(removed > last_frontend, "{log:?}");
+    assert!(p.apply(&DesiredState::default()).failed.is_empty());
+    assert!(p.maps().source_ranges.is_empty());
+    assert!(p.maps().frontends.is_empty());
 }

@@ -118,3 +118,29 @@ impl PinDirLock {
         }
     }
 }
+
+/// The cookie of this process's network namespace (SO_NETNS_COOKIE, Linux
+/// 5.14): the socket hooks act only on sockets of this namespace.
+pub fn netns_cookie() -> anyhow::Result<u64> {
+    // nix has no wrapper for this option; it is one getsockopt.
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0")
+        .context("opening a socket to read the netns cookie")?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a valid fd, and an out-pointer of the size we pass.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .context("reading the netns cookie (SO_NETNS_COOKIE needs Linux 5.14)");
+    }
+    Ok(cookie)
+}

@@ -10,6 +10,7 @@
 use std::{net::Ipv4Addr, path::PathBuf};
 
 use aya::programs::{TestRun, TestRunOptions};
+use lb_common::{DatapathConfig, SNAT_PORT_MAX, SNAT_PORT_MIN};
 use lb_userspace::{
     datapath::{remove_pins, Datapath, KernelMaps},
     manifest,
@@ -62,6 +63,7 @@ impl Fixture {
         let node = NodeConfig {
             name: NODE_NAME.into(),
             node_ips: vec![NODE_IP],
+            service_proxy_name: None,
         };
         Self::with_state(&build(&objects.services, &objects.slices, &node).state)
     }
@@ -118,6 +120,12 @@ impl Fixture {
             pod_ifindex,
             _ns: ns,
         };
+        fx.programmer.maps_mut().set_config(DatapathConfig {
+            snat_addr: NODE_IP.octets(),
+            snat_port_min: SNAT_PORT_MIN,
+            snat_port_max: SNAT_PORT_MAX,
+            netns_cookie: 0,
+        })?;
         let report = fx.programmer.apply(state);
         anyhow::ensure!(
             report.failed.is_empty(),

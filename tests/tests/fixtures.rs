@@ -174,6 +174,7 @@ fn established_flow_keeps_its_backend_when_the_table_changes() {
         let node = lb_userspace::model::NodeConfig {
             name: "node-a".into(),
             node_ips: vec![NODE_IP],
+            service_proxy_name: None,
         };
         let state = lb_userspace::model::build(&objects.services, &objects.slices, &node).state;
         assert!(fx.programmer.apply(&state).failed.is_empty());

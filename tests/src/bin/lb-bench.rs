@@ -50,6 +50,7 @@ fn services(n: u32) -> DesiredState {
             name: format!("svc-{i}"),
             port_name: String::new(),
             protocol: Protocol::Tcp,
+            scope: Default::default(),
         };
         let sp = ServicePort {
             key: key.clone(),
@@ -65,8 +66,10 @@ fn services(n: u32) -> DesiredState {
                 ready: true,
                 serving: true,
                 terminating: false,
+                local: true,
             }],
             affinity_timeout_s: None,
+            source_ranges: Vec::new(),
         };
         state.services.insert(key, sp);
     }

@@ -1,0 +1,49 @@
+//! Service policies applied to a new flow before and after the backend
+//! choice: loadBalancerSourceRanges, and whether the source must be
+//! translated (hairpin, external traffic to another node's backend).
+
+use aya_ebpf::btf_maps::lpm_trie::Key;
+use lb_common::{
+    Backend, DatapathConfig, ServiceEntry, SourceRange, BACKEND_F_LOCAL, SERVICE_F_EXTERNAL,
+    SERVICE_F_LOCAL, SERVICE_F_SOURCE_RANGES,
+};
+
+use crate::maps::{CONFIG, SOURCE_RANGES};
+
+/// Whether `saddr` may use this frontend (always, without source ranges).
+#[inline(always)]
+pub fn source_allowed(svc: &ServiceEntry, saddr: [u8; 4]) -> bool {
+    if svc.flags & SERVICE_F_SOURCE_RANGES == 0 {
+        return true;
+    }
+    let key = Key::new(
+        64,
+        SourceRange {
+            service_id: svc.id.to_be_bytes(),
+            addr: saddr,
+        },
+    );
+    SOURCE_RANGES.get(&key).is_some()
+}
+
+/// The node facts the agent wrote; all zero (no SNAT) before it did.
+#[inline(always)]
+pub fn config() -> DatapathConfig {
+    CONFIG.get(0).copied().unwrap_or_default()
+}
+
+/// Whether a new flow from `saddr` to `backend` needs its source
+/// translated to the node address:
+/// - hairpin: the client is the backend (its reply would never leave it);
+/// - an external frontend with traffic policy Cluster and a backend on
+///   another node: the backend's reply must come back through this node
+///   to be translated (kube-proxy masquerades here too).
+#[inline(always)]
+pub fn needs_snat(svc: &ServiceEntry, saddr: [u8; 4], backend: &Backend) -> bool {
+    if saddr == backend.addr {
+        return true;
+    }
+    svc.flags & SERVICE_F_EXTERNAL != 0
+        && svc.flags & SERVICE_F_LOCAL == 0
+        && backend.flags & BACKEND_F_LOCAL == 0
+}
