@@ -19,6 +19,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     datapath::{self, AttachMode, Datapath, KernelMaps},
+    healthcheck::HealthServers,
     manifest,
     model::{self, DesiredState, NodeConfig},
     planner::{Programmer, Report},
@@ -122,6 +123,8 @@ async fn serve(
     let mut programmer = Programmer::new(maps);
     let report = programmer.apply(&initial);
     log_report(&programmer, &initial, &report);
+    let mut health = HealthServers::default();
+    health.update(&initial.health_checks).await;
 
     for iface in &opts.tc_ifaces {
         dp.attach(iface, AttachMode::Tc)?;
@@ -187,6 +190,7 @@ async fn serve(
                     Ok(next) => {
                         let report = programmer.apply(&next);
                         log_report(&programmer, &next, &report);
+                        health.update(&next.health_checks).await;
                         info!(
                             added = report.diff.added.len(),
                             changed = report.diff.changed.len(),

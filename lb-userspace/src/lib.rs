@@ -2,10 +2,12 @@
 //! the root tests drive the same code.
 //!
 //! sources (YAML file) -> `manifest` -> `model` (desired state, validated)
-//! -> `planner` (diff, ids, Maglev via `maglev`) -> `datapath` (aya maps)
+//! -> `planner` (diff, ids, Maglev via `maglev`) -> `datapath` (aya maps);
+//! `healthcheck` serves healthCheckNodePorts from the same desired state.
 
 pub mod agent;
 pub mod datapath;
+pub mod healthcheck;
 pub mod maglev;
 pub mod manifest;
 pub mod model;

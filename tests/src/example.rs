@@ -18,25 +18,52 @@ pub struct Endpoint {
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
+    /// `nodeName`; `None` leaves the field out.
+    pub node: Option<String>,
 }
 
 impl Endpoint {
+    /// A ready endpoint on `topology::NODE_NAME`.
     pub fn ready(ip: Ipv4Addr) -> Endpoint {
         Endpoint {
             ip,
             ready: true,
             serving: true,
             terminating: false,
+            node: Some(crate::topology::NODE_NAME.into()),
         }
     }
     pub fn terminating(ip: Ipv4Addr) -> Endpoint {
         Endpoint {
-            ip,
             ready: false,
-            serving: true,
             terminating: true,
+            ..Endpoint::ready(ip)
         }
     }
+    /// The same endpoint on another node.
+    pub fn on(self, node: &str) -> Endpoint {
+        Endpoint {
+            node: Some(node.into()),
+            ..self
+        }
+    }
+}
+
+/// Service fields most tests leave at their defaults.
+#[derive(Clone, Debug, Default)]
+pub struct Extra {
+    /// `spec.type`; by default NodePort when a port has a nodePort.
+    pub type_: Option<&'static str>,
+    pub external_traffic_policy: Option<&'static str>,
+    pub internal_traffic_policy: Option<&'static str>,
+    pub external_ips: Vec<Ipv4Addr>,
+    /// `status.loadBalancer.ingress[].ip`.
+    pub lb_ingress: Vec<Ipv4Addr>,
+    pub source_ranges: Vec<&'static str>,
+    pub health_check_node_port: Option<u16>,
+    pub labels: Vec<(&'static str, &'static str)>,
+    /// Endpoints split over this many slices (round robin); 0 or 1: one.
+    pub slices: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -47,6 +74,7 @@ pub struct Svc {
     pub ports: Vec<Port>,
     pub affinity_timeout_s: Option<u32>,
     pub endpoints: Vec<Endpoint>,
+    pub extra: Extra,
 }
 
 impl Svc {
@@ -75,6 +103,7 @@ impl Svc {
             ],
             affinity_timeout_s: None,
             endpoints,
+            extra: Extra::default(),
         }
     }
 }
@@ -96,6 +125,7 @@ impl Svc {
             }],
             affinity_timeout_s: None,
             endpoints: vec![Endpoint::ready(endpoint)],
+            extra: Extra::default(),
         }
     }
 }
@@ -103,58 +133,107 @@ impl Svc {
 pub fn yaml(services: &[Svc]) -> String {
     let mut out = String::from("apiVersion: v1\nkind: List\nitems:\n");
     for s in services {
-        let node_port = s.ports.iter().any(|p| p.node_port.is_some());
-        let _ = write!(
-            out,
-            "- apiVersion: v1\n  kind: Service\n  metadata:\n    name: {}\n    namespace: {}\n  spec:\n    type: {}\n    clusterIP: {}\n    clusterIPs: [{}]\n",
-            s.name,
-            s.namespace,
-            if node_port { "NodePort" } else { "ClusterIP" },
-            s.cluster_ip,
-            s.cluster_ip
-        );
-        if let Some(t) = s.affinity_timeout_s {
-            let _ = write!(out, "    sessionAffinity: ClientIP\n    sessionAffinityConfig:\n      clientIP:\n        timeoutSeconds: {t}\n");
-        }
-        out.push_str("    ports:\n");
-        for p in &s.ports {
-            let _ = write!(
-                out,
-                "    - name: {}\n      protocol: {}\n      port: {}\n      targetPort: {}\n",
-                p.name, p.protocol, p.port, p.target
-            );
-            if let Some(np) = p.node_port {
-                let _ = writeln!(out, "      nodePort: {np}");
-            }
-        }
-        let _ = write!(
-            out,
-            "- apiVersion: discovery.k8s.io/v1\n  kind: EndpointSlice\n  metadata:\n    name: {}-1\n    namespace: {}\n    labels:\n      kubernetes.io/service-name: {}\n  addressType: IPv4\n  ports:\n",
-            s.name, s.namespace, s.name
-        );
-        for p in &s.ports {
-            let _ = write!(
-                out,
-                "  - name: {}\n    protocol: {}\n    port: {}\n",
-                p.name, p.protocol, p.target
-            );
-        }
-        if s.endpoints.is_empty() {
-            out.push_str("  endpoints: []\n");
-        } else {
-            out.push_str("  endpoints:\n");
-        }
-        for e in &s.endpoints {
-            let _ = write!(
-                out,
-                "  - addresses: [{}]\n    nodeName: {}\n    conditions: {{ready: {}, serving: {}, terminating: {}}}\n",
-                e.ip,
-                crate::topology::NODE_NAME,
-                e.ready,
-                e.serving,
-                e.terminating
-            );
+        service_yaml(&mut out, s);
+        let n = s.extra.slices.max(1);
+        for k in 0..n {
+            let eps: Vec<&Endpoint> = s.endpoints.iter().skip(k).step_by(n).collect();
+            slice_yaml(&mut out, s, &format!("{}-{}", s.name, k + 1), &eps);
         }
     }
     out
+}
+
+fn service_yaml(out: &mut String, s: &Svc) {
+    let x = &s.extra;
+    let node_port = s.ports.iter().any(|p| p.node_port.is_some());
+    let type_ = x
+        .type_
+        .unwrap_or(if node_port { "NodePort" } else { "ClusterIP" });
+    let _ = write!(
+        out,
+        "- apiVersion: v1\n  kind: Service\n  metadata:\n    name: {}\n    namespace: {}\n",
+        s.name, s.namespace
+    );
+    if !x.labels.is_empty() {
+        out.push_str("    labels:\n");
+        for (k, v) in &x.labels {
+            let _ = writeln!(out, "      {k}: \"{v}\"");
+        }
+    }
+    let _ = write!(
+        out,
+        "  spec:\n    type: {type_}\n    clusterIP: {}\n    clusterIPs: [{}]\n",
+        s.cluster_ip, s.cluster_ip
+    );
+    if let Some(p) = x.external_traffic_policy {
+        let _ = writeln!(out, "    externalTrafficPolicy: {p}");
+    }
+    if let Some(p) = x.internal_traffic_policy {
+        let _ = writeln!(out, "    internalTrafficPolicy: {p}");
+    }
+    if let Some(p) = x.health_check_node_port {
+        let _ = writeln!(out, "    healthCheckNodePort: {p}");
+    }
+    if !x.external_ips.is_empty() {
+        let ips: Vec<String> = x.external_ips.iter().map(|i| i.to_string()).collect();
+        let _ = writeln!(out, "    externalIPs: [{}]", ips.join(", "));
+    }
+    if !x.source_ranges.is_empty() {
+        let _ = writeln!(
+            out,
+            "    loadBalancerSourceRanges: [{}]",
+            x.source_ranges.join(", ")
+        );
+    }
+    if let Some(t) = s.affinity_timeout_s {
+        let _ = write!(out, "    sessionAffinity: ClientIP\n    sessionAffinityConfig:\n      clientIP:\n        timeoutSeconds: {t}\n");
+    }
+    out.push_str("    ports:\n");
+    for p in &s.ports {
+        let _ = write!(
+            out,
+            "    - name: {}\n      protocol: {}\n      port: {}\n      targetPort: {}\n",
+            p.name, p.protocol, p.port, p.target
+        );
+        if let Some(np) = p.node_port {
+            let _ = writeln!(out, "      nodePort: {np}");
+        }
+    }
+    if !x.lb_ingress.is_empty() {
+        out.push_str("  status:\n    loadBalancer:\n      ingress:\n");
+        for ip in &x.lb_ingress {
+            let _ = writeln!(out, "      - ip: {ip}");
+        }
+    }
+}
+
+fn slice_yaml(out: &mut String, s: &Svc, name: &str, endpoints: &[&Endpoint]) {
+    let _ = write!(
+        out,
+        "- apiVersion: discovery.k8s.io/v1\n  kind: EndpointSlice\n  metadata:\n    name: {}\n    namespace: {}\n    labels:\n      kubernetes.io/service-name: {}\n  addressType: IPv4\n  ports:\n",
+        name, s.namespace, s.name
+    );
+    for p in &s.ports {
+        let _ = write!(
+            out,
+            "  - name: {}\n    protocol: {}\n    port: {}\n",
+            p.name, p.protocol, p.target
+        );
+    }
+    if endpoints.is_empty() {
+        out.push_str("  endpoints: []\n");
+    } else {
+        out.push_str("  endpoints:\n");
+    }
+    for e in endpoints {
+        let _ = write!(out, "  - addresses: [{}]\n", e.ip);
+        if let Some(n) = &e.node {
+            let _ = writeln!(out, "    nodeName: {n}");
+        }
+        let _ = writeln!(
+            out,
+            "    conditions: {{ready: {}, serving: {}, terminating: {}}}",
+            e.ready, e.serving, e.terminating
+        );
+    }
 }

@@ -3,6 +3,8 @@
 //! builders with an independent checksum.
 
 pub mod agent;
+pub mod cgroup;
+pub mod cluster;
 pub mod example;
 pub mod fixture;
 pub mod netns;

@@ -1,0 +1,193 @@
+//! A virtual cluster: node namespaces, each with its own pods, joined by a
+//! routed fabric namespace, and an external client behind the fabric. The
+//! fabric holds static routes to each node's pod range (what a cloud route
+//! table or BGP would advertise) and to the "load-balancer" range, which it
+//! sends to node A. Only 198.18.0.0/15; nothing has a route out of the
+//! fabric, so no packet can leave the machine.
+//!
+//! ```text
+//!                        client 198.18.9.2
+//!                               |
+//!                 fabric .9.1 / .10.1 / .11.1
+//!                  /                        \
+//!   node-a eth0 198.18.10.2          node-b eth0 198.18.11.2
+//!    pods 198.18.1.10, .11 ...        pods 198.18.2.10, .11 ...
+//! ```
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use crate::{
+    agent::Agent,
+    netns::{unique, Netns},
+    topology::Pod,
+};
+
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 9, 2);
+pub const FABRIC_CLIENT_SIDE: Ipv4Addr = Ipv4Addr::new(198, 18, 9, 1);
+/// Addresses the fabric routes to node A: external IPs and load-balancer
+/// ingress IPs live here.
+pub const EXTERNAL_RANGE: &str = "198.18.20.0/24";
+
+pub fn external_ip(i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 20, i)
+}
+
+/// Node names, in order: node-a, node-b, ...
+pub fn node_name(n: usize) -> String {
+    format!("node-{}", (b'a' + n as u8) as char)
+}
+
+pub fn node_ip(n: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 10 + n as u8, 2)
+}
+
+fn fabric_ip(n: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 10 + n as u8, 1)
+}
+
+/// Pod `i` (from 0) of node `n`.
+pub fn pod_ip(n: usize, i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 1 + n as u8, 10 + i as u8)
+}
+
+fn pod_gateway(n: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 1 + n as u8, 1)
+}
+
+pub struct Node {
+    pub ns: Netns,
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub pods: Vec<Pod>,
+}
+
+impl Node {
+    /// Interfaces the agent attaches TC to: the NIC and the pod veths.
+    pub fn tc_ifaces(&self) -> Vec<String> {
+        std::iter::once("eth0".to_string())
+            .chain(self.pods.iter().map(|p| p.host_iface.clone()))
+            .collect()
+    }
+}
+
+pub struct Cluster {
+    pub fabric: Netns,
+    pub client: Netns,
+    pub nodes: Vec<Node>,
+}
+
+impl Cluster {
+    /// `pods[n]` pods on node n.
+    pub fn new(pods: &[usize]) -> anyhow::Result<Cluster> {
+        let tag = unique("lbc");
+        let fabric = Netns::new(format!("{tag}-fab"))?;
+        let client = Netns::new(format!("{tag}-cli"))?;
+        fabric.sysctl("net.ipv4.ip_forward", "1")?;
+        fabric.add_veth("cli", &client, "eth0")?;
+        fabric.ip(&["addr", "add", &format!("{FABRIC_CLIENT_SIDE}/24"), "dev", "cli"])?;
+        fabric.ip(&["link", "set", "cli", "up"])?;
+        client.ip(&["addr", "add", &format!("{CLIENT_IP}/24"), "dev", "eth0"])?;
+        client.ip(&["link", "set", "eth0", "up"])?;
+        client.ip(&["route", "add", "default", "via", &FABRIC_CLIENT_SIDE.to_string()])?;
+
+        let mut nodes = Vec::new();
+        for (n, &count) in pods.iter().enumerate() {
+            let name = node_name(n);
+            let ns = Netns::new(format!("{tag}-{}", &name[5..]))?;
+            let link = format!("n{n}");
+            fabric.add_veth(&link, &ns, "eth0")?;
+            fabric.ip(&["addr", "add", &format!("{}/24", fabric_ip(n)), "dev", &link])?;
+            fabric.ip(&["link", "set", &link, "up"])?;
+            let ip = node_ip(n);
+            ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+            ns.ip(&["link", "set", "eth0", "up"])?;
+            ns.ip(&["link", "set", "lo", "up"])?;
+            ns.ip(&["route", "add", "default", "via", &fabric_ip(n).to_string()])?;
+            ns.sysctl("net.ipv4.ip_forward", "1")?;
+            ns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+            ns.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+            // The pod range of this node, advertised on the fabric.
+            fabric.ip(&[
+                "route",
+                "add",
+                &format!("198.18.{}.0/24", 1 + n),
+                "via",
+                &ip.to_string(),
+            ])?;
+            let mut node = Node {
+                ns,
+                name,
+                ip,
+                pods: Vec::new(),
+            };
+            for i in 0..count {
+                add_pod(&mut node, n, i, &tag)?;
+            }
+            nodes.push(node);
+        }
+        if !nodes.is_empty() {
+            fabric.ip(&[
+                "route",
+                "add",
+                EXTERNAL_RANGE,
+                "via",
+                &nodes[0].ip.to_string(),
+            ])?;
+        }
+        Ok(Cluster {
+            fabric,
+            client,
+            nodes,
+        })
+    }
+
+    /// The real `lb run` on every node, all reading `config`, each with its
+    /// own `--node-name` and `--node-ip`; `extra` is added to every one.
+    pub fn start_agents(&self, config: &Path, extra: &[String]) -> anyhow::Result<Vec<Agent>> {
+        self.nodes
+            .iter()
+            .map(|node| {
+                let mut args = vec![
+                    "--config".to_string(),
+                    config.display().to_string(),
+                    "--node-ip".into(),
+                    node.ip.to_string(),
+                    "--node-name".into(),
+                    node.name.clone(),
+                ];
+                for i in node.tc_ifaces() {
+                    args.push("--iface".into());
+                    args.push(i);
+                }
+                args.extend_from_slice(extra);
+                let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("lbnode")));
+                let mut agent = Agent::spawn(&node.ns, &pin_dir, &args)?;
+                agent.wait_for_log("datapath ready", Duration::from_secs(20))?;
+                Ok(agent)
+            })
+            .collect()
+    }
+}
+
+fn add_pod(node: &mut Node, n: usize, i: usize, tag: &str) -> anyhow::Result<()> {
+    let ns = Netns::new(format!("{tag}-{}{i}", &node.name[5..]))?;
+    let host_iface = format!("p{i}");
+    let ip = pod_ip(n, i);
+    let gw = pod_gateway(n);
+    node.ns.add_veth(&host_iface, &ns, "eth0")?;
+    node.ns
+        .ip(&["addr", "add", &format!("{gw}/32"), "dev", &host_iface])?;
+    node.ns.ip(&["link", "set", &host_iface, "up"])?;
+    node.ns
+        .ip(&["route", "add", &format!("{ip}/32"), "dev", &host_iface])?;
+    ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+    ns.ip(&["link", "set", "eth0", "up"])?;
+    ns.ip(&["route", "add", &gw.to_string(), "dev", "eth0"])?;
+    ns.ip(&["route", "add", "default", "via", &gw.to_string(), "dev", "eth0"])?;
+    node.pods.push(Pod { ns, ip, host_iface });
+    Ok(())
+}

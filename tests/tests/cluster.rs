@@ -1,0 +1,402 @@
+//! Service semantics on a virtual multi-node cluster (see
+//! `lb_tests::cluster`): two nodes, each running the real `lb run` with its
+//! own `--node-name`, both reading the same YAML; pods with real servers on
+//! both nodes; an external client behind a routed fabric.
+
+use std::{
+    collections::BTreeSet,
+    io::{ErrorKind, Read, Write},
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    agent::{Agent, ConfigFile},
+    cluster::{external_ip, node_name, pod_ip, Cluster, CLIENT_IP},
+    example::{yaml, Endpoint, Extra, Svc},
+    netns::Netns,
+    servers::{tcp_bulk, tcp_upload, tcp_who, udp_who, Answer, PodServer},
+};
+
+const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+const NODE_PORT: u16 = 30080;
+
+/// Two nodes with two serving pods each ("a0", "a1", "b0", "b1"), and the
+/// agents once `start` is called.
+struct World {
+    c: Cluster,
+    _servers: Vec<PodServer>,
+    agents: Vec<Agent>,
+    config: Option<ConfigFile>,
+}
+
+impl World {
+    fn new() -> World {
+        lb_tests::require_root();
+        let c = Cluster::new(&[2, 2]).expect("cluster");
+        let mut servers = Vec::new();
+        for node in &c.nodes {
+            for (i, p) in node.pods.iter().enumerate() {
+                let name = format!("{}{i}", &node.name[5..]);
+                servers.push(PodServer::start(&p.ns, &name, 8080, 5353).expect("server"));
+            }
+        }
+        World {
+            c,
+            _servers: servers,
+            agents: Vec::new(),
+            config: None,
+        }
+    }
+
+    fn start(&mut self, services: &[Svc], extra: &[String]) {
+        let config = ConfigFile::new(&yaml(services)).expect("config");
+        self.agents = self.c.start_agents(&config.path, extra).expect("agents");
+        self.config = Some(config);
+    }
+
+    /// Rewrites the config and waits until every agent applied it.
+    fn update(&mut self, services: &[Svc]) {
+        let counts: Vec<usize> = self
+            .agents
+            .iter()
+            .map(|a| a.count_logs("applied config"))
+            .collect();
+        self.config
+            .as_ref()
+            .unwrap()
+            .replace(&yaml(services))
+            .unwrap();
+        for (a, n) in self.agents.iter_mut().zip(counts) {
+            a.wait_for_nth_log("applied config", n + 1, Duration::from_secs(5))
+                .unwrap();
+        }
+    }
+
+    fn pod(&self, node: usize, i: usize) -> &Netns {
+        &self.c.nodes[node].pods[i].ns
+    }
+
+    fn node_ip(&self, node: usize) -> Ipv4Addr {
+        self.c.nodes[node].ip
+    }
+}
+
+/// `web` (ClusterIP 198.19.0.10: TCP 80 -> 8080 with NodePort 30080, UDP
+/// 53 -> 5353) on the given endpoints, as (node, pod) pairs.
+fn web(endpoints: &[(usize, usize)], extra: Extra) -> Svc {
+    Svc {
+        extra,
+        ..Svc::web(
+            endpoints
+                .iter()
+                .map(|&(n, i)| Endpoint::ready(pod_ip(n, i)).on(&node_name(n)))
+                .collect(),
+        )
+    }
+}
+
+fn who(ns: &Netns, to: SocketAddrV4) -> Answer {
+    ns.run(move || tcp_who(to))
+        .unwrap()
+        .unwrap_or_else(|e| panic!("TCP {to}: {e}"))
+}
+
+fn who_udp(ns: &Netns, to: SocketAddrV4) -> Answer {
+    ns.run(move || udp_who(to))
+        .unwrap()
+        .unwrap_or_else(|e| panic!("UDP {to}: {e}"))
+}
+
+/// A TCP connect from `ns` that is expected to be dropped: the error kind.
+fn connect_error(ns: &Netns, to: SocketAddrV4) -> ErrorKind {
+    ns.run(move || {
+        TcpStream::connect_timeout(&to.into(), Duration::from_millis(1500))
+            .err()
+            .map(|e| e.kind())
+    })
+    .unwrap()
+    .unwrap_or_else(|| panic!("connection to {to} was accepted"))
+}
+
+fn tcp(addr: Ipv4Addr, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(addr, port)
+}
+
+#[test]
+fn cluster_ip_reaches_a_backend_on_another_node_and_replies_come_back() {
+    let mut w = World::new();
+    w.start(&[web(&[(1, 0), (1, 1)], Extra::default())], &[]);
+    let client = pod_ip(0, 0);
+    let mut seen = BTreeSet::new();
+    for _ in 0..20 {
+        let a = who(w.pod(0, 0), tcp(CLUSTER_IP, 80));
+        assert!(a.pod.starts_with('b'), "{a:?}");
+        assert_eq!(*a.peer.ip(), client, "no SNAT for pod traffic");
+        seen.insert(a.pod);
+        let u = who_udp(w.pod(0, 0), tcp(CLUSTER_IP, 53));
+        assert!(u.pod.starts_with('b'), "{u:?}");
+        assert_eq!(*u.peer.ip(), client);
+    }
+    assert_eq!(seen.len(), 2, "both remote backends used: {seen:?}");
+    // Tens of megabytes each way across the fabric, offloads on: every
+    // byte checked by the receiver.
+    let to = tcp(CLUSTER_IP, 80);
+    w.pod(0, 0).run(move || tcp_bulk(to, 20 << 20)).unwrap().unwrap();
+    w.pod(0, 0).run(move || tcp_upload(to, 20 << 20)).unwrap().unwrap();
+}
+
+#[test]
+fn a_pod_reaches_itself_through_its_service_masqueraded_to_the_node() {
+    let mut w = World::new();
+    w.start(&[web(&[(0, 0)], Extra::default())], &[]);
+    for _ in 0..5 {
+        let a = who(w.pod(0, 0), tcp(CLUSTER_IP, 80));
+        assert_eq!(a.pod, "a0");
+        // Like kube-proxy's masquerade: the pod sees the node, not itself.
+        assert_eq!(*a.peer.ip(), w.node_ip(0), "{a:?}");
+        let u = who_udp(w.pod(0, 0), tcp(CLUSTER_IP, 53));
+        assert_eq!((u.pod.as_str(), *u.peer.ip()), ("a0", w.node_ip(0)));
+    }
+    // Another pod on the node is not masqueraded.
+    let a = who(w.pod(0, 1), tcp(CLUSTER_IP, 80));
+    assert_eq!(*a.peer.ip(), pod_ip(0, 1));
+}
+
+#[test]
+fn node_port_to_a_remote_backend_is_snatted_with_distinct_ports() {
+    let mut w = World::new();
+    w.start(&[web(&[(1, 0), (1, 1)], Extra::default())], &[]);
+    let np = tcp(w.node_ip(0), NODE_PORT);
+    let mut ports = BTreeSet::new();
+    for _ in 0..60 {
+        // The client only ever talks to the node address it dialled (its
+        // socket would reject anything else).
+        let a = who(&w.c.client, np);
+        assert!(a.pod.starts_with('b'), "{a:?}");
+        assert_eq!(*a.peer.ip(), w.node_ip(0), "SNAT to node A: {a:?}");
+        assert!(a.peer.port() >= lb_common::SNAT_PORT_MIN, "{a:?}");
+        // A port is unique per backend (the reply's 4-tuple); two backends
+        // may reuse one.
+        ports.insert((a.pod, a.peer.port()));
+    }
+    assert_eq!(ports.len(), 60, "one SNAT port per flow and backend");
+    // Concurrent connections do not collide either.
+    let handles: Vec<_> = (0..8)
+        .map(|_| w.c.client.spawn(move || (0..10).map(|_| tcp_who(np)).collect::<Vec<_>>()).unwrap())
+        .collect();
+    let mut concurrent = BTreeSet::new();
+    for h in handles {
+        for a in h.join().unwrap() {
+            let a = a.expect("concurrent connection");
+            concurrent.insert((a.pod, a.peer));
+        }
+    }
+    assert_eq!(concurrent.len(), 80);
+    w.c.client.run(move || tcp_bulk(np, 20 << 20)).unwrap().unwrap();
+    w.c.client.run(move || tcp_upload(np, 20 << 20)).unwrap().unwrap();
+}
+
+#[test]
+fn a_local_backend_behind_a_node_port_sees_the_client_address() {
+    let mut w = World::new();
+    w.start(&[web(&[(0, 0)], Extra::default())], &[]);
+    let a = who(&w.c.client, tcp(w.node_ip(0), NODE_PORT));
+    assert_eq!((a.pod.as_str(), *a.peer.ip()), ("a0", CLIENT_IP));
+}
+
+#[test]
+fn every_node_picks_the_same_backend_for_the_same_flow() {
+    let mut w = World::new();
+    w.start(&[web(&[(0, 0), (0, 1), (1, 0), (1, 1)], Extra::default())], &[]);
+    let (a_ip, b_ip) = (w.node_ip(0), w.node_ip(1));
+    let mut picked = BTreeSet::new();
+    for sport in 40_000..40_024u16 {
+        let via_a = w
+            .c
+            .client
+            .run(move || who_from_port(sport, tcp(a_ip, NODE_PORT)))
+            .unwrap();
+        // The same client flow after an "ECMP change" to node B.
+        let via_b = w
+            .c
+            .client
+            .run(move || who_from_port(sport, tcp(b_ip, NODE_PORT)))
+            .unwrap();
+        assert_eq!(via_a.pod, via_b.pod, "source port {sport}");
+        picked.insert(via_a.pod);
+    }
+    assert!(picked.len() >= 3, "flows spread: {picked:?}");
+}
+
+/// `WHO` over a TCP connection from a fixed source port.
+fn who_from_port(sport: u16, to: SocketAddrV4) -> Answer {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket syscalls on a descriptor we own.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    assert!(fd >= 0);
+    let one: libc::c_int = 1;
+    let bind = libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: sport.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(CLIENT_IP).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let dst = libc::sockaddr_in {
+        sin_port: to.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*to.ip()).to_be(),
+        },
+        ..bind
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as u32;
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&raw const one).cast(),
+            4,
+        );
+        assert_eq!(libc::bind(fd, (&raw const bind).cast(), len), 0, "bind {sport}");
+        assert_eq!(libc::connect(fd, (&raw const dst).cast(), len), 0, "connect {to}");
+    }
+    // SAFETY: fd is a connected TCP socket we own.
+    let mut s = unsafe { TcpStream::from_raw_fd(fd) };
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    s.write_all(b"WHO\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let mut it = text.split_whitespace();
+    Answer {
+        pod: it.next().unwrap().to_string(),
+        peer: it.next().unwrap().parse().unwrap(),
+    }
+}
+
+#[test]
+fn external_traffic_policy_local_keeps_the_client_address_and_drops_without_local_endpoints() {
+    let mut w = World::new();
+    let local = |eps: &[(usize, usize)]| {
+        web(
+            eps,
+            Extra {
+                type_: Some("LoadBalancer"),
+                external_traffic_policy: Some("Local"),
+                health_check_node_port: Some(31999),
+                ..Extra::default()
+            },
+        )
+    };
+    w.start(&[local(&[(0, 0), (1, 0)])], &[]);
+    let (a_ip, b_ip) = (w.node_ip(0), w.node_ip(1));
+    for _ in 0..10 {
+        let a = who(&w.c.client, tcp(a_ip, NODE_PORT));
+        assert_eq!((a.pod.as_str(), *a.peer.ip()), ("a0", CLIENT_IP));
+        let b = who(&w.c.client, tcp(b_ip, NODE_PORT));
+        assert_eq!((b.pod.as_str(), *b.peer.ip()), ("b0", CLIENT_IP));
+    }
+    // ClusterIP traffic still uses every endpoint.
+    let seen: BTreeSet<String> = (0..20)
+        .map(|_| who(w.pod(0, 1), tcp(CLUSTER_IP, 80)).pod)
+        .collect();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(http_get(&w.c.client, tcp(a_ip, 31999)).0, 200);
+
+    // Node A's endpoint starts terminating: it keeps no new external flow,
+    // the health check says 503, and external traffic there is dropped
+    // (not refused), while node B still serves.
+    let mut svc = local(&[(1, 0)]);
+    svc.endpoints.push(Endpoint::terminating(pod_ip(0, 0)).on("node-a"));
+    w.update(&[svc]);
+    let (status, body) = http_get(&w.c.client, tcp(a_ip, 31999));
+    assert_eq!(status, 503, "{body}");
+    // Terminating+serving local endpoints still take flows (KEP-1669) ...
+    let a = who(&w.c.client, tcp(a_ip, NODE_PORT));
+    assert_eq!(a.pod, "a0");
+    // ... but with none at all, traffic to node A is dropped.
+    w.update(&[local(&[(1, 0)])]);
+    assert_eq!(connect_error(&w.c.client, tcp(a_ip, NODE_PORT)), ErrorKind::TimedOut);
+    let (status, body) = http_get(&w.c.client, tcp(a_ip, 31999));
+    assert_eq!(status, 503);
+    assert!(body.contains("\"localEndpoints\":0"), "{body}");
+    let (status, body) = http_get(&w.c.client, tcp(b_ip, 31999));
+    assert_eq!(status, 200);
+    assert!(body.contains("\"localEndpoints\":1"), "{body}");
+    assert_eq!(who(&w.c.client, tcp(b_ip, NODE_PORT)).pod, "b0");
+}
+
+/// A minimal HTTP/1.0 GET: status code and body.
+fn http_get(ns: &Netns, to: SocketAddrV4) -> (u16, String) {
+    ns.run(move || {
+        let mut s = TcpStream::connect_timeout(&to.into(), Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        write!(s, "GET /healthz HTTP/1.0\r\nHost: {to}\r\n\r\n")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+        Ok::<_, std::io::Error>((status, body))
+    })
+    .unwrap()
+    .unwrap_or_else(|e| panic!("GET {to}: {e}"))
+}
+
+#[test]
+fn internal_traffic_policy_local_keeps_cluster_ip_traffic_on_the_node() {
+    let mut w = World::new();
+    let svc = |eps: &[(usize, usize)]| {
+        web(
+            eps,
+            Extra {
+                internal_traffic_policy: Some("Local"),
+                ..Extra::default()
+            },
+        )
+    };
+    w.start(&[svc(&[(0, 0), (1, 0)])], &[]);
+    for _ in 0..10 {
+        assert_eq!(who(w.pod(0, 1), tcp(CLUSTER_IP, 80)).pod, "a0");
+        assert_eq!(who(w.pod(1, 1), tcp(CLUSTER_IP, 80)).pod, "b0");
+    }
+    w.update(&[svc(&[(1, 0)])]);
+    assert_eq!(connect_error(w.pod(0, 1), tcp(CLUSTER_IP, 80)), ErrorKind::TimedOut);
+    assert_eq!(who(w.pod(1, 1), tcp(CLUSTER_IP, 80)).pod, "b0");
+}
+
+#[test]
+fn external_ips_and_load_balancer_ips_with_source_ranges() {
+    let mut w = World::new();
+    let svc = |ranges: Vec<&'static str>| {
+        web(
+            &[(1, 0)],
+            Extra {
+                type_: Some("LoadBalancer"),
+                external_ips: vec![external_ip(1)],
+                lb_ingress: vec![external_ip(2)],
+                source_ranges: ranges,
+                ..Extra::default()
+            },
+        )
+    };
+    w.start(&[svc(vec!["198.18.9.0/24"])], &[]);
+    for ip in [external_ip(1), external_ip(2)] {
+        let a = who(&w.c.client, tcp(ip, 80));
+        // External scope, remote backend: SNAT to node A, like NodePort.
+        assert_eq!((a.pod.as_str(), *a.peer.ip()), ("b0", w.node_ip(0)));
+    }
+    // The client's range is no longer admitted to the LB address; the
+    // external IP is not subject to it (as in kube-proxy).
+    w.update(&[svc(vec!["198.18.100.0/24", "10.0.0.0/8"])]);
+    assert_eq!(connect_error(&w.c.client, tcp(external_ip(2), 80)), ErrorKind::TimedOut);
+    assert_eq!(who(&w.c.client, tcp(external_ip(1), 80)).pod, "b0");
+    // A /32 for the client admits it again.
+    w.update(&[svc(vec!["198.18.9.2/32"])]);
+    assert_eq!(who(&w.c.client, tcp(external_ip(2), 80)).pod, "b0");
+}
