@@ -176,7 +176,9 @@ impl Datapath {
                 .program_mut(name)
                 .and_then(|p| p.try_into().ok())
                 .expect("socket hook is loaded");
-            p.attach(&dir, CgroupAttachMode::AllowMultiple)
+            // A link (bpf_link_create) always coexists with other programs on the
+            // cgroup; the kernel refuses the ALLOW_MULTI flag there, so "Single".
+            p.attach(&dir, CgroupAttachMode::Single)
                 .with_context(|| format!("attaching {name} to cgroup {}", cgroup.display()))?;
         }
         Ok(())

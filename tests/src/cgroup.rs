@@ -53,7 +53,13 @@ impl Cgroup {
 
     /// Runs `program args` inside this cgroup and `ns`, waits, returns its
     /// output.
-    pub fn run(&self, ns: &Netns, program: &Path, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Output> {
+    pub fn run(
+        &self,
+        ns: &Netns,
+        program: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Output> {
         let netns = ns.file()?;
         let mut procs = File::options()
             .write(true)
@@ -78,7 +84,9 @@ impl Cgroup {
                 Ok(())
             });
         }
-        let out = cmd.output().with_context(|| format!("running {}", program.display()))?;
+        let out = cmd
+            .output()
+            .with_context(|| format!("running {}", program.display()))?;
         let _ = procs.flush();
         Ok(out)
     }

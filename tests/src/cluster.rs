@@ -88,11 +88,23 @@ impl Cluster {
         let client = Netns::new(format!("{tag}-cli"))?;
         fabric.sysctl("net.ipv4.ip_forward", "1")?;
         fabric.add_veth("cli", &client, "eth0")?;
-        fabric.ip(&["addr", "add", &format!("{FABRIC_CLIENT_SIDE}/24"), "dev", "cli"])?;
+        fabric.ip(&[
+            "addr",
+            "add",
+            &format!("{FABRIC_CLIENT_SIDE}/24"),
+            "dev",
+            "cli",
+        ])?;
         fabric.ip(&["link", "set", "cli", "up"])?;
         client.ip(&["addr", "add", &format!("{CLIENT_IP}/24"), "dev", "eth0"])?;
         client.ip(&["link", "set", "eth0", "up"])?;
-        client.ip(&["route", "add", "default", "via", &FABRIC_CLIENT_SIDE.to_string()])?;
+        client.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &FABRIC_CLIENT_SIDE.to_string(),
+        ])?;
 
         let mut nodes = Vec::new();
         for (n, &count) in pods.iter().enumerate() {
@@ -187,7 +199,15 @@ fn add_pod(node: &mut Node, n: usize, i: usize, tag: &str) -> anyhow::Result<()>
     ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
     ns.ip(&["link", "set", "eth0", "up"])?;
     ns.ip(&["route", "add", &gw.to_string(), "dev", "eth0"])?;
-    ns.ip(&["route", "add", "default", "via", &gw.to_string(), "dev", "eth0"])?;
+    ns.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        &gw.to_string(),
+        "dev",
+        "eth0",
+    ])?;
     node.pods.push(Pod { ns, ip, host_iface });
     Ok(())
 }

@@ -228,6 +228,7 @@ pub fn udp_who(to: SocketAddrV4) -> anyhow::Result<Answer> {
 pub fn tcp_upload(to: SocketAddrV4, n: u64) -> anyhow::Result<()> {
     let mut s = TcpStream::connect_timeout(&to.into(), Duration::from_secs(3))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.set_write_timeout(Some(Duration::from_secs(10)))?;
     writeln!(s, "UPLOAD {n}")?;
     let mut buf = vec![0u8; 256 * 1024];
     let mut sent = 0u64;

@@ -142,8 +142,14 @@ fn cluster_ip_reaches_a_backend_on_another_node_and_replies_come_back() {
     // Tens of megabytes each way across the fabric, offloads on: every
     // byte checked by the receiver.
     let to = tcp(CLUSTER_IP, 80);
-    w.pod(0, 0).run(move || tcp_bulk(to, 20 << 20)).unwrap().unwrap();
-    w.pod(0, 0).run(move || tcp_upload(to, 20 << 20)).unwrap().unwrap();
+    w.pod(0, 0)
+        .run(move || tcp_bulk(to, 20 << 20))
+        .unwrap()
+        .unwrap();
+    w.pod(0, 0)
+        .run(move || tcp_upload(to, 20 << 20))
+        .unwrap()
+        .unwrap();
 }
 
 #[test]
@@ -183,7 +189,11 @@ fn node_port_to_a_remote_backend_is_snatted_with_distinct_ports() {
     assert_eq!(ports.len(), 60, "one SNAT port per flow and backend");
     // Concurrent connections do not collide either.
     let handles: Vec<_> = (0..8)
-        .map(|_| w.c.client.spawn(move || (0..10).map(|_| tcp_who(np)).collect::<Vec<_>>()).unwrap())
+        .map(|_| {
+            w.c.client
+                .spawn(move || (0..10).map(|_| tcp_who(np)).collect::<Vec<_>>())
+                .unwrap()
+        })
         .collect();
     let mut concurrent = BTreeSet::new();
     for h in handles {
@@ -193,8 +203,14 @@ fn node_port_to_a_remote_backend_is_snatted_with_distinct_ports() {
         }
     }
     assert_eq!(concurrent.len(), 80);
-    w.c.client.run(move || tcp_bulk(np, 20 << 20)).unwrap().unwrap();
-    w.c.client.run(move || tcp_upload(np, 20 << 20)).unwrap().unwrap();
+    w.c.client
+        .run(move || tcp_bulk(np, 20 << 20))
+        .unwrap()
+        .unwrap();
+    w.c.client
+        .run(move || tcp_upload(np, 20 << 20))
+        .unwrap()
+        .unwrap();
 }
 
 #[test]
@@ -208,21 +224,22 @@ fn a_local_backend_behind_a_node_port_sees_the_client_address() {
 #[test]
 fn every_node_picks_the_same_backend_for_the_same_flow() {
     let mut w = World::new();
-    w.start(&[web(&[(0, 0), (0, 1), (1, 0), (1, 1)], Extra::default())], &[]);
+    w.start(
+        &[web(&[(0, 0), (0, 1), (1, 0), (1, 1)], Extra::default())],
+        &[],
+    );
     let (a_ip, b_ip) = (w.node_ip(0), w.node_ip(1));
     let mut picked = BTreeSet::new();
     for sport in 40_000..40_024u16 {
-        let via_a = w
-            .c
-            .client
-            .run(move || who_from_port(sport, tcp(a_ip, NODE_PORT)))
-            .unwrap();
+        let via_a =
+            w.c.client
+                .run(move || who_from_port(sport, tcp(a_ip, NODE_PORT)))
+                .unwrap();
         // The same client flow after an "ECMP change" to node B.
-        let via_b = w
-            .c
-            .client
-            .run(move || who_from_port(sport, tcp(b_ip, NODE_PORT)))
-            .unwrap();
+        let via_b =
+            w.c.client
+                .run(move || who_from_port(sport, tcp(b_ip, NODE_PORT)))
+                .unwrap();
         assert_eq!(via_a.pod, via_b.pod, "source port {sport}");
         picked.insert(via_a.pod);
     }
@@ -260,8 +277,16 @@ fn who_from_port(sport: u16, to: SocketAddrV4) -> Answer {
             (&raw const one).cast(),
             4,
         );
-        assert_eq!(libc::bind(fd, (&raw const bind).cast(), len), 0, "bind {sport}");
-        assert_eq!(libc::connect(fd, (&raw const dst).cast(), len), 0, "connect {to}");
+        assert_eq!(
+            libc::bind(fd, (&raw const bind).cast(), len),
+            0,
+            "bind {sport}"
+        );
+        assert_eq!(
+            libc::connect(fd, (&raw const dst).cast(), len),
+            0,
+            "connect {to}"
+        );
     }
     // SAFETY: fd is a connected TCP socket we own.
     let mut s = unsafe { TcpStream::from_raw_fd(fd) };
@@ -309,7 +334,8 @@ fn external_traffic_policy_local_keeps_the_client_address_and_drops_without_loca
     // the health check says 503, and external traffic there is dropped
     // (not refused), while node B still serves.
     let mut svc = local(&[(1, 0)]);
-    svc.endpoints.push(Endpoint::terminating(pod_ip(0, 0)).on("node-a"));
+    svc.endpoints
+        .push(Endpoint::terminating(pod_ip(0, 0)).on("node-a"));
     w.update(&[svc]);
     let (status, body) = http_get(&w.c.client, tcp(a_ip, 31999));
     assert_eq!(status, 503, "{body}");
@@ -318,7 +344,10 @@ fn external_traffic_policy_local_keeps_the_client_address_and_drops_without_loca
     assert_eq!(a.pod, "a0");
     // ... but with none at all, traffic to node A is dropped.
     w.update(&[local(&[(1, 0)])]);
-    assert_eq!(connect_error(&w.c.client, tcp(a_ip, NODE_PORT)), ErrorKind::TimedOut);
+    assert_eq!(
+        connect_error(&w.c.client, tcp(a_ip, NODE_PORT)),
+        ErrorKind::TimedOut
+    );
     let (status, body) = http_get(&w.c.client, tcp(a_ip, 31999));
     assert_eq!(status, 503);
     assert!(body.contains("\"localEndpoints\":0"), "{body}");
@@ -366,7 +395,10 @@ fn internal_traffic_policy_local_keeps_cluster_ip_traffic_on_the_node() {
         assert_eq!(who(w.pod(1, 1), tcp(CLUSTER_IP, 80)).pod, "b0");
     }
     w.update(&[svc(&[(1, 0)])]);
-    assert_eq!(connect_error(w.pod(0, 1), tcp(CLUSTER_IP, 80)), ErrorKind::TimedOut);
+    assert_eq!(
+        connect_error(w.pod(0, 1), tcp(CLUSTER_IP, 80)),
+        ErrorKind::TimedOut
+    );
     assert_eq!(who(w.pod(1, 1), tcp(CLUSTER_IP, 80)).pod, "b0");
 }
 
@@ -394,9 +426,163 @@ fn external_ips_and_load_balancer_ips_with_source_ranges() {
     // The client's range is no longer admitted to the LB address; the
     // external IP is not subject to it (as in kube-proxy).
     w.update(&[svc(vec!["198.18.100.0/24", "10.0.0.0/8"])]);
-    assert_eq!(connect_error(&w.c.client, tcp(external_ip(2), 80)), ErrorKind::TimedOut);
+    assert_eq!(
+        connect_error(&w.c.client, tcp(external_ip(2), 80)),
+        ErrorKind::TimedOut
+    );
     assert_eq!(who(&w.c.client, tcp(external_ip(1), 80)).pod, "b0");
     // A /32 for the client admits it again.
     w.update(&[svc(vec!["198.18.9.2/32"])]);
     assert_eq!(who(&w.c.client, tcp(external_ip(2), 80)).pod, "b0");
+}
+
+/// Runs a bash snippet as a process of node `n` (its namespace, and the
+/// cgroup the socket hooks are attached to): stdout.
+fn on_node_host(w: &World, cg: &lb_tests::cgroup::Cgroup, n: usize, script: &str) -> String {
+    let out = cg
+        .run(
+            &w.c.nodes[n].ns,
+            std::path::Path::new("/bin/bash"),
+            &["-c", script],
+            &[],
+        )
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_nodes_own_processes_reach_cluster_ips_and_node_ports() {
+    let mut w = World::new();
+    let cg = lb_tests::cgroup::Cgroup::new().unwrap();
+    let extra = ["--cgroup".to_string(), cg.path.display().to_string()];
+    w.start(&[web(&[(1, 0), (1, 1)], Extra::default())], &extra);
+    let tcp_who = |to: &str| format!("exec 3<>/dev/tcp/{to}; echo WHO >&3; cat <&3");
+    let mut seen = BTreeSet::new();
+    for _ in 0..12 {
+        let out = on_node_host(&w, &cg, 0, &tcp_who("198.19.0.10/80"));
+        assert!(out.starts_with('b'), "{out:?}");
+        // Translated at connect(): the backend sees the node itself.
+        assert!(out.contains(&w.node_ip(0).to_string()), "{out:?}");
+        seen.insert(out.split_whitespace().next().unwrap().to_string());
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    // A connected UDP socket; one read is one datagram.
+    let udp = on_node_host(
+        &w,
+        &cg,
+        0,
+        "exec 3<>/dev/udp/198.19.0.10/53; printf WHO >&3; timeout 3 dd bs=512 count=1 <&3 2>/dev/null",
+    );
+    assert!(udp.starts_with('b'), "{udp:?}");
+    // NodePort of this node and of the other one, from node A.
+    let np_a = format!("{}/{NODE_PORT}", w.node_ip(0));
+    assert!(on_node_host(&w, &cg, 0, &tcp_who(&np_a)).starts_with('b'));
+    // Node B's agent hooks the same cgroup but acts only on node B's
+    // sockets: node B's process is balanced by node B's maps.
+    assert!(on_node_host(&w, &cg, 1, &tcp_who("198.19.0.10/80")).starts_with('b'));
+    let stats = lb_stats(&w.agents[0]);
+    assert!(stat(&stats, "sock_translated") >= 14, "{stats}");
+}
+
+/// `lb stats` of a running agent.
+fn lb_stats(agent: &Agent) -> String {
+    let out = std::process::Command::new(lb_tests::agent::lb_bin())
+        .args(["stats", "--pin-dir"])
+        .arg(&agent.pin_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Packets counted for `verdict` in `lb stats` output.
+fn stat(stats: &str, verdict: &str) -> u64 {
+    stats
+        .lines()
+        .find_map(|l| {
+            let mut it = l.split_whitespace();
+            (it.next() == Some(verdict)).then(|| it.next().unwrap().parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no {verdict} in {stats}"))
+}
+
+#[test]
+fn path_mtu_discovery_works_through_a_smaller_link_both_ways() {
+    let mut w = World::new();
+    // The fabric's links to node B and to the client carry 1280 bytes, the
+    // ends still believe in 1500: only ICMP "fragmentation needed" from the
+    // fabric tells the senders, about packets node A translated.
+    w.c.fabric
+        .ip(&["link", "set", "n1", "mtu", "1280"])
+        .unwrap();
+    w.c.fabric
+        .ip(&["link", "set", "cli", "mtu", "1280"])
+        .unwrap();
+    // Node A sends each translated error back through the fabric, which
+    // wrote it: a Linux router drops a packet bearing its own address as a
+    // martian unless told otherwise. (With more than one router between
+    // node A and the client, nothing is needed.)
+    w.c.fabric
+        .sysctl("net.ipv4.conf.all.accept_local", "1")
+        .unwrap();
+    w.start(&[web(&[(1, 0)], Extra::default())], &[]);
+    let np = tcp(w.node_ip(0), NODE_PORT);
+    // Upload: the fabric complains to node A (the SNAT source) about a
+    // packet to b0; node A hands the error to the client.
+    w.c.client
+        .run(move || tcp_upload(np, 4 << 20))
+        .unwrap()
+        .unwrap();
+    // Download: the fabric complains to node A (the NodePort) about a
+    // reply to the client; node A hands the error to b0.
+    w.c.client
+        .run(move || tcp_bulk(np, 4 << 20))
+        .unwrap()
+        .unwrap();
+    let stats = lb_stats(&w.agents[0]);
+    assert!(stat(&stats, "icmp_error_nat") >= 2, "{stats}");
+}
+
+#[test]
+fn a_backends_port_unreachable_reaches_the_client_as_connection_refused() {
+    let mut w = World::new();
+    let mut dead = web(&[(1, 0)], Extra::default());
+    dead.name = "dead";
+    dead.cluster_ip = Ipv4Addr::new(198, 19, 0, 12);
+    // UDP to a port nobody listens on in the pod.
+    dead.ports = vec![lb_tests::example::Port {
+        name: "udp",
+        protocol: "UDP",
+        port: 54,
+        target: 9999,
+        node_port: Some(30054),
+    }];
+    w.start(&[dead], &[]);
+    let refused = |ns: &Netns, to: SocketAddrV4| {
+        ns.run(move || {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.connect(to).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            s.send(b"hello").unwrap();
+            let mut buf = [0u8; 64];
+            s.recv(&mut buf).unwrap_err().kind()
+        })
+        .unwrap()
+    };
+    // Through SNAT (NodePort, remote backend) and without (pod, ClusterIP).
+    let start = Instant::now();
+    assert_eq!(
+        refused(&w.c.client, tcp(w.node_ip(0), 30054)),
+        ErrorKind::ConnectionRefused
+    );
+    assert_eq!(
+        refused(w.pod(0, 0), tcp(Ipv4Addr::new(198, 19, 0, 12), 54)),
+        ErrorKind::ConnectionRefused
+    );
+    assert!(start.elapsed() < Duration::from_secs(3));
 }
