@@ -34,6 +34,14 @@ pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
 pub const XDP_REDIRECT: u32 = 4;
 
+/// MAC of the node's end of the pod link (`fx1`).
+pub const POD_GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x03];
+
+/// MAC of local pod 198.18.1.`i`.
+pub fn pod_mac(i: u8) -> [u8; 6] {
+    [0x02, 0, 0, 0, 1, i]
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hook {
     Tc,
@@ -46,6 +54,8 @@ pub struct Fixture {
     pin_dir: PathBuf,
     /// ifindex of the pod-side interface replies "arrive" on.
     pub pod_ifindex: u32,
+    /// ifindex of the node's NIC (`fx0`), for traffic from outside.
+    pub nic_ifindex: u32,
     /// Kept so the namespace outlives the fixture.
     _ns: Netns,
 }
@@ -85,8 +95,35 @@ impl Fixture {
             "fx1",
         ])?;
         ns.ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", "fx0"])?;
+        ns.ip(&["link", "set", "fx1", "address", &mac(POD_GW_MAC)])?;
         ns.ip(&["link", "set", "fx0", "up"])?;
         ns.ip(&["link", "set", "fx1", "up"])?;
+        // Local pods (198.18.1.0/24) behind fx1, each with a known MAC;
+        // another node's pods (198.18.2.0/24) via the client's address,
+        // standing in for the fabric's router.
+        ns.ip(&["route", "add", "198.18.1.0/24", "dev", "fx1"])?;
+        ns.ip(&[
+            "route",
+            "add",
+            "198.18.2.0/24",
+            "via",
+            "198.18.0.1",
+            "dev",
+            "fx0",
+        ])?;
+        for i in 10..=13u8 {
+            ns.ip(&[
+                "neigh",
+                "add",
+                &format!("198.18.1.{i}"),
+                "lladdr",
+                &mac(pod_mac(i)),
+                "dev",
+                "fx1",
+                "nud",
+                "permanent",
+            ])?;
+        }
         ns.ip(&[
             "neigh",
             "add",
@@ -101,6 +138,7 @@ impl Fixture {
         ns.sysctl("net.ipv4.ip_forward", "1")?;
         setns(ns.file()?.as_fd(), CloneFlags::CLONE_NEWNET)?;
         let pod_ifindex = nix::net::if_::if_nametoindex("fx1")?;
+        let nic_ifindex = nix::net::if_::if_nametoindex("fx0")?;
 
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("lbfx")));
         lb_userspace::system::ensure_bpffs(&pin_dir)?;
@@ -118,6 +156,7 @@ impl Fixture {
             programmer: Programmer::new(maps),
             pin_dir,
             pod_ifindex,
+            nic_ifindex,
             _ns: ns,
         };
         fx.programmer.maps_mut().set_config(DatapathConfig {

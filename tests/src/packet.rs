@@ -110,6 +110,43 @@ impl Spec {
     }
 }
 
+/// An ICMP error frame: `saddr` -> `daddr`, type/code, the 4 bytes after
+/// the checksum (e.g. the next-hop MTU), quoting `quote` (an IP packet,
+/// possibly cut). Checksums computed from scratch.
+#[allow(clippy::too_many_arguments)]
+pub fn icmp_error_frame(
+    macs: ([u8; 6], [u8; 6]),
+    saddr: Ipv4Addr,
+    daddr: Ipv4Addr,
+    ttl: u8,
+    icmp_type: u8,
+    code: u8,
+    rest: [u8; 4],
+    quote: &[u8],
+) -> Vec<u8> {
+    let (dst_mac, src_mac) = macs;
+    let mut p = Vec::new();
+    p.extend_from_slice(&dst_mac);
+    p.extend_from_slice(&src_mac);
+    p.extend_from_slice(&0x0800u16.to_be_bytes());
+    let ip = p.len();
+    let tot = (20 + 8 + quote.len()) as u16;
+    p.extend_from_slice(&[0x45, 0xc0]);
+    p.extend_from_slice(&tot.to_be_bytes());
+    p.extend_from_slice(&[0, 7, 0, 0, ttl, 1, 0, 0]);
+    p.extend_from_slice(&saddr.octets());
+    p.extend_from_slice(&daddr.octets());
+    let c = checksum(&p[ip..ip + 20]);
+    p[ip + 10..ip + 12].copy_from_slice(&c.to_be_bytes());
+    let icmp = p.len();
+    p.extend_from_slice(&[icmp_type, code, 0, 0]);
+    p.extend_from_slice(&rest);
+    p.extend_from_slice(quote);
+    let c = checksum(&p[icmp..]);
+    p[icmp + 2..icmp + 4].copy_from_slice(&c.to_be_bytes());
+    p
+}
+
 /// RFC 1071 checksum of `data`.
 pub fn checksum(data: &[u8]) -> u16 {
     !fold(sum(data, 0))

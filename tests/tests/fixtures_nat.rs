@@ -1,0 +1,362 @@
+//! Packet fixtures for source NAT (external traffic to another node's
+//! backend, hairpin), its reverse, SNAT port collisions, and ICMP errors
+//! about translated flows: the real programs through BPF_PROG_TEST_RUN,
+//! exact output bytes built independently (checksums from scratch).
+
+use std::net::Ipv4Addr;
+
+use lb_common::{hash::flow_hash, DatapathConfig, Verdict, SNAT_PORT_MAX, SNAT_PORT_MIN};
+use lb_tests::{
+    example::{yaml, Endpoint, Svc},
+    fixture::*,
+    packet::{icmp_error_frame, Spec, CLIENT_MAC, NODE_MAC, TCP, TCP_ACK, TCP_SYN, UDP},
+    topology::NODE_IP,
+};
+use lb_userspace::maglev::{table_size_for, MaglevTable};
+
+const HOOKS: [Hook; 2] = [Hook::Tc, Hook::Xdp];
+const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+/// A router on the node's network that sends ICMP errors.
+const ROUTER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
+
+/// Backends on another node (routed via 198.18.0.1 in the fixture).
+fn remote() -> Vec<Ipv4Addr> {
+    vec![Ipv4Addr::new(198, 18, 2, 11), Ipv4Addr::new(198, 18, 2, 12)]
+}
+
+fn remote_fixture() -> Fixture {
+    let eps = remote()
+        .into_iter()
+        .map(|ip| Endpoint::ready(ip).on("node-b"))
+        .collect();
+    Fixture::new(&yaml(&[Svc::web(eps)])).expect("fixture")
+}
+
+fn backend_for(eps: &[Ipv4Addr], client: Ipv4Addr, sport: u16, dport: u16, proto: u8) -> Ipv4Addr {
+    let set: Vec<(Ipv4Addr, u16)> = eps.iter().map(|&ip| (ip, 8080)).collect();
+    MaglevTable::build(&set, table_size_for(set.len()))
+        .lookup(flow_hash(client.octets(), sport, dport, proto))
+        .0
+}
+
+/// The first SNAT port tried for a flow (free in a fresh fixture).
+fn snat_port(client: Ipv4Addr, sport: u16, dport: u16, proto: u8) -> u16 {
+    let range = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u64 + 1;
+    SNAT_PORT_MIN + (flow_hash(client.octets(), sport, dport, proto) % range) as u16
+}
+
+fn redirect(hook: Hook) -> u32 {
+    match hook {
+        Hook::Tc => TC_ACT_REDIRECT,
+        Hook::Xdp => XDP_REDIRECT,
+    }
+}
+
+fn counter(fx: &Fixture, v: Verdict) -> u64 {
+    fx.maps()
+        .verdict_counters()
+        .unwrap()
+        .into_iter()
+        .find(|(x, _)| *x == v)
+        .unwrap()
+        .1
+        .packets
+}
+
+#[test]
+fn node_port_to_a_remote_backend_is_snatted_and_the_reply_reversed() {
+    for hook in HOOKS {
+        let fx = remote_fixture();
+        let syn = Spec::tcp(CLIENT, 40000, NODE_IP, 30080);
+        let backend = backend_for(&remote(), CLIENT, 40000, 30080, TCP);
+        let port = snat_port(CLIENT, 40000, 30080, TCP);
+        // Source becomes the node and a SNAT port, destination the backend;
+        // routed by us (TTL - 1) to the next hop towards node B.
+        let want = Spec {
+            src_mac: NODE_MAC,
+            dst_mac: CLIENT_MAC,
+            saddr: NODE_IP,
+            sport: port,
+            daddr: backend,
+            dport: 8080,
+            ttl: 63,
+            ..syn.clone()
+        };
+        for (i, flags) in [TCP_SYN, TCP_ACK].into_iter().enumerate() {
+            let input = Spec {
+                tcp_flags: flags,
+                ..syn.clone()
+            };
+            let out = fx.run_on(hook, &input.build(), fx.nic_ifindex).unwrap();
+            assert_eq!(out.verdict, redirect(hook), "{hook:?} packet {i}");
+            let w = Spec {
+                tcp_flags: flags,
+                ..want.clone()
+            };
+            assert_eq!(out.frame, w.build(), "{hook:?} packet {i}");
+        }
+        assert_eq!(counter(&fx, Verdict::DnatNew), 1);
+        assert_eq!(counter(&fx, Verdict::DnatEstablished), 1);
+
+        let reply = Spec {
+            tcp_flags: TCP_SYN | TCP_ACK,
+            ..Spec::tcp(backend, 8080, NODE_IP, port)
+        };
+        let out = fx.run_on(hook, &reply.build(), fx.nic_ifindex).unwrap();
+        let want = Spec {
+            src_mac: NODE_MAC,
+            dst_mac: CLIENT_MAC,
+            saddr: NODE_IP,
+            sport: 30080,
+            daddr: CLIENT,
+            dport: 40000,
+            ttl: 63,
+            ..reply
+        };
+        assert_eq!(out.verdict, redirect(hook), "{hook:?}");
+        assert_eq!(out.frame, want.build(), "{hook:?} reply");
+        assert_eq!(counter(&fx, Verdict::ReplyNat), 1);
+    }
+}
+
+#[test]
+fn snat_ports_never_collide_for_one_backend() {
+    for hook in HOOKS {
+        let mut fx = remote_fixture();
+        // One port only: the second flow to the same backend must not get
+        // it; a flow to the other backend may.
+        fx.programmer
+            .maps_mut()
+            .set_config(DatapathConfig {
+                snat_addr: NODE_IP.octets(),
+                snat_port_min: 61_000,
+                snat_port_max: 61_000,
+                netns_cookie: 0,
+            })
+            .unwrap();
+        let b = |sport| backend_for(&remote(), CLIENT, sport, 30080, TCP);
+        let first = 40000;
+        let same = (40001..41000).find(|&s| b(s) == b(first)).unwrap();
+        let other = (40001..41000).find(|&s| b(s) != b(first)).unwrap();
+        let run = |sport| {
+            let f = Spec::tcp(CLIENT, sport, NODE_IP, 30080).build();
+            fx.run_on(hook, &f, fx.nic_ifindex).unwrap()
+        };
+        let out = run(first);
+        assert_eq!(lb_tests::packet::decode(&out.frame).sport, 61_000);
+        let out = run(same);
+        assert_eq!(
+            out.verdict,
+            if hook == Hook::Tc {
+                TC_ACT_SHOT
+            } else {
+                XDP_DROP
+            }
+        );
+        assert_eq!(counter(&fx, Verdict::DropSnatExhausted), 1);
+        let out = run(other);
+        assert_eq!(out.verdict, redirect(hook));
+        assert_eq!(lb_tests::packet::decode(&out.frame).sport, 61_000);
+        // The first flow still holds its port.
+        let out = run(first);
+        assert_eq!(lb_tests::packet::decode(&out.frame).sport, 61_000);
+        assert_eq!(counter(&fx, Verdict::DnatEstablished), 1, "{hook:?}");
+    }
+}
+
+#[test]
+fn a_pod_reaching_itself_is_masqueraded_and_the_reply_reversed() {
+    let pod = Ipv4Addr::new(198, 18, 1, 11);
+    for hook in HOOKS {
+        let fx = Fixture::new(&yaml(&[Svc::web(vec![Endpoint::ready(pod)])])).unwrap();
+        let syn = Spec {
+            src_mac: pod_mac(11),
+            dst_mac: POD_GW_MAC,
+            ..Spec::tcp(pod, 40000, CLUSTER_IP, 80)
+        };
+        let port = snat_port(pod, 40000, 80, TCP);
+        let out = fx.run_on(hook, &syn.build(), fx.pod_ifindex).unwrap();
+        let want = Spec {
+            src_mac: POD_GW_MAC,
+            dst_mac: pod_mac(11),
+            saddr: NODE_IP,
+            sport: port,
+            daddr: pod,
+            dport: 8080,
+            ttl: 63,
+            ..syn.clone()
+        };
+        assert_eq!(out.verdict, redirect(hook), "{hook:?}");
+        assert_eq!(out.frame, want.build(), "{hook:?} hairpin");
+        let reply = Spec {
+            src_mac: pod_mac(11),
+            dst_mac: POD_GW_MAC,
+            tcp_flags: TCP_SYN | TCP_ACK,
+            ..Spec::tcp(pod, 8080, NODE_IP, port)
+        };
+        let out = fx.run_on(hook, &reply.build(), fx.pod_ifindex).unwrap();
+        let want = Spec {
+            src_mac: POD_GW_MAC,
+            dst_mac: pod_mac(11),
+            saddr: CLUSTER_IP,
+            sport: 80,
+            daddr: pod,
+            dport: 40000,
+            ttl: 63,
+            ..reply
+        };
+        assert_eq!(out.verdict, redirect(hook), "{hook:?}");
+        assert_eq!(out.frame, want.build(), "{hook:?} hairpin reply");
+    }
+}
+
+/// The IP packet of a frame (what an ICMP error quotes), cut to `len`.
+fn quote(spec: &Spec, len: usize) -> Vec<u8> {
+    let f = spec.build();
+    f[14..14usize.saturating_add(len).min(f.len())].to_vec()
+}
+
+const MTU_1280: [u8; 4] = [0, 0, 5, 0];
+
+#[test]
+fn icmp_errors_about_translated_flows_are_translated_back() {
+    for hook in HOOKS {
+        for cut in [usize::MAX, 28] {
+            let fx = remote_fixture();
+            let syn = Spec::tcp(CLIENT, 40000, NODE_IP, 30080);
+            fx.run_on(hook, &syn.build(), fx.nic_ifindex).unwrap();
+            let backend = backend_for(&remote(), CLIENT, 40000, 30080, TCP);
+            let port = snat_port(CLIENT, 40000, 30080, TCP);
+            let icmp = |to: Ipv4Addr, quoted: &Spec| {
+                icmp_error_frame(
+                    (NODE_MAC, CLIENT_MAC),
+                    ROUTER,
+                    to,
+                    64,
+                    3,
+                    4,
+                    MTU_1280,
+                    &quote(quoted, cut),
+                )
+            };
+            let sent = Spec {
+                saddr: NODE_IP,
+                sport: port,
+                daddr: backend,
+                dport: 8080,
+                ttl: 63,
+                ..syn.clone()
+            };
+            // (a) A router towards node B: "fragmentation needed" for our
+            // SNATed packet goes to the client, about its own packet.
+            let out = fx
+                .run_on(hook, &icmp(NODE_IP, &sent), fx.nic_ifindex)
+                .unwrap();
+            let want = icmp_error_frame(
+                (CLIENT_MAC, NODE_MAC),
+                ROUTER,
+                CLIENT,
+                63,
+                3,
+                4,
+                MTU_1280,
+                &quote(
+                    &Spec {
+                        ttl: 63,
+                        ..syn.clone()
+                    },
+                    cut,
+                ),
+            );
+            assert_eq!(out.verdict, redirect(hook), "{hook:?} cut {cut}");
+            assert_eq!(out.frame, want, "{hook:?} (a) cut {cut}");
+
+            // (b) A router towards the client: "fragmentation needed" for
+            // a reply we translated goes to the backend, about the packet
+            // it sent.
+            let replied = Spec {
+                saddr: NODE_IP,
+                sport: 30080,
+                daddr: CLIENT,
+                dport: 40000,
+                ttl: 63,
+                tcp_flags: TCP_SYN | TCP_ACK,
+                ..syn.clone()
+            };
+            let out = fx
+                .run_on(hook, &icmp(NODE_IP, &replied), fx.nic_ifindex)
+                .unwrap();
+            let from_backend = Spec {
+                saddr: backend,
+                sport: 8080,
+                daddr: NODE_IP,
+                dport: port,
+                ..replied.clone()
+            };
+            let want = icmp_error_frame(
+                (CLIENT_MAC, NODE_MAC),
+                ROUTER,
+                backend,
+                63,
+                3,
+                4,
+                MTU_1280,
+                &quote(&from_backend, cut),
+            );
+            assert_eq!(out.frame, want, "{hook:?} (b) cut {cut}");
+            assert_eq!(counter(&fx, Verdict::IcmpErrorNat), 2);
+        }
+    }
+}
+
+#[test]
+fn a_backends_port_unreachable_comes_from_the_frontend() {
+    for hook in HOOKS {
+        let fx = remote_fixture();
+        // ClusterIP UDP: translated without SNAT.
+        let dgram = Spec::udp(CLIENT, 40001, CLUSTER_IP, 53);
+        fx.run_on(hook, &dgram.build(), fx.nic_ifindex).unwrap();
+        let backend = backend_for(&remote(), CLIENT, 40001, 53, UDP);
+        let sent = Spec {
+            daddr: backend,
+            dport: 5353,
+            ..dgram.clone()
+        };
+        let input = icmp_error_frame(
+            (NODE_MAC, CLIENT_MAC),
+            backend,
+            CLIENT,
+            64,
+            3,
+            3,
+            [0; 4],
+            &quote(&sent, usize::MAX),
+        );
+        let out = fx.run_on(hook, &input, fx.nic_ifindex).unwrap();
+        let want = icmp_error_frame(
+            (CLIENT_MAC, NODE_MAC),
+            CLUSTER_IP,
+            CLIENT,
+            63,
+            3,
+            3,
+            [0; 4],
+            &quote(&dgram, usize::MAX),
+        );
+        assert_eq!(out.verdict, redirect(hook), "{hook:?}");
+        assert_eq!(out.frame, want, "{hook:?}");
+        // An error about a flow we never saw passes untouched.
+        let stranger = icmp_error_frame(
+            (NODE_MAC, CLIENT_MAC),
+            backend,
+            CLIENT,
+            64,
+            3,
+            3,
+            [0; 4],
+            &quote(&Spec::udp(CLIENT, 40002, backend, 5353), usize::MAX),
+        );
+        let out = fx.run_on(hook, &stranger, fx.nic_ifindex).unwrap();
+        assert_eq!(out.frame, stranger);
+    }
+}
