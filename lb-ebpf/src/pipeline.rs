@@ -197,6 +197,7 @@ fn forward(flow: Ipv4Flow, svc: &ServiceEntry, len: u32) -> Action {
 ///   the client, complains, e.g. fragmentation needed): the quote becomes
 ///   the backend's packet as it left the backend, and the error goes to the
 ///   backend.
+///
 /// Path MTU discovery through a smaller-MTU link depends on this.
 #[inline(always)]
 fn icmp_error(icmp: IcmpError, len: u32) -> Action {

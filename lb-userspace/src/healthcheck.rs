@@ -123,3 +123,29 @@ pub fn render(check: &HealthCheck) -> (StatusCode, String) {
     });
     (status, body.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(n: usize) -> HealthCheck {
+        HealthCheck {
+            namespace: "shop".into(),
+            name: "lb".into(),
+            local_endpoints: n,
+        }
+    }
+
+    #[test]
+    fn answers_like_kube_proxy() {
+        let (status, body) = render(&check(2));
+        assert_eq!(status, StatusCode::OK);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["service"]["namespace"], "shop");
+        assert_eq!(v["service"]["name"], "lb");
+        assert_eq!(v["localEndpoints"], 2);
+        let (status, body) = render(&check(0));
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("\"localEndpoints\":0"), "{body}");
+    }
+}

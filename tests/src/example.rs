@@ -226,7 +226,7 @@ fn slice_yaml(out: &mut String, s: &Svc, name: &str, endpoints: &[&Endpoint]) {
         out.push_str("  endpoints:\n");
     }
     for e in endpoints {
-        let _ = write!(out, "  - addresses: [{}]\n", e.ip);
+        let _ = writeln!(out, "  - addresses: [{}]", e.ip);
         if let Some(n) = &e.node {
             let _ = writeln!(out, "    nodeName: {n}");
         }

@@ -198,8 +198,25 @@ impl Fixture {
         frame: &[u8],
         repeat: u32,
     ) -> anyhow::Result<std::time::Duration> {
+        self.time_on(hook, frame, repeat, 0)
+    }
+
+    /// `time` for a frame arriving on `ifindex` (0: the test run's
+    /// loopback), which packets the datapath routes itself need.
+    pub fn time_on(
+        &self,
+        hook: Hook,
+        frame: &[u8],
+        repeat: u32,
+        ifindex: u32,
+    ) -> anyhow::Result<std::time::Duration> {
+        let ctx = match hook {
+            Hook::Tc => skb_ctx(ifindex),
+            Hook::Xdp => xdp_ctx(frame.len() as u32, ifindex),
+        };
         let opts = TestRunOptions {
             data_in: Some(frame),
+            ctx_in: (ifindex != 0).then_some(ctx.as_slice()),
             repeat,
             ..Default::default()
         };

@@ -586,3 +586,221 @@ fn a_backends_port_unreachable_reaches_the_client_as_connection_refused() {
     );
     assert!(start.elapsed() < Duration::from_secs(3));
 }
+
+/// Opens a `STREAM` connection from `ns` to `to`: the backend's name, and
+/// the socket, already receiving.
+fn open_stream(ns: &Netns, to: SocketAddrV4) -> (String, TcpStream) {
+    ns.run(move || {
+        let mut s = TcpStream::connect_timeout(&to.into(), Duration::from_secs(3)).unwrap();
+        s.write_all(b"STREAM\n").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut name = [0u8; 3];
+        s.read_exact(&mut name).unwrap();
+        (String::from_utf8_lossy(&name).trim().to_string(), s)
+    })
+    .unwrap()
+}
+
+/// Reads from `s` for `ms` milliseconds: bytes received (panics if the
+/// stream stalls or breaks).
+fn keeps_flowing(s: &mut TcpStream, ms: u64) -> usize {
+    let mut buf = vec![0u8; 1 << 20];
+    let until = Instant::now() + Duration::from_millis(ms);
+    let mut got = 0;
+    while Instant::now() < until {
+        got += s
+            .read(&mut buf)
+            .expect("the established stream keeps going");
+    }
+    got
+}
+
+#[test]
+fn terminating_endpoints_keep_their_flows_and_take_new_ones_only_as_a_last_resort() {
+    let mut w = World::new();
+    w.start(&[web(&[(1, 0)], Extra::default())], &[]);
+    let to = tcp(CLUSTER_IP, 80);
+    let (pod, mut stream) = open_stream(w.pod(0, 0), to);
+    assert_eq!(pod, "b0");
+
+    // b0 starts terminating while b1 is ready: new flows go to b1 only,
+    // the established one stays on b0.
+    let mut svc = web(&[(1, 1)], Extra::default());
+    svc.endpoints
+        .push(Endpoint::terminating(pod_ip(1, 0)).on("node-b"));
+    w.update(&[svc.clone()]);
+    assert!(keeps_flowing(&mut stream, 500) > 1 << 20);
+    for _ in 0..20 {
+        assert_eq!(who(w.pod(0, 1), to).pod, "b1");
+    }
+    assert!(keeps_flowing(&mut stream, 300) > 0);
+
+    // Only the terminating (still serving) one left: it takes new flows.
+    svc.endpoints.remove(0);
+    w.update(&[svc]);
+    for _ in 0..5 {
+        assert_eq!(who(w.pod(0, 1), to).pod, "b0");
+    }
+    assert!(keeps_flowing(&mut stream, 300) > 0);
+}
+
+#[test]
+fn many_ports_both_protocols_many_slices_and_an_endpoint_moving_between_slices() {
+    use lb_tests::example::Port;
+    let mut w = World::new();
+    let svc = |slices: usize, endpoints: &[(usize, usize)]| {
+        let mut s = web(
+            endpoints,
+            Extra {
+                slices,
+                ..Extra::default()
+            },
+        );
+        // Port 80 on TCP and on UDP, and two more TCP ports.
+        s.ports = vec![
+            Port {
+                name: "http",
+                protocol: "TCP",
+                port: 80,
+                target: 8080,
+                node_port: Some(NODE_PORT),
+            },
+            Port {
+                name: "dns",
+                protocol: "UDP",
+                port: 80,
+                target: 5353,
+                node_port: None,
+            },
+            Port {
+                name: "alt",
+                protocol: "TCP",
+                port: 81,
+                target: 8080,
+                node_port: None,
+            },
+            Port {
+                name: "alt2",
+                protocol: "TCP",
+                port: 82,
+                target: 8080,
+                node_port: Some(30082),
+            },
+        ];
+        s
+    };
+    let all = [(0, 0), (0, 1), (1, 0), (1, 1)];
+    w.start(&[svc(3, &all)], &[]);
+    let mut seen = BTreeSet::new();
+    for _ in 0..24 {
+        seen.insert(who(w.pod(0, 0), tcp(CLUSTER_IP, 80)).pod);
+        seen.insert(who_udp(w.pod(0, 0), tcp(CLUSTER_IP, 80)).pod);
+        seen.insert(who(w.pod(0, 0), tcp(CLUSTER_IP, 81)).pod);
+        seen.insert(who(&w.c.client, tcp(w.node_ip(1), 30082)).pod);
+    }
+    assert_eq!(
+        seen.len(),
+        4,
+        "every endpoint of the 3 slices used: {seen:?}"
+    );
+
+    // One endpoint moving between slices: the controller adds it to the
+    // new slice, then removes it from the old one. Connections made all
+    // along never fail, and the agent never withdraws the endpoint.
+    let single = [(1, 0)];
+    let mut moving = svc(1, &single);
+    w.update(&[moving.clone()]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prober = {
+        let stop = stop.clone();
+        w.pod(0, 0)
+            .spawn(move || {
+                let mut ok = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    tcp_who(tcp(CLUSTER_IP, 80)).expect("no gap while the endpoint moves");
+                    ok += 1;
+                }
+                ok
+            })
+            .unwrap()
+    };
+    // Listed in both slices (slice 2 gets a copy) ...
+    moving.extra.slices = 2;
+    moving.endpoints.push(moving.endpoints[0].clone());
+    w.update(&[moving.clone()]);
+    // ... then only in slice 2 (slice 1 empty).
+    moving.endpoints[0] = Endpoint {
+        ip: Ipv4Addr::new(198, 18, 250, 250),
+        ready: false,
+        serving: false,
+        ..moving.endpoints[0].clone()
+    };
+    w.update(&[moving]);
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let ok = prober.join().unwrap();
+    assert!(ok > 10, "{ok} connections");
+}
+
+#[test]
+fn services_for_other_proxies_and_headless_ones_are_left_alone() {
+    let mut w = World::new();
+    let labelled = |name: &'static str, ip: u8, label: (&'static str, &'static str)| {
+        let mut s = web(
+            &[(0, 0)],
+            Extra {
+                labels: vec![label],
+                ..Extra::default()
+            },
+        );
+        s.name = name;
+        s.cluster_ip = Ipv4Addr::new(198, 19, 0, ip);
+        s.ports.truncate(1);
+        s.ports[0].node_port = None;
+        s
+    };
+    let services = [
+        labelled(
+            "other",
+            21,
+            ("service.kubernetes.io/service-proxy-name", "other"),
+        ),
+        labelled(
+            "ours",
+            22,
+            ("service.kubernetes.io/service-proxy-name", "lb"),
+        ),
+        labelled("headless", 23, ("service.kubernetes.io/headless", "")),
+    ];
+    w.start(
+        &services,
+        &["--service-proxy-name".to_string(), "lb".to_string()],
+    );
+    assert_eq!(
+        who(w.pod(0, 1), tcp(Ipv4Addr::new(198, 19, 0, 22), 80)).pod,
+        "a0"
+    );
+    for name in ["other", "headless"] {
+        let line = w.agents[0]
+            .logs()
+            .into_iter()
+            .find(|l| l.contains("skipped") && l.contains(&format!("Service demo/{name}")));
+        assert!(line.is_some(), "no skip line for {name}");
+    }
+    // Not translated: the ClusterIP is not routed anywhere, so nothing
+    // answers.
+    let connected = w
+        .pod(0, 1)
+        .run(|| {
+            TcpStream::connect_timeout(
+                &tcp(Ipv4Addr::new(198, 19, 0, 21), 80).into(),
+                Duration::from_millis(500),
+            )
+            .is_ok()
+        })
+        .unwrap();
+    assert!(
+        !connected,
+        "a service labelled for another proxy was served"
+    );
+}

@@ -8,6 +8,8 @@
 //! - "established": the measured service's backend is its own frontend
 //!   address and port, so DNAT rewrites the frame to itself and every
 //!   repeat is a conntrack hit doing the full translation.
+//! - SNAT "established" (NodePort to another node's backend) cannot do
+//!   that (the source changes too), so it is measured like new flows.
 //! - "new flow": each run needs a frame never seen before, so these are
 //!   single runs (repeat = 1) of distinct frames, and the kernel's fixed
 //!   per-call timer cost (single-run minus many-run time of the same
@@ -31,8 +33,12 @@ use lb_userspace::{
 };
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+const NODE_IP: Ipv4Addr = lb_tests::topology::NODE_IP;
+const SNAT_NODE_PORT: u16 = 30099;
 const REPEAT: u32 = 2_000_000;
 const NEW_FLOWS: u16 = 20_000;
+/// Fewer for SNAT: every new flow holds a SNAT port for the run.
+const SNAT_NEW_FLOWS: u16 = 5_000;
 
 /// `n` ClusterIP services, 198.19.x.y:80, one backend each. Service 0 is
 /// the measured one and targets itself (see the module comment).
@@ -73,6 +79,39 @@ fn services(n: u32) -> DesiredState {
         };
         state.services.insert(key, sp);
     }
+    // The SNAT path: a NodePort whose only backend is on another node
+    // (routed via the fixture's 198.18.0.1).
+    let key = ServicePortKey {
+        namespace: "bench".into(),
+        name: "snat".into(),
+        port_name: String::new(),
+        protocol: Protocol::Tcp,
+        scope: Default::default(),
+    };
+    let sp = ServicePort {
+        key: key.clone(),
+        frontends: vec![Frontend {
+            addr: NODE_IP,
+            port: SNAT_NODE_PORT,
+            protocol: Protocol::Tcp,
+            kind: FrontendKind::NodePort,
+        }],
+        // 64 backends, so the SNAT ports of the measured flows are spread
+        // (a port is unique per backend) and rarely probe twice.
+        endpoints: (10..74)
+            .map(|i| Endpoint {
+                addr: Ipv4Addr::new(198, 18, 2, i),
+                port: 8080,
+                ready: true,
+                serving: true,
+                terminating: false,
+                local: false,
+            })
+            .collect(),
+        affinity_timeout_s: None,
+        source_ranges: Vec::new(),
+    };
+    state.services.insert(key, sp);
     state
 }
 
@@ -89,42 +128,72 @@ struct Row {
     no_service: f64,
     new_raw: f64,
     new_flow: f64,
-    established: f64,
+    /// Repeated runs of a frame translated onto itself (DNAT only).
+    established: Option<f64>,
+    /// Single runs minus the timer cost (both paths).
+    established_single: f64,
 }
 
-fn measure(fx: &Fixture, hook: Hook) -> anyhow::Result<Row> {
-    let vip = Ipv4Addr::new(198, 19, 0, 1);
+/// Which kind of flow a row measures.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Path {
+    /// ClusterIP from a pod: destination translated, the stack routes.
+    Dnat,
+    /// NodePort to another node's backend: source and destination
+    /// translated (SNAT port allocation), routed by the datapath.
+    Snat,
+}
+
+fn measure(fx: &Fixture, hook: Hook, path: Path) -> anyhow::Result<Row> {
+    let (vip, vport, ifindex) = match path {
+        Path::Dnat => (Ipv4Addr::new(198, 19, 0, 1), 80, 0),
+        Path::Snat => (NODE_IP, SNAT_NODE_PORT, fx.nic_ifindex),
+    };
+    let time = |frame: &[u8], repeat| fx.time_on(hook, frame, repeat, ifindex).map(ns);
+    let flows = match path {
+        Path::Dnat => NEW_FLOWS,
+        Path::Snat => SNAT_NEW_FLOWS,
+    };
     let other = Spec::tcp(CLIENT, 40000, Ipv4Addr::new(198, 18, 1, 50), 80).build();
-    let est = Spec::tcp(CLIENT, 40000, vip, 80).build();
-    fx.time(hook, &est, 1)?; // the first run creates the flow
+    let est = Spec::tcp(CLIENT, 40000, vip, vport).build();
+    time(&est, 1)?; // the first run creates the flow
     let mut no_service = Vec::new();
     let mut established = Vec::new();
     for _ in 0..5 {
-        no_service.push(ns(fx.time(hook, &other, REPEAT)?));
-        established.push(ns(fx.time(hook, &est, REPEAT)?));
+        no_service.push(time(&other, REPEAT)?);
+        established.push(time(&est, REPEAT)?);
     }
     let no_service = median(no_service);
     // The per-call cost of a single timed run, on a frame that stays the same.
-    let single: Vec<f64> = (0..NEW_FLOWS)
-        .map(|_| fx.time(hook, &other, 1).map(ns))
+    let single: Vec<f64> = (0..flows)
+        .map(|_| time(&other, 1))
         .collect::<Result<_, _>>()?;
     let overhead = single.iter().sum::<f64>() / single.len() as f64 - no_service;
-    let base = if hook == Hook::Tc {
-        1024
-    } else {
-        1024 + NEW_FLOWS
-    };
-    let mut fresh = Vec::with_capacity(NEW_FLOWS as usize);
-    for i in 0..NEW_FLOWS {
-        let frame = Spec::tcp(CLIENT, base + i, vip, 80).build();
-        fresh.push(ns(fx.time(hook, &frame, 1)?));
+    let base = if hook == Hook::Tc { 1024 } else { 1024 + flows };
+    let mut fresh = Vec::with_capacity(flows as usize);
+    for i in 0..flows {
+        let frame = Spec::tcp(CLIENT, base + i, vip, vport).build();
+        fresh.push(time(&frame, 1)?);
     }
     let new_raw = fresh.iter().sum::<f64>() / fresh.len() as f64;
+    // A SNATed frame cannot be translated onto itself, so its established
+    // cost is measured like new flows: single runs of the same frame (a
+    // fresh copy each time, a conntrack hit each time) minus the timer cost.
+    // DNAT is measured that way too, so the two compare like for like.
+    let runs: Vec<f64> = (0..flows)
+        .map(|_| time(&est, 1))
+        .collect::<Result<_, _>>()?;
+    let established_single = runs.iter().sum::<f64>() / runs.len() as f64 - overhead;
+    let established = match path {
+        Path::Dnat => Some(median(established)),
+        Path::Snat => None,
+    };
     Ok(Row {
         no_service,
         new_raw,
         new_flow: new_raw - overhead,
-        established: median(established),
+        established,
+        established_single,
     })
 }
 
@@ -132,7 +201,7 @@ fn main() -> anyhow::Result<()> {
     lb_tests::require_root();
     println!("lb datapath benchmark: ns per packet, BPF_PROG_TEST_RUN (kernel-timed), {REPEAT} repeats (median of 5),");
     println!("new flows: mean of {NEW_FLOWS} single runs minus the per-call timer cost\n");
-    let mut rows: BTreeMap<(u32, &str), Row> = BTreeMap::new();
+    let mut rows: BTreeMap<(Path, u32, &str), Row> = BTreeMap::new();
     for n in [1u32, 1_000, 100_000] {
         let state = services(n);
         let t = Instant::now();
@@ -143,15 +212,33 @@ fn main() -> anyhow::Result<()> {
             took.as_secs_f64()
         );
         for (hook, name) in [(Hook::Tc, "TC"), (Hook::Xdp, "XDP")] {
-            rows.insert((n, name), measure(&fx, hook)?);
+            for path in [Path::Dnat, Path::Snat] {
+                rows.insert((path, n, name), measure(&fx, hook, path)?);
+            }
         }
     }
-    println!("\n| hook | services | no service | new flow | established | (new flow raw) |");
-    println!("|---|---:|---:|---:|---:|---:|");
-    for ((n, hook), r) in &rows {
+    println!("\nDNAT = ClusterIP (stack routes); SNAT = NodePort to a backend on another node");
+    println!("(source and destination translated, SNAT port allocated, FIB lookup + redirect)\n");
+    println!("| path | hook | services | no service | new flow | established | established (repeats) | (new flow raw) |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    for ((path, n, hook), r) in &rows {
+        let name = if *path == Path::Dnat { "DNAT" } else { "SNAT" };
+        let repeats = r.established.map_or("-".to_string(), |e| format!("{e:.0}"));
         println!(
-            "| {hook} | {n} | {:.0} | {:.0} | {:.0} | {:.0} |",
-            r.no_service, r.new_flow, r.established, r.new_raw
+            "| {name} | {hook} | {n} | {:.0} | {:.0} | {:.0} | {repeats} | {:.0} |",
+            r.no_service, r.new_flow, r.established_single, r.new_raw
+        );
+    }
+    println!("\nSNAT / DNAT, same run (new flow, established):");
+    for ((path, n, hook), s) in &rows {
+        if *path != Path::Snat {
+            continue;
+        }
+        let d = &rows[&(Path::Dnat, *n, *hook)];
+        println!(
+            "| {hook} | {n} | {:.2}x | {:.2}x |",
+            s.new_flow / d.new_flow,
+            s.established_single / d.established_single
         );
     }
 
