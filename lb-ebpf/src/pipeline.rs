@@ -5,7 +5,7 @@
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
     hash::flow_hash, FlowKey, FrontendKey, ServiceEntry, Verdict, CT_FORWARD, CT_REPLY,
-    SERVICE_F_LOCAL,
+    IPPROTO_ICMP, SERVICE_F_LOCAL,
 };
 
 use crate::{
@@ -39,6 +39,49 @@ pub enum Action {
         icmp: IcmpError,
         to: IcmpRewrite,
     },
+}
+
+/// What the FIB lookup needs about a packet the datapath routes itself.
+pub struct Route {
+    pub proto: u8,
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: u16,
+    pub dport: u16,
+}
+
+impl Route {
+    /// A TCP/UDP packet after `Action::Nat` rewrote `src` and/or `dst`.
+    #[inline(always)]
+    pub fn after_nat(f: &Ipv4Flow, src: Option<AddrPort>, dst: Option<AddrPort>) -> Route {
+        let s = src.unwrap_or(AddrPort {
+            addr: f.saddr,
+            port: f.sport,
+        });
+        let d = dst.unwrap_or(AddrPort {
+            addr: f.daddr,
+            port: f.dport,
+        });
+        Route {
+            proto: f.proto,
+            saddr: s.addr,
+            daddr: d.addr,
+            sport: s.port,
+            dport: d.port,
+        }
+    }
+
+    /// An ICMP error after `Action::IcmpNat`.
+    #[inline(always)]
+    pub fn after_icmp_nat(to: &IcmpRewrite) -> Route {
+        Route {
+            proto: IPPROTO_ICMP,
+            saddr: to.saddr,
+            daddr: to.daddr,
+            sport: 0,
+            dport: 0,
+        }
+    }
 }
 
 /// The addresses and ports an ICMP error gets (outer header, and the quoted

@@ -13,7 +13,7 @@ use aya_ebpf::{
     },
     programs::TcContext,
 };
-use lb_common::{Verdict, IPPROTO_ICMP, IPPROTO_UDP};
+use lb_common::{Verdict, IPPROTO_UDP};
 
 use crate::{
     conntrack::AddrPort,
@@ -22,7 +22,7 @@ use crate::{
         IcmpError, Ipv4Flow, ETH_HLEN, ICMP_ERROR_MIN, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF,
         IP_TTL_OFF,
     },
-    pipeline::{decide, Action, IcmpRewrite},
+    pipeline::{decide, Action, IcmpRewrite, Route},
     reject,
     stats::count,
 };
@@ -67,24 +67,7 @@ fn nat(
     if !redirect {
         return Ok(TC_ACT_OK);
     }
-    let s = src.unwrap_or(AddrPort {
-        addr: f.saddr,
-        port: f.sport,
-    });
-    let d = dst.unwrap_or(AddrPort {
-        addr: f.daddr,
-        port: f.dport,
-    });
-    route(
-        ctx,
-        &Route {
-            proto: f.proto,
-            saddr: s.addr,
-            daddr: d.addr,
-            sport: s.port,
-            dport: d.port,
-        },
-    )
+    route(ctx, &Route::after_nat(f, src, dst))
 }
 
 #[inline(always)]
@@ -101,25 +84,7 @@ fn icmp_nat(ctx: &TcContext, icmp: &IcmpError, to: &IcmpRewrite) -> Result<i32, 
     if icmp::rewrite(ctx, icmp, to).is_none() {
         return Ok(TC_ACT_SHOT);
     }
-    route(
-        ctx,
-        &Route {
-            proto: IPPROTO_ICMP,
-            saddr: to.saddr,
-            daddr: to.daddr,
-            sport: 0,
-            dport: 0,
-        },
-    )
-}
-
-/// What the FIB lookup needs about a translated packet.
-struct Route {
-    proto: u8,
-    saddr: [u8; 4],
-    daddr: [u8; 4],
-    sport: u16,
-    dport: u16,
+    route(ctx, &Route::after_icmp_nat(to))
 }
 
 #[derive(Clone, Copy, PartialEq)]

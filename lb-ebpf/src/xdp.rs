@@ -10,14 +10,14 @@ use aya_ebpf::{
     },
     programs::XdpContext,
 };
-use lb_common::{Verdict, IPPROTO_ICMP, IPPROTO_UDP};
+use lb_common::{Verdict, IPPROTO_UDP};
 
 use crate::{
     conntrack::AddrPort,
     csum::{update16, update32},
     icmp,
     packet::{ptr_at, EthHdr, Ipv4Flow, Ipv4Hdr, L4Ports, ETH_HLEN},
-    pipeline::{decide, Action},
+    pipeline::{decide, Action, Route},
     reject::{self, IcmpUnreachFrame},
     stats::count,
 };
@@ -37,16 +37,7 @@ pub fn run(ctx: &XdpContext) -> u32 {
         } => nat(ctx, &flow, src, dst, r).unwrap_or(xdp_action::XDP_DROP),
         Action::Reject { flow } => reject(ctx, &flow),
         Action::IcmpNat { icmp, to } => match icmp::rewrite(ctx, &icmp, &to) {
-            Some(()) => route(
-                ctx,
-                &Route {
-                    proto: IPPROTO_ICMP,
-                    saddr: to.saddr,
-                    daddr: to.daddr,
-                    sport: 0,
-                    dport: 0,
-                },
-            ),
+            Some(()) => route(ctx, &Route::after_icmp_nat(&to)),
             None => xdp_action::XDP_DROP,
         },
     }
@@ -70,33 +61,7 @@ fn nat(
     if !redirect {
         return Some(xdp_action::XDP_PASS);
     }
-    let s = src.unwrap_or(AddrPort {
-        addr: f.saddr,
-        port: f.sport,
-    });
-    let d = dst.unwrap_or(AddrPort {
-        addr: f.daddr,
-        port: f.dport,
-    });
-    Some(route(
-        ctx,
-        &Route {
-            proto: f.proto,
-            saddr: s.addr,
-            daddr: d.addr,
-            sport: s.port,
-            dport: d.port,
-        },
-    ))
-}
-
-/// What the FIB lookup needs about a translated packet.
-struct Route {
-    proto: u8,
-    saddr: [u8; 4],
-    daddr: [u8; 4],
-    sport: u16,
-    dport: u16,
+    Some(route(ctx, &Route::after_nat(f, src, dst)))
 }
 
 #[inline(always)]

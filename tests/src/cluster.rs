@@ -23,7 +23,7 @@ use std::{
 use crate::{
     agent::Agent,
     netns::{unique, Netns},
-    topology::Pod,
+    topology::{wire_pod, Pod},
 };
 
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 9, 2);
@@ -187,27 +187,7 @@ impl Cluster {
 
 fn add_pod(node: &mut Node, n: usize, i: usize, tag: &str) -> anyhow::Result<()> {
     let ns = Netns::new(format!("{tag}-{}{i}", &node.name[5..]))?;
-    let host_iface = format!("p{i}");
-    let ip = pod_ip(n, i);
-    let gw = pod_gateway(n);
-    node.ns.add_veth(&host_iface, &ns, "eth0")?;
-    node.ns
-        .ip(&["addr", "add", &format!("{gw}/32"), "dev", &host_iface])?;
-    node.ns.ip(&["link", "set", &host_iface, "up"])?;
-    node.ns
-        .ip(&["route", "add", &format!("{ip}/32"), "dev", &host_iface])?;
-    ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
-    ns.ip(&["link", "set", "eth0", "up"])?;
-    ns.ip(&["route", "add", &gw.to_string(), "dev", "eth0"])?;
-    ns.ip(&[
-        "route",
-        "add",
-        "default",
-        "via",
-        &gw.to_string(),
-        "dev",
-        "eth0",
-    ])?;
-    node.pods.push(Pod { ns, ip, host_iface });
+    let pod = wire_pod(&node.ns, ns, format!("p{i}"), pod_ip(n, i), pod_gateway(n))?;
+    node.pods.push(pod);
     Ok(())
 }

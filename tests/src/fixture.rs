@@ -178,6 +178,18 @@ impl Fixture {
         self.programmer.maps()
     }
 
+    /// Packets counted for verdict `v` so far.
+    pub fn counter(&self, v: lb_common::Verdict) -> u64 {
+        self.maps()
+            .verdict_counters()
+            .unwrap()
+            .into_iter()
+            .find(|(x, _)| *x == v)
+            .unwrap()
+            .1
+            .packets
+    }
+
     fn test_run(
         &self,
         hook: Hook,

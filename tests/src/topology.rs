@@ -94,32 +94,8 @@ impl Topology {
 
     fn add_pod(&mut self, i: usize) -> anyhow::Result<()> {
         let ns = Netns::new(format!("{}-p{i}", self.node.name.trim_end_matches("-node")))?;
-        let host_iface = format!("p{i}");
-        let ip = pod_ip(i);
-        self.node.add_veth(&host_iface, &ns, "eth0")?;
-        self.node.ip(&[
-            "addr",
-            "add",
-            &format!("{POD_GATEWAY}/32"),
-            "dev",
-            &host_iface,
-        ])?;
-        self.node.ip(&["link", "set", &host_iface, "up"])?;
-        self.node
-            .ip(&["route", "add", &format!("{ip}/32"), "dev", &host_iface])?;
-        ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
-        ns.ip(&["link", "set", "eth0", "up"])?;
-        ns.ip(&["route", "add", &POD_GATEWAY.to_string(), "dev", "eth0"])?;
-        ns.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            &POD_GATEWAY.to_string(),
-            "dev",
-            "eth0",
-        ])?;
-        self.pods.push(Pod { ns, ip, host_iface });
+        let pod = wire_pod(&self.node, ns, format!("p{i}"), pod_ip(i), POD_GATEWAY)?;
+        self.pods.push(pod);
         Ok(())
     }
 
@@ -133,4 +109,33 @@ impl Topology {
     pub fn pod_ifaces(&self) -> Vec<String> {
         self.pods.iter().map(|p| p.host_iface.clone()).collect()
     }
+}
+
+/// Wires pod namespace `ns` to `node` like a CNI would: a veth whose node
+/// end (`host_iface`) carries the pods' gateway address `gw`, a /32 route
+/// to the pod on the node, and a default route via `gw` in the pod.
+pub fn wire_pod(
+    node: &Netns,
+    ns: Netns,
+    host_iface: String,
+    ip: Ipv4Addr,
+    gw: Ipv4Addr,
+) -> anyhow::Result<Pod> {
+    node.add_veth(&host_iface, &ns, "eth0")?;
+    node.ip(&["addr", "add", &format!("{gw}/32"), "dev", &host_iface])?;
+    node.ip(&["link", "set", &host_iface, "up"])?;
+    node.ip(&["route", "add", &format!("{ip}/32"), "dev", &host_iface])?;
+    ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+    ns.ip(&["link", "set", "eth0", "up"])?;
+    ns.ip(&["route", "add", &gw.to_string(), "dev", "eth0"])?;
+    ns.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        &gw.to_string(),
+        "dev",
+        "eth0",
+    ])?;
+    Ok(Pod { ns, ip, host_iface })
 }

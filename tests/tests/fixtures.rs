@@ -74,17 +74,6 @@ fn assert_untouched(fx: &Fixture, hook: Hook, frame: &[u8]) {
     assert_eq!(out.frame, frame, "{hook:?} {} bytes", frame.len());
 }
 
-fn counter(fx: &Fixture, v: Verdict) -> u64 {
-    fx.maps()
-        .verdict_counters()
-        .unwrap()
-        .into_iter()
-        .find(|(x, _)| *x == v)
-        .unwrap()
-        .1
-        .packets
-}
-
 #[test]
 fn dnat_tcp_to_cluster_ip_and_node_port() {
     for hook in HOOKS {
@@ -106,7 +95,7 @@ fn dnat_tcp_to_cluster_ip_and_node_port() {
                 assert!(d.ip_checksum_ok && d.l4_checksum_ok, "{d:?}");
             }
         }
-        assert_eq!(counter(&fx, Verdict::DnatNew), 6, "{hook:?}");
+        assert_eq!(fx.counter(Verdict::DnatNew), 6, "{hook:?}");
     }
 }
 
@@ -194,7 +183,7 @@ fn established_flow_keeps_its_backend_when_the_table_changes() {
             .build(),
             "{hook:?}"
         );
-        assert_eq!(counter(&fx, Verdict::DnatEstablished), 1);
+        assert_eq!(fx.counter(Verdict::DnatEstablished), 1);
         // A new flow from another port does follow the new table.
         let other = Spec::tcp(CLIENT, sport + 1000, CLUSTER_IP, 80);
         let out = fx.run(hook, &other.build()).unwrap();
@@ -238,7 +227,7 @@ fn reply_is_translated_back_to_the_frontend_and_routed() {
                 XDP_REDIRECT
             };
             assert_eq!(out.verdict, redirect, "{hook:?}");
-            assert_eq!(counter(&fx, Verdict::ReplyNat), 1);
+            assert_eq!(fx.counter(Verdict::ReplyNat), 1);
         }
     }
 }
@@ -287,7 +276,7 @@ fn no_endpoint_is_refused_with_icmp_port_unreachable() {
                 input.proto
             );
         }
-        assert_eq!(counter(&fx, Verdict::RejectNoBackend), 2);
+        assert_eq!(fx.counter(Verdict::RejectNoBackend), 2);
     }
 }
 
@@ -306,7 +295,7 @@ fn traffic_not_for_a_service_passes_untouched() {
         for frame in frames {
             assert_untouched(&fx, hook, &frame);
         }
-        assert_eq!(counter(&fx, Verdict::PassNotService), 4);
+        assert_eq!(fx.counter(Verdict::PassNotService), 4);
     }
 }
 
@@ -326,8 +315,8 @@ fn non_ipv4_and_other_protocols_pass_untouched() {
         for frame in [&arp, &ipv6, &icmp] {
             assert_untouched(&fx, hook, frame);
         }
-        assert_eq!(counter(&fx, Verdict::PassNotIpv4), 2);
-        assert_eq!(counter(&fx, Verdict::PassOtherProtocol), 1);
+        assert_eq!(fx.counter(Verdict::PassNotIpv4), 2);
+        assert_eq!(fx.counter(Verdict::PassOtherProtocol), 1);
     }
 }
 
@@ -373,11 +362,11 @@ fn truncated_and_malformed_packets_are_never_translated() {
             assert_eq!(&out.frame, *frame, "{hook:?} {} bytes", frame.len());
         }
         assert_eq!(
-            counter(&fx, Verdict::PassMalformed),
+            fx.counter(Verdict::PassMalformed),
             cases.len() as u64,
             "{hook:?}"
         );
-        assert_eq!(counter(&fx, Verdict::DnatNew), 0);
+        assert_eq!(fx.counter(Verdict::DnatNew), 0);
     }
 }
 
@@ -397,7 +386,7 @@ fn fragments_pass_untouched() {
             .build();
             assert_untouched(&fx, hook, &frame);
         }
-        assert_eq!(counter(&fx, Verdict::PassFragment), 3);
+        assert_eq!(fx.counter(Verdict::PassFragment), 3);
     }
 }
 
@@ -436,7 +425,7 @@ fn ip_options_are_kept_and_translated_correctly() {
             XDP_DROP
         };
         assert_eq!(out.verdict, drop, "{hook:?}");
-        assert_eq!(counter(&fx, Verdict::DropRejectFailed), 1);
+        assert_eq!(fx.counter(Verdict::DropRejectFailed), 1);
     }
 }
 
@@ -458,7 +447,7 @@ fn session_affinity_keeps_a_client_on_one_backend() {
                 .unwrap();
             assert_eq!(decode(&out.frame).daddr, first, "{hook:?} sport {sport}");
         }
-        assert_eq!(counter(&fx, Verdict::DnatAffinity), 39);
+        assert_eq!(fx.counter(Verdict::DnatAffinity), 39);
         // Another client is balanced on its own.
         let other = Ipv4Addr::new(198, 18, 0, 77);
         let out = fx
@@ -479,7 +468,7 @@ fn session_affinity_expires_after_its_timeout() {
         fx.run(hook, &Spec::tcp(CLIENT, 40001, CLUSTER_IP, 80).build())
             .unwrap();
         assert_eq!(
-            counter(&fx, Verdict::DnatAffinity),
+            fx.counter(Verdict::DnatAffinity),
             1,
             "{hook:?}: within the timeout"
         );
@@ -488,7 +477,7 @@ fn session_affinity_expires_after_its_timeout() {
         let out = fx
             .run(hook, &Spec::tcp(CLIENT, 40002, CLUSTER_IP, 80).build())
             .unwrap();
-        assert_eq!(counter(&fx, Verdict::DnatAffinity), 1, "{hook:?}: expired");
+        assert_eq!(fx.counter(Verdict::DnatAffinity), 1, "{hook:?}: expired");
         assert_eq!(
             decode(&out.frame).daddr,
             expected_backend(&backends(), 8080, 40002, 80, TCP)

@@ -52,17 +52,6 @@ fn redirect(hook: Hook) -> u32 {
     }
 }
 
-fn counter(fx: &Fixture, v: Verdict) -> u64 {
-    fx.maps()
-        .verdict_counters()
-        .unwrap()
-        .into_iter()
-        .find(|(x, _)| *x == v)
-        .unwrap()
-        .1
-        .packets
-}
-
 #[test]
 fn node_port_to_a_remote_backend_is_snatted_and_the_reply_reversed() {
     for hook in HOOKS {
@@ -95,8 +84,8 @@ fn node_port_to_a_remote_backend_is_snatted_and_the_reply_reversed() {
             };
             assert_eq!(out.frame, w.build(), "{hook:?} packet {i}");
         }
-        assert_eq!(counter(&fx, Verdict::DnatNew), 1);
-        assert_eq!(counter(&fx, Verdict::DnatEstablished), 1);
+        assert_eq!(fx.counter(Verdict::DnatNew), 1);
+        assert_eq!(fx.counter(Verdict::DnatEstablished), 1);
 
         let reply = Spec {
             tcp_flags: TCP_SYN | TCP_ACK,
@@ -115,7 +104,7 @@ fn node_port_to_a_remote_backend_is_snatted_and_the_reply_reversed() {
         };
         assert_eq!(out.verdict, redirect(hook), "{hook:?}");
         assert_eq!(out.frame, want.build(), "{hook:?} reply");
-        assert_eq!(counter(&fx, Verdict::ReplyNat), 1);
+        assert_eq!(fx.counter(Verdict::ReplyNat), 1);
     }
 }
 
@@ -153,14 +142,14 @@ fn snat_ports_never_collide_for_one_backend() {
                 XDP_DROP
             }
         );
-        assert_eq!(counter(&fx, Verdict::DropSnatExhausted), 1);
+        assert_eq!(fx.counter(Verdict::DropSnatExhausted), 1);
         let out = run(other);
         assert_eq!(out.verdict, redirect(hook));
         assert_eq!(lb_tests::packet::decode(&out.frame).sport, 61_000);
         // The first flow still holds its port.
         let out = run(first);
         assert_eq!(lb_tests::packet::decode(&out.frame).sport, 61_000);
-        assert_eq!(counter(&fx, Verdict::DnatEstablished), 1, "{hook:?}");
+        assert_eq!(fx.counter(Verdict::DnatEstablished), 1, "{hook:?}");
     }
 }
 
@@ -304,7 +293,7 @@ fn icmp_errors_about_translated_flows_are_translated_back() {
                 &quote(&from_backend, cut),
             );
             assert_eq!(out.frame, want, "{hook:?} (b) cut {cut}");
-            assert_eq!(counter(&fx, Verdict::IcmpErrorNat), 2);
+            assert_eq!(fx.counter(Verdict::IcmpErrorNat), 2);
         }
     }
 }

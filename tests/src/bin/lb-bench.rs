@@ -40,8 +40,49 @@ const NEW_FLOWS: u16 = 20_000;
 /// Fewer for SNAT: every new flow holds a SNAT port for the run.
 const SNAT_NEW_FLOWS: u16 = 5_000;
 
+/// A one-port TCP service with one frontend and ready endpoints.
+fn tcp_service(
+    name: String,
+    frontend: (Ipv4Addr, u16, FrontendKind),
+    endpoints: impl IntoIterator<Item = (Ipv4Addr, u16)>,
+    local: bool,
+) -> ServicePort {
+    let (addr, port, kind) = frontend;
+    ServicePort {
+        key: ServicePortKey {
+            namespace: "bench".into(),
+            name,
+            port_name: String::new(),
+            protocol: Protocol::Tcp,
+            scope: Default::default(),
+        },
+        frontends: vec![Frontend {
+            addr,
+            port,
+            protocol: Protocol::Tcp,
+            kind,
+        }],
+        endpoints: endpoints
+            .into_iter()
+            .map(|(addr, port)| Endpoint {
+                addr,
+                port,
+                ready: true,
+                serving: true,
+                terminating: false,
+                local,
+            })
+            .collect(),
+        affinity_timeout_s: None,
+        source_ranges: Vec::new(),
+    }
+}
+
 /// `n` ClusterIP services, 198.19.x.y:80, one backend each. Service 0 is
-/// the measured one and targets itself (see the module comment).
+/// the measured one and targets itself (see the module comment). Plus the
+/// SNAT path: a NodePort whose backends are on another node (routed via
+/// the fixture's 198.18.0.1); 64 of them, so the SNAT ports of the measured
+/// flows are spread (a port is unique per backend) and rarely probe twice.
 fn services(n: u32) -> DesiredState {
     let mut state = DesiredState::default();
     for i in 0..n {
@@ -51,67 +92,21 @@ fn services(n: u32) -> DesiredState {
         } else {
             Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 0)) + i)
         };
-        let key = ServicePortKey {
-            namespace: "bench".into(),
-            name: format!("svc-{i}"),
-            port_name: String::new(),
-            protocol: Protocol::Tcp,
-            scope: Default::default(),
-        };
-        let sp = ServicePort {
-            key: key.clone(),
-            frontends: vec![Frontend {
-                addr: vip,
-                port: 80,
-                protocol: Protocol::Tcp,
-                kind: FrontendKind::ClusterIp,
-            }],
-            endpoints: vec![Endpoint {
-                addr: backend,
-                port: 80,
-                ready: true,
-                serving: true,
-                terminating: false,
-                local: true,
-            }],
-            affinity_timeout_s: None,
-            source_ranges: Vec::new(),
-        };
-        state.services.insert(key, sp);
+        let sp = tcp_service(
+            format!("svc-{i}"),
+            (vip, 80, FrontendKind::ClusterIp),
+            [(backend, 80)],
+            true,
+        );
+        state.services.insert(sp.key.clone(), sp);
     }
-    // The SNAT path: a NodePort whose only backend is on another node
-    // (routed via the fixture's 198.18.0.1).
-    let key = ServicePortKey {
-        namespace: "bench".into(),
-        name: "snat".into(),
-        port_name: String::new(),
-        protocol: Protocol::Tcp,
-        scope: Default::default(),
-    };
-    let sp = ServicePort {
-        key: key.clone(),
-        frontends: vec![Frontend {
-            addr: NODE_IP,
-            port: SNAT_NODE_PORT,
-            protocol: Protocol::Tcp,
-            kind: FrontendKind::NodePort,
-        }],
-        // 64 backends, so the SNAT ports of the measured flows are spread
-        // (a port is unique per backend) and rarely probe twice.
-        endpoints: (10..74)
-            .map(|i| Endpoint {
-                addr: Ipv4Addr::new(198, 18, 2, i),
-                port: 8080,
-                ready: true,
-                serving: true,
-                terminating: false,
-                local: false,
-            })
-            .collect(),
-        affinity_timeout_s: None,
-        source_ranges: Vec::new(),
-    };
-    state.services.insert(key, sp);
+    let sp = tcp_service(
+        "snat".into(),
+        (NODE_IP, SNAT_NODE_PORT, FrontendKind::NodePort),
+        (10..74).map(|i| (Ipv4Addr::new(198, 18, 2, i), 8080)),
+        false,
+    );
+    state.services.insert(sp.key.clone(), sp);
     state
 }
 
