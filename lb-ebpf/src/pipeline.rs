@@ -5,7 +5,7 @@
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
     hash::flow_hash, FlowKey, FrontendKey, ServiceEntry, Verdict, CT_FORWARD, CT_REPLY,
-    IPPROTO_ICMP, SERVICE_F_LOCAL,
+    IPPROTO_ICMP, SERVICE_F_AFFINITY, SERVICE_F_LOCAL,
 };
 
 use crate::{
@@ -189,7 +189,15 @@ fn forward(flow: Ipv4Flow, svc: &ServiceEntry, len: u32) -> Action {
         count(Verdict::RejectNoBackend, len);
         return Action::Reject { flow };
     }
-    let hash = flow_hash(flow.saddr, flow.sport, flow.dport, flow.proto);
+    // With sessionAffinity ClientIP the source port is left out of the
+    // hash, so every node picks the same backend for a client without
+    // sharing state; the affinity map keeps it there when the table changes.
+    let sport = if svc.flags & SERVICE_F_AFFINITY != 0 {
+        0
+    } else {
+        flow.sport
+    };
+    let hash = flow_hash(flow.saddr, sport, flow.dport, flow.proto);
     let Some(choice) = choose(flow.saddr, hash, svc, now) else {
         return drop(Verdict::DropNoBackendEntry, len);
     };

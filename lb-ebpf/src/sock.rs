@@ -18,7 +18,9 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use lb_common::{
-    hash::fmix64, FrontendKey, SockReverseEntry, SockReverseKey, Verdict, IPPROTO_TCP, IPPROTO_UDP,
+    hash::{flow_hash, fmix64},
+    FrontendKey, SockReverseEntry, SockReverseKey, Verdict, IPPROTO_TCP, IPPROTO_UDP,
+    SERVICE_F_AFFINITY,
 };
 
 use crate::{
@@ -67,7 +69,14 @@ pub fn translate(ctx: &SockAddrContext) -> i32 {
     let choice = if svc.backend_count == 0 {
         None
     } else {
-        choose(cfg.snat_addr, fmix64(cookie), &svc, now)
+        // sessionAffinity: the same choice as the TC path makes for this
+        // client address (see pipeline::forward).
+        let hash = if svc.flags & SERVICE_F_AFFINITY != 0 {
+            flow_hash(cfg.snat_addr, 0, fkey.port, proto)
+        } else {
+            fmix64(cookie)
+        };
+        choose(cfg.snat_addr, hash, &svc, now)
     };
     let Some(choice) = choice else {
         // No usable backend (or, with traffic policy Local, none on this

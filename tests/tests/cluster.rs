@@ -246,6 +246,25 @@ fn every_node_picks_the_same_backend_for_the_same_flow() {
     assert!(picked.len() >= 3, "flows spread: {picked:?}");
 }
 
+#[test]
+fn session_affinity_picks_the_same_backend_on_every_node() {
+    let mut w = World::new();
+    let mut svc = web(&[(0, 0), (0, 1), (1, 0), (1, 1)], Extra::default());
+    svc.affinity_timeout_s = Some(600);
+    w.start(&[svc], &[]);
+    // No state is shared between the nodes: the choice for a client with
+    // affinity depends on its address only.
+    let pods: BTreeSet<String> = (0..8)
+        .flat_map(|_| {
+            [
+                who(&w.c.client, tcp(w.node_ip(0), NODE_PORT)).pod,
+                who(&w.c.client, tcp(w.node_ip(1), NODE_PORT)).pod,
+            ]
+        })
+        .collect();
+    assert_eq!(pods.len(), 1, "{pods:?}");
+}
+
 /// `WHO` over a TCP connection from a fixed source port.
 fn who_from_port(sport: u16, to: SocketAddrV4) -> Answer {
     use std::os::fd::FromRawFd;
@@ -485,8 +504,45 @@ fn the_nodes_own_processes_reach_cluster_ips_and_node_ports() {
     // Node B's agent hooks the same cgroup but acts only on node B's
     // sockets: node B's process is balanced by node B's maps.
     assert!(on_node_host(&w, &cg, 1, &tcp_who("198.19.0.10/80")).starts_with('b'));
+    // getpeername() and an unconnected UDP socket's recvfrom() show the
+    // frontend, not the backend (a probe process in the cgroup).
+    let exe = std::env::current_exe().unwrap();
+    let out = cg
+        .run(
+            &w.c.nodes[0].ns,
+            &exe,
+            &["--ignored", "--exact", "probe_host_sockets", "--nocapture"],
+            &[
+                ("LB_PROBE_TCP", "198.19.0.10:80"),
+                ("LB_PROBE_UDP", "198.19.0.10:53"),
+            ],
+        )
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("PROBE peer 198.19.0.10:80"), "{text}");
+    assert!(text.contains("PROBE from 198.19.0.10:53 b"), "{text}");
     let stats = lb_stats(&w.agents[0]);
-    assert!(stat(&stats, "sock_translated") >= 14, "{stats}");
+    assert!(stat(&stats, "sock_translated") >= 16, "{stats}");
+}
+
+/// Not a test on its own: the probe `the_nodes_own_processes_...` runs as
+/// a child process inside the node's namespace and the hooked cgroup.
+#[test]
+#[ignore]
+fn probe_host_sockets() {
+    let (Ok(tcp_to), Ok(udp_to)) = (std::env::var("LB_PROBE_TCP"), std::env::var("LB_PROBE_UDP"))
+    else {
+        return;
+    };
+    let tcp_to: SocketAddrV4 = tcp_to.parse().unwrap();
+    let s = TcpStream::connect_timeout(&tcp_to.into(), Duration::from_secs(3)).unwrap();
+    println!("PROBE peer {}", s.peer_addr().unwrap());
+    let u = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    u.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    u.send_to(b"WHO", udp_to.as_str()).unwrap();
+    let mut buf = [0u8; 256];
+    let (n, from) = u.recv_from(&mut buf).unwrap();
+    println!("PROBE from {from} {}", String::from_utf8_lossy(&buf[..n]));
 }
 
 /// `lb stats` of a running agent.
