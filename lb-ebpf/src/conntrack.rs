@@ -57,17 +57,19 @@ fn live(e: &ConntrackEntry, now: u64, proto: u8) -> bool {
     now.wrapping_sub(e.last_seen_ns) < timeout_ns(proto)
 }
 
-/// A live entry for `key` in `direction`, if any.
+/// The live entry for `key`, in whichever direction.
 #[inline(always)]
-pub fn lookup(key: &FlowKey, direction: u8, now: u64) -> Option<ConntrackEntry> {
+pub fn lookup_live(key: &FlowKey, now: u64) -> Option<ConntrackEntry> {
     // SAFETY: the value is copied out at once; a concurrent update can at
     // worst give a torn read, which the callers' backend checks reject.
     let e = unsafe { *CONNTRACK.get(*key)? };
-    if e.direction == direction && live(&e, now, key.proto) {
-        Some(e)
-    } else {
-        None
-    }
+    live(&e, now, key.proto).then_some(e)
+}
+
+/// A live entry for `key` in `direction`, if any.
+#[inline(always)]
+pub fn lookup(key: &FlowKey, direction: u8, now: u64) -> Option<ConntrackEntry> {
+    lookup_live(key, now).filter(|e| e.direction == direction)
 }
 
 /// The two entries of a flow from `client` (its forward key) to `backend`,

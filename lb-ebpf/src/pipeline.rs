@@ -263,6 +263,10 @@ fn icmp_error(icmp: IcmpError, len: u32) -> Action {
     };
     // SAFETY: a helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
+    // One lookup: the entry's direction says which way the quote went.
+    let Some(e) = conntrack::lookup_live(&key, now) else {
+        return pass(Verdict::PassNotService, len);
+    };
     let quoted_src = AddrPort {
         addr: icmp.inner_saddr,
         port: icmp.inner_sport,
@@ -271,51 +275,43 @@ fn icmp_error(icmp: IcmpError, len: u32) -> Action {
         addr: icmp.inner_daddr,
         port: icmp.inner_dport,
     };
-    let to = if let Some(e) = conntrack::lookup(&key, CT_REPLY, now) {
-        // Quote: client-or-node -> backend. Entry: restore frontend/client.
-        let client = snat_of(&e).unwrap_or(quoted_src);
-        let frontend = AddrPort {
-            addr: e.nat_addr,
-            port: e.nat_port,
-        };
-        IcmpRewrite {
-            saddr: if icmp.saddr == icmp.inner_daddr {
-                frontend.addr
-            } else {
-                icmp.saddr
+    // (what the quote's source becomes, what its destination becomes)
+    let (inner_src, inner_dst) = match e.direction {
+        // Quote: client-or-node -> backend. Entry: the client (when SNATed)
+        // and the frontend to restore.
+        CT_REPLY => (
+            snat_of(&e).unwrap_or(quoted_src),
+            AddrPort {
+                addr: e.nat_addr,
+                port: e.nat_port,
             },
-            daddr: if icmp.daddr == icmp.inner_saddr {
-                client.addr
-            } else {
-                icmp.daddr
+        ),
+        // Quote: frontend -> client. Entry: the backend, and the node
+        // address and port the backend sees when SNATed.
+        CT_FORWARD => (
+            AddrPort {
+                addr: e.nat_addr,
+                port: e.nat_port,
             },
-            inner_src: client,
-            inner_dst: frontend,
-        }
-    } else if let Some(e) = conntrack::lookup(&key, CT_FORWARD, now) {
-        // Quote: frontend -> client. Entry: backend, and the node address
-        // and port the backend sees when SNATed.
-        let backend = AddrPort {
-            addr: e.nat_addr,
-            port: e.nat_port,
-        };
-        let seen_client = snat_of(&e).unwrap_or(quoted_dst);
-        IcmpRewrite {
-            saddr: if icmp.saddr == icmp.inner_daddr {
-                seen_client.addr
-            } else {
-                icmp.saddr
-            },
-            daddr: if icmp.daddr == icmp.inner_saddr {
-                backend.addr
-            } else {
-                icmp.daddr
-            },
-            inner_src: backend,
-            inner_dst: seen_client,
-        }
-    } else {
-        return pass(Verdict::PassNotService, len);
+            snat_of(&e).unwrap_or(quoted_dst),
+        ),
+        _ => return pass(Verdict::PassNotService, len),
+    };
+    // Outer addresses that are the quoted ones move with them: the sender
+    // of an error about its own packet, and the error's recipient.
+    let to = IcmpRewrite {
+        saddr: if icmp.saddr == icmp.inner_daddr {
+            inner_dst.addr
+        } else {
+            icmp.saddr
+        },
+        daddr: if icmp.daddr == icmp.inner_saddr {
+            inner_src.addr
+        } else {
+            icmp.daddr
+        },
+        inner_src,
+        inner_dst,
     };
     count(Verdict::IcmpErrorNat, len);
     Action::IcmpNat { icmp, to }

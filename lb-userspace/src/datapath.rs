@@ -236,6 +236,17 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// Takes map `name` out of the loaded object as a typed handle.
+fn take_map<T>(ebpf: &mut Ebpf, name: &str) -> Result<T, aya::EbpfError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    ebpf.take_map(name)
+        .expect("the object defines this map")
+        .try_into()
+        .map_err(aya::EbpfError::MapError)
+}
+
 /// Typed handles on the pinned maps.
 pub struct KernelMaps {
     pub frontends: HashMap<MapData, FrontendKey, ServiceEntry>,
@@ -250,30 +261,15 @@ pub struct KernelMaps {
 
 impl KernelMaps {
     fn take(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<KernelMaps, aya::EbpfError> {
-        let mut take = |name: &str| ebpf.take_map(name).expect("the object defines this map");
         Ok(KernelMaps {
-            frontends: take(map_names::FRONTENDS)
-                .try_into()
-                .map_err(aya::EbpfError::MapError)?,
-            backends: take(map_names::BACKENDS)
-                .try_into()
-                .map_err(aya::EbpfError::MapError)?,
-            maglev: take(map_names::MAGLEV)
-                .try_into()
-                .map_err(aya::EbpfError::MapError)?,
+            frontends: take_map(ebpf, map_names::FRONTENDS)?,
+            backends: take_map(ebpf, map_names::BACKENDS)?,
+            maglev: take_map(ebpf, map_names::MAGLEV)?,
             maglev_pin: pin_dir.join(map_names::MAGLEV),
-            verdicts: take(map_names::VERDICTS)
-                .try_into()
-                .map_err(aya::EbpfError::MapError)?,
-            service_stats: take(map_names::SERVICE_STATS)
-                .try_into()
-                .map_err(aya::EbpfError::MapError)?,
-            config: take(map_names::CONFIG)
-                .try_into()
-                .map_err(aya::EbpfError::MapError)?,
-            source_ranges: take(map_names::SOURCE_RANGES)
-                .try_into()
-                .map_err(aya::EbpfError::MapError)?,
+            verdicts: take_map(ebpf, map_names::VERDICTS)?,
+            service_stats: take_map(ebpf, map_names::SERVICE_STATS)?,
+            config: take_map(ebpf, map_names::CONFIG)?,
+            source_ranges: take_map(ebpf, map_names::SOURCE_RANGES)?,
         })
     }
 

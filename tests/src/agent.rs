@@ -129,6 +129,24 @@ impl Agent {
         Ok((agent, config))
     }
 
+    /// Packets counted for `verdict` (a name as `lb stats` prints it) by
+    /// this agent's datapath, read with `lb stats`.
+    pub fn stat(&self, verdict: &str) -> u64 {
+        let out = crate::netns::sh(
+            Command::new(lb_bin())
+                .arg("stats")
+                .arg("--pin-dir")
+                .arg(&self.pin_dir),
+        )
+        .expect("lb stats");
+        out.lines()
+            .find_map(|l| {
+                let mut it = l.split_whitespace();
+                (it.next() == Some(verdict)).then(|| it.next()?.parse().ok())?
+            })
+            .unwrap_or_else(|| panic!("no {verdict} line in:\n{out}"))
+    }
+
     pub fn logs(&self) -> Vec<String> {
         self.logs.lock().unwrap().clone()
     }

@@ -317,20 +317,7 @@ fn bpftool_dumps_pinned_maps_with_named_fields() {
         .run(|| tcp_who(node_port(30080)))
         .unwrap()
         .unwrap();
-    let stats = lb_tests::netns::sh(
-        Command::new(lb_bin())
-            .arg("stats")
-            .arg("--pin-dir")
-            .arg(&agent.pin_dir),
-    )
-    .unwrap();
-    let dnat_new: u64 = stats
-        .lines()
-        .find_map(|l| l.strip_prefix("dnat_new"))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no dnat_new line in:\n{stats}"));
-    assert_eq!(dnat_new, 1, "{stats}");
+    assert_eq!(agent.stat("dnat_new"), 1);
     let ct = dump("lb_conntrack");
     for field in [
         "\"src_addr\": [198,18,0,1",

@@ -521,8 +521,8 @@ fn the_nodes_own_processes_reach_cluster_ips_and_node_ports() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("PROBE peer 198.19.0.10:80"), "{text}");
     assert!(text.contains("PROBE from 198.19.0.10:53 b"), "{text}");
-    let stats = lb_stats(&w.agents[0]);
-    assert!(stat(&stats, "sock_translated") >= 16, "{stats}");
+    let translated = w.agents[0].stat("sock_translated");
+    assert!(translated >= 16, "{translated}");
 }
 
 /// Not a test on its own: the probe `the_nodes_own_processes_...` runs as
@@ -543,28 +543,6 @@ fn probe_host_sockets() {
     let mut buf = [0u8; 256];
     let (n, from) = u.recv_from(&mut buf).unwrap();
     println!("PROBE from {from} {}", String::from_utf8_lossy(&buf[..n]));
-}
-
-/// `lb stats` of a running agent.
-fn lb_stats(agent: &Agent) -> String {
-    let out = std::process::Command::new(lb_tests::agent::lb_bin())
-        .args(["stats", "--pin-dir"])
-        .arg(&agent.pin_dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Packets counted for `verdict` in `lb stats` output.
-fn stat(stats: &str, verdict: &str) -> u64 {
-    stats
-        .lines()
-        .find_map(|l| {
-            let mut it = l.split_whitespace();
-            (it.next() == Some(verdict)).then(|| it.next().unwrap().parse().unwrap())
-        })
-        .unwrap_or_else(|| panic!("no {verdict} in {stats}"))
 }
 
 #[test]
@@ -600,8 +578,8 @@ fn path_mtu_discovery_works_through_a_smaller_link_both_ways() {
         .run(move || tcp_bulk(np, 4 << 20))
         .unwrap()
         .unwrap();
-    let stats = lb_stats(&w.agents[0]);
-    assert!(stat(&stats, "icmp_error_nat") >= 2, "{stats}");
+    let translated = w.agents[0].stat("icmp_error_nat");
+    assert!(translated >= 2, "{translated}");
 }
 
 #[test]
