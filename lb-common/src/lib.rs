@@ -216,7 +216,15 @@ pub struct DatapathConfig {
     /// Network namespace cookie of the node: the socket hooks translate
     /// only sockets of this namespace (pods go through TC).
     pub netns_cookie: u64,
+    /// `LAYOUT_VERSION` of the agent that wrote this: a later agent finding
+    /// another version recreates the maps instead of adopting them.
+    pub layout_version: u32,
+    pub _pad: u32,
 }
+
+/// Bumped whenever a pinned map's key or value changes meaning without
+/// changing size (size changes are caught from the maps themselves).
+pub const LAYOUT_VERSION: u32 = 1;
 
 /// Default SNAT port range: above Linux's default ephemeral range
 /// (32768-60999), so translated flows never take a 4-tuple a local socket
@@ -386,7 +394,7 @@ const _: () = {
     assert!(core::mem::size_of::<Backend>() == 12);
     assert!(core::mem::size_of::<FlowKey>() == 16);
     assert!(core::mem::size_of::<ConntrackEntry>() == 32);
-    assert!(core::mem::size_of::<DatapathConfig>() == 16);
+    assert!(core::mem::size_of::<DatapathConfig>() == 24);
     assert!(core::mem::size_of::<SourceRange>() == 8);
     assert!(core::mem::size_of::<SockReverseKey>() == 16);
     assert!(core::mem::size_of::<SockReverseEntry>() == 8);

@@ -18,10 +18,11 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    datapath::{self, AttachMode, Datapath, KernelMaps},
+    datapath::{AttachMode, Attached, Datapath, KernelMaps},
     healthcheck::HealthServers,
     manifest,
     model::{self, DesiredState, NodeConfig},
+    pins,
     planner::{Programmer, Report},
     system::{self, PinDirLock},
 };
@@ -44,6 +45,9 @@ pub struct RunOptions {
     pub pin_dir: PathBuf,
     /// cgroup v2 directory for the socket hooks (host-originated traffic).
     pub cgroup: Option<PathBuf>,
+    /// Detach and unpin everything on exit instead of leaving the datapath
+    /// running for the next agent.
+    pub cleanup_on_exit: bool,
 }
 
 /// Reads and builds the desired state from the config file, logging every
@@ -83,13 +87,6 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     }
     system::ensure_bpffs(&opts.pin_dir)?;
     let _lock = PinDirLock::acquire(&opts.pin_dir)?;
-    let stale = datapath::stale_pins(&opts.pin_dir);
-    if !stale.is_empty() {
-        warn!(pin_dir = %opts.pin_dir.display(), "removing maps left pinned by an agent that did not exit cleanly: {}", stale.join(", "));
-        for name in stale {
-            std::fs::remove_file(opts.pin_dir.join(name))?;
-        }
-    }
     if let Err(e) = nix::sys::resource::setrlimit(
         nix::sys::resource::Resource::RLIMIT_MEMLOCK,
         nix::sys::resource::RLIM_INFINITY,
@@ -99,53 +96,87 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         info!("could not raise RLIMIT_MEMLOCK ({e}); fine on kernels that account BPF memory by cgroup");
     }
 
-    let (mut dp, mut maps) = Datapath::load(&opts.pin_dir)?;
+    let (mut dp, mut maps, origin) = Datapath::load(&opts.pin_dir)?;
+    for bad in &origin.recreated {
+        warn!(
+            map = bad.map,
+            "the pinned map's layout differs from this agent's ({}): recreating every map; \
+              established flows that were SNATed or whose backend set changed lose their state",
+            bad.reason
+        );
+    }
+    if !origin.adopted.is_empty() {
+        info!(pin_dir = %opts.pin_dir.display(), maps = origin.adopted.len(), links = pins::pinned_links(&opts.pin_dir).len(),
+              "adopting the datapath a previous agent left running");
+    }
     maps.set_config(DatapathConfig {
         snat_addr: opts.node.node_ips.first().map_or([0; 4], |a| a.octets()),
         snat_port_min: SNAT_PORT_MIN,
         snat_port_max: SNAT_PORT_MAX,
         netns_cookie: system::netns_cookie()?,
+        ..Default::default()
     })?;
-    let result = serve(&opts, &mut dp, maps, initial).await;
-    let cleanup = dp.shutdown();
+    let programmer = if origin.adopted.is_empty() {
+        Programmer::new(maps)
+    } else {
+        Programmer::adopt(maps).context("reading back the adopted maps")?
+    };
+    let result = serve(&opts, &mut dp, programmer, initial).await;
+    let cleanup = opts.cleanup_on_exit;
+    let shutdown = dp.shutdown(cleanup);
     result?;
-    cleanup.with_context(|| format!("removing pinned maps from {}", opts.pin_dir.display()))?;
-    info!("detached and cleaned up; bye");
+    shutdown.with_context(|| format!("removing the pins in {}", opts.pin_dir.display()))?;
+    if cleanup {
+        info!("detached and removed every pin; bye");
+    } else {
+        info!(pin_dir = %opts.pin_dir.display(), "exiting with the datapath left running for the next agent (`lb cleanup` removes it); bye");
+    }
     Ok(())
 }
 
 async fn serve(
     opts: &RunOptions,
     dp: &mut Datapath,
-    maps: KernelMaps,
+    mut programmer: Programmer<KernelMaps>,
     initial: DesiredState,
 ) -> anyhow::Result<()> {
-    let mut programmer = Programmer::new(maps);
     let report = programmer.apply(&initial);
     log_report(&programmer, &initial, &report);
+    if report.adopted + report.stale_removed > 0 {
+        info!(
+            kept = report.adopted,
+            deleted = report.stale_removed,
+            "adopted service ids (established flows keep their backends); deleted the stale ones"
+        );
+    }
     let mut health = HealthServers::default();
     health.update(&initial.health_checks).await;
 
-    for iface in &opts.tc_ifaces {
-        dp.attach(iface, AttachMode::Tc)?;
-        info!(iface = %iface, "attached TC ingress");
-    }
-    for iface in &opts.xdp_ifaces {
-        dp.attach(iface, AttachMode::Xdp)?;
-        info!(iface = %iface, "attached XDP");
+    for (iface, mode) in opts
+        .tc_ifaces
+        .iter()
+        .map(|i| (i, AttachMode::Tc))
+        .chain(opts.xdp_ifaces.iter().map(|i| (i, AttachMode::Xdp)))
+    {
+        let how = match dp.attach(iface, mode)? {
+            Attached::Replaced => "replaced the program in the pinned link",
+            Attached::New => "attached",
+        };
+        info!(iface = %iface, mode = ?mode, "{how}");
     }
     match &opts.cgroup {
         Some(cg) => {
-            dp.attach_cgroup(cg)?;
-            info!(cgroup = %cg.display(), "attached socket hooks (node-originated traffic)");
+            let how = match dp.attach_cgroup(cg)? {
+                Attached::Replaced => "replaced the socket hooks",
+                Attached::New => "attached socket hooks",
+            };
+            info!(cgroup = %cg.display(), "{how} (node-originated traffic)");
         }
         None => info!("no --cgroup: the node's own connections to services are not balanced"),
     }
-    info!(
-        pin_dir = %opts.pin_dir.display(),
-        services = initial.services.len(),
-        "datapath ready"
-    );
+    for name in dp.remove_other_links()? {
+        info!(link = %name, "detached a previous agent's program that is no longer asked for");
+    }
 
     let (tx, mut rx) = mpsc::unbounded_channel();
     let file_name = opts.config.file_name().map(|n| n.to_os_string());
@@ -170,6 +201,12 @@ async fn serve(
     watcher
         .watch(dir, RecursiveMode::NonRecursive)
         .with_context(|| format!("watching {}", dir.display()))?;
+    // Only now: a change made after this line is seen.
+    info!(
+        pin_dir = %opts.pin_dir.display(),
+        services = initial.services.len(),
+        "datapath ready"
+    );
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -205,6 +242,23 @@ async fn serve(
             }
         }
     }
+    Ok(())
+}
+
+/// `lb cleanup`: removes what an agent left pinned in `pin_dir`, which
+/// detaches its programs. Refuses while an agent runs there.
+pub fn cleanup(pin_dir: &Path) -> anyhow::Result<()> {
+    if !pin_dir.exists() {
+        info!(pin_dir = %pin_dir.display(), "nothing to clean up");
+        return Ok(());
+    }
+    let lock = PinDirLock::acquire(pin_dir)?;
+    let links = pins::pinned_links(pin_dir);
+    let maps = pins::pinned_maps(pin_dir);
+    pins::remove_all(pin_dir)
+        .with_context(|| format!("removing the pins in {}", pin_dir.display()))?;
+    drop(lock);
+    info!(pin_dir = %pin_dir.display(), links = links.len(), maps = maps.len(), "detached and removed");
     Ok(())
 }
 

@@ -1,27 +1,23 @@
-//! The kernel side, through aya: loads the embedded eBPF object, pins its
-//! maps under the pin directory, attaches programs to interfaces, and
-//! implements `DatapathMaps` on the real maps. The only `unsafe` of the
-//! agent lives here (mmap of Maglev arrays).
+//! The kernel side, through aya: loads the embedded eBPF object over the
+//! maps pinned under the pin directory (adopting a previous agent's maps
+//! when their layout matches), and attaches programs through pinned links
+//! that outlive the agent (see `pins`).
 
-use std::{
-    os::fd::{AsFd, AsRawFd},
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, HashOfMaps, LpmTrie, MapData, PerCpuArray},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType, Xdp,
+        XdpMode,
     },
     Ebpf, EbpfLoader,
 };
-use lb_common::{
-    map_names, program_names, Backend, Counter, DatapathConfig, FrontendKey, ServiceEntry,
-    SourceRange, Verdict, MAGLEV_INNER_FLAGS, SOURCE_RANGE_ALLOW,
-};
+use lb_common::{map_names, program_names};
 
-use crate::{model::Prefix, planner::DatapathMaps};
+pub use crate::kernel_maps::KernelMaps;
+use crate::pins::{self, Incompatible};
 
 /// The datapath object, built by `cargo xtask build-ebpf` and embedded by
 /// build.rs (empty when it was missing at build time).
@@ -49,6 +45,8 @@ pub enum DatapathError {
     },
     #[error("loading the eBPF object: {0}")]
     Load(#[source] aya::EbpfError),
+    #[error("pin directory: {0:#}")]
+    Pins(anyhow::Error),
 }
 
 /// How a program is attached to an interface.
@@ -61,20 +59,56 @@ pub enum AttachMode {
     Xdp,
 }
 
+/// Where the maps came from.
+#[derive(Debug, Default)]
+pub struct MapOrigin {
+    /// Maps a previous agent left pinned, now in use again (their contents
+    /// are to be adopted).
+    pub adopted: Vec<&'static str>,
+    /// Pinned maps whose layout did not fit: every map was recreated.
+    pub recreated: Vec<Incompatible>,
+}
+
+/// How an attachment came about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    /// A previous agent's pinned link now runs our program (swapped in one
+    /// step: the interface never went without a program).
+    Replaced,
+    /// A new link, now pinned.
+    New,
+}
+
 pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
+    /// Links this agent attached or took over, by pin name.
+    links: Vec<String>,
 }
 
 impl Datapath {
-    /// Loads the programs and creates (or, for pins left behind, reuses)
-    /// the maps pinned under `pin_dir`.
-    pub fn load(pin_dir: &Path) -> Result<(Datapath, KernelMaps), DatapathError> {
-        Self::load_object(OBJECT, pin_dir)
+    /// Loads the programs over the maps pinned under `pin_dir`: a previous
+    /// agent's maps are reused when their layout matches, else all maps
+    /// are recreated.
+    pub fn load(pin_dir: &Path) -> Result<(Datapath, KernelMaps, MapOrigin), DatapathError> {
+        if OBJECT.is_empty() {
+            return Err(DatapathError::NoObject);
+        }
+        let recreated = pins::incompatible_maps(OBJECT, pin_dir).map_err(DatapathError::Pins)?;
+        if !recreated.is_empty() {
+            // All of them: ids in one map point into the others, so a mix
+            // of old and new maps could send a packet to the wrong backend.
+            // The old programs keep serving from the old maps (they hold
+            // them) until our programs replace them in the links.
+            pins::remove_maps(pin_dir).map_err(|e| DatapathError::Pins(e.into()))?;
+        }
+        let adopted = pins::pinned_maps(pin_dir);
+        let (dp, maps) = Self::load_object(OBJECT, pin_dir)?;
+        Ok((dp, maps, MapOrigin { adopted, recreated }))
     }
 
-    /// `load` with another object (tests use a damaged one to see the
-    /// verifier's refusal reported).
+    /// Loads `object` (tests use a damaged one to see the verifier's
+    /// refusal reported) over whatever is pinned under `pin_dir`.
     pub fn load_object(
         object: &[u8],
         pin_dir: &Path,
@@ -121,48 +155,79 @@ impl Datapath {
             Datapath {
                 ebpf,
                 pin_dir: pin_dir.to_path_buf(),
+                links: Vec::new(),
             },
             maps,
         ))
     }
 
-    /// Attaches to `iface` (which the caller has checked exists); the
-    /// attachment lasts as long as this value.
-    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<(), DatapathError> {
-        let result = match mode {
-            AttachMode::Tc => {
-                let p: &mut SchedClassifier = self
-                    .ebpf
-                    .program_mut(program_names::TC)
-                    .and_then(|p| p.try_into().ok())
-                    .expect("TC program is loaded");
-                p.attach(iface, TcAttachType::Ingress).map(drop)
-            }
-            AttachMode::Xdp => {
-                let p: &mut Xdp = self
-                    .ebpf
-                    .program_mut(program_names::XDP)
-                    .and_then(|p| p.try_into().ok())
-                    .expect("XDP program is loaded");
-                p.attach(iface, XdpMode::Default).map(drop)
-            }
+    /// Attaches to `iface` (which the caller has checked exists) through a
+    /// pinned link: a previous agent's link there gets our program swapped
+    /// in, else a new link is made and pinned.
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<Attached, DatapathError> {
+        let (program, name) = match mode {
+            AttachMode::Tc => (program_names::TC, format!("tc_{iface}")),
+            AttachMode::Xdp => (program_names::XDP, format!("xdp_{iface}")),
         };
-        let program = if mode == AttachMode::Tc {
-            program_names::TC
-        } else {
-            program_names::XDP
-        };
-        result.map_err(|source| DatapathError::Attach {
+        let attach_error = |source| DatapathError::Attach {
             program,
             iface: iface.to_string(),
             source,
-        })
+        };
+        let path = pins::links_dir(&self.pin_dir).join(&name);
+        if let Some(old) = self.pinned_link(&path)? {
+            let replaced: anyhow::Result<()> = match mode {
+                AttachMode::Tc => aya::programs::tc::SchedClassifierLink::try_from(old)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|l| Ok(self.tc_mut().attach_to_link(l).map(drop)?)),
+                AttachMode::Xdp => aya::programs::xdp::XdpLink::try_from(old)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|l| Ok(self.xdp_mut().attach_to_link(l).map(drop)?)),
+            };
+            match replaced {
+                Ok(()) => {
+                    self.links.push(name);
+                    return Ok(Attached::Replaced);
+                }
+                // A link whose interface went away (ENOLINK), or that is
+                // not ours to update: start afresh.
+                Err(e) => {
+                    tracing::info!(link = %name, "not reusing the pinned link ({e:#}); attaching anew");
+                    pins::remove_link(&self.pin_dir, &name)
+                        .map_err(|e| DatapathError::Pins(e.into()))?;
+                }
+            }
+        }
+        let link: FdLink = match mode {
+            AttachMode::Tc => {
+                let p = self.tc_mut();
+                let id = p
+                    .attach(iface, TcAttachType::Ingress)
+                    .map_err(attach_error)?;
+                let link = p.take_link(id).map_err(attach_error)?;
+                FdLink::try_from(link).map_err(|e| DatapathError::Pins(e.into()))?
+            }
+            AttachMode::Xdp => {
+                let p = self.xdp_mut();
+                let id = p.attach(iface, XdpMode::Default).map_err(attach_error)?;
+                let link = p.take_link(id).map_err(attach_error)?;
+                FdLink::try_from(link).map_err(|e| DatapathError::Pins(e.into()))?
+            }
+        };
+        self.pin_link(link, &name)?;
+        Ok(Attached::New)
     }
 
     /// Attaches the socket hooks (connect4, sendmsg4, recvmsg4,
     /// getpeername4) to the cgroup v2 directory `cgroup`: the node's own
     /// sockets in it (and below it) reach frontends too.
-    pub fn attach_cgroup(&mut self, cgroup: &Path) -> anyhow::Result<()> {
+    ///
+    /// A previous agent's hooks on the same cgroup are replaced by
+    /// attaching ours first and then dropping theirs: for the moment both
+    /// run, a socket already translated by one is left alone by the other
+    /// (its destination is a backend, no longer a frontend). aya updates
+    /// links in place only for XDP and TC.
+    pub fn attach_cgroup(&mut self, cgroup: &Path) -> anyhow::Result<Attached> {
         let dir = std::fs::File::open(cgroup).with_context(|| {
             format!(
                 "opening cgroup {}: give the cgroup v2 directory whose processes' \
@@ -170,18 +235,78 @@ impl Datapath {
                 cgroup.display()
             )
         })?;
-        for name in program_names::SOCK_ALL {
+        let cgroup_id = std::os::unix::fs::MetadataExt::ino(&dir.metadata()?);
+        let mut outcome = Attached::New;
+        for prog in program_names::SOCK_ALL {
+            let name = format!("{prog}_cg{cgroup_id}");
             let p: &mut CgroupSockAddr = self
                 .ebpf
-                .program_mut(name)
+                .program_mut(prog)
                 .and_then(|p| p.try_into().ok())
                 .expect("socket hook is loaded");
             // A link (bpf_link_create) always coexists with other programs on the
             // cgroup; the kernel refuses the ALLOW_MULTI flag there, so "Single".
-            p.attach(&dir, CgroupAttachMode::Single)
-                .with_context(|| format!("attaching {name} to cgroup {}", cgroup.display()))?;
+            let id = p
+                .attach(&dir, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {prog} to cgroup {}", cgroup.display()))?;
+            let link = FdLink::try_from(p.take_link(id)?)?;
+            if pins::links_dir(&self.pin_dir).join(&name).exists() {
+                pins::remove_link(&self.pin_dir, &name)?;
+                outcome = Attached::Replaced;
+            }
+            self.pin_link(link, &name)?;
         }
+        Ok(outcome)
+    }
+
+    /// Removes pinned links this agent did not attach or take over (an
+    /// interface or cgroup no longer asked for): their programs detach.
+    pub fn remove_other_links(&self) -> std::io::Result<Vec<String>> {
+        let stale: Vec<String> = pins::pinned_links(&self.pin_dir)
+            .into_iter()
+            .filter(|n| !self.links.contains(n))
+            .collect();
+        for name in &stale {
+            pins::remove_link(&self.pin_dir, name)?;
+        }
+        Ok(stale)
+    }
+
+    fn pinned_link(&self, path: &Path) -> Result<Option<FdLink>, DatapathError> {
+        if !path.exists() {
+            return Ok(None);
+        }
+        match PinnedLink::from_pin(path) {
+            Ok(link) => Ok(Some(link.into())),
+            Err(e) => {
+                tracing::info!(link = %path.display(), "cannot open the pinned link ({e}); attaching anew");
+                std::fs::remove_file(path).map_err(|e| DatapathError::Pins(e.into()))?;
+                Ok(None)
+            }
+        }
+    }
+
+    fn pin_link(&mut self, link: FdLink, name: &str) -> Result<(), DatapathError> {
+        let dir = pins::links_dir(&self.pin_dir);
+        std::fs::create_dir_all(&dir).map_err(|e| DatapathError::Pins(e.into()))?;
+        link.pin(dir.join(name))
+            .map_err(|e| DatapathError::Pins(anyhow::anyhow!("pinning link {name}: {e}")))?;
+        self.links.push(name.to_string());
         Ok(())
+    }
+
+    fn tc_mut(&mut self) -> &mut SchedClassifier {
+        self.ebpf
+            .program_mut(program_names::TC)
+            .and_then(|p| p.try_into().ok())
+            .expect("TC program is loaded")
+    }
+
+    fn xdp_mut(&mut self) -> &mut Xdp {
+        self.ebpf
+            .program_mut(program_names::XDP)
+            .and_then(|p| p.try_into().ok())
+            .expect("XDP program is loaded")
     }
 
     /// For BPF_PROG_TEST_RUN: the loaded programs.
@@ -199,268 +324,20 @@ impl Datapath {
             .expect("loaded")
     }
 
-    /// Detaches everything (by dropping the programs' links) and removes
-    /// the pinned maps and the pin directory.
-    pub fn shutdown(self) -> std::io::Result<()> {
-        let Datapath { ebpf, pin_dir } = self;
+    /// Exits leaving the datapath running: links and maps stay pinned for
+    /// the next agent (`cleanup: false`), or removes everything this agent
+    /// pinned, which detaches the programs (`cleanup: true`).
+    pub fn shutdown(self, cleanup: bool) -> std::io::Result<()> {
+        let Datapath { ebpf, pin_dir, .. } = self;
         drop(ebpf);
-        remove_pins(&pin_dir)
-    }
-}
-
-/// Removes our pinned maps (and the directory, if then empty).
-pub fn remove_pins(pin_dir: &Path) -> std::io::Result<()> {
-    for name in map_names::ALL {
-        match std::fs::remove_file(pin_dir.join(name)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-            _ => {}
+        if cleanup {
+            pins::remove_all(&pin_dir)?;
         }
+        Ok(())
     }
-    match std::fs::remove_dir(pin_dir) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
-    }
-}
-
-/// Pins left behind by an agent that did not exit cleanly.
-pub fn stale_pins(pin_dir: &Path) -> Vec<&'static str> {
-    map_names::ALL
-        .iter()
-        .copied()
-        .filter(|n| pin_dir.join(n).exists())
-        .collect()
 }
 
 fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-/// Takes map `name` out of the loaded object as a typed handle.
-fn take_map<T>(ebpf: &mut Ebpf, name: &str) -> Result<T, aya::EbpfError>
-where
-    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
-{
-    ebpf.take_map(name)
-        .expect("the object defines this map")
-        .try_into()
-        .map_err(aya::EbpfError::MapError)
-}
-
-/// Typed handles on the pinned maps.
-pub struct KernelMaps {
-    pub frontends: HashMap<MapData, FrontendKey, ServiceEntry>,
-    pub backends: Array<MapData, Backend>,
-    pub maglev: HashOfMaps<MapData, u32, MapData>,
-    maglev_pin: PathBuf,
-    pub verdicts: PerCpuArray<MapData, Counter>,
-    pub service_stats: Array<MapData, Counter>,
-    pub config: Array<MapData, DatapathConfig>,
-    pub source_ranges: LpmTrie<MapData, SourceRange, u32>,
-}
-
-impl KernelMaps {
-    fn take(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<KernelMaps, aya::EbpfError> {
-        Ok(KernelMaps {
-            frontends: take_map(ebpf, map_names::FRONTENDS)?,
-            backends: take_map(ebpf, map_names::BACKENDS)?,
-            maglev: take_map(ebpf, map_names::MAGLEV)?,
-            maglev_pin: pin_dir.join(map_names::MAGLEV),
-            verdicts: take_map(ebpf, map_names::VERDICTS)?,
-            service_stats: take_map(ebpf, map_names::SERVICE_STATS)?,
-            config: take_map(ebpf, map_names::CONFIG)?,
-            source_ranges: take_map(ebpf, map_names::SOURCE_RANGES)?,
-        })
-    }
-
-    /// Writes the node facts the datapath reads (SNAT address and ports,
-    /// the node's netns cookie).
-    pub fn set_config(&mut self, cfg: DatapathConfig) -> anyhow::Result<()> {
-        self.config.set(0, cfg, 0).context("writing lb_config")
-    }
-
-    /// Packets and bytes per verdict, summed over CPUs.
-    pub fn verdict_counters(&self) -> anyhow::Result<Vec<(Verdict, Counter)>> {
-        Verdict::ALL
-            .iter()
-            .map(|&v| {
-                let per_cpu = self.verdicts.get(&(v as u32), 0)?;
-                let sum = per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
-                    packets: acc.packets + c.packets,
-                    bytes: acc.bytes + c.bytes,
-                });
-                Ok((v, sum))
-            })
-            .collect()
-    }
-
-    pub fn service_counter(&self, service_id: u32) -> anyhow::Result<Counter> {
-        Ok(self.service_stats.get(&service_id, 0)?)
-    }
-}
-
-impl DatapathMaps for KernelMaps {
-    fn set_backend(&mut self, id: u32, backend: Backend) -> anyhow::Result<()> {
-        self.backends
-            .set(id, backend, 0)
-            .with_context(|| format!("writing backend {id}"))
-    }
-
-    fn clear_backend(&mut self, id: u32) -> anyhow::Result<()> {
-        self.backends
-            .set(id, Backend::default(), 0)
-            .with_context(|| format!("clearing backend {id}"))
-    }
-
-    fn write_maglev(&mut self, tables: &[(u32, Option<&[u32]>)]) -> Vec<anyhow::Result<()>> {
-        if tables.len() <= 2 {
-            return tables
-                .iter()
-                .map(|&(id, slots)| write_maglev_one(&mut self.maglev, id, slots))
-                .collect();
-        }
-        // Each map-in-map update waits for an RCU grace period (milliseconds)
-        // in the kernel; waits from different threads overlap, so a batch is
-        // spread over workers, each with its own handle on the pinned map.
-        let chunk = tables.len().div_ceil(MAGLEV_WRITERS);
-        let mut results: Vec<anyhow::Result<()>> = Vec::with_capacity(tables.len());
-        std::thread::scope(|scope| {
-            let workers: Vec<_> = tables
-                .chunks(chunk)
-                .map(|part| {
-                    let pin = &self.maglev_pin;
-                    scope.spawn(move || match open_maglev(pin) {
-                        Ok(mut map) => part
-                            .iter()
-                            .map(|&(id, slots)| write_maglev_one(&mut map, id, slots))
-                            .collect(),
-                        Err(e) => part
-                            .iter()
-                            .map(|_| Err(anyhow::anyhow!("opening {}: {e}", pin.display())))
-                            .collect(),
-                    })
-                })
-                .collect();
-            for w in workers {
-                let part: Vec<anyhow::Result<()>> = w.join().expect("Maglev writer panicked");
-                results.extend(part);
-            }
-        });
-        results
-    }
-
-    fn set_frontend(&mut self, key: FrontendKey, entry: ServiceEntry) -> anyhow::Result<()> {
-        self.frontends
-            .insert(key, entry, 0)
-            .context("writing a frontend")
-    }
-
-    fn remove_frontend(&mut self, key: FrontendKey) -> anyhow::Result<()> {
-        ignore_missing(self.frontends.remove(&key)).context("removing a frontend")
-    }
-
-    fn set_source_range(&mut self, service_id: u32, range: Prefix) -> anyhow::Result<()> {
-        self.source_ranges
-            .insert(&source_range_key(service_id, range), SOURCE_RANGE_ALLOW, 0)
-            .with_context(|| format!("writing source range {range} of service {service_id}"))
-    }
-
-    fn remove_source_range(&mut self, service_id: u32, range: Prefix) -> anyhow::Result<()> {
-        ignore_missing(
-            self.source_ranges
-                .remove(&source_range_key(service_id, range)),
-        )
-        .with_context(|| format!("removing source range {range} of service {service_id}"))
-    }
-}
-
-fn source_range_key(service_id: u32, range: Prefix) -> Key<SourceRange> {
-    Key::new(
-        32 + u32::from(range.len),
-        SourceRange {
-            service_id: service_id.to_be_bytes(),
-            addr: range.addr.octets(),
-        },
-    )
-}
-
-/// Threads that swap Maglev tables in parallel (they mostly sleep in the
-/// kernel's RCU waits, so this is not bounded by the CPU count).
-const MAGLEV_WRITERS: usize = 64;
-
-fn open_maglev(pin: &Path) -> anyhow::Result<HashOfMaps<MapData, u32, MapData>> {
-    let data = MapData::from_pin(pin)?;
-    Ok(HashOfMaps::try_from(aya::maps::Map::HashOfMaps(data))?)
-}
-
-fn write_maglev_one(
-    map: &mut HashOfMaps<MapData, u32, MapData>,
-    service_id: u32,
-    slots: Option<&[u32]>,
-) -> anyhow::Result<()> {
-    match slots {
-        Some(slots) => {
-            let table = new_maglev_array(slots).context("building a Maglev table")?;
-            // One update swaps the whole table in; the kernel frees the old
-            // array once no program holds it.
-            map.insert(service_id, &table, 0)
-                .with_context(|| format!("swapping in Maglev table {service_id}"))
-        }
-        None => ignore_missing(map.remove(&service_id))
-            .with_context(|| format!("removing Maglev table {service_id}")),
-    }
-}
-
-/// Deleting what is already gone is success (aya reports it either as
-/// KeyNotFound or as the syscall's ENOENT, depending on the map type).
-fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
-    match r {
-        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-        Err(aya::maps::MapError::SyscallError(e))
-            if e.io_error.kind() == std::io::ErrorKind::NotFound =>
-        {
-            Ok(())
-        }
-        other => other,
-    }
-}
-
-/// A new inner Maglev array holding `slots`, filled through mmap: one copy
-/// instead of one syscall per slot (65,537 slots would take ~65k syscalls).
-fn new_maglev_array(slots: &[u32]) -> anyhow::Result<MapData> {
-    let obj = aya_obj::Map::new_from_params(
-        aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_ARRAY as u32,
-        4,
-        4,
-        slots.len() as u32,
-        MAGLEV_INNER_FLAGS,
-    );
-    let map = MapData::create(obj, "lb_maglev_tbl", None)?;
-    // The kernel stores array elements at an 8-byte stride
-    // (elem_size = round_up(value_size, 8)), and the mmap exposes exactly
-    // that layout: each u32 slot sits in its own u64, little-endian low half.
-    let len = slots.len() * std::mem::size_of::<u64>();
-    let fd = map.fd().as_fd().as_raw_fd();
-    // SAFETY: mapping a BPF_F_MMAPABLE array of `slots.len()` elements of
-    // 8 bytes; we write exactly `len` bytes, then unmap before the map is
-    // used anywhere.
-    unsafe {
-        let ptr = libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd,
-            0,
-        );
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error()).context("mmap of a Maglev array");
-        }
-        let elems = std::slice::from_raw_parts_mut(ptr.cast::<u64>(), slots.len());
-        for (e, &s) in elems.iter_mut().zip(slots) {
-            *e = u64::from(s).to_le();
-        }
-        libc::munmap(ptr, len);
-    }
-    Ok(map)
 }

@@ -8,9 +8,11 @@
 pub mod agent;
 pub mod datapath;
 pub mod healthcheck;
+pub mod kernel_maps;
 pub mod maglev;
 pub mod manifest;
 pub mod model;
+pub mod pins;
 pub mod planner;
 pub mod system;
 

@@ -56,6 +56,17 @@ enum Command {
         /// with this value (others with that label are left alone).
         #[arg(long, value_name = "NAME")]
         service_proxy_name: Option<String>,
+        /// On exit, detach the programs and remove the pinned maps. Without
+        /// it the datapath keeps running for the next agent (restarts and
+        /// upgrades cut no connection).
+        #[arg(long)]
+        cleanup_on_exit: bool,
+    },
+    /// Detach the programs and remove the pinned links and maps an agent
+    /// left running (after `lb run` exited without --cleanup-on-exit).
+    Cleanup {
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
     },
     /// Print the datapath's packet counters per verdict, from the pinned maps
     /// of a running agent.
@@ -86,6 +97,7 @@ fn main() -> ExitCode {
             pin_dir,
             cgroup,
             service_proxy_name,
+            cleanup_on_exit,
         } => {
             if ifaces.is_empty() && xdp_ifaces.is_empty() {
                 eprintln!("lb run: give at least one --iface (or --xdp-iface) to attach to");
@@ -102,6 +114,7 @@ fn main() -> ExitCode {
                 },
                 pin_dir,
                 cgroup,
+                cleanup_on_exit,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -110,6 +123,7 @@ fn main() -> ExitCode {
                 .and_then(|rt| rt.block_on(agent::run(opts)))
         }
         Command::Stats { pin_dir } => print_stats(&pin_dir),
+        Command::Cleanup { pin_dir } => agent::cleanup(&pin_dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -268,94 +268,181 @@ pub struct Build {
 /// other service is still built.
 pub fn build(services: &[Service], slices: &[EndpointSlice], node: &NodeConfig) -> Build {
     let mut out = Build::default();
-
-    let mut endpoints_by_service: BTreeMap<(String, String), Vec<ValidSlice>> = BTreeMap::new();
+    let mut slices_by_service: BTreeMap<ObjectKey, Vec<ValidSlice>> = BTreeMap::new();
     for slice in slices {
         match validate_slice(slice) {
-            Ok(Some(v)) => endpoints_by_service
-                .entry((v.namespace.clone(), v.service.clone()))
+            Ok(Some(v)) => slices_by_service
+                .entry(v.service_key())
                 .or_default()
                 .push(v),
             Ok(None) => {}
-            Err(reason) => out.rejections.push(Rejection {
-                object: slice_name(slice),
-                reason,
-            }),
+            Err(rejection) => out.rejections.push(rejection),
         }
     }
+    let built: Vec<ServiceBuild> = services
+        .iter()
+        .map(|svc| {
+            let slices = slices_by_service
+                .get(&object_key(&svc.metadata))
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
+            build_service(svc, slices, node)
+        })
+        .collect();
+    let mut ordered: Vec<&ServiceBuild> = built.iter().collect();
+    ordered.sort_by(|a, b| a.order.cmp(&b.order));
+    let assembled = assemble(ordered);
+    out.state = assembled.state;
+    out.rejections.extend(assembled.rejections);
+    out.skipped = assembled.skipped;
+    out
+}
 
-    // Older services keep a contested frontend (then by name): a new object
-    // cannot take an address away from a running one.
-    let mut ordered: Vec<&Service> = services.iter().collect();
-    ordered.sort_by_key(|s| {
-        (
-            s.metadata
-                .creation_timestamp
-                .as_ref()
-                .map(|t| t.0.as_second()),
-            s.metadata.namespace.clone().unwrap_or_default(),
-            s.metadata.name.clone().unwrap_or_default(),
-        )
-    });
+/// (namespace, name) of an object; the namespace defaults to "default".
+pub type ObjectKey = (String, String);
 
-    let mut claimed: BTreeMap<(Ipv4Addr, u16, Protocol), String> = BTreeMap::new();
-    for svc in ordered {
-        let object = service_name(svc);
-        let ports = match validate_service(svc, node) {
-            Ok(ServiceVerdict::Program(ports)) => ports,
-            Ok(ServiceVerdict::Skip(reason)) => {
-                out.skipped.push(Rejection { object, reason });
+pub fn object_key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectKey {
+    (
+        meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+/// One Service built on its own, with its slices: everything except what
+/// depends on other services (who owns a contested frontend).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceBuild {
+    /// `Service ns/name`, for log lines.
+    pub object: String,
+    /// Older services keep a contested frontend (then by namespace and
+    /// name): a new object cannot take an address away from a running one.
+    pub order: (Option<i64>, String, String),
+    pub outcome: Outcome,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Program {
+        ports: Vec<ServicePort>,
+        health_check: Option<(u16, HealthCheck)>,
+    },
+    Skip(String),
+    Reject(String),
+}
+
+impl ServiceBuild {
+    /// The frontends this service asks for (none unless programmable).
+    pub fn frontends(&self) -> BTreeSet<(Ipv4Addr, u16, Protocol)> {
+        match &self.outcome {
+            Outcome::Program { ports, .. } => ports
+                .iter()
+                .flat_map(|p| &p.frontends)
+                .map(|f| (f.addr, f.port, f.protocol))
+                .collect(),
+            _ => BTreeSet::new(),
+        }
+    }
+}
+
+/// Builds one Service from its (validated) slices.
+pub fn build_service(svc: &Service, slices: &[ValidSlice], node: &NodeConfig) -> ServiceBuild {
+    let object = service_name(svc);
+    let (ns, name) = object_key(&svc.metadata);
+    let order = (
+        svc.metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.as_second()),
+        ns.clone(),
+        name.clone(),
+    );
+    let outcome = match validate_service(svc, node) {
+        Ok(ServiceVerdict::Program(ports)) => {
+            let mut local_ready = BTreeSet::new();
+            let ports = ports
+                .into_iter()
+                .map(|mut port| {
+                    let all = endpoints_for(&port.key, slices, &node.name);
+                    local_ready.extend(all.iter().filter(|e| e.local && e.ready).map(|e| e.addr));
+                    port.endpoints = match port.key.scope {
+                        Scope::Cluster => all,
+                        Scope::Local => all.into_iter().filter(|e| e.local).collect(),
+                    };
+                    port
+                })
+                .collect();
+            let health_check = health_check_port(svc).map(|port| {
+                (
+                    port,
+                    HealthCheck {
+                        namespace: ns,
+                        name,
+                        local_endpoints: local_ready.len(),
+                    },
+                )
+            });
+            Outcome::Program {
+                ports,
+                health_check,
+            }
+        }
+        Ok(ServiceVerdict::Skip(reason)) => Outcome::Skip(reason),
+        Err(reason) => Outcome::Reject(reason),
+    };
+    ServiceBuild {
+        object,
+        order,
+        outcome,
+    }
+}
+
+/// The desired state from services built one by one, given oldest first:
+/// each frontend goes to the first service that asks for it, and a later
+/// service asking for a taken one is rejected whole.
+pub fn assemble<'a>(ordered: impl IntoIterator<Item = &'a ServiceBuild>) -> Build {
+    let mut out = Build::default();
+    let mut claimed: BTreeMap<(Ipv4Addr, u16, Protocol), &str> = BTreeMap::new();
+    for b in ordered {
+        let (ports, health_check) = match &b.outcome {
+            Outcome::Program {
+                ports,
+                health_check,
+            } => (ports, health_check),
+            Outcome::Skip(reason) => {
+                out.skipped.push(Rejection {
+                    object: b.object.clone(),
+                    reason: reason.clone(),
+                });
                 continue;
             }
-            Err(reason) => {
-                out.rejections.push(Rejection { object, reason });
+            Outcome::Reject(reason) => {
+                out.rejections.push(Rejection {
+                    object: b.object.clone(),
+                    reason: reason.clone(),
+                });
                 continue;
             }
         };
-        let conflict = ports.iter().flat_map(|p| &p.frontends).find_map(|f| {
-            claimed
-                .get(&(f.addr, f.port, f.protocol))
-                .map(|owner| (f, owner))
-        });
-        if let Some((f, owner)) = conflict {
+        let frontends = b.frontends();
+        if let Some((f, owner)) = frontends
+            .iter()
+            .find_map(|f| claimed.get(f).map(|owner| (f, owner)))
+        {
             out.rejections.push(Rejection {
-                object,
-                reason: format!("frontend {f} is already used by {owner}"),
+                object: b.object.clone(),
+                reason: format!(
+                    "frontend {}:{}/{} is already used by {owner}",
+                    f.0, f.1, f.2
+                ),
             });
             continue;
         }
-        for f in ports.iter().flat_map(|p| &p.frontends) {
-            claimed.insert((f.addr, f.port, f.protocol), object.clone());
+        claimed.extend(frontends.into_iter().map(|f| (f, b.object.as_str())));
+        for port in ports {
+            out.state.services.insert(port.key.clone(), port.clone());
         }
-        let ns = svc
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into());
-        let name = svc.metadata.name.clone().unwrap_or_default();
-        let slices = endpoints_by_service
-            .get(&(ns.clone(), name.clone()))
-            .map(Vec::as_slice)
-            .unwrap_or(&[]);
-        let mut local_ready = BTreeSet::new();
-        for mut port in ports {
-            let all = endpoints_for(&port.key, slices, &node.name);
-            local_ready.extend(all.iter().filter(|e| e.local && e.ready).map(|e| e.addr));
-            port.endpoints = match port.key.scope {
-                Scope::Cluster => all,
-                Scope::Local => all.into_iter().filter(|e| e.local).collect(),
-            };
-            out.state.services.insert(port.key.clone(), port);
-        }
-        if let Some(port) = health_check_port(svc) {
-            out.state.health_checks.insert(
-                port,
-                HealthCheck {
-                    namespace: ns,
-                    name,
-                    local_endpoints: local_ready.len(),
-                },
-            );
+        if let Some((port, hc)) = health_check {
+            out.state.health_checks.insert(*port, hc.clone());
         }
     }
     out
@@ -651,7 +738,9 @@ fn parse_ipv4_list<'a>(
 }
 
 /// What a valid slice contributes.
-struct ValidSlice {
+/// An EndpointSlice checked and reduced to what the model uses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ValidSlice {
     namespace: String,
     service: String,
     /// (port name, protocol) -> target port.
@@ -660,7 +749,7 @@ struct ValidSlice {
     endpoints: Vec<(Ipv4Addr, Conditions, Option<String>)>,
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Conditions {
     ready: bool,
     serving: bool,
@@ -668,7 +757,23 @@ struct Conditions {
 }
 
 /// `Ok(None)` for slices we knowingly ignore (not IPv4, no service label).
-fn validate_slice(slice: &EndpointSlice) -> Result<Option<ValidSlice>, String> {
+impl ValidSlice {
+    /// The Service this slice belongs to.
+    pub fn service_key(&self) -> ObjectKey {
+        (self.namespace.clone(), self.service.clone())
+    }
+}
+
+/// Checks a slice: `Ok(None)` for slices the model ignores (not IPv4, or
+/// not for a Service), a rejection naming it if it is invalid.
+pub fn validate_slice(slice: &EndpointSlice) -> Result<Option<ValidSlice>, Rejection> {
+    check_slice(slice).map_err(|reason| Rejection {
+        object: slice_name(slice),
+        reason,
+    })
+}
+
+fn check_slice(slice: &EndpointSlice) -> Result<Option<ValidSlice>, String> {
     let labels = slice.metadata.labels.as_ref();
     let Some(service) = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
         return Ok(None);

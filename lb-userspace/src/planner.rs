@@ -38,19 +38,41 @@ impl Diff {
 }
 
 pub fn diff(old: &BTreeMap<ServicePortKey, ServicePort>, new: &DesiredState) -> Diff {
+    diff_specs(|k| old.get(k).map(Some), old.keys(), new, None)
+}
+
+/// The diff of `new` against what `old` says is programmed (`Some(None)`:
+/// programmed, contents unknown), over `only` if given, else everything.
+fn diff_specs<'a>(
+    old: impl Fn(&ServicePortKey) -> Option<Option<&'a ServicePort>>,
+    old_keys: impl Iterator<Item = &'a ServicePortKey>,
+    new: &DesiredState,
+    only: Option<&BTreeSet<ServicePortKey>>,
+) -> Diff {
     let mut d = Diff::default();
-    for (k, v) in &new.services {
-        match old.get(k) {
-            None => d.added.push(k.clone()),
-            Some(o) if o != v => d.changed.push(k.clone()),
-            Some(_) => {}
-        }
+    let mut consider = |k: &ServicePortKey, v: &ServicePort| match old(k) {
+        None => d.added.push(k.clone()),
+        Some(o) if o != Some(v) => d.changed.push(k.clone()),
+        Some(_) => {}
+    };
+    match only {
+        Some(keys) => keys
+            .iter()
+            .filter_map(|k| new.services.get_key_value(k))
+            .for_each(|(k, v)| consider(k, v)),
+        None => new.services.iter().for_each(|(k, v)| consider(k, v)),
     }
-    d.removed = old
-        .keys()
-        .filter(|k| !new.services.contains_key(*k))
-        .cloned()
-        .collect();
+    d.removed = match only {
+        Some(keys) => keys
+            .iter()
+            .filter(|k| old(k).is_some() && !new.services.contains_key(*k))
+            .cloned()
+            .collect(),
+        None => old_keys
+            .filter(|k| !new.services.contains_key(*k))
+            .cloned()
+            .collect(),
+    };
     d
 }
 
@@ -69,6 +91,8 @@ pub trait DatapathMaps {
     /// Admits `range` to the load-balancer frontends of `service_id`.
     fn set_source_range(&mut self, service_id: u32, range: Prefix) -> anyhow::Result<()>;
     fn remove_source_range(&mut self, service_id: u32, range: Prefix) -> anyhow::Result<()>;
+    /// Reads back everything written (see `Programmer::adopt`).
+    fn snapshot(&self) -> anyhow::Result<Snapshot>;
 }
 
 /// Hands out small integer ids from `1..limit`, reusing freed ones.
@@ -98,17 +122,73 @@ impl IdAllocator {
         })
     }
 
+    /// Marks `id` as taken (an id adopted from the maps). False if it is
+    /// out of range or already taken.
+    pub fn claim(&mut self, id: u32) -> bool {
+        if id == 0 || id >= self.limit {
+            return false;
+        }
+        if id >= self.next {
+            self.free.extend(self.next..id);
+            self.next = id + 1;
+            return true;
+        }
+        self.free.remove(&id)
+    }
+
     pub fn release(&mut self, id: u32) {
         self.free.insert(id);
     }
 }
 
-/// What is programmed for one service port.
+/// What the maps hold, read back: how a restarted agent learns what the
+/// previous one programmed (the maps are the only record that survives).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Every frontend and the service id it leads to.
+    pub frontends: Vec<(FrontendKey, u32)>,
+    /// Every present backend, by id.
+    pub backends: Vec<(u32, Backend)>,
+    /// Service ids that have a Maglev table.
+    pub tables: Vec<u32>,
+    pub source_ranges: Vec<(u32, Prefix)>,
+}
+
+/// A service id found in the maps at start-up, not yet matched to a
+/// desired service port.
+#[derive(Debug, Default)]
+struct Adopted {
+    frontends: BTreeSet<FrontendKey>,
+    backend_ids: BTreeMap<(Ipv4Addr, u16), u32>,
+    has_table: bool,
+    ranges: BTreeSet<Prefix>,
+}
+
+/// What is programmed for one service port: what the maps hold for it, in
+/// map terms, and the spec it came from.
 #[derive(Debug)]
 struct Programmed {
     id: u32,
-    spec: ServicePort,
+    /// `None` for a service adopted from a previous agent: it is rewritten
+    /// (with the same ids) on the first apply.
+    spec: Option<ServicePort>,
+    frontends: BTreeSet<FrontendKey>,
+    ranges: BTreeSet<Prefix>,
     backend_ids: BTreeMap<(Ipv4Addr, u16), u32>,
+    has_table: bool,
+}
+
+impl Programmed {
+    fn from_adopted(id: u32, a: Adopted) -> Programmed {
+        Programmed {
+            id,
+            spec: None,
+            frontends: a.frontends,
+            ranges: a.ranges,
+            backend_ids: a.backend_ids,
+            has_table: a.has_table,
+        }
+    }
 }
 
 /// A service port between `stage` and `finish`.
@@ -134,11 +214,19 @@ pub struct Report {
     /// Service ports whose writes failed, with the error; they are retried
     /// on the next apply.
     pub failed: Vec<(ServicePortKey, String)>,
+    /// Service ids adopted from the maps and taken over by a desired
+    /// service port (same ids, so established flows keep their backend).
+    pub adopted: usize,
+    /// Service ids adopted from the maps that nothing wants any more, and
+    /// which were deleted.
+    pub stale_removed: usize,
 }
 
 pub struct Programmer<M> {
     maps: M,
     programmed: BTreeMap<ServicePortKey, Programmed>,
+    /// From `adopt`, until the next apply matches or deletes them.
+    adopted: BTreeMap<u32, Adopted>,
     service_ids: IdAllocator,
     backend_ids: IdAllocator,
 }
@@ -148,9 +236,56 @@ impl<M: DatapathMaps> Programmer<M> {
         Programmer {
             maps,
             programmed: BTreeMap::new(),
+            adopted: BTreeMap::new(),
             service_ids: IdAllocator::new(MAX_SERVICES),
             backend_ids: IdAllocator::new(MAX_BACKENDS),
         }
+    }
+
+    /// A programmer for maps a previous agent filled: it reads them back,
+    /// and its first `apply` keeps the service and backend ids of every
+    /// service port it finds there (matched by frontend, and backends by
+    /// address) and deletes only what the desired state no longer has.
+    /// Established flows therefore keep their backends across a restart:
+    /// conntrack entries name backends by id.
+    pub fn adopt(maps: M) -> anyhow::Result<Self> {
+        let snap = maps.snapshot()?;
+        let mut p = Programmer::new(maps);
+        let mut by_id: BTreeMap<u32, Adopted> = BTreeMap::new();
+        for (key, id) in snap.frontends {
+            by_id.entry(id).or_default().frontends.insert(key);
+        }
+        for id in snap.tables {
+            by_id.entry(id).or_default().has_table = true;
+        }
+        for (id, range) in snap.source_ranges {
+            by_id.entry(id).or_default().ranges.insert(range);
+        }
+        let mut stray_backends = Vec::new();
+        for (bid, b) in snap.backends {
+            if !p.backend_ids.claim(bid) {
+                continue;
+            }
+            let target = (Ipv4Addr::from(b.addr), b.port);
+            let owner = by_id.entry(b.service_id).or_default();
+            if let Some(dup) = owner.backend_ids.insert(target, bid) {
+                stray_backends.push(dup);
+            }
+        }
+        // Ids outside the range we hand out cannot be ours to keep.
+        by_id.retain(|&id, a| {
+            let ok = p.service_ids.claim(id);
+            if !ok {
+                stray_backends.extend(a.backend_ids.values().copied());
+            }
+            ok
+        });
+        for bid in stray_backends {
+            p.maps.clear_backend(bid)?;
+            p.backend_ids.release(bid);
+        }
+        p.adopted = by_id;
+        Ok(p)
     }
 
     pub fn maps(&self) -> &M {
@@ -159,6 +294,10 @@ impl<M: DatapathMaps> Programmer<M> {
 
     pub fn maps_mut(&mut self) -> &mut M {
         &mut self.maps
+    }
+
+    pub fn into_maps(self) -> M {
+        self.maps
     }
 
     /// The service id of a programmed service port.
@@ -170,32 +309,65 @@ impl<M: DatapathMaps> Programmer<M> {
         self.programmed.iter().map(|(k, p)| (k, p.id))
     }
 
+    /// Backends currently written, over all service ports.
+    pub fn backend_count(&self) -> usize {
+        self.programmed.values().map(|p| p.backend_ids.len()).sum()
+    }
+
     /// Makes the maps equal to `desired`, touching only what changed.
-    ///
+    pub fn apply(&mut self, desired: &DesiredState) -> Report {
+        self.apply_to(desired, None)
+    }
+
+    /// `apply`, looking only at the service ports in `keys` (the ones an
+    /// event touched): the cost follows the change, not the cluster size.
+    pub fn apply_keys(
+        &mut self,
+        desired: &DesiredState,
+        keys: &BTreeSet<ServicePortKey>,
+    ) -> Report {
+        self.apply_to(desired, Some(keys))
+    }
+
     /// Works in stages across all changed services, so the Maglev swaps can
     /// go to the kernel as one batch (see `DatapathMaps::write_maglev`):
     /// removed services go first (frontends, tables, backends), then every
     /// added or changed service gets its backends, then its table, then its
     /// frontends, and stale backends are cleared last.
-    pub fn apply(&mut self, desired: &DesiredState) -> Report {
-        let specs: BTreeMap<ServicePortKey, ServicePort> = self
-            .programmed
-            .iter()
-            .map(|(k, p)| (k.clone(), p.spec.clone()))
-            .collect();
-        let d = diff(&specs, desired);
+    fn apply_to(
+        &mut self,
+        desired: &DesiredState,
+        only: Option<&BTreeSet<ServicePortKey>>,
+    ) -> Report {
         let mut failed = Vec::new();
+        let (adopted, stale_removed) = if self.adopted.is_empty() {
+            (0, 0)
+        } else {
+            self.take_over_adopted(desired, &mut failed)
+        };
+        let programmed = &self.programmed;
+        let d = diff_specs(
+            |k| programmed.get(k).map(|p| p.spec.as_ref()),
+            programmed.keys(),
+            desired,
+            only,
+        );
         self.remove_all(&d.removed, &mut failed);
 
         // Free frontends that changed hands before anyone claims them.
         for key in &d.changed {
             let new: BTreeSet<FrontendKey> = frontend_keys(&desired.services[key]).collect();
-            let stale: Vec<FrontendKey> = frontend_keys(&self.programmed[key].spec)
-                .filter(|f| !new.contains(f))
-                .collect();
+            let p = self
+                .programmed
+                .get_mut(key)
+                .expect("changed means programmed");
+            let stale: Vec<FrontendKey> = p.frontends.difference(&new).copied().collect();
             for f in stale {
-                if let Err(e) = self.maps.remove_frontend(f) {
-                    failed.push((key.clone(), format!("{e:#}")));
+                match self.maps.remove_frontend(f) {
+                    Ok(()) => {
+                        p.frontends.remove(&f);
+                    }
+                    Err(e) => failed.push((key.clone(), format!("{e:#}"))),
                 }
             }
         }
@@ -218,7 +390,46 @@ impl<M: DatapathMaps> Programmer<M> {
                 self.fail(&key, e, &mut failed);
             }
         }
-        Report { diff: d, failed }
+        Report {
+            diff: d,
+            failed,
+            adopted,
+            stale_removed,
+        }
+    }
+
+    /// Gives each desired service port the adopted service id that one of
+    /// its frontends leads to, and deletes the adopted ids left over.
+    fn take_over_adopted(
+        &mut self,
+        desired: &DesiredState,
+        failed: &mut Vec<(ServicePortKey, String)>,
+    ) -> (usize, usize) {
+        let mut owner: HashMap<FrontendKey, u32> = HashMap::new();
+        for (&id, a) in &self.adopted {
+            owner.extend(a.frontends.iter().map(|&f| (f, id)));
+        }
+        let mut taken = 0;
+        for (key, spec) in &desired.services {
+            if self.programmed.contains_key(key) {
+                continue;
+            }
+            let id = frontend_keys(spec).find_map(|f| owner.get(&f).copied());
+            if let Some(a) = id.and_then(|id| self.adopted.remove(&id)) {
+                let id = id.expect("matched");
+                self.programmed
+                    .insert(key.clone(), Programmed::from_adopted(id, a));
+                taken += 1;
+            }
+        }
+        let stale = std::mem::take(&mut self.adopted);
+        let count = stale.len();
+        let gone = stale
+            .into_iter()
+            .map(|(id, a)| (None, Programmed::from_adopted(id, a)))
+            .collect();
+        self.remove_programmed(gone, failed);
+        (taken, count)
     }
 
     /// Forgets a service whose writes failed, so the next apply rewrites it
@@ -244,18 +455,17 @@ impl<M: DatapathMaps> Programmer<M> {
                 anyhow::anyhow!("service table is full ({MAX_SERVICES} service ports)")
             })?,
         };
-        let mut old_backends = existing
-            .as_ref()
-            .map(|p| p.backend_ids.clone())
-            .unwrap_or_default();
-        let old_ranges: BTreeSet<Prefix> = existing
-            .as_ref()
-            .map(|p| p.spec.source_ranges.iter().copied().collect())
-            .unwrap_or_default();
+        let (mut old_backends, old_ranges, frontends, had_table) = match existing {
+            Some(p) => (p.backend_ids, p.ranges, p.frontends, p.has_table),
+            None => Default::default(),
+        };
         let mut state = Programmed {
             id,
-            spec: spec.clone(),
+            spec: Some(spec.clone()),
+            frontends,
+            ranges: old_ranges.clone(),
             backend_ids: BTreeMap::new(),
+            has_table: had_table,
         };
 
         let usable: BTreeSet<(Ipv4Addr, u16)> =
@@ -310,6 +520,8 @@ impl<M: DatapathMaps> Programmer<M> {
                 backends: addrs.len() as u32,
             }
         });
+        // The table is swapped in (or removed) right after staging.
+        state.has_table = table.is_some();
         // Ranges before the frontends that check them; stale ones after.
         for r in spec
             .source_ranges
@@ -321,6 +533,7 @@ impl<M: DatapathMaps> Programmer<M> {
                 self.programmed.insert(spec.key.clone(), state);
                 return Err(err);
             }
+            state.ranges.insert(*r);
         }
         self.programmed.insert(spec.key.clone(), state);
         Ok(Staged {
@@ -336,12 +549,16 @@ impl<M: DatapathMaps> Programmer<M> {
     }
 
     /// Frontends of a staged service (its table is in place), then its
-    /// stale backends.
+    /// stale source ranges and backends.
     fn finish(&mut self, s: Staged, spec: &ServicePort) -> anyhow::Result<()> {
         let (table_size, count) = s
             .table
             .as_ref()
             .map_or((0, 0), |t| (t.slots.len() as u32, t.backends));
+        let p = self
+            .programmed
+            .get_mut(&s.key)
+            .expect("staged services are programmed");
         for f in &spec.frontends {
             let entry = ServiceEntry {
                 id: s.id,
@@ -351,10 +568,13 @@ impl<M: DatapathMaps> Programmer<M> {
                 flags: frontend_flags(spec, f),
                 _pad: [0; 3],
             };
-            self.maps.set_frontend(frontend_key(f), entry)?;
+            let key = frontend_key(f);
+            self.maps.set_frontend(key, entry)?;
+            p.frontends.insert(key);
         }
         for r in s.stale_ranges {
             self.maps.remove_source_range(s.id, r)?;
+            p.ranges.remove(&r);
         }
         for bid in s.stale_backends {
             self.maps.clear_backend(bid)?;
@@ -364,27 +584,45 @@ impl<M: DatapathMaps> Programmer<M> {
     }
 
     /// Removes services: all their frontends first, then their tables in
-    /// one batch, then their backends.
+    /// one batch, then their source ranges and backends.
     fn remove_all(&mut self, keys: &[ServicePortKey], failed: &mut Vec<(ServicePortKey, String)>) {
-        let mut gone = Vec::new();
-        for key in keys {
-            let Some(p) = self.programmed.remove(key) else {
-                continue;
-            };
-            if let Some(e) = frontend_keys(&p.spec)
-                .map(|f| self.maps.remove_frontend(f))
-                .find_map(Result::err)
-            {
-                failed.push((key.clone(), format!("{e:#}")));
-            }
-            gone.push(p);
-        }
-        let tables: Vec<(u32, Option<&[u32]>)> = gone.iter().map(|p| (p.id, None)).collect();
-        let results = self.maps.write_maglev(&tables);
-        for (p, result) in gone.into_iter().zip(results) {
+        let gone = keys
+            .iter()
+            .filter_map(|k| Some((Some(k.clone()), self.programmed.remove(k)?)))
+            .collect();
+        self.remove_programmed(gone, failed);
+    }
+
+    /// Deletes what each of `gone` holds in the maps and frees its ids.
+    /// Failures are reported under the service port's key; adopted ids that
+    /// no service port took (key `None`) only get a log line.
+    fn remove_programmed(
+        &mut self,
+        gone: Vec<(Option<ServicePortKey>, Programmed)>,
+        failed: &mut Vec<(ServicePortKey, String)>,
+    ) {
+        let mut frontend_errors: Vec<Option<anyhow::Error>> = gone
+            .iter()
+            .map(|(_, p)| {
+                p.frontends
+                    .iter()
+                    .map(|&f| self.maps.remove_frontend(f))
+                    .find_map(Result::err)
+            })
+            .collect();
+        let tables: Vec<(u32, Option<&[u32]>)> = gone
+            .iter()
+            .filter(|(_, p)| p.has_table)
+            .map(|(_, p)| (p.id, None))
+            .collect();
+        let mut table_results = self.maps.write_maglev(&tables).into_iter();
+        for (i, (key, p)) in gone.into_iter().enumerate() {
+            let table = p
+                .has_table
+                .then(|| table_results.next().and_then(Result::err))
+                .flatten();
             let ranges = p
-                .spec
-                .source_ranges
+                .ranges
                 .iter()
                 .map(|&r| self.maps.remove_source_range(p.id, r))
                 .find_map(Result::err);
@@ -392,10 +630,12 @@ impl<M: DatapathMaps> Programmer<M> {
                 .backend_ids
                 .values()
                 .map(|&bid| self.maps.clear_backend(bid))
-                .find_map(Result::err)
-                .or(ranges);
-            if let Some(e) = result.err().or(backends) {
-                failed.push((p.spec.key.clone(), format!("{e:#}")));
+                .find_map(Result::err);
+            if let Some(e) = frontend_errors[i].take().or(table).or(ranges).or(backends) {
+                match key {
+                    Some(k) => failed.push((k, format!("{e:#}"))),
+                    None => tracing::warn!(service_id = p.id, "removing a stale service: {e:#}"),
+                }
             }
             self.release(p);
         }
@@ -504,5 +744,18 @@ impl DatapathMaps for MemoryMaps {
             .push(format!("remove_source_range {service_id} {range}"));
         self.source_ranges.remove(&(service_id, range));
         Ok(())
+    }
+    fn snapshot(&self) -> anyhow::Result<Snapshot> {
+        let mut s = Snapshot {
+            frontends: self.frontends.iter().map(|(k, e)| (*k, e.id)).collect(),
+            backends: self.backends.iter().map(|(id, b)| (*id, *b)).collect(),
+            tables: self.maglev.keys().copied().collect(),
+            source_ranges: self.source_ranges.iter().copied().collect(),
+        };
+        // Deterministic, like a map walk would be for the same contents.
+        s.frontends.sort_by_key(|(k, _)| (k.addr, k.port, k.proto));
+        s.backends.sort_by_key(|(id, _)| *id);
+        s.tables.sort_unstable();
+        Ok(s)
     }
 }

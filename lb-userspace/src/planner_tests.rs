@@ -276,3 +276,113 @@ fn policies_become_frontend_and_backend_flags_and_source_ranges() {
     assert!(p.maps().source_ranges.is_empty());
     assert!(p.maps().frontends.is_empty());
 }
+
+/// A second programmer over the maps the first one filled, as after an
+/// agent restart.
+fn restarted(p: Programmer<MemoryMaps>) -> Programmer<MemoryMaps> {
+    let mut maps = p.into_maps();
+    maps.log.clear();
+    Programmer::adopt(maps).unwrap()
+}
+
+#[test]
+fn a_restarted_programmer_keeps_every_id_and_rewrites_the_same_contents() {
+    let mut first = Programmer::new(MemoryMaps::default());
+    first.apply(&state(BASIC));
+    let ids: Vec<(ServicePortKey, u32)> =
+        first.programmed().map(|(k, id)| (k.clone(), id)).collect();
+    let (backends, tables, frontends) = (
+        first.maps().backends.clone(),
+        first.maps().maglev.clone(),
+        first.maps().frontends.clone(),
+    );
+    let mut second = restarted(first);
+    let r = second.apply(&state(BASIC));
+    assert!(r.failed.is_empty(), "{:?}", r.failed);
+    assert_eq!((r.adopted, r.stale_removed), (2, 0));
+    let again: Vec<(ServicePortKey, u32)> =
+        second.programmed().map(|(k, id)| (k.clone(), id)).collect();
+    assert_eq!(again, ids);
+    let m = second.maps();
+    assert_eq!(m.backends, backends);
+    assert_eq!(
+        m.maglev, tables,
+        "same backends give the same Maglev tables"
+    );
+    assert_eq!(m.frontends, frontends);
+    assert!(
+        !m.log
+            .iter()
+            .any(|l| l.starts_with("remove") || l.starts_with("clear")),
+        "{:?}",
+        m.log
+    );
+    // Adoption is over: the next apply is an ordinary one.
+    let mut second = second;
+    second.maps_mut().log.clear();
+    assert!(second.apply(&state(BASIC)).diff.is_empty());
+    assert!(second.maps().log.is_empty());
+}
+
+#[test]
+fn a_restarted_programmer_deletes_only_what_went_away_meanwhile() {
+    let two_services = BASIC.to_string()
+        + "---\napiVersion: v1\nkind: Service\nmetadata: {name: old, namespace: shop}\nspec:\n  clusterIP: 198.19.0.20\n  ports: [{name: http, port: 80}]\n";
+    let mut first = Programmer::new(MemoryMaps::default());
+    first.apply(&state(&two_services));
+    let web = first.service_id(&http()).unwrap();
+    let kept = *first
+        .maps()
+        .backends
+        .iter()
+        .find(|(_, b)| b.addr == [198, 18, 1, 11] && b.service_id == web)
+        .unwrap()
+        .0;
+    // A backend no service owns (say, left by a crash mid-update).
+    first.maps_mut().backends.insert(
+        9999,
+        lb_common::Backend {
+            addr: [198, 18, 1, 99],
+            port: 1,
+            flags: BACKEND_F_PRESENT,
+            _pad: 0,
+            service_id: 777,
+        },
+    );
+    let mut second = restarted(first);
+    // Meanwhile: "old" was deleted, 198.18.1.12 left web, a new service came.
+    let now = BASIC.replace("- addresses: [198.18.1.12]\n  conditions: {ready: true}\n", "")
+        + "---\napiVersion: v1\nkind: Service\nmetadata: {name: new, namespace: shop}\nspec:\n  clusterIP: 198.19.0.30\n  ports: [{name: http, port: 80}]\n";
+    let r = second.apply(&state(&now));
+    assert!(r.failed.is_empty(), "{:?}", r.failed);
+    assert_eq!(
+        r.stale_removed, 2,
+        "the deleted service and the stray backend's id"
+    );
+    assert_eq!(second.service_id(&http()), Some(web));
+    let m = second.maps();
+    assert_eq!(
+        m.backends[&kept].addr,
+        [198, 18, 1, 11],
+        "a remaining backend keeps its id"
+    );
+    assert!(!m
+        .backends
+        .values()
+        .any(|b| b.addr == [198, 18, 1, 12] || b.addr == [198, 18, 1, 99]));
+    assert!(!m.frontends.keys().any(|k| k.addr == [198, 19, 0, 20]));
+    let new = ServicePortKey {
+        name: "new".into(),
+        ..http()
+    };
+    let new_id = second.service_id(&new).unwrap();
+    assert!(
+        second.programmed().filter(|(_, id)| *id == new_id).count() == 1,
+        "no id is handed out twice"
+    );
+    // Everything in the maps belongs to a programmed service.
+    let live: std::collections::BTreeSet<u32> = second.programmed().map(|(_, id)| id).collect();
+    assert!(m.frontends.values().all(|e| live.contains(&e.id)));
+    assert!(m.backends.values().all(|b| live.contains(&b.service_id)));
+    assert!(m.maglev.keys().all(|id| live.contains(id)));
+}

@@ -33,12 +33,53 @@ pub struct Agent {
     child: Option<Child>,
     pub pin_dir: PathBuf,
     logs: Arc<Mutex<Vec<String>>>,
+    /// Network namespace name and arguments, for restarts.
+    netns: String,
+    pub args: Vec<String>,
 }
 
 impl Agent {
     /// Starts `lb run` in `ns` with `args` after `run`, not waiting.
     pub fn spawn(ns: &Netns, pin_dir: &Path, args: &[String]) -> anyhow::Result<Agent> {
-        let netns = ns.file()?;
+        let (child, logs) = Self::launch(&ns.name, pin_dir, args)?;
+        Ok(Agent {
+            child: Some(child),
+            pin_dir: pin_dir.to_path_buf(),
+            logs,
+            netns: ns.name.clone(),
+            args: args.to_vec(),
+        })
+    }
+
+    /// Stops the agent with SIGTERM (which leaves the datapath running) and
+    /// starts a new one on the same pin directory with `args` (the same
+    /// ones if `None`), waiting until it is ready. The logs start afresh.
+    pub fn restart(&mut self, args: Option<Vec<String>>) -> anyhow::Result<()> {
+        let status = self.stop_with(Signal::SIGTERM)?;
+        anyhow::ensure!(status.success(), "agent exited with {status}");
+        self.start_again(args)
+    }
+
+    /// Starts a stopped agent again (see `restart`).
+    pub fn start_again(&mut self, args: Option<Vec<String>>) -> anyhow::Result<()> {
+        anyhow::ensure!(self.child.is_none(), "the agent is still running");
+        if let Some(a) = args {
+            self.args = a;
+        }
+        let (child, logs) = Self::launch(&self.netns, &self.pin_dir, &self.args)?;
+        self.child = Some(child);
+        self.logs = logs;
+        self.wait_for_log("datapath ready", Duration::from_secs(20))?;
+        Ok(())
+    }
+
+    fn launch(
+        netns_name: &str,
+        pin_dir: &Path,
+        args: &[String],
+    ) -> anyhow::Result<(Child, Arc<Mutex<Vec<String>>>)> {
+        let netns = std::fs::File::open(format!("/run/netns/{netns_name}"))
+            .with_context(|| format!("opening network namespace {netns_name}"))?;
         let mut cmd = Command::new(lb_bin());
         cmd.arg("run").args(args).arg("--pin-dir").arg(pin_dir);
         cmd.stdout(Stdio::null())
@@ -64,18 +105,14 @@ impl Agent {
         let logs = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().expect("piped");
         let sink = logs.clone();
-        let tag = ns.name.clone();
+        let tag = netns_name.to_string();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 eprintln!("[lb {tag}] {line}");
                 sink.lock().unwrap().push(line);
             }
         });
-        Ok(Agent {
-            child: Some(child),
-            pin_dir: pin_dir.to_path_buf(),
-            logs,
-        })
+        Ok((child, logs))
     }
 
     /// Starts the agent for a topology (TC on the NIC and every pod veth)
@@ -228,7 +265,7 @@ impl Drop for Agent {
         if self.child.is_some() {
             let _ = self.stop_with(Signal::SIGTERM);
         }
-        let _ = lb_userspace::datapath::remove_pins(&self.pin_dir);
+        let _ = lb_userspace::pins::remove_all(&self.pin_dir);
     }
 }
 

@@ -12,10 +12,13 @@ use std::{net::Ipv4Addr, path::PathBuf};
 use aya::programs::{TestRun, TestRunOptions};
 use lb_common::{DatapathConfig, SNAT_PORT_MAX, SNAT_PORT_MIN};
 use lb_userspace::{
-    datapath::{remove_pins, Datapath, KernelMaps},
     manifest,
     model::{build, DesiredState, NodeConfig},
     planner::Programmer,
+    {
+        datapath::{Datapath, KernelMaps},
+        pins::remove_all as remove_pins,
+    },
 };
 use nix::sched::{setns, CloneFlags};
 use std::os::fd::AsFd;
@@ -143,7 +146,7 @@ impl Fixture {
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("lbfx")));
         lb_userspace::system::ensure_bpffs(&pin_dir)?;
         std::fs::create_dir_all(&pin_dir)?;
-        let (dp, maps) = match Datapath::load(&pin_dir) {
+        let (dp, maps, _) = match Datapath::load(&pin_dir) {
             Ok(loaded) => loaded,
             Err(e) => {
                 let _ = remove_pins(&pin_dir);
@@ -164,6 +167,7 @@ impl Fixture {
             snat_port_min: SNAT_PORT_MIN,
             snat_port_max: SNAT_PORT_MAX,
             netns_cookie: 0,
+            ..Default::default()
         })?;
         let report = fx.programmer.apply(state);
         anyhow::ensure!(

@@ -271,3 +271,91 @@ pub fn tcp_bulk(to: SocketAddrV4, n: u64) -> anyhow::Result<u64> {
     anyhow::ensure!(got == n, "got {got} of {n} bytes");
     Ok(got)
 }
+
+/// A `STREAM` connection read continuously on its own thread: how the
+/// tests see an established connection keep flowing through a change.
+pub struct StreamReader {
+    /// The pod that answered.
+    pub backend: String,
+    bytes: Arc<std::sync::atomic::AtomicU64>,
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl StreamReader {
+    /// Connects from `ns` to `to` and starts reading.
+    pub fn open(ns: &Netns, to: SocketAddrV4) -> anyhow::Result<StreamReader> {
+        let (backend, mut sock) = ns.run(move || -> anyhow::Result<(String, TcpStream)> {
+            let mut s = TcpStream::connect_timeout(&to.into(), Duration::from_secs(3))?;
+            s.write_all(b"STREAM\n")?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let mut name = Vec::new();
+            let mut byte = [0u8; 1];
+            while byte[0] != b'\n' {
+                s.read_exact(&mut byte)?;
+                name.push(byte[0]);
+            }
+            Ok((String::from_utf8_lossy(&name).trim().to_string(), s))
+        })??;
+        let bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let handle = {
+            let (bytes, stop) = (bytes.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 * 1024];
+                while !stop.load(Ordering::Relaxed) {
+                    let n = sock.read(&mut buf).context("reading the stream")?;
+                    anyhow::ensure!(n > 0, "the stream was closed by the other end");
+                    bytes.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Ok(())
+            })
+        };
+        Ok(StreamReader {
+            backend,
+            bytes,
+            stop,
+            handle: Some(handle),
+        })
+    }
+
+    /// Bytes read so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Waits until at least `more` further bytes arrive (within `within`),
+    /// failing if the connection broke or stalled.
+    pub fn wait_for_more(&self, more: u64, within: Duration) -> anyhow::Result<()> {
+        let start = self.bytes();
+        let deadline = std::time::Instant::now() + within;
+        while self.bytes() < start + more {
+            if self.handle.as_ref().is_some_and(|h| h.is_finished()) {
+                anyhow::bail!(
+                    "the stream to {} stopped after {} bytes",
+                    self.backend,
+                    self.bytes()
+                );
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "the stream to {} stalled at {} bytes",
+                self.backend,
+                self.bytes()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
+    /// Stops reading; the error if the connection failed at any point.
+    pub fn finish(mut self) -> anyhow::Result<u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle
+            .take()
+            .expect("running")
+            .join()
+            .expect("reader panicked")?;
+        Ok(self.bytes())
+    }
+}

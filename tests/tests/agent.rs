@@ -1,5 +1,5 @@
 //! The agent's own behaviour, with the real binary: following the config
-//! file, bad input, signals, one agent per pin directory, and the errors a
+//! file, bad input, one agent per pin directory, and the errors a
 //! user can hit at start-up.
 
 use std::{
@@ -15,7 +15,6 @@ use lb_tests::{
     servers::{tcp_who, PodServer},
     topology::{Topology, NODE_IP},
 };
-use nix::sys::signal::Signal;
 
 fn setup(backends: usize) -> (Topology, Vec<PodServer>) {
     lb_tests::require_root();
@@ -136,50 +135,6 @@ fn an_invalid_object_is_skipped_alone_with_a_log_line_naming_it() {
 
 /// Names of the TCX ingress programs on the node's NIC (bpftool 7.1
 /// predates TCX, so we ask the kernel through aya from inside the node).
-fn attached(topo: &Topology) -> Vec<String> {
-    let nic = topo.nic.clone();
-    topo.node
-        .run(move || {
-            let (_, progs) = aya::programs::SchedClassifier::query_tcx(
-                &nic,
-                aya::programs::TcAttachType::Ingress,
-            )
-            .unwrap();
-            progs
-                .iter()
-                .map(|p| p.name_as_str().unwrap_or("?").to_string())
-                .collect()
-        })
-        .unwrap()
-}
-
-#[test]
-fn sigterm_and_sigint_detach_clean_up_and_exit_zero() {
-    let (topo, _servers) = setup(1);
-    let config = ConfigFile::new(&yaml(&[web(&topo)])).unwrap();
-    for signal in [Signal::SIGTERM, Signal::SIGINT] {
-        let mut agent = Agent::start(&topo, &config.path).unwrap();
-        assert_eq!(attached(&topo), ["lb_tc_ingress"]);
-        let status = agent.stop_with(signal).unwrap();
-        assert!(status.success(), "{signal}: {status}");
-        assert!(
-            attached(&topo).is_empty(),
-            "{signal}: still attached: {:?}",
-            attached(&topo)
-        );
-        let after = topo.client.run(|| tcp_who(node_port(30080))).unwrap();
-        assert!(
-            after.is_err(),
-            "{signal}: NodePort still translated after exit"
-        );
-        assert!(
-            !agent.pin_dir.exists(),
-            "{signal}: pins left in {}",
-            agent.pin_dir.display()
-        );
-    }
-}
-
 #[test]
 fn a_second_agent_on_the_same_pin_dir_refuses_to_start() {
     let (topo, _servers) = setup(1);

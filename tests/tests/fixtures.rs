@@ -531,7 +531,7 @@ fn a_program_the_kernel_refuses_is_reported_with_the_verifier_log() {
         Ok(_) => panic!("the damaged program loaded"),
         Err(e) => e.to_string(),
     };
-    lb_userspace::datapath::remove_pins(&pin_dir).unwrap();
+    lb_userspace::pins::remove_all(&pin_dir).unwrap();
     eprintln!("{err}");
     assert!(err.contains("the kernel refused program lb_xdp"), "{err}");
     assert!(err.contains("last lines of the verifier log"), "{err}");

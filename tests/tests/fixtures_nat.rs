@@ -121,6 +121,7 @@ fn snat_ports_never_collide_for_one_backend() {
                 snat_port_min: 61_000,
                 snat_port_max: 61_000,
                 netns_cookie: 0,
+                ..Default::default()
             })
             .unwrap();
         let b = |sport| backend_for(&remote(), CLIENT, sport, 30080, TCP);

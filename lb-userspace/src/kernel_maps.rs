@@ -1,0 +1,304 @@
+//! `DatapathMaps` on the real maps: typed aya handles on the pinned maps,
+//! reads for stats and metrics, and reading everything back for a
+//! restarted agent. The only `unsafe` of the agent besides syscalls lives
+//! here (mmap of Maglev arrays).
+
+use std::{
+    os::fd::{AsFd, AsRawFd},
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context;
+use aya::{
+    maps::{lpm_trie::Key, Array, HashMap, HashOfMaps, LpmTrie, MapData, PerCpuArray},
+    Ebpf,
+};
+use lb_common::{
+    map_names, Backend, Counter, DatapathConfig, FrontendKey, ServiceEntry, SourceRange, Verdict,
+    BACKEND_F_PRESENT, LAYOUT_VERSION, MAGLEV_INNER_FLAGS, SOURCE_RANGE_ALLOW,
+};
+
+use crate::{
+    model::Prefix,
+    planner::{DatapathMaps, Snapshot},
+};
+
+/// Takes map `name` out of the loaded object as a typed handle.
+fn take_map<T>(ebpf: &mut Ebpf, name: &str) -> Result<T, aya::EbpfError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    ebpf.take_map(name)
+        .expect("the object defines this map")
+        .try_into()
+        .map_err(aya::EbpfError::MapError)
+}
+
+/// Typed handles on the pinned maps.
+pub struct KernelMaps {
+    pub frontends: HashMap<MapData, FrontendKey, ServiceEntry>,
+    pub backends: Array<MapData, Backend>,
+    pub maglev: HashOfMaps<MapData, u32, MapData>,
+    maglev_pin: PathBuf,
+    pub verdicts: PerCpuArray<MapData, Counter>,
+    pub service_stats: Array<MapData, Counter>,
+    pub config: Array<MapData, DatapathConfig>,
+    pub source_ranges: LpmTrie<MapData, SourceRange, u32>,
+}
+
+impl KernelMaps {
+    pub(crate) fn take(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<KernelMaps, aya::EbpfError> {
+        Ok(KernelMaps {
+            frontends: take_map(ebpf, map_names::FRONTENDS)?,
+            backends: take_map(ebpf, map_names::BACKENDS)?,
+            maglev: take_map(ebpf, map_names::MAGLEV)?,
+            maglev_pin: pin_dir.join(map_names::MAGLEV),
+            verdicts: take_map(ebpf, map_names::VERDICTS)?,
+            service_stats: take_map(ebpf, map_names::SERVICE_STATS)?,
+            config: take_map(ebpf, map_names::CONFIG)?,
+            source_ranges: take_map(ebpf, map_names::SOURCE_RANGES)?,
+        })
+    }
+
+    /// Writes the node facts the datapath reads (SNAT address and ports,
+    /// the node's netns cookie).
+    pub fn set_config(&mut self, cfg: DatapathConfig) -> anyhow::Result<()> {
+        let cfg = DatapathConfig {
+            layout_version: LAYOUT_VERSION,
+            ..cfg
+        };
+        self.config.set(0, cfg, 0).context("writing lb_config")
+    }
+
+    /// Packets and bytes per verdict, summed over CPUs.
+    pub fn verdict_counters(&self) -> anyhow::Result<Vec<(Verdict, Counter)>> {
+        Verdict::ALL
+            .iter()
+            .map(|&v| {
+                let per_cpu = self.verdicts.get(&(v as u32), 0)?;
+                let sum = per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
+                    packets: acc.packets + c.packets,
+                    bytes: acc.bytes + c.bytes,
+                });
+                Ok((v, sum))
+            })
+            .collect()
+    }
+
+    pub fn service_counter(&self, service_id: u32) -> anyhow::Result<Counter> {
+        Ok(self.service_stats.get(&service_id, 0)?)
+    }
+}
+
+impl DatapathMaps for KernelMaps {
+    fn set_backend(&mut self, id: u32, backend: Backend) -> anyhow::Result<()> {
+        self.backends
+            .set(id, backend, 0)
+            .with_context(|| format!("writing backend {id}"))
+    }
+
+    fn clear_backend(&mut self, id: u32) -> anyhow::Result<()> {
+        self.backends
+            .set(id, Backend::default(), 0)
+            .with_context(|| format!("clearing backend {id}"))
+    }
+
+    fn write_maglev(&mut self, tables: &[(u32, Option<&[u32]>)]) -> Vec<anyhow::Result<()>> {
+        if tables.len() <= 2 {
+            return tables
+                .iter()
+                .map(|&(id, slots)| write_maglev_one(&mut self.maglev, id, slots))
+                .collect();
+        }
+        // Each map-in-map update waits for an RCU grace period (milliseconds)
+        // in the kernel; waits from different threads overlap, so a batch is
+        // spread over workers, each with its own handle on the pinned map.
+        let chunk = tables.len().div_ceil(MAGLEV_WRITERS);
+        let mut results: Vec<anyhow::Result<()>> = Vec::with_capacity(tables.len());
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = tables
+                .chunks(chunk)
+                .map(|part| {
+                    let pin = &self.maglev_pin;
+                    scope.spawn(move || match open_maglev(pin) {
+                        Ok(mut map) => part
+                            .iter()
+                            .map(|&(id, slots)| write_maglev_one(&mut map, id, slots))
+                            .collect(),
+                        Err(e) => part
+                            .iter()
+                            .map(|_| Err(anyhow::anyhow!("opening {}: {e}", pin.display())))
+                            .collect(),
+                    })
+                })
+                .collect();
+            for w in workers {
+                let part: Vec<anyhow::Result<()>> = w.join().expect("Maglev writer panicked");
+                results.extend(part);
+            }
+        });
+        results
+    }
+
+    fn set_frontend(&mut self, key: FrontendKey, entry: ServiceEntry) -> anyhow::Result<()> {
+        self.frontends
+            .insert(key, entry, 0)
+            .context("writing a frontend")
+    }
+
+    fn remove_frontend(&mut self, key: FrontendKey) -> anyhow::Result<()> {
+        ignore_missing(self.frontends.remove(&key)).context("removing a frontend")
+    }
+
+    fn set_source_range(&mut self, service_id: u32, range: Prefix) -> anyhow::Result<()> {
+        self.source_ranges
+            .insert(&source_range_key(service_id, range), SOURCE_RANGE_ALLOW, 0)
+            .with_context(|| format!("writing source range {range} of service {service_id}"))
+    }
+
+    fn remove_source_range(&mut self, service_id: u32, range: Prefix) -> anyhow::Result<()> {
+        ignore_missing(
+            self.source_ranges
+                .remove(&source_range_key(service_id, range)),
+        )
+        .with_context(|| format!("removing source range {range} of service {service_id}"))
+    }
+
+    fn snapshot(&self) -> anyhow::Result<Snapshot> {
+        let frontends = self
+            .frontends
+            .iter()
+            .map(|r| r.map(|(k, e)| (k, e.id)))
+            .collect::<Result<_, _>>()
+            .context("reading lb_frontends")?;
+        // One lookup per slot (about 0.2 s for 2^19 slots): only at start-up.
+        let backends = self
+            .backends
+            .iter()
+            .enumerate()
+            .filter_map(|(id, r)| match r {
+                Ok(b) if b.flags & BACKEND_F_PRESENT != 0 => Some(Ok((id as u32, b))),
+                Ok(_) => None,
+                Err(e) => Some(Err(e)),
+            })
+            .collect::<Result<_, _>>()
+            .context("reading lb_backends")?;
+        let tables = self
+            .maglev
+            .keys()
+            .collect::<Result<_, _>>()
+            .context("reading lb_maglev")?;
+        let source_ranges = self
+            .source_ranges
+            .keys()
+            .map(|r| {
+                r.map(|k| {
+                    let data = k.data();
+                    let range = Prefix {
+                        addr: data.addr.into(),
+                        len: k.prefix_len().saturating_sub(32) as u8,
+                    };
+                    (u32::from_be_bytes(data.service_id), range)
+                })
+            })
+            .collect::<Result<_, _>>()
+            .context("reading lb_src_ranges")?;
+        Ok(Snapshot {
+            frontends,
+            backends,
+            tables,
+            source_ranges,
+        })
+    }
+}
+
+fn source_range_key(service_id: u32, range: Prefix) -> Key<SourceRange> {
+    Key::new(
+        32 + u32::from(range.len),
+        SourceRange {
+            service_id: service_id.to_be_bytes(),
+            addr: range.addr.octets(),
+        },
+    )
+}
+
+/// Threads that swap Maglev tables in parallel (they mostly sleep in the
+/// kernel's RCU waits, so this is not bounded by the CPU count).
+const MAGLEV_WRITERS: usize = 64;
+
+fn open_maglev(pin: &Path) -> anyhow::Result<HashOfMaps<MapData, u32, MapData>> {
+    let data = MapData::from_pin(pin)?;
+    Ok(HashOfMaps::try_from(aya::maps::Map::HashOfMaps(data))?)
+}
+
+fn write_maglev_one(
+    map: &mut HashOfMaps<MapData, u32, MapData>,
+    service_id: u32,
+    slots: Option<&[u32]>,
+) -> anyhow::Result<()> {
+    match slots {
+        Some(slots) => {
+            let table = new_maglev_array(slots).context("building a Maglev table")?;
+            // One update swaps the whole table in; the kernel frees the old
+            // array once no program holds it.
+            map.insert(service_id, &table, 0)
+                .with_context(|| format!("swapping in Maglev table {service_id}"))
+        }
+        None => ignore_missing(map.remove(&service_id))
+            .with_context(|| format!("removing Maglev table {service_id}")),
+    }
+}
+
+/// Deleting what is already gone is success (aya reports it either as
+/// KeyNotFound or as the syscall's ENOENT, depending on the map type).
+fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match r {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// A new inner Maglev array holding `slots`, filled through mmap: one copy
+/// instead of one syscall per slot (65,537 slots would take ~65k syscalls).
+fn new_maglev_array(slots: &[u32]) -> anyhow::Result<MapData> {
+    let obj = aya_obj::Map::new_from_params(
+        aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_ARRAY as u32,
+        4,
+        4,
+        slots.len() as u32,
+        MAGLEV_INNER_FLAGS,
+    );
+    let map = MapData::create(obj, "lb_maglev_tbl", None)?;
+    // The kernel stores array elements at an 8-byte stride
+    // (elem_size = round_up(value_size, 8)), and the mmap exposes exactly
+    // that layout: each u32 slot sits in its own u64, little-endian low half.
+    let len = slots.len() * std::mem::size_of::<u64>();
+    let fd = map.fd().as_fd().as_raw_fd();
+    // SAFETY: mapping a BPF_F_MMAPABLE array of `slots.len()` elements of
+    // 8 bytes; we write exactly `len` bytes, then unmap before the map is
+    // used anywhere.
+    unsafe {
+        let ptr = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        );
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error()).context("mmap of a Maglev array");
+        }
+        let elems = std::slice::from_raw_parts_mut(ptr.cast::<u64>(), slots.len());
+        for (e, &s) in elems.iter_mut().zip(slots) {
+            *e = u64::from(s).to_le();
+        }
+        libc::munmap(ptr, len);
+    }
+    Ok(map)
+}
