@@ -1,46 +1,57 @@
-//! `lb run`: set up the datapath, program the services in the config file,
-//! follow the file's changes, and tear down on SIGINT/SIGTERM.
+//! `lb run`: load (or adopt) the datapath, wait for a complete view of the
+//! Services from the source (a YAML file, or the Kubernetes API), program
+//! it, attach, then follow every change until SIGTERM/SIGINT, when the
+//! datapath is left running for the next agent (or removed with
+//! `--cleanup-on-exit`).
+//!
+//! The loop: an update arrives; everything else already queued is taken
+//! too (a burst becomes one sync); the catalog rebuilds the Services the
+//! updates touched; the programmer writes the service ports that changed.
 
 use std::{
-    net::Ipv4Addr,
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
-    time::Duration,
+    sync::Arc,
+    time::Instant,
 };
 
 use anyhow::Context;
+use k8s_openapi::api::core::v1::Node;
 use lb_common::{DatapathConfig, SNAT_PORT_MAX, SNAT_PORT_MIN};
-use notify::{RecursiveMode, Watcher};
-use tokio::{
-    signal::unix::{signal, SignalKind},
-    sync::mpsc,
-    time::{timeout, Instant},
-};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing::{error, info, warn};
 
 use crate::{
+    catalog::Catalog,
     datapath::{AttachMode, Attached, Datapath, KernelMaps},
     healthcheck::HealthServers,
-    manifest,
-    model::{self, DesiredState, NodeConfig},
+    metrics::Metrics,
+    model::NodeConfig,
     pins,
     planner::{Programmer, Report},
+    source::{self, Change, Update, Updates, What},
+    status::{self, Status},
     system::{self, PinDirLock},
 };
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 
-/// Quiet time after the last file event before we reload: editors and
-/// `kubectl get > file` write in several steps.
-const DEBOUNCE_QUIET: Duration = Duration::from_millis(100);
-/// Upper bound on the wait, so a file rewritten in a loop is still applied
-/// well within a second.
-const DEBOUNCE_MAX: Duration = Duration::from_millis(400);
+/// Where the Services come from.
+#[derive(Clone, Debug)]
+pub enum SourceOptions {
+    /// A YAML file of Services and EndpointSlices, followed as it changes.
+    File(PathBuf),
+    /// The API server: in-cluster, or this kubeconfig, or KUBECONFIG.
+    Kubernetes { kubeconfig: Option<PathBuf> },
+}
 
 #[derive(Clone, Debug)]
 pub struct RunOptions {
-    pub config: PathBuf,
+    pub source: SourceOptions,
     pub tc_ifaces: Vec<String>,
     pub xdp_ifaces: Vec<String>,
+    /// `node_ips` empty: taken from the Node object (Kubernetes source).
     pub node: NodeConfig,
     pub pin_dir: PathBuf,
     /// cgroup v2 directory for the socket hooks (host-originated traffic).
@@ -48,33 +59,12 @@ pub struct RunOptions {
     /// Detach and unpin everything on exit instead of leaving the datapath
     /// running for the next agent.
     pub cleanup_on_exit: bool,
-}
-
-/// Reads and builds the desired state from the config file, logging every
-/// rejected or skipped object. Errors only when the file as a whole cannot
-/// be used (unreadable, YAML syntax).
-pub fn load_config(path: &Path, node: &NodeConfig) -> anyhow::Result<DesiredState> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read config file {}", path.display()))?;
-    let objects =
-        manifest::parse(&text).with_context(|| format!("config file {}", path.display()))?;
-    for r in &objects.rejections {
-        warn!(object = %r.object, "rejected: {}", r.reason);
-    }
-    let build = model::build(&objects.services, &objects.slices, node);
-    for r in &build.rejections {
-        warn!(object = %r.object, "rejected: {}", r.reason);
-    }
-    for r in &build.skipped {
-        info!(object = %r.object, "skipped: {}", r.reason);
-    }
-    Ok(build.state)
+    /// `/healthz`, `/readyz`, `/metrics`.
+    pub http_addr: Option<SocketAddr>,
 }
 
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     system::check_privileges()?;
-    // Fail on an unusable file before touching the kernel.
-    let initial = load_config(&opts.config, &opts.node)?;
     for iface in opts.tc_ifaces.iter().chain(&opts.xdp_ifaces) {
         if nix::net::if_::if_nametoindex(iface.as_str()).is_err() {
             anyhow::bail!(
@@ -82,7 +72,24 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             );
         }
     }
-    if opts.node.node_ips.is_empty() {
+    // Fail on an unusable file or API configuration before touching the
+    // kernel.
+    let (updates, needs) = match &opts.source {
+        SourceOptions::File(path) => (source::watch_file(path.clone())?, Needs::file()),
+        SourceOptions::Kubernetes { kubeconfig } => {
+            anyhow::ensure!(
+                !opts.node.name.is_empty(),
+                "give --node-name (or set NODE_NAME, as the DaemonSet does): the agent \
+                 watches its own Node and tells local endpoints from remote ones by it"
+            );
+            let client = source::kube_client(kubeconfig.as_deref()).await?;
+            (
+                source::watch_kubernetes(client, &opts.node.name),
+                Needs::kubernetes(),
+            )
+        }
+    };
+    if opts.node.node_ips.is_empty() && matches!(opts.source, SourceOptions::File(_)) {
         warn!("no --node-ip given: NodePort services get no node frontends");
     }
     system::ensure_bpffs(&opts.pin_dir)?;
@@ -95,8 +102,13 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         // Kernels since 5.11 charge BPF memory to the cgroup instead.
         info!("could not raise RLIMIT_MEMLOCK ({e}); fine on kernels that account BPF memory by cgroup");
     }
+    let status = Status::new(Metrics::new(&opts.pin_dir));
+    if let Some(addr) = opts.http_addr {
+        status::serve(addr, status.clone()).await?;
+        info!(%addr, "serving /healthz, /readyz and /metrics");
+    }
 
-    let (mut dp, mut maps, origin) = Datapath::load(&opts.pin_dir)?;
+    let (dp, maps, origin) = Datapath::load(&opts.pin_dir)?;
     for bad in &origin.recreated {
         warn!(
             map = bad.map,
@@ -109,24 +121,30 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         info!(pin_dir = %opts.pin_dir.display(), maps = origin.adopted.len(), links = pins::pinned_links(&opts.pin_dir).len(),
               "adopting the datapath a previous agent left running");
     }
-    maps.set_config(DatapathConfig {
-        snat_addr: opts.node.node_ips.first().map_or([0; 4], |a| a.octets()),
-        snat_port_min: SNAT_PORT_MIN,
-        snat_port_max: SNAT_PORT_MAX,
-        netns_cookie: system::netns_cookie()?,
-        ..Default::default()
-    })?;
     let programmer = if origin.adopted.is_empty() {
         Programmer::new(maps)
     } else {
         Programmer::adopt(maps).context("reading back the adopted maps")?
     };
-    let result = serve(&opts, &mut dp, programmer, initial).await;
-    let cleanup = opts.cleanup_on_exit;
-    let shutdown = dp.shutdown(cleanup);
+    let mut agent = Agent {
+        catalog: Catalog::new(opts.node.clone()),
+        programmer,
+        health: HealthServers::default(),
+        status,
+        dp,
+        needs,
+        node_ips_given: !opts.node.node_ips.is_empty(),
+        node_missing_logged: false,
+        snat_addr: None,
+        pending_since: None,
+        opts,
+    };
+    let result = agent.serve(updates).await;
+    let Agent { dp, opts, .. } = agent;
+    let shutdown = dp.shutdown(opts.cleanup_on_exit);
     result?;
     shutdown.with_context(|| format!("removing the pins in {}", opts.pin_dir.display()))?;
-    if cleanup {
+    if opts.cleanup_on_exit {
         info!("detached and removed every pin; bye");
     } else {
         info!(pin_dir = %opts.pin_dir.display(), "exiting with the datapath left running for the next agent (`lb cleanup` removes it); bye");
@@ -134,115 +152,324 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(
-    opts: &RunOptions,
-    dp: &mut Datapath,
-    mut programmer: Programmer<KernelMaps>,
-    initial: DesiredState,
-) -> anyhow::Result<()> {
-    let report = programmer.apply(&initial);
-    log_report(&programmer, &initial, &report);
-    if report.adopted + report.stale_removed > 0 {
-        info!(
-            kept = report.adopted,
-            deleted = report.stale_removed,
-            "adopted service ids (established flows keep their backends); deleted the stale ones"
-        );
-    }
-    let mut health = HealthServers::default();
-    health.update(&initial.health_checks).await;
+/// Kinds a source must have listed completely before the first sync: the
+/// first apply deletes whatever a previous agent left that is not in the
+/// desired state, so it must never see a partial view.
+struct Needs {
+    missing: BTreeSet<&'static str>,
+}
 
-    for (iface, mode) in opts
-        .tc_ifaces
-        .iter()
-        .map(|i| (i, AttachMode::Tc))
-        .chain(opts.xdp_ifaces.iter().map(|i| (i, AttachMode::Xdp)))
-    {
-        let how = match dp.attach(iface, mode)? {
-            Attached::Replaced => "replaced the program in the pinned link",
-            Attached::New => "attached",
+impl Needs {
+    fn file() -> Needs {
+        Needs {
+            missing: ["file"].into(),
+        }
+    }
+
+    fn kubernetes() -> Needs {
+        Needs {
+            missing: ["Services", "EndpointSlices", "Node"].into(),
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.missing.is_empty()
+    }
+}
+
+struct Agent {
+    catalog: Catalog,
+    programmer: Programmer<KernelMaps>,
+    health: HealthServers,
+    status: Arc<Status>,
+    dp: Datapath,
+    needs: Needs,
+    opts: RunOptions,
+    node_ips_given: bool,
+    node_missing_logged: bool,
+    /// The SNAT address last written to lb_config.
+    snat_addr: Option<[u8; 4]>,
+    /// When the oldest update not yet programmed arrived.
+    pending_since: Option<Instant>,
+}
+
+enum Next {
+    Update(Update),
+    Stop,
+}
+
+impl Agent {
+    async fn serve(&mut self, mut updates: Updates) -> anyhow::Result<()> {
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let mut sigint = signal(SignalKind::interrupt())?;
+        // Until the first complete view: only collect. A previous agent's
+        // datapath, if any, keeps serving meanwhile.
+        while !self.needs.done() {
+            match next(&mut updates, &mut sigterm, &mut sigint).await? {
+                Next::Update(u) => self.take(u),
+                Next::Stop => return Ok(()),
+            }
+        }
+        while let Ok(u) = updates.try_recv() {
+            self.take(u);
+        }
+        self.first_sync().await?;
+        loop {
+            match next(&mut updates, &mut sigterm, &mut sigint).await? {
+                Next::Update(u) => {
+                    self.take(u);
+                    // Coalesce: whatever else is already queued goes into
+                    // the same sync (a burst costs one rebuild per Service).
+                    while let Ok(u) = updates.try_recv() {
+                        self.take(u);
+                    }
+                    self.sync().await?;
+                }
+                Next::Stop => return Ok(()),
+            }
+        }
+    }
+
+    /// Applies one update to the catalog (no map writes yet).
+    fn take(&mut self, u: Update) {
+        self.pending_since.get_or_insert(u.received);
+        match u.what {
+            What::File {
+                services,
+                slices,
+                rejections,
+            } => {
+                for r in &rejections {
+                    warn!(object = %r.object, "rejected: {}", r.reason);
+                }
+                self.catalog.replace_services(services);
+                for r in self.catalog.replace_slices(&slices) {
+                    warn!(object = %r.object, "rejected: {}", r.reason);
+                }
+                self.needs.missing.remove("file");
+            }
+            What::Services(change) => match change {
+                Change::Applied(s) => self.catalog.apply_service(s),
+                Change::Deleted(s) => self.catalog.delete_service(&s),
+                Change::Listed(all) => {
+                    self.catalog.replace_services(all);
+                    self.needs.missing.remove("Services");
+                }
+            },
+            What::Slices(change) => {
+                let rejections = match change {
+                    Change::Applied(s) => self.catalog.apply_slice(&s).into_iter().collect(),
+                    Change::Deleted(s) => {
+                        self.catalog.delete_slice(&s);
+                        Vec::new()
+                    }
+                    Change::Listed(all) => {
+                        self.needs.missing.remove("EndpointSlices");
+                        self.catalog.replace_slices(&all)
+                    }
+                };
+                for r in rejections {
+                    warn!(object = %r.object, "rejected: {}", r.reason);
+                }
+            }
+            What::Node(change) => {
+                let node = match change {
+                    Change::Applied(n) => Some(n),
+                    Change::Deleted(_) => None,
+                    Change::Listed(all) => {
+                        self.needs.missing.remove("Node");
+                        all.into_iter().next()
+                    }
+                };
+                self.node_changed(node.as_ref());
+            }
+        }
+    }
+
+    /// Takes NodePort addresses from the Node unless --node-ip was given.
+    fn node_changed(&mut self, node: Option<&Node>) {
+        let Some(node) = node else {
+            if !self.node_missing_logged {
+                warn!(node = %self.opts.node.name, "this Node is not in the API: NodePorts get no node address unless --node-ip is given");
+                self.node_missing_logged = true;
+            }
+            return;
         };
-        info!(iface = %iface, mode = ?mode, "{how}");
+        self.node_missing_logged = false;
+        if self.node_ips_given {
+            return;
+        }
+        let ips = node_addresses(node);
+        if ips != self.catalog.node().node_ips {
+            info!(node = %self.opts.node.name, addresses = ?ips, "NodePorts answer on the Node's addresses");
+            let mut cfg = self.catalog.node().clone();
+            cfg.node_ips = ips;
+            self.catalog.set_node(cfg);
+        }
     }
-    match &opts.cgroup {
-        Some(cg) => {
-            let how = match dp.attach_cgroup(cg)? {
-                Attached::Replaced => "replaced the socket hooks",
-                Attached::New => "attached socket hooks",
+
+    /// The first sync: adopts what a previous agent left (keeping its ids),
+    /// then attaches (swapping our programs into pinned links).
+    async fn first_sync(&mut self) -> anyhow::Result<()> {
+        let report = self.sync_maps();
+        if report.adopted + report.stale_removed > 0 {
+            info!(kept = report.adopted, deleted = report.stale_removed, "adopted service ids (established flows keep their backends); deleted the stale ones");
+        }
+        self.health
+            .update(&self.catalog.state().health_checks)
+            .await;
+        let opts = self.opts.clone();
+        for (iface, mode) in opts
+            .tc_ifaces
+            .iter()
+            .map(|i| (i, AttachMode::Tc))
+            .chain(opts.xdp_ifaces.iter().map(|i| (i, AttachMode::Xdp)))
+        {
+            let how = match self.dp.attach(iface, mode)? {
+                Attached::Replaced => "replaced the program in the pinned link",
+                Attached::New => "attached",
             };
-            info!(cgroup = %cg.display(), "{how} (node-originated traffic)");
+            info!(iface = %iface, mode = ?mode, "{how}");
         }
-        None => info!("no --cgroup: the node's own connections to services are not balanced"),
-    }
-    for name in dp.remove_other_links()? {
-        info!(link = %name, "detached a previous agent's program that is no longer asked for");
+        match &opts.cgroup {
+            Some(cg) => {
+                let how = match self.dp.attach_cgroup(cg)? {
+                    Attached::Replaced => "replaced the socket hooks",
+                    Attached::New => "attached socket hooks",
+                };
+                info!(cgroup = %cg.display(), "{how} (node-originated traffic)");
+            }
+            None => info!("no --cgroup: the node's own connections to services are not balanced"),
+        }
+        for name in self.dp.remove_other_links()? {
+            info!(link = %name, "detached a previous agent's program that is no longer asked for");
+        }
+        self.status.set_attached();
+        self.status.set_ready();
+        info!(
+            pin_dir = %self.opts.pin_dir.display(),
+            services = self.catalog.state().services.len(),
+            "datapath ready"
+        );
+        Ok(())
     }
 
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let file_name = opts.config.file_name().map(|n| n.to_os_string());
-    // Watch the directory, not the file: a rename over the file replaces
-    // the inode a file watch would be bound to.
-    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if let Ok(ev) = res {
-            if ev
-                .paths
-                .iter()
-                .any(|p| p.file_name().map(|n| n.to_os_string()) == file_name)
-            {
-                let _ = tx.send(());
-            }
-        }
-    })?;
-    let dir = opts
-        .config
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    watcher
-        .watch(dir, RecursiveMode::NonRecursive)
-        .with_context(|| format!("watching {}", dir.display()))?;
-    // Only now: a change made after this line is seen.
-    info!(
-        pin_dir = %opts.pin_dir.display(),
-        services = initial.services.len(),
-        "datapath ready"
-    );
+    async fn sync(&mut self) -> anyhow::Result<()> {
+        // Nothing to write (say, a file saved unchanged): say so anyway,
+        // the line is how a user sees the change was taken.
+        let report = if self.catalog.is_dirty() {
+            self.sync_maps()
+        } else {
+            self.pending_since = None;
+            Report::default()
+        };
+        self.health
+            .update(&self.catalog.state().health_checks)
+            .await;
+        info!(
+            added = report.diff.added.len(),
+            changed = report.diff.changed.len(),
+            removed = report.diff.removed.len(),
+            failed = report.failed.len(),
+            "applied config"
+        );
+        Ok(())
+    }
 
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut current = initial;
-    loop {
-        tokio::select! {
-            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
-            _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
-            Some(()) = rx.recv() => {
-                let deadline = Instant::now() + DEBOUNCE_MAX;
-                while Instant::now() < deadline {
-                    match timeout(DEBOUNCE_QUIET, rx.recv()).await {
-                        Ok(Some(())) => continue,
-                        _ => break,
-                    }
-                }
-                match load_config(&opts.config, &opts.node) {
-                    Ok(next) => {
-                        let report = programmer.apply(&next);
-                        log_report(&programmer, &next, &report);
-                        health.update(&next.health_checks).await;
-                        info!(
-                            added = report.diff.added.len(),
-                            changed = report.diff.changed.len(),
-                            removed = report.diff.removed.len(),
-                            failed = report.failed.len(),
-                            "applied config"
-                        );
-                        current = next;
-                    }
-                    Err(e) => error!("keeping the last good state ({} service ports): {e:#}", current.services.len()),
+    /// Rebuilds what changed and writes it to the maps.
+    fn sync_maps(&mut self) -> Report {
+        self.write_config();
+        let rebuilt = self.catalog.rebuild();
+        for r in &rebuilt.rejections {
+            warn!(object = %r.object, "rejected: {}", r.reason);
+        }
+        for r in &rebuilt.skipped {
+            info!(object = %r.object, "skipped: {}", r.reason);
+        }
+        let state = self.catalog.state();
+        let report = match &rebuilt.keys {
+            Some(keys) => self.programmer.apply_keys(state, keys),
+            None => self.programmer.apply(state),
+        };
+        log_report(&self.programmer, &self.catalog, &report);
+        let m = &self.status.metrics;
+        if let Some(since) = self.pending_since.take() {
+            m.observe_sync(since.elapsed(), report.failed.len());
+        }
+        m.services.set(self.programmer.programmed().count() as i64);
+        m.backends.set(self.programmer.backend_count() as i64);
+        if !report.diff.is_empty() {
+            *m.names.lock().expect("names lock") = self
+                .programmer
+                .programmed()
+                .map(|(k, id)| (id, k.clone()))
+                .collect();
+        }
+        report
+    }
+
+    /// Node facts the datapath reads: SNAT address (the first node
+    /// address), SNAT ports, the node's netns cookie.
+    fn write_config(&mut self) {
+        let addr = self
+            .catalog
+            .node()
+            .node_ips
+            .first()
+            .map_or([0; 4], |a| a.octets());
+        if self.snat_addr == Some(addr) {
+            return;
+        }
+        let cfg = system::netns_cookie().and_then(|cookie| {
+            self.programmer.maps_mut().set_config(DatapathConfig {
+                snat_addr: addr,
+                snat_port_min: SNAT_PORT_MIN,
+                snat_port_max: SNAT_PORT_MAX,
+                netns_cookie: cookie,
+                ..Default::default()
+            })
+        });
+        match cfg {
+            Ok(()) => self.snat_addr = Some(addr),
+            Err(e) => error!("writing lb_config, will retry on the next change: {e:#}"),
+        }
+    }
+}
+
+async fn next(
+    updates: &mut Updates,
+    sigterm: &mut Signal,
+    sigint: &mut Signal,
+) -> anyhow::Result<Next> {
+    tokio::select! {
+        _ = sigterm.recv() => { info!("SIGTERM: shutting down"); Ok(Next::Stop) }
+        _ = sigint.recv() => { info!("SIGINT: shutting down"); Ok(Next::Stop) }
+        u = updates.recv() => match u {
+            Some(u) => Ok(Next::Update(u)),
+            None => anyhow::bail!("the source of Services stopped"),
+        }
+    }
+}
+
+/// IPv4 InternalIP and ExternalIP addresses of a Node, in its order.
+fn node_addresses(node: &Node) -> Vec<Ipv4Addr> {
+    let mut ips = Vec::new();
+    for a in node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+    {
+        if a.type_ == "InternalIP" || a.type_ == "ExternalIP" {
+            if let Ok(ip) = a.address.parse::<Ipv4Addr>() {
+                if !ips.contains(&ip) {
+                    ips.push(ip);
                 }
             }
         }
     }
-    Ok(())
+    ips
 }
 
 /// `lb cleanup`: removes what an agent left pinned in `pin_dir`, which
@@ -263,7 +490,8 @@ pub fn cleanup(pin_dir: &Path) -> anyhow::Result<()> {
 }
 
 /// One line per service port that was written or removed.
-fn log_report(programmer: &Programmer<KernelMaps>, state: &DesiredState, report: &Report) {
+fn log_report(programmer: &Programmer<KernelMaps>, catalog: &Catalog, report: &Report) {
+    let state = catalog.state();
     for key in report.diff.added.iter().chain(&report.diff.changed) {
         let Some(sp) = state.services.get(key) else {
             continue;

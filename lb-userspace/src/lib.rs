@@ -6,16 +6,22 @@
 //! `healthcheck` serves healthCheckNodePorts from the same desired state.
 
 pub mod agent;
+pub mod catalog;
 pub mod datapath;
 pub mod healthcheck;
 pub mod kernel_maps;
 pub mod maglev;
 pub mod manifest;
+pub mod metrics;
 pub mod model;
 pub mod pins;
 pub mod planner;
+pub mod source;
+pub mod status;
 pub mod system;
 
+#[cfg(test)]
+mod catalog_tests;
 #[cfg(test)]
 mod model_tests;
 #[cfg(test)]

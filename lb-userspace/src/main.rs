@@ -6,7 +6,7 @@ use aya::maps::{MapData, PerCpuArray};
 use clap::{Parser, Subcommand};
 use lb_common::{map_names, Counter, Verdict};
 use lb_userspace::{
-    agent::{self, parse_node_ip, RunOptions, DEFAULT_PIN_DIR},
+    agent::{self, parse_node_ip, RunOptions, SourceOptions, DEFAULT_PIN_DIR},
     model::NodeConfig,
 };
 
@@ -23,13 +23,19 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the agent: program the datapath from a YAML file of Services and
-    /// EndpointSlices and follow its changes.
+    /// Run the agent: program the datapath from the Kubernetes API (or a
+    /// YAML file with --config) and follow every change.
     Run {
-        /// YAML stream of v1 Service and discovery.k8s.io/v1 EndpointSlice
-        /// objects (what `kubectl get svc,endpointslices -A -o yaml` prints).
+        /// Run stand-alone from this YAML stream of v1 Service and
+        /// discovery.k8s.io/v1 EndpointSlice objects (what `kubectl get
+        /// svc,endpointslices -A -o yaml` prints), followed as it changes.
+        /// Without it the agent watches the API server.
+        #[arg(long, value_name = "FILE", conflicts_with = "kubeconfig")]
+        config: Option<PathBuf>,
+        /// Kubeconfig for the API server (default: the in-cluster service
+        /// account, else KUBECONFIG or ~/.kube/config).
         #[arg(long, value_name = "FILE")]
-        config: PathBuf,
+        kubeconfig: Option<PathBuf>,
         /// Attach the TC ingress program here (any interface; pod veths).
         #[arg(long = "iface", value_name = "NAME")]
         ifaces: Vec<String>,
@@ -37,13 +43,14 @@ enum Command {
         /// checksums; see the README).
         #[arg(long = "xdp-iface", value_name = "NAME")]
         xdp_ifaces: Vec<String>,
-        /// This node's address; NodePorts answer on each one given.
-        #[arg(long = "node-ip", value_name = "ADDR", value_parser = parse_node_ip, required = true)]
+        /// This node's address; NodePorts answer on each one given. From
+        /// the API: the Node's InternalIP and ExternalIP addresses.
+        #[arg(long = "node-ip", value_name = "ADDR", value_parser = parse_node_ip)]
         node_ips: Vec<Ipv4Addr>,
         /// This node's name, as in EndpointSlice nodeName.
-        #[arg(long, value_name = "NAME")]
+        #[arg(long, value_name = "NAME", env = "NODE_NAME", default_value = "")]
         node_name: String,
-        /// Where maps are pinned (on a bpf filesystem).
+        /// Where maps and links are pinned (on a bpf filesystem).
         #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
         /// Balance the node's own connections (kubelet, hostNetwork pods) to
@@ -61,6 +68,9 @@ enum Command {
         /// upgrades cut no connection).
         #[arg(long)]
         cleanup_on_exit: bool,
+        /// Address for /healthz, /readyz and /metrics ("off" for none).
+        #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:10256", value_parser = parse_http_addr)]
+        http_addr: HttpAddr,
     },
     /// Detach the programs and remove the pinned links and maps an agent
     /// left running (after `lb run` exited without --cleanup-on-exit).
@@ -90,6 +100,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run {
             config,
+            kubeconfig,
             ifaces,
             xdp_ifaces,
             node_ips,
@@ -98,13 +109,18 @@ fn main() -> ExitCode {
             cgroup,
             service_proxy_name,
             cleanup_on_exit,
+            http_addr,
         } => {
             if ifaces.is_empty() && xdp_ifaces.is_empty() {
                 eprintln!("lb run: give at least one --iface (or --xdp-iface) to attach to");
                 return ExitCode::from(2);
             }
+            let source = match config {
+                Some(path) => SourceOptions::File(path),
+                None => SourceOptions::Kubernetes { kubeconfig },
+            };
             let opts = RunOptions {
-                config,
+                source,
                 tc_ifaces: ifaces,
                 xdp_ifaces,
                 node: NodeConfig {
@@ -115,6 +131,7 @@ fn main() -> ExitCode {
                 pin_dir,
                 cgroup,
                 cleanup_on_exit,
+                http_addr: http_addr.0,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -132,6 +149,19 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `--http-addr`: an address, or "off".
+#[derive(Clone, Debug)]
+struct HttpAddr(Option<std::net::SocketAddr>);
+
+fn parse_http_addr(s: &str) -> Result<HttpAddr, String> {
+    if s == "off" {
+        return Ok(HttpAddr(None));
+    }
+    s.parse()
+        .map(|a| HttpAddr(Some(a)))
+        .map_err(|_| format!("{s:?} is not an address:port (or \"off\")"))
 }
 
 fn print_stats(pin_dir: &std::path::Path) -> anyhow::Result<()> {

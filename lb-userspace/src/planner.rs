@@ -227,6 +227,9 @@ pub struct Programmer<M> {
     programmed: BTreeMap<ServicePortKey, Programmed>,
     /// From `adopt`, until the next apply matches or deletes them.
     adopted: BTreeMap<u32, Adopted>,
+    /// Service ports whose writes failed: `apply_keys` retries them with
+    /// whatever keys it is given.
+    retry: BTreeSet<ServicePortKey>,
     service_ids: IdAllocator,
     backend_ids: IdAllocator,
 }
@@ -237,6 +240,7 @@ impl<M: DatapathMaps> Programmer<M> {
             maps,
             programmed: BTreeMap::new(),
             adopted: BTreeMap::new(),
+            retry: BTreeSet::new(),
             service_ids: IdAllocator::new(MAX_SERVICES),
             backend_ids: IdAllocator::new(MAX_BACKENDS),
         }
@@ -390,6 +394,7 @@ impl<M: DatapathMaps> Programmer<M> {
                 self.fail(&key, e, &mut failed);
             }
         }
+        self.retry = failed.iter().map(|(k, _)| k.clone()).collect();
         Report {
             diff: d,
             failed,

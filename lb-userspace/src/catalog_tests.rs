@@ -1,0 +1,132 @@
+//! Unit tests for the incremental catalog: it must always equal a full
+//! `model::build` of the same objects, while rebuilding only what an event
+//! touched.
+
+use std::net::Ipv4Addr;
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+use crate::{
+    catalog::Catalog,
+    manifest,
+    model::{build, NodeConfig},
+};
+
+const BASIC: &str = include_str!("testdata/basic.yaml");
+const POLICIES: &str = include_str!("testdata/policies.yaml");
+
+fn node() -> NodeConfig {
+    NodeConfig {
+        name: "node-a".into(),
+        node_ips: vec![Ipv4Addr::new(198, 18, 0, 2)],
+        service_proxy_name: None,
+    }
+}
+
+fn objects(yaml: &str) -> (Vec<Service>, Vec<EndpointSlice>) {
+    let o = manifest::parse(yaml).unwrap();
+    (o.services, o.slices)
+}
+
+fn loaded(yaml: &str) -> Catalog {
+    let (services, slices) = objects(yaml);
+    let mut c = Catalog::new(node());
+    c.replace_services(services);
+    c.replace_slices(&slices);
+    c.rebuild();
+    c
+}
+
+fn full(yaml: &str) -> crate::model::DesiredState {
+    let (services, slices) = objects(yaml);
+    build(&services, &slices, &node()).state
+}
+
+#[test]
+fn loading_everything_equals_a_full_build() {
+    for yaml in [BASIC, POLICIES] {
+        assert_eq!(loaded(yaml).state(), &full(yaml));
+    }
+}
+
+#[test]
+fn one_endpoint_change_rebuilds_one_service_and_names_only_its_ports() {
+    let mut c = loaded(&(BASIC.to_string() + "---\n" + POLICIES));
+    let changed = BASIC.replace(
+        "- addresses: [198.18.1.11]\n  conditions: {ready: true, serving: true, terminating: false}",
+        "- addresses: [198.18.1.11]\n  conditions: {ready: false, serving: true, terminating: false}",
+    );
+    assert_ne!(changed, BASIC, "the fixture has this endpoint");
+    let (_, slices) = objects(&changed);
+    c.apply_slice(&slices[0]);
+    let r = c.rebuild();
+    assert_eq!(r.services, 1);
+    let keys = r.keys.expect("incremental");
+    assert!(
+        keys.iter()
+            .all(|k| k.name == "web" && k.namespace == "shop"),
+        "{keys:?}"
+    );
+    assert_eq!(c.state(), &full(&(changed + "---\n" + POLICIES)));
+    // Nothing changed since: nothing to do.
+    assert!(!c.is_dirty());
+}
+
+#[test]
+fn deleting_and_relisting_remove_what_is_gone() {
+    let both = BASIC.to_string() + "---\n" + POLICIES;
+    let mut c = loaded(&both);
+    let (services, slices) = objects(BASIC);
+    // A relist that no longer has the POLICIES objects.
+    c.replace_services(services.clone());
+    c.replace_slices(&slices);
+    let r = c.rebuild();
+    assert_eq!(r.keys, None, "services left: ownership is worked out again");
+    assert_eq!(c.state(), &full(BASIC));
+    // Deleting the last slice of web leaves its service without endpoints.
+    c.delete_slice(&slices[0]);
+    c.rebuild();
+    assert_eq!(c.state(), &full(BASIC.split("---").next().unwrap()));
+    c.delete_service(&services[0]);
+    c.rebuild();
+    assert!(c.state().services.is_empty());
+}
+
+#[test]
+fn an_endpoint_moving_between_slices_is_one_consistent_change() {
+    let mut c = loaded(BASIC);
+    let before = c.state().clone();
+    let (_, slices) = objects(BASIC);
+    // Split web-abc in two slices carrying the same endpoints.
+    let mut first = slices[0].clone();
+    let mut second = slices[0].clone();
+    second.metadata.name = Some("web-def".into());
+    first.endpoints.truncate(1);
+    second.endpoints.remove(0);
+    c.apply_slice(&second);
+    c.apply_slice(&first);
+    c.rebuild();
+    assert_eq!(c.state(), &before, "same endpoints, same state");
+}
+
+#[test]
+fn a_service_that_loses_a_frontend_conflict_is_rejected_once_and_wins_when_the_owner_goes() {
+    let clash = "---\napiVersion: v1\nkind: Service\nmetadata: {name: late, namespace: shop, creationTimestamp: \"2026-02-01T00:00:00Z\"}\nspec:\n  clusterIP: 198.19.0.10\n  ports: [{name: http, port: 80}]\n";
+    let yaml = BASIC.to_string() + clash;
+    let (services, slices) = objects(&yaml);
+    let mut c = Catalog::new(node());
+    c.replace_services(services.clone());
+    c.replace_slices(&slices);
+    let r = c.rebuild();
+    assert_eq!(r.rejections.len(), 1, "{:?}", r.rejections);
+    assert!(r.rejections[0].object.contains("shop/late"));
+    // Rebuilding again does not report it again.
+    c.replace_services(services.clone());
+    c.set_node(node());
+    assert!(c.rebuild().rejections.is_empty());
+    // The owner goes: the late one takes the address.
+    c.delete_service(&services[0]);
+    c.rebuild();
+    assert!(c.state().services.keys().all(|k| k.name == "late"));
+    assert_eq!(c.state(), &full(clash));
+}

@@ -1,0 +1,312 @@
+//! What `/metrics` serves, in the Prometheus text format: the agent's own
+//! numbers (what is programmed, how often and how fast it syncs) kept in a
+//! prometheus-client registry, and the datapath's counters and map fill
+//! levels, read from the pinned maps at each scrape.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use aya::{
+    maps::{Array, HashMap, HashOfMaps, LpmTrie, MapData, PerCpuArray},
+    Pod,
+};
+use lb_common::{
+    map_names, AffinityEntry, AffinityKey, ConntrackEntry, Counter as DpCounter, FlowKey,
+    FrontendKey, ServiceEntry, SockReverseEntry, SockReverseKey, SourceRange, Verdict,
+    MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_FRONTENDS, MAX_SERVICES, MAX_SOCK_REVERSE,
+    MAX_SOURCE_RANGES,
+};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        gauge::{ConstGauge, Gauge},
+        histogram::Histogram,
+    },
+    registry::Registry,
+};
+
+use crate::model::ServicePortKey;
+
+/// Service id -> service port, for the per-service counters' labels.
+pub type ServiceNames = Arc<Mutex<BTreeMap<u32, ServicePortKey>>>;
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub services: Gauge,
+    pub backends: Gauge,
+    pub syncs: Counter,
+    pub sync_seconds: Histogram,
+    pub failures: Counter,
+    pub names: ServiceNames,
+}
+
+impl Metrics {
+    pub fn new(pin_dir: &Path) -> Metrics {
+        let mut registry = Registry::with_prefix("lb");
+        let services = Gauge::default();
+        let backends = Gauge::default();
+        let syncs = Counter::default();
+        let failures = Counter::default();
+        // 100 µs to ~52 s: a one-endpoint change lands in the low buckets,
+        // a cold start of a large cluster in the high ones.
+        let sync_seconds = Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 20),
+        );
+        registry.register(
+            "services_programmed",
+            "Service ports written to the datapath",
+            services.clone(),
+        );
+        registry.register(
+            "backends_programmed",
+            "Backends (endpoint per service port) written to the datapath",
+            backends.clone(),
+        );
+        registry.register(
+            "syncs",
+            "Times the datapath was brought up to date with a change",
+            syncs.clone(),
+        );
+        registry.register(
+            "sync_duration_seconds",
+            "From receiving a change (watch event or file write) to the maps written",
+            sync_seconds.clone(),
+        );
+        registry.register(
+            "programming_failures",
+            "Service ports whose map writes failed (retried on the next change)",
+            failures.clone(),
+        );
+        let names: ServiceNames = Arc::default();
+        registry.register_collector(Box::new(DatapathCollector {
+            pin_dir: pin_dir.to_path_buf(),
+            names: names.clone(),
+            backends: backends.clone(),
+        }));
+        Metrics {
+            registry,
+            services,
+            backends,
+            syncs,
+            sync_seconds,
+            failures,
+            names,
+        }
+    }
+
+    pub fn observe_sync(&self, took: Duration, failed: usize) {
+        self.syncs.inc();
+        self.sync_seconds.observe(took.as_secs_f64());
+        self.failures.inc_by(failed as u64);
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// Reads the pinned maps at scrape time.
+#[derive(Debug)]
+struct DatapathCollector {
+    pin_dir: PathBuf,
+    names: ServiceNames,
+    /// The agent's count: an array has every slot, and reading them all
+    /// at each scrape to count the used ones would cost 2^19 syscalls.
+    backends: Gauge,
+}
+
+impl Collector for DatapathCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        // A scrape while the maps cannot be opened (not yet created, or
+        // removed at exit) shows the agent's own metrics only.
+        if let Ok(verdicts) =
+            open::<PerCpuArray<MapData, DpCounter>>(&self.pin_dir, map_names::VERDICTS)
+        {
+            let totals: Vec<(Verdict, DpCounter)> = Verdict::ALL
+                .iter()
+                .filter_map(|&v| {
+                    let per_cpu = verdicts.get(&(v as u32), 0).ok()?;
+                    Some((v, per_cpu.iter().fold(DpCounter::default(), add)))
+                })
+                .collect();
+            for (name, help, pick) in [
+                (
+                    "datapath_packets",
+                    "Packets handled by the datapath, by verdict",
+                    packets as fn(&DpCounter) -> u64,
+                ),
+                (
+                    "datapath_bytes",
+                    "Bytes handled by the datapath, by verdict",
+                    bytes,
+                ),
+            ] {
+                let mut family = encoder.encode_descriptor(
+                    name,
+                    help,
+                    None,
+                    ConstCounter::new(0u64).metric_type(),
+                )?;
+                for (v, c) in &totals {
+                    ConstCounter::new(pick(c))
+                        .encode(family.encode_family(&[("verdict", v.name())])?)?;
+                }
+            }
+        }
+        if let Ok(stats) =
+            open::<Array<MapData, DpCounter>>(&self.pin_dir, map_names::SERVICE_STATS)
+        {
+            let names = self.names.lock().expect("names lock").clone();
+            let per_service: Vec<(ServicePortKey, DpCounter)> = names
+                .into_iter()
+                .filter_map(|(id, key)| Some((key, stats.get(&id, 0).ok()?)))
+                .collect();
+            for (name, help, pick) in [
+                (
+                    "service_packets",
+                    "Packets to a service port's frontends",
+                    packets as fn(&DpCounter) -> u64,
+                ),
+                (
+                    "service_bytes",
+                    "Bytes to a service port's frontends",
+                    bytes,
+                ),
+            ] {
+                let mut family = encoder.encode_descriptor(
+                    name,
+                    help,
+                    None,
+                    ConstCounter::new(0u64).metric_type(),
+                )?;
+                for (key, c) in &per_service {
+                    let labels = [
+                        ("namespace", key.namespace.clone()),
+                        ("service", key.name.clone()),
+                        ("port", key.port_name.clone()),
+                        ("protocol", key.protocol.to_string()),
+                        ("scope", format!("{:?}", key.scope)),
+                    ];
+                    ConstCounter::new(pick(c)).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
+        let fill = self.fill_levels();
+        let mut entries = encoder.encode_descriptor(
+            "map_entries",
+            "Entries in a datapath map (for arrays: slots in use)",
+            None,
+            ConstGauge::new(0i64).metric_type(),
+        )?;
+        for (map, used, _) in &fill {
+            ConstGauge::new(*used as i64).encode(entries.encode_family(&[("map", *map)])?)?;
+        }
+        let mut capacity = encoder.encode_descriptor(
+            "map_capacity",
+            "Entries a datapath map can hold",
+            None,
+            ConstGauge::new(0i64).metric_type(),
+        )?;
+        for (map, _, cap) in &fill {
+            ConstGauge::new(*cap as i64).encode(capacity.encode_family(&[("map", *map)])?)?;
+        }
+        Ok(())
+    }
+}
+
+impl DatapathCollector {
+    /// (map, entries, capacity) for every map that can fill up. Hash maps
+    /// are counted key by key (one syscall each): fine for a scrape every
+    /// few seconds, even with a full conntrack table.
+    fn fill_levels(&self) -> Vec<(&'static str, usize, u32)> {
+        let dir = &self.pin_dir;
+        let services = self.names.lock().map(|n| n.len()).unwrap_or(0);
+        let mut out = Vec::new();
+        let mut hash = |name: &'static str, count: Option<usize>, cap: u32| {
+            if let Some(n) = count {
+                out.push((name, n, cap));
+            }
+        };
+        hash(
+            map_names::FRONTENDS,
+            count_keys::<FrontendKey, ServiceEntry>(dir, map_names::FRONTENDS),
+            MAX_FRONTENDS,
+        );
+        hash(
+            map_names::CONNTRACK,
+            count_keys::<FlowKey, ConntrackEntry>(dir, map_names::CONNTRACK),
+            MAX_CONNTRACK,
+        );
+        hash(
+            map_names::AFFINITY,
+            count_keys::<AffinityKey, AffinityEntry>(dir, map_names::AFFINITY),
+            MAX_AFFINITY,
+        );
+        hash(
+            map_names::SOCK_REVERSE,
+            count_keys::<SockReverseKey, SockReverseEntry>(dir, map_names::SOCK_REVERSE),
+            MAX_SOCK_REVERSE,
+        );
+        hash(
+            map_names::SOURCE_RANGES,
+            open::<LpmTrie<MapData, SourceRange, u32>>(dir, map_names::SOURCE_RANGES)
+                .ok()
+                .map(|m| m.keys().count()),
+            MAX_SOURCE_RANGES,
+        );
+        hash(
+            map_names::MAGLEV,
+            open::<HashOfMaps<MapData, u32, MapData>>(dir, map_names::MAGLEV)
+                .ok()
+                .map(|m| m.keys().count()),
+            MAX_SERVICES,
+        );
+        // Arrays: what the agent has written.
+        out.push((map_names::SERVICE_STATS, services, MAX_SERVICES));
+        out.push((
+            map_names::BACKENDS,
+            self.backends.get().max(0) as usize,
+            MAX_BACKENDS,
+        ));
+        out
+    }
+}
+
+fn count_keys<K: Pod, V: Pod>(dir: &Path, name: &str) -> Option<usize> {
+    open::<HashMap<MapData, K, V>>(dir, name)
+        .ok()
+        .map(|m| m.keys().count())
+}
+
+fn open<T>(dir: &Path, name: &str) -> anyhow::Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let data = MapData::from_pin(dir.join(name))?;
+    Ok(T::try_from(aya::maps::Map::from_map_data(data)?)?)
+}
+
+fn add(acc: DpCounter, c: &DpCounter) -> DpCounter {
+    DpCounter {
+        packets: acc.packets + c.packets,
+        bytes: acc.bytes + c.bytes,
+    }
+}
+
+fn packets(c: &DpCounter) -> u64 {
+    c.packets
+}
+
+fn bytes(c: &DpCounter) -> u64 {
+    c.bytes
+}
