@@ -3,6 +3,7 @@
 //! builders with an independent checksum.
 
 pub mod agent;
+pub mod apiserver;
 pub mod cgroup;
 pub mod cluster;
 pub mod example;

@@ -1,0 +1,318 @@
+//! The agent fed by the Kubernetes API: the unmodified kube client in `lb
+//! run` talks over real HTTP to the test API server (`lb_tests::apiserver`),
+//! which lists and watches like the real one (resourceVersions, bookmarks,
+//! 410 Gone, dropped connections, outages). Real traffic from real sockets
+//! follows every change.
+
+use std::{
+    collections::BTreeMap,
+    net::{SocketAddr, SocketAddrV4},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    agent::{Agent, ConfigFile},
+    apiserver::ApiServer,
+    example::{yaml, Endpoint, Svc},
+    netns::unique,
+    servers::{tcp_who, PodServer, StreamReader},
+    topology::{pod_ip, Topology, NODE_IP, NODE_NAME},
+};
+
+const API_ADDR: &str = "127.0.0.1:6443";
+const PATIENCE: Duration = Duration::from_secs(20);
+
+/// A node with `pods` serving pods, the test API server inside the node's
+/// namespace (where the agent runs), and this Node object in it.
+struct World {
+    topo: Topology,
+    _servers: Vec<PodServer>,
+    api: ApiServer,
+    kubeconfig: ConfigFile,
+}
+
+fn world(pods: usize) -> World {
+    lb_tests::require_root();
+    let topo = Topology::new(pods).unwrap();
+    let servers = topo
+        .pods
+        .iter()
+        .enumerate()
+        .map(|(i, p)| PodServer::start(&p.ns, &format!("pod-{}", i + 1), 8080, 5353).unwrap())
+        .collect();
+    let api = ApiServer::start(&topo.node, API_ADDR.parse::<SocketAddr>().unwrap()).unwrap();
+    api.apply_yaml(&format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {NODE_NAME}\n  labels: {{topology.kubernetes.io/zone: z1}}\n\
+         status:\n  addresses:\n  - {{type: Hostname, address: {NODE_NAME}}}\n  - {{type: InternalIP, address: \"{NODE_IP}\"}}\n"
+    ));
+    let kubeconfig = ConfigFile::new("").unwrap();
+    api.kubeconfig(&kubeconfig.path).unwrap();
+    World {
+        topo,
+        _servers: servers,
+        api,
+        kubeconfig,
+    }
+}
+
+impl World {
+    /// `lb run` with no --config and no --node-ip: Services from the API,
+    /// NodePort addresses from the Node object.
+    fn agent(&self) -> Agent {
+        let mut args = vec![
+            "--kubeconfig".to_string(),
+            self.kubeconfig.path.display().to_string(),
+            "--node-name".into(),
+            NODE_NAME.into(),
+        ];
+        for i in self.topo.tc_ifaces() {
+            args.extend(["--iface".to_string(), i]);
+        }
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("lbkube")));
+        let mut agent = Agent::spawn(&self.topo.node, &pin_dir, &args).unwrap();
+        agent.wait_for_log("datapath ready", PATIENCE).unwrap();
+        agent
+    }
+
+    /// Who answers new connections to the NodePort, over `n` tries
+    /// (failures counted as "-").
+    fn tally(&self, n: usize) -> BTreeMap<String, usize> {
+        let mut t = BTreeMap::new();
+        for _ in 0..n {
+            let who = self
+                .topo
+                .client
+                .run(|| tcp_who(node_port()))
+                .unwrap()
+                .map_or("-".to_string(), |a| a.pod);
+            *t.entry(who).or_default() += 1;
+        }
+        t
+    }
+
+    /// Waits until the NodePort's answers are exactly `pods`.
+    fn until_served_by(&self, pods: &[&str]) {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let t = self.tally(20);
+            if t.keys().map(String::as_str).eq(pods.iter().copied()) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "still {t:?}, want {pods:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn node_port() -> SocketAddrV4 {
+    SocketAddrV4::new(NODE_IP, 30080)
+}
+
+fn web(pods: &[usize]) -> String {
+    yaml(&[Svc::web(
+        pods.iter().map(|&i| Endpoint::ready(pod_ip(i))).collect(),
+    )])
+}
+
+#[test]
+fn services_and_slices_from_the_api_reach_the_maps_and_traffic_follows() {
+    let w = world(3);
+    w.api.apply_yaml(&web(&[1, 2]));
+    let mut agent = w.agent();
+    // No --node-ip: the NodePort answers on the Node's InternalIP.
+    w.until_served_by(&["pod-1", "pod-2"]);
+    let logs = agent.logs().join("\n");
+    assert!(
+        logs.contains("NodePorts answer on the Node's addresses"),
+        "{logs}"
+    );
+
+    // An endpoint turns unready: that service's backends change, nothing else.
+    let mut svc = Svc::web(vec![Endpoint::ready(pod_ip(1)), Endpoint::ready(pod_ip(2))]);
+    svc.endpoints[1].ready = false;
+    let before = agent.count_logs("programmed service=");
+    w.api.apply_yaml(&yaml(&[svc]));
+    w.until_served_by(&["pod-1"]);
+    let rewritten = agent.count_logs("programmed service=") - before;
+    assert!(
+        rewritten <= 2,
+        "only web's two ports are rewritten: {rewritten}"
+    );
+
+    // A new endpoint in a second slice; then the first slice deleted.
+    w.api.apply_yaml(&format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-extra\n  namespace: demo\n  labels: {{kubernetes.io/service-name: web}}\n\
+         addressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}, {{name: dns, port: 5353, protocol: UDP}}]\n\
+         endpoints:\n- addresses: [\"{}\"]\n  conditions: {{ready: true}}\n  nodeName: {NODE_NAME}\n",
+        pod_ip(3)
+    ));
+    w.until_served_by(&["pod-1", "pod-3"]);
+    w.api.delete("EndpointSlice", "demo", "web-1");
+    w.until_served_by(&["pod-3"]);
+
+    // The Service deleted: its NodePort is gone (the node refuses). Created
+    // again, it is served by its new slice and the web-extra slice, which
+    // was never deleted.
+    w.api.delete("Service", "demo", "web");
+    w.until_served_by(&["-"]);
+    agent
+        .wait_for_log("removed service=demo/web", PATIENCE)
+        .unwrap();
+    w.api.apply_yaml(&web(&[2]));
+    w.until_served_by(&["pod-2", "pod-3"]);
+}
+
+#[test]
+fn an_endpoint_moving_between_slices_never_leaves_the_service() {
+    let w = world(2);
+    w.api.apply_yaml(&web(&[1, 2]));
+    let _agent = w.agent();
+    w.until_served_by(&["pod-1", "pod-2"]);
+    // pod-2 moves from web-1 to a new slice web-2, the way the EndpointSlice
+    // controller does it: the new slice first, then the old one updated.
+    let moved = |pods: &[usize], name: &str| {
+        yaml(&[Svc::web(
+            pods.iter().map(|&i| Endpoint::ready(pod_ip(i))).collect(),
+        )])
+        .replace("name: web-1", &format!("name: {name}"))
+    };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prober = {
+        let stop = stop.clone();
+        let client = w.topo.client.name.clone();
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(format!("/run/netns/{client}")).unwrap();
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let (mut ok, mut failed) = (0, 0);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match tcp_who(node_port()) {
+                    Ok(_) => ok += 1,
+                    Err(_) => failed += 1,
+                }
+            }
+            (ok, failed)
+        })
+    };
+    for _ in 0..5 {
+        w.api.apply_yaml(&moved(&[2], "web-2"));
+        w.api.apply_yaml(&moved(&[1], "web-1"));
+        w.until_served_by(&["pod-1", "pod-2"]);
+        w.api.apply_yaml(&moved(&[1, 2], "web-1"));
+        w.api.delete("EndpointSlice", "demo", "web-2");
+        w.until_served_by(&["pod-1", "pod-2"]);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = prober.join().unwrap();
+    assert!(ok > 20, "{ok} connections");
+    assert_eq!(failed, 0, "{failed} of {} connections failed", ok + failed);
+}
+
+#[test]
+fn an_api_outage_keeps_the_datapath_serving_and_the_relist_removes_what_went_away() {
+    let w = world(2);
+    w.api.apply_yaml(&web(&[1, 2]));
+    w.api.apply_yaml(&yaml(&[Svc::api(pod_ip(2))]));
+    let mut agent = w.agent();
+    w.until_served_by(&["pod-1", "pod-2"]);
+    let stream = StreamReader::open(&w.topo.client, node_port()).unwrap();
+
+    w.api.stop();
+    // Long enough for several retries (backoff 0.8 s, 1.6 s, 3.2 s ...).
+    std::thread::sleep(Duration::from_secs(5));
+    stream.wait_for_more(256 * 1024, PATIENCE).unwrap();
+    w.until_served_by(&["pod-1", "pod-2"]);
+    let failures: Vec<String> = agent
+        .logs()
+        .into_iter()
+        .filter(|l| l.contains("watch failed"))
+        .collect();
+    for resource in ["Services", "EndpointSlices", "Node"] {
+        let n = failures
+            .iter()
+            .filter(|l| {
+                l.contains(&format!("resource=\"{resource}\""))
+                    || l.contains(&format!("resource={resource}"))
+            })
+            .count();
+        assert_eq!(
+            n,
+            1,
+            "one line per cause for {resource}, not one per retry:\n{}",
+            failures.join("\n")
+        );
+    }
+
+    // Meanwhile `api` is deleted and pod-1 leaves web; the history is
+    // compacted, so resuming the watch gets 410 Gone and a relist.
+    w.api.delete("Service", "demo", "api");
+    w.api.delete("EndpointSlice", "demo", "api-1");
+    w.api.apply_yaml(&web(&[2]));
+    w.api.compact();
+    w.api.restart().unwrap();
+    agent
+        .wait_for_log("removed service=demo/api", PATIENCE)
+        .unwrap();
+    w.until_served_by(&["pod-2"]);
+    let logs = agent.logs().join("\n");
+    assert!(logs.contains("relisted"), "{logs}");
+    assert!(logs.contains("watch is back"), "{logs}");
+    let api_port = SocketAddrV4::new(NODE_IP, 30443);
+    assert!(w
+        .topo
+        .client
+        .run(move || tcp_who(api_port))
+        .unwrap()
+        .is_err());
+    // The stream to a backend that stayed is untouched by all of it.
+    if stream.backend == "pod-2" {
+        stream.wait_for_more(256 * 1024, PATIENCE).unwrap();
+        stream.finish().unwrap();
+    }
+}
+
+#[test]
+fn dropped_watch_connections_resume_and_a_410_mid_watch_relists() {
+    let w = world(3);
+    w.api.apply_yaml(&web(&[1]));
+    let mut agent = w.agent();
+    w.until_served_by(&["pod-1"]);
+
+    // Connections cut mid-stream: the watch resumes from its
+    // resourceVersion and gets what happened meanwhile.
+    w.api.drop_connections().unwrap();
+    w.api.apply_yaml(&web(&[2]));
+    w.until_served_by(&["pod-2"]);
+
+    // History compacted, then connections cut: the resumed watch is told
+    // 410 Gone, the agent relists and programs what it missed.
+    w.api.compact();
+    w.api.drop_connections().unwrap();
+    w.api.apply_yaml(&web(&[3]));
+    w.until_served_by(&["pod-3"]);
+    agent.wait_for_log("relisted", PATIENCE).unwrap();
+}
+
+#[test]
+fn a_kubernetes_fed_agent_restarts_without_cutting_a_stream_even_when_backends_change() {
+    let w = world(3);
+    w.api.apply_yaml(&web(&[1, 2]));
+    let mut agent = w.agent();
+    w.until_served_by(&["pod-1", "pod-2"]);
+    let mut streams: Vec<StreamReader> = Vec::new();
+    while !streams.iter().any(|s| s.backend == "pod-1") {
+        streams.push(StreamReader::open(&w.topo.client, node_port()).unwrap());
+    }
+    let kept = streams.into_iter().find(|s| s.backend == "pod-1").unwrap();
+
+    agent.stop_with(nix::sys::signal::Signal::SIGTERM).unwrap();
+    // While no agent runs: pod-2 leaves, pod-3 joins.
+    w.api.apply_yaml(&web(&[1, 3]));
+    kept.wait_for_more(256 * 1024, PATIENCE).unwrap();
+    agent.start_again(None).unwrap();
+    let logs = agent.logs().join("\n");
+    assert!(logs.contains("kept=2 deleted=0"), "{logs}");
+    w.until_served_by(&["pod-1", "pod-3"]);
+    kept.wait_for_more(256 * 1024, PATIENCE).unwrap();
+    kept.finish().unwrap();
+}
