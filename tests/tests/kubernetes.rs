@@ -316,3 +316,134 @@ fn a_kubernetes_fed_agent_restarts_without_cutting_a_stream_even_when_backends_c
     kept.wait_for_more(256 * 1024, PATIENCE).unwrap();
     kept.finish().unwrap();
 }
+
+#[test]
+fn every_api_call_the_agent_makes_is_allowed_by_deploy_rbac_and_nothing_more() {
+    let w = world(1);
+    w.api.apply_yaml(&web(&[1]));
+    let _agent = w.agent();
+    w.until_served_by(&["pod-1"]);
+    // A relist too: the calls after 410 Gone must be allowed as well.
+    w.api.compact();
+    w.api.drop_connections().unwrap();
+    w.api
+        .apply_yaml(&web(&[1]).replace("198.19.0.10", "198.19.0.12"));
+    w.until_served_by(&["pod-1"]);
+    let calls = w.api.requests();
+    let role = &lb_tests::deploy::load().unwrap().cluster_roles[0];
+    let mut used = std::collections::BTreeSet::new();
+    for c in &calls {
+        let resource = c
+            .resource
+            .unwrap_or_else(|| panic!("a call the server does not serve: {c:?}"));
+        let (group, name) = resource.rbac();
+        assert!(
+            lb_tests::deploy::allows(role, group, name, &c.verb),
+            "deploy/rbac.yaml does not allow {} {group}/{name} ({c:?})",
+            c.verb
+        );
+        used.insert((group.to_string(), name.to_string(), c.verb.clone()));
+    }
+    let granted: std::collections::BTreeSet<_> =
+        lb_tests::deploy::grants(role).into_iter().collect();
+    assert_eq!(granted, used, "the role grants exactly what the agent uses");
+    // And the agent's own list of its calls says the same.
+    let declared: std::collections::BTreeSet<_> = lb_userspace::source::API_CALLS
+        .iter()
+        .flat_map(|(g, r, verbs)| {
+            verbs
+                .iter()
+                .map(move |v| (g.to_string(), r.to_string(), v.to_string()))
+        })
+        .collect();
+    assert_eq!(declared, used);
+}
+
+/// GET `path` on the agent's status endpoint (in the node's namespace):
+/// (status code, body).
+fn status_get(w: &World, path: &'static str) -> (u16, String) {
+    use std::io::{Read, Write};
+    w.topo
+        .node
+        .run(move || {
+            let mut s = std::net::TcpStream::connect("127.0.0.1:10256").unwrap();
+            write!(
+                s,
+                "GET {path} HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n"
+            )
+            .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            let code = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+            let body = out
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_string())
+                .unwrap_or_default();
+            (code, body)
+        })
+        .unwrap()
+}
+
+/// The value of the first sample line starting with `prefix`.
+fn sample(metrics: &str, prefix: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix} in:\n{metrics}"))
+}
+
+#[test]
+fn healthz_readyz_and_metrics_tell_the_truth() {
+    let w = world(2);
+    w.api.apply_yaml(&web(&[1, 2]));
+    // The API is down when the agent starts: alive, but neither attached
+    // nor ready until it has a complete view.
+    w.api.stop();
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("lbkube")));
+    let mut args = vec![
+        "--kubeconfig".to_string(),
+        w.kubeconfig.path.display().to_string(),
+        "--node-name".into(),
+        NODE_NAME.into(),
+    ];
+    for i in w.topo.tc_ifaces() {
+        args.extend(["--iface".to_string(), i]);
+    }
+    let mut agent = Agent::spawn(&w.topo.node, &pin_dir, &args).unwrap();
+    agent.wait_for_log("serving /healthz", PATIENCE).unwrap();
+    assert_eq!(status_get(&w, "/readyz").0, 503);
+    assert_eq!(status_get(&w, "/healthz").0, 503);
+    w.api.restart().unwrap();
+    agent.wait_for_log("datapath ready", PATIENCE).unwrap();
+    assert_eq!(status_get(&w, "/readyz").0, 200);
+    assert_eq!(status_get(&w, "/healthz").0, 200);
+
+    w.until_served_by(&["pod-1", "pod-2"]);
+    let (code, m) = status_get(&w, "/metrics");
+    assert_eq!(code, 200);
+    assert_eq!(
+        sample(&m, "lb_services_programmed "),
+        2.0,
+        "web's TCP and UDP ports"
+    );
+    assert_eq!(sample(&m, "lb_backends_programmed "), 4.0);
+    assert!(sample(&m, "lb_syncs_total ") >= 1.0);
+    assert!(sample(&m, "lb_sync_duration_seconds_count ") >= 1.0);
+    assert!(sample(&m, "lb_datapath_packets_total{verdict=\"dnat_new\"}") >= 20.0);
+    assert!(
+        sample(&m, "lb_service_packets_total{namespace=\"demo\",service=\"web\",port=\"http\",protocol=\"TCP\",scope=\"Cluster\"}")
+            >= 20.0
+    );
+    assert!(sample(&m, "lb_map_entries{map=\"lb_conntrack\"}") >= 1.0);
+    assert_eq!(
+        sample(&m, "lb_map_entries{map=\"lb_frontends\"}"),
+        3.0,
+        "ClusterIP TCP, UDP and the NodePort"
+    );
+    assert_eq!(
+        sample(&m, "lb_map_capacity{map=\"lb_backends\"}"),
+        f64::from(lb_common::MAX_BACKENDS)
+    );
+}
