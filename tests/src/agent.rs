@@ -184,6 +184,11 @@ impl Agent {
             .unwrap_or_else(|| panic!("no {verdict} line in:\n{out}"))
     }
 
+    /// The running agent's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn logs(&self) -> Vec<String> {
         self.logs.lock().unwrap().clone()
     }
