@@ -139,29 +139,16 @@ impl Collector for DatapathCollector {
                     Some((v, per_cpu.iter().fold(DpCounter::default(), add)))
                 })
                 .collect();
-            for (name, help, pick) in [
-                (
-                    "datapath_packets",
-                    "Packets handled by the datapath, by verdict",
-                    packets as fn(&DpCounter) -> u64,
-                ),
-                (
-                    "datapath_bytes",
-                    "Bytes handled by the datapath, by verdict",
-                    bytes,
-                ),
-            ] {
-                let mut family = encoder.encode_descriptor(
-                    name,
-                    help,
-                    None,
-                    ConstCounter::new(0u64).metric_type(),
-                )?;
-                for (v, c) in &totals {
-                    ConstCounter::new(pick(c))
-                        .encode(family.encode_family(&[("verdict", v.name())])?)?;
-                }
-            }
+            let rows: Vec<(Vec<(&str, String)>, DpCounter)> = totals
+                .iter()
+                .map(|(v, c)| (vec![("verdict", v.name().to_string())], *c))
+                .collect();
+            encode_counters(
+                &mut encoder,
+                "datapath",
+                "handled by the datapath, by verdict",
+                &rows,
+            )?;
         }
         if let Ok(stats) =
             open::<Array<MapData, DpCounter>>(&self.pin_dir, map_names::SERVICE_STATS)
@@ -171,35 +158,25 @@ impl Collector for DatapathCollector {
                 .into_iter()
                 .filter_map(|(id, key)| Some((key, stats.get(&id, 0).ok()?)))
                 .collect();
-            for (name, help, pick) in [
-                (
-                    "service_packets",
-                    "Packets to a service port's frontends",
-                    packets as fn(&DpCounter) -> u64,
-                ),
-                (
-                    "service_bytes",
-                    "Bytes to a service port's frontends",
-                    bytes,
-                ),
-            ] {
-                let mut family = encoder.encode_descriptor(
-                    name,
-                    help,
-                    None,
-                    ConstCounter::new(0u64).metric_type(),
-                )?;
-                for (key, c) in &per_service {
-                    let labels = [
-                        ("namespace", key.namespace.clone()),
-                        ("service", key.name.clone()),
-                        ("port", key.port_name.clone()),
+            let rows: Vec<(Vec<(&str, String)>, DpCounter)> = per_service
+                .into_iter()
+                .map(|(key, c)| {
+                    let labels = vec![
+                        ("namespace", key.namespace),
+                        ("service", key.name),
+                        ("port", key.port_name),
                         ("protocol", key.protocol.to_string()),
                         ("scope", format!("{:?}", key.scope)),
                     ];
-                    ConstCounter::new(pick(c)).encode(family.encode_family(&labels)?)?;
-                }
-            }
+                    (labels, c)
+                })
+                .collect();
+            encode_counters(
+                &mut encoder,
+                "service",
+                "to a service port's frontends",
+                &rows,
+            )?;
         }
         let fill = self.fill_levels();
         let mut entries = encoder.encode_descriptor(
@@ -294,6 +271,28 @@ where
 {
     let data = MapData::from_pin(dir.join(name))?;
     Ok(T::try_from(aya::maps::Map::from_map_data(data)?)?)
+}
+
+/// `<prefix>_packets_total` and `<prefix>_bytes_total`, one sample per row.
+fn encode_counters(
+    encoder: &mut DescriptorEncoder,
+    prefix: &str,
+    what: &str,
+    rows: &[(Vec<(&str, String)>, DpCounter)],
+) -> Result<(), std::fmt::Error> {
+    for (unit, pick) in [
+        ("packets", packets as fn(&DpCounter) -> u64),
+        ("bytes", bytes),
+    ] {
+        let name = format!("{prefix}_{unit}");
+        let help = format!("{}{} {what}", unit[..1].to_uppercase(), &unit[1..]);
+        let mut family =
+            encoder.encode_descriptor(&name, &help, None, ConstCounter::new(0u64).metric_type())?;
+        for (labels, c) in rows {
+            ConstCounter::new(pick(c)).encode(family.encode_family(labels)?)?;
+        }
+    }
+    Ok(())
 }
 
 fn add(acc: DpCounter, c: &DpCounter) -> DpCounter {

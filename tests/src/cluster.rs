@@ -157,6 +157,19 @@ impl Cluster {
         })
     }
 
+    /// The test servers (`servers::PodServer`) in every pod, named by node
+    /// letter and index: a0, a1, b0, ...
+    pub fn start_servers(&self) -> anyhow::Result<Vec<crate::servers::PodServer>> {
+        let mut servers = Vec::new();
+        for node in &self.nodes {
+            for (i, p) in node.pods.iter().enumerate() {
+                let name = format!("{}{i}", &node.name[5..]);
+                servers.push(crate::servers::PodServer::start(&p.ns, &name, 8080, 5353)?);
+            }
+        }
+        Ok(servers)
+    }
+
     /// The real `lb run` on every node, all reading `config`, each with its
     /// own `--node-name` and `--node-ip`; `extra` is added to every one.
     pub fn start_agents(&self, config: &Path, extra: &[String]) -> anyhow::Result<Vec<Agent>> {

@@ -106,6 +106,18 @@ impl Topology {
             .collect()
     }
 
+    /// The test servers (`servers::PodServer`) in the first `n` pods,
+    /// named pod-1, pod-2, ...
+    pub fn start_servers(&self, n: usize) -> anyhow::Result<Vec<crate::servers::PodServer>> {
+        self.pods[..n]
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                crate::servers::PodServer::start(&p.ns, &format!("pod-{}", i + 1), 8080, 5353)
+            })
+            .collect()
+    }
+
     pub fn pod_ifaces(&self) -> Vec<String> {
         self.pods.iter().map(|p| p.host_iface.clone()).collect()
     }

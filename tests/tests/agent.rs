@@ -19,12 +19,7 @@ use lb_tests::{
 fn setup(backends: usize) -> (Topology, Vec<PodServer>) {
     lb_tests::require_root();
     let topo = Topology::new(backends).unwrap();
-    let servers = topo
-        .pods
-        .iter()
-        .enumerate()
-        .map(|(i, p)| PodServer::start(&p.ns, &format!("pod-{}", i + 1), 8080, 5353).unwrap())
-        .collect();
+    let servers = topo.start_servers(backends).unwrap();
     (topo, servers)
 }
 

@@ -34,13 +34,7 @@ impl World {
     fn new() -> World {
         lb_tests::require_root();
         let c = Cluster::new(&[2, 2]).expect("cluster");
-        let mut servers = Vec::new();
-        for node in &c.nodes {
-            for (i, p) in node.pods.iter().enumerate() {
-                let name = format!("{}{i}", &node.name[5..]);
-                servers.push(PodServer::start(&p.ns, &name, 8080, 5353).expect("server"));
-            }
-        }
+        let servers = c.start_servers().expect("servers");
         World {
             c,
             _servers: servers,

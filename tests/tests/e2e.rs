@@ -42,13 +42,7 @@ impl Cluster {
     fn with_nic(backends: usize, nic: NicMode) -> Cluster {
         lb_tests::require_root();
         let topo = Topology::with_nic(backends + 1, nic).expect("topology");
-        let servers = topo.pods[..backends]
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                PodServer::start(&p.ns, &format!("pod-{}", i + 1), 8080, 5353).expect("server")
-            })
-            .collect();
+        let servers = topo.start_servers(backends).expect("servers");
         Cluster {
             topo,
             _servers: servers,

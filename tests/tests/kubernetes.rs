@@ -35,12 +35,7 @@ struct World {
 fn world(pods: usize) -> World {
     lb_tests::require_root();
     let topo = Topology::new(pods).unwrap();
-    let servers = topo
-        .pods
-        .iter()
-        .enumerate()
-        .map(|(i, p)| PodServer::start(&p.ns, &format!("pod-{}", i + 1), 8080, 5353).unwrap())
-        .collect();
+    let servers = topo.start_servers(pods).unwrap();
     let api = ApiServer::start(&topo.node, API_ADDR.parse::<SocketAddr>().unwrap()).unwrap();
     api.apply_yaml(&format!(
         "apiVersion: v1\nkind: Node\nmetadata:\n  name: {NODE_NAME}\n  labels: {{topology.kubernetes.io/zone: z1}}\n\
@@ -60,6 +55,13 @@ impl World {
     /// `lb run` with no --config and no --node-ip: Services from the API,
     /// NodePort addresses from the Node object.
     fn agent(&self) -> Agent {
+        let mut agent = self.spawn_agent();
+        agent.wait_for_log("datapath ready", PATIENCE).unwrap();
+        agent
+    }
+
+    /// `agent` without waiting for it to be ready.
+    fn spawn_agent(&self) -> Agent {
         let mut args = vec![
             "--kubeconfig".to_string(),
             self.kubeconfig.path.display().to_string(),
@@ -70,9 +72,7 @@ impl World {
             args.extend(["--iface".to_string(), i]);
         }
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("lbkube")));
-        let mut agent = Agent::spawn(&self.topo.node, &pin_dir, &args).unwrap();
-        agent.wait_for_log("datapath ready", PATIENCE).unwrap();
-        agent
+        Agent::spawn(&self.topo.node, &pin_dir, &args).unwrap()
     }
 
     /// Who answers new connections to the NodePort, over `n` tries
@@ -401,17 +401,7 @@ fn healthz_readyz_and_metrics_tell_the_truth() {
     // The API is down when the agent starts: alive, but neither attached
     // nor ready until it has a complete view.
     w.api.stop();
-    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("lbkube")));
-    let mut args = vec![
-        "--kubeconfig".to_string(),
-        w.kubeconfig.path.display().to_string(),
-        "--node-name".into(),
-        NODE_NAME.into(),
-    ];
-    for i in w.topo.tc_ifaces() {
-        args.extend(["--iface".to_string(), i]);
-    }
-    let mut agent = Agent::spawn(&w.topo.node, &pin_dir, &args).unwrap();
+    let mut agent = w.spawn_agent();
     agent.wait_for_log("serving /healthz", PATIENCE).unwrap();
     assert_eq!(status_get(&w, "/readyz").0, 503);
     assert_eq!(status_get(&w, "/healthz").0, 503);

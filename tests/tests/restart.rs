@@ -34,13 +34,7 @@ struct World {
 fn world(endpoints: &[(usize, usize)]) -> World {
     lb_tests::require_root();
     let c = Cluster::new(&[2, 2]).expect("cluster");
-    let mut servers = Vec::new();
-    for node in &c.nodes {
-        for (i, p) in node.pods.iter().enumerate() {
-            let name = format!("{}{i}", &node.name[5..]);
-            servers.push(PodServer::start(&p.ns, &name, 8080, 5353).expect("server"));
-        }
-    }
+    let servers = c.start_servers().expect("servers");
     let config = ConfigFile::new(&yaml(&[web(endpoints)])).unwrap();
     World {
         c,

@@ -33,12 +33,7 @@ fn demo() -> anyhow::Result<bool> {
         "== building a virtual node: client {CLIENT_IP} -> node {NODE_IP} -> pods 198.18.1.11-13"
     );
     let topo = Topology::new(3)?;
-    let _servers: Vec<PodServer> = topo
-        .pods
-        .iter()
-        .enumerate()
-        .map(|(i, p)| PodServer::start(&p.ns, &format!("pod-{}", i + 1), 8080, 5353))
-        .collect::<Result<_, _>>()?;
+    let _servers: Vec<PodServer> = topo.start_servers(3)?;
     let svc = Svc::web(topo.pods.iter().map(|p| Endpoint::ready(p.ip)).collect());
     let config = ConfigFile::new(&yaml(&[svc]))?;
     println!(
