@@ -4,7 +4,7 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
-    hash::flow_hash, FlowKey, FrontendKey, ServiceEntry, Verdict, CT_FORWARD, CT_REPLY,
+    hash::flow_hash, Backend, FlowKey, FrontendKey, ServiceEntry, Verdict, CT_FORWARD, CT_REPLY,
     IPPROTO_ICMP, SERVICE_F_AFFINITY, SERVICE_F_LOCAL,
 };
 
@@ -165,16 +165,7 @@ fn forward(flow: Ipv4Flow, svc: &ServiceEntry, len: u32) -> Action {
                     conntrack::refresh(&key, now, &e, &b);
                     count(Verdict::DnatEstablished, len);
                     count_service(svc.id, len);
-                    let snat = snat_of(&e);
-                    return Action::Nat {
-                        flow,
-                        src: snat,
-                        dst: Some(AddrPort {
-                            addr: b.addr,
-                            port: b.port,
-                        }),
-                        route: snat.is_some(),
-                    };
+                    return to_backend(flow, &b, snat_of(&e));
                 }
             }
         }
@@ -226,6 +217,13 @@ fn forward(flow: Ipv4Flow, svc: &ServiceEntry, len: u32) -> Action {
         len,
     );
     count_service(svc.id, len);
+    to_backend(flow, &b, snat)
+}
+
+/// A packet of `flow` sent to backend `b`, its source translated to `snat`
+/// if given (then the datapath routes it: the stack would not).
+#[inline(always)]
+fn to_backend(flow: Ipv4Flow, b: &Backend, snat: Option<AddrPort>) -> Action {
     Action::Nat {
         flow,
         src: snat,

@@ -27,7 +27,7 @@ use crate::{
     datapath::{AttachMode, Attached, Datapath, KernelMaps},
     healthcheck::HealthServers,
     metrics::Metrics,
-    model::NodeConfig,
+    model::{NodeConfig, ServicePortKey},
     pins,
     planner::{Programmer, Report},
     source::{self, Change, Update, Updates, What},
@@ -396,15 +396,26 @@ impl Agent {
         if let Some(since) = self.pending_since.take() {
             m.observe_sync(since.elapsed(), report.failed.len());
         }
-        m.services.set(self.programmer.programmed().count() as i64);
+        m.services.set(self.programmer.service_count() as i64);
         m.backends.set(self.programmer.backend_count() as i64);
-        if !report.diff.is_empty() {
-            *m.names.lock().expect("names lock") = self
-                .programmer
-                .programmed()
-                .map(|(k, id)| (id, k.clone()))
-                .collect();
+        // The per-service metrics' labels, updated for what changed only (a
+        // sync costs what its change costs, not what the cluster holds).
+        let mut names = m.names.lock().expect("names lock");
+        let gone: BTreeSet<&ServicePortKey> = report
+            .diff
+            .removed
+            .iter()
+            .chain(report.failed.iter().map(|(k, _)| k))
+            .collect();
+        if !gone.is_empty() {
+            names.retain(|_, k| !gone.contains(k));
         }
+        for key in report.diff.added.iter().chain(&report.diff.changed) {
+            if let Some(id) = self.programmer.service_id(key) {
+                names.insert(id, key.clone());
+            }
+        }
+        drop(names);
         report
     }
 

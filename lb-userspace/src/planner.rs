@@ -139,6 +139,11 @@ impl IdAllocator {
     pub fn release(&mut self, id: u32) {
         self.free.insert(id);
     }
+
+    /// Ids handed out (or claimed) and not released.
+    pub fn in_use(&self) -> usize {
+        (self.next - 1) as usize - self.free.len()
+    }
 }
 
 /// What the maps hold, read back: how a restarted agent learns what the
@@ -315,7 +320,12 @@ impl<M: DatapathMaps> Programmer<M> {
 
     /// Backends currently written, over all service ports.
     pub fn backend_count(&self) -> usize {
-        self.programmed.values().map(|p| p.backend_ids.len()).sum()
+        self.backend_ids.in_use()
+    }
+
+    /// Service ports programmed.
+    pub fn service_count(&self) -> usize {
+        self.programmed.len()
     }
 
     /// Makes the maps equal to `desired`, touching only what changed.

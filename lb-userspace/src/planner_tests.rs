@@ -386,3 +386,17 @@ fn a_restarted_programmer_deletes_only_what_went_away_meanwhile() {
     assert!(m.backends.values().all(|b| live.contains(&b.service_id)));
     assert!(m.maglev.keys().all(|id| live.contains(id)));
 }
+
+#[test]
+fn backend_count_follows_adds_and_removals() {
+    let mut p = Programmer::new(MemoryMaps::default());
+    p.apply(&state(BASIC));
+    assert_eq!(p.backend_count(), p.maps().backends.len());
+    p.apply(&state(&BASIC.replace(
+        "- addresses: [198.18.1.12]\n  conditions: {ready: true}\n",
+        "",
+    )));
+    assert_eq!(p.backend_count(), p.maps().backends.len());
+    p.apply(&DesiredState::default());
+    assert_eq!(p.backend_count(), 0);
+}
