@@ -39,6 +39,8 @@ pub mod map_names {
 /// Program names in the object file.
 pub mod program_names {
     pub const TC: &str = "lb_tc_ingress";
+    /// TC egress: replies sent by the node's own stack (see lb-ebpf).
+    pub const TC_EGRESS: &str = "lb_tc_egress";
     pub const XDP: &str = "lb_xdp";
     /// cgroup/connect4: the node's own sockets to a frontend.
     pub const SOCK_CONNECT4: &str = "lb_sock_connect4";
@@ -213,14 +215,21 @@ pub struct DatapathConfig {
     /// SNAT source ports are taken from `snat_port_min..=snat_port_max`.
     pub snat_port_min: u16,
     pub snat_port_max: u16,
-    /// Network namespace cookie of the node: the socket hooks translate
-    /// only sockets of this namespace (pods go through TC).
+    /// Network namespace cookie of the node. 0 until the agent wrote the
+    /// config: the socket hooks translate nothing before that.
     pub netns_cookie: u64,
     /// `LAYOUT_VERSION` of the agent that wrote this: a later agent finding
     /// another version recreates the maps instead of adopting them.
     pub layout_version: u32,
-    pub _pad: u32,
+    /// `CONFIG_F_*` bits. (Agents before these flags wrote 0 here, which
+    /// means what they did: socket hooks for the node's namespace only.)
+    pub flags: u32,
 }
+
+/// `DatapathConfig::flags`: the socket hooks translate sockets of every
+/// network namespace (pods too, like Cilium's socket LB), not only the
+/// node's own (`--socket-lb-host-only` clears it).
+pub const CONFIG_F_SOCK_ALL_NETNS: u32 = 1 << 0;
 
 /// Bumped whenever a pinned map's key or value changes meaning without
 /// changing size (size changes are caught from the maps themselves).

@@ -25,12 +25,20 @@ use aya_ebpf::{
     macros::{cgroup_sock_addr, classifier, xdp},
     programs::{SockAddrContext, TcContext, XdpContext},
 };
+use pipeline::Direction;
 
 /// TC ingress: pod veths and any interface whose packets may carry
 /// CHECKSUM_PARTIAL.
 #[classifier]
 pub fn lb_tc_ingress(ctx: TcContext) -> i32 {
-    tc::run(&ctx)
+    tc::run(&ctx, Direction::Ingress)
+}
+
+/// TC egress: replies the node's own stack sends (a backend in the node's
+/// network namespace) leave through here untranslated otherwise.
+#[classifier]
+pub fn lb_tc_egress(ctx: TcContext) -> i32 {
+    tc::run(&ctx, Direction::Egress)
 }
 
 /// XDP: NICs that deliver complete checksums.

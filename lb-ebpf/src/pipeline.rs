@@ -34,10 +34,12 @@ pub enum Action {
     Reject {
         flow: Ipv4Flow,
     },
-    /// Translate an ICMP error about a translated flow, then route it.
+    /// Translate an ICMP error about a translated flow; with `route`, then
+    /// send it to its next hop directly (as for `Nat`).
     IcmpNat {
         icmp: IcmpError,
         to: IcmpRewrite,
+        route: bool,
     },
 }
 
@@ -94,27 +96,52 @@ pub struct IcmpRewrite {
     pub inner_dst: AddrPort,
 }
 
+/// Which way a packet crosses the interface the program sits on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Arriving (XDP, TC ingress): new flows to frontends, backends'
+    /// replies, ICMP errors. Translated replies are routed by the datapath.
+    Ingress,
+    /// Leaving (TC egress): only what the node's own stack sends, or has
+    /// already routed, that no ingress hook translated: replies of a
+    /// backend in the node's own network namespace (hostNetwork pods, the
+    /// API server) and ICMP errors the node generates about translated
+    /// flows. Already routed, so never redirected; passes are not counted
+    /// (every packet the node sends crosses this hook).
+    Egress,
+}
+
 #[inline(always)]
-pub fn decide<C: PacketBuf>(ctx: &C) -> Action {
+pub fn decide<C: PacketBuf>(ctx: &C, dir: Direction) -> Action {
     let len = ctx.wire_len();
+    let ingress = dir == Direction::Ingress;
     let flow = match parse(ctx) {
         Parsed::Flow(f) => f,
-        Parsed::IcmpError(icmp) => return icmp_error(icmp, len),
+        Parsed::IcmpError(icmp) => {
+            return match icmp_error(icmp, len, ingress) {
+                Some(a) => a,
+                None if ingress => pass(Verdict::PassNotService, len),
+                None => Action::Pass,
+            }
+        }
+        _ if !ingress => return Action::Pass,
         Parsed::NotIpv4 => return pass(Verdict::PassNotIpv4, len),
         Parsed::OtherProtocol => return pass(Verdict::PassOtherProtocol, len),
         Parsed::Fragment => return pass(Verdict::PassFragment, len),
         Parsed::Malformed => return pass(Verdict::PassMalformed, len),
     };
-    let fkey = FrontendKey {
-        addr: flow.daddr,
-        port: flow.dport,
-        proto: flow.proto,
-        _pad: 0,
-    };
-    // SAFETY: copied out at once.
-    if let Some(svc) = unsafe { FRONTENDS.get(fkey) } {
-        let svc = *svc;
-        return forward(flow, &svc, len);
+    if ingress {
+        let fkey = FrontendKey {
+            addr: flow.daddr,
+            port: flow.dport,
+            proto: flow.proto,
+            _pad: 0,
+        };
+        // SAFETY: copied out at once.
+        if let Some(svc) = unsafe { FRONTENDS.get(fkey) } {
+            let svc = *svc;
+            return forward(flow, &svc, len);
+        }
     }
     let now = unsafe { bpf_ktime_get_ns() };
     match conntrack::lookup_reply(&flow_key(&flow), now) {
@@ -128,10 +155,11 @@ pub fn decide<C: PacketBuf>(ctx: &C) -> Action {
                     port: e.nat_port,
                 }),
                 dst: snat_of(&e),
-                route: true,
+                route: ingress,
             }
         }
-        None => pass(Verdict::PassNotService, len),
+        None if ingress => pass(Verdict::PassNotService, len),
+        None => Action::Pass,
     }
 }
 
@@ -249,7 +277,7 @@ fn to_backend(flow: Ipv4Flow, b: &Backend, snat: Option<AddrPort>) -> Action {
 ///
 /// Path MTU discovery through a smaller-MTU link depends on this.
 #[inline(always)]
-fn icmp_error(icmp: IcmpError, len: u32) -> Action {
+fn icmp_error(icmp: IcmpError, len: u32, route: bool) -> Option<Action> {
     // The quoted packet reversed: the direction the flow's entry is keyed by.
     let key = FlowKey {
         src_addr: icmp.inner_daddr,
@@ -262,9 +290,7 @@ fn icmp_error(icmp: IcmpError, len: u32) -> Action {
     // SAFETY: a helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     // One lookup: the entry's direction says which way the quote went.
-    let Some(e) = conntrack::lookup_live(&key, now) else {
-        return pass(Verdict::PassNotService, len);
-    };
+    let e = conntrack::lookup_live(&key, now)?;
     let quoted_src = AddrPort {
         addr: icmp.inner_saddr,
         port: icmp.inner_sport,
@@ -293,7 +319,7 @@ fn icmp_error(icmp: IcmpError, len: u32) -> Action {
             },
             snat_of(&e).unwrap_or(quoted_dst),
         ),
-        _ => return pass(Verdict::PassNotService, len),
+        _ => return None,
     };
     // Outer addresses that are the quoted ones move with them: the sender
     // of an error about its own packet, and the error's recipient.
@@ -312,5 +338,5 @@ fn icmp_error(icmp: IcmpError, len: u32) -> Action {
         inner_dst,
     };
     count(Verdict::IcmpErrorNat, len);
-    Action::IcmpNat { icmp, to }
+    Some(Action::IcmpNat { icmp, to, route })
 }

@@ -1,16 +1,20 @@
-//! Socket-level translation for the node's own sockets (kubelet, hostNetwork
-//! pods): cgroup/connect4 and cgroup/sendmsg4 replace a frontend address by
-//! a backend before any packet exists, and cgroup/recvmsg4 and
-//! cgroup/getpeername4 show the frontend again to the application.
+//! Socket-level translation ("socket LB"): cgroup/connect4 and
+//! cgroup/sendmsg4 replace a frontend address by a backend before any packet
+//! exists, and cgroup/recvmsg4 and cgroup/getpeername4 show the frontend
+//! again to the application. They act on every socket of the hooked cgroup,
+//! in any network namespace (pods too), or with `--socket-lb-host-only` only
+//! on the node's own sockets (kubelet, hostNetwork pods).
 //!
 //! Why a socket hook and not TC egress: a packet the node sends to a
 //! ClusterIP has already been routed (to a default route, or nowhere: then
 //! connect() fails with ENETUNREACH before TC sees anything), and its reply
 //! would be delivered locally with no hook to reverse-translate cheaply.
 //! At the socket, the choice is made once per connection, costs nothing per
-//! packet, and replies need no translation at all. Pods' traffic is left to
-//! TC (their namespace's cookie differs), so SNAT, hairpin and traffic
-//! policies keep working for them.
+//! packet, and replies need no translation at all. For a pod the same holds:
+//! its connection goes straight to the backend, which sees the pod's
+//! address. What the socket cannot judge is left to TC on the pod's veth:
+//! a frontend with loadBalancerSourceRanges (the source address is not
+//! chosen yet at connect()), and every socket outside the hooked cgroup.
 
 use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_ANY},
@@ -19,8 +23,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     hash::{flow_hash, fmix64},
-    FrontendKey, SockReverseEntry, SockReverseKey, Verdict, IPPROTO_TCP, IPPROTO_UDP,
-    SERVICE_F_AFFINITY,
+    FrontendKey, SockReverseEntry, SockReverseKey, Verdict, CONFIG_F_SOCK_ALL_NETNS, IPPROTO_TCP,
+    IPPROTO_UDP, SERVICE_F_AFFINITY, SERVICE_F_SOURCE_RANGES,
 };
 
 use crate::{
@@ -39,9 +43,13 @@ const ECONNREFUSED: i32 = 111;
 pub fn translate(ctx: &SockAddrContext) -> i32 {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
     let cfg = config();
+    // Nothing before the agent wrote the config.
+    if cfg.netns_cookie == 0 {
+        return ALLOW;
+    }
     // SAFETY: helpers on our own context.
-    let netns = unsafe { bpf_get_netns_cookie(sa.cast()) };
-    if cfg.netns_cookie == 0 || netns != cfg.netns_cookie {
+    let in_node_netns = unsafe { bpf_get_netns_cookie(sa.cast()) } == cfg.netns_cookie;
+    if !in_node_netns && cfg.flags & CONFIG_F_SOCK_ALL_NETNS == 0 {
         return ALLOW;
     }
     // SAFETY: sa is the program's context; these fields are readable.
@@ -60,6 +68,13 @@ pub fn translate(ctx: &SockAddrContext) -> i32 {
     let Some(svc) = (unsafe { FRONTENDS.get(fkey) }).copied() else {
         return ALLOW;
     };
+    // A pod's packets to such a frontend cross its veth, where TC checks
+    // the source against the ranges; here the source is not known yet.
+    // (The node's own sockets never cross a TC ingress: translated as
+    // before, ranges not applied; see README Limits.)
+    if !in_node_netns && svc.flags & SERVICE_F_SOURCE_RANGES != 0 {
+        return ALLOW;
+    }
     count_service(svc.id, 0);
     // SAFETY: helpers on our own context.
     let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };

@@ -1,4 +1,4 @@
-//! Applying an `Action` to an skb (TC ingress). Checksums go through the
+//! Applying an `Action` to an skb (TC ingress and egress). Checksums go through the
 //! kernel's csum helpers: they update a CHECKSUM_PARTIAL seed, a complete
 //! checksum and `skb->csum` each the right way, which no direct write can
 //! (pods' packets on veth usually carry CHECKSUM_PARTIAL).
@@ -22,7 +22,7 @@ use crate::{
         IcmpError, Ipv4Flow, ETH_HLEN, ICMP_ERROR_MIN, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF,
         IP_TTL_OFF,
     },
-    pipeline::{decide, Action, IcmpRewrite, Route},
+    pipeline::{decide, Action, Direction, IcmpRewrite, Route},
     reject,
     stats::count,
 };
@@ -30,8 +30,8 @@ use crate::{
 const AF_INET: u8 = 2;
 
 #[inline(always)]
-pub fn run(ctx: &TcContext) -> i32 {
-    let rc = match decide(ctx) {
+pub fn run(ctx: &TcContext, dir: Direction) -> i32 {
+    let rc = match decide(ctx, dir) {
         Action::Pass => Ok(TC_ACT_OK),
         Action::Drop => Ok(TC_ACT_SHOT),
         Action::Nat {
@@ -41,7 +41,7 @@ pub fn run(ctx: &TcContext) -> i32 {
             route: r,
         } => nat(ctx, &flow, src, dst, r),
         Action::Reject { flow } => reject(ctx, &flow),
-        Action::IcmpNat { icmp, to } => icmp_nat(ctx, &icmp, &to),
+        Action::IcmpNat { icmp, to, route } => icmp_nat(ctx, &icmp, &to, route),
     };
     // A helper failed half-way (out of memory, unwritable skb): the packet
     // may be half-translated, so it must not go anywhere.
@@ -71,7 +71,12 @@ fn nat(
 }
 
 #[inline(always)]
-fn icmp_nat(ctx: &TcContext, icmp: &IcmpError, to: &IcmpRewrite) -> Result<i32, i64> {
+fn icmp_nat(
+    ctx: &TcContext,
+    icmp: &IcmpError,
+    to: &IcmpRewrite,
+    redirect: bool,
+) -> Result<i32, i64> {
     // Writes go straight into the packet: make its head linear and private
     // (a clone's data is shared) first. The quote may end before a TCP
     // checksum, so ask for that much only if it is there.
@@ -83,6 +88,9 @@ fn icmp_nat(ctx: &TcContext, icmp: &IcmpError, to: &IcmpRewrite) -> Result<i32, 
     ctx.pull_data(want as u32)?;
     if icmp::rewrite(ctx, icmp, to).is_none() {
         return Ok(TC_ACT_SHOT);
+    }
+    if !redirect {
+        return Ok(TC_ACT_OK);
     }
     route(ctx, &Route::after_icmp_nat(to))
 }

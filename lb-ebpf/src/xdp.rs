@@ -17,7 +17,7 @@ use crate::{
     csum::{update16, update32},
     icmp,
     packet::{ptr_at, EthHdr, Ipv4Flow, Ipv4Hdr, L4Ports, ETH_HLEN},
-    pipeline::{decide, Action, Route},
+    pipeline::{decide, Action, Direction, Route},
     reject::{self, IcmpUnreachFrame},
     stats::count,
 };
@@ -26,7 +26,7 @@ const AF_INET: u8 = 2;
 
 #[inline(always)]
 pub fn run(ctx: &XdpContext) -> u32 {
-    match decide(ctx) {
+    match decide(ctx, Direction::Ingress) {
         Action::Pass => xdp_action::XDP_PASS,
         Action::Drop => xdp_action::XDP_DROP,
         Action::Nat {
@@ -36,7 +36,7 @@ pub fn run(ctx: &XdpContext) -> u32 {
             route: r,
         } => nat(ctx, &flow, src, dst, r).unwrap_or(xdp_action::XDP_DROP),
         Action::Reject { flow } => reject(ctx, &flow),
-        Action::IcmpNat { icmp, to } => match icmp::rewrite(ctx, &icmp, &to) {
+        Action::IcmpNat { icmp, to, .. } => match icmp::rewrite(ctx, &icmp, &to) {
             Some(()) => route(ctx, &Route::after_icmp_nat(&to)),
             None => xdp_action::XDP_DROP,
         },

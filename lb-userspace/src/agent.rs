@@ -9,7 +9,7 @@
 //! updates touched; the programmer writes the service ports that changed.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::Arc,
@@ -18,14 +18,19 @@ use std::{
 
 use anyhow::Context;
 use k8s_openapi::api::core::v1::Node;
-use lb_common::{DatapathConfig, SNAT_PORT_MAX, SNAT_PORT_MIN};
-use tokio::signal::unix::{signal, Signal, SignalKind};
+use lb_common::{DatapathConfig, CONFIG_F_SOCK_ALL_NETNS, SNAT_PORT_MAX, SNAT_PORT_MIN};
+use tokio::{
+    signal::unix::{signal, Signal, SignalKind},
+    sync::mpsc::UnboundedReceiver,
+};
 use tracing::{error, info, warn};
 
 use crate::{
     catalog::Catalog,
-    datapath::{AttachMode, Attached, Datapath, KernelMaps},
+    datapath::{Attached, Datapath, Hook, KernelMaps},
     healthcheck::HealthServers,
+    interfaces::{Interfaces, LinkKind, Selection, Skip, Step},
+    link_watch::{self, LinkEvent},
     metrics::Metrics,
     model::{NodeConfig, ServicePortKey},
     pins,
@@ -49,13 +54,20 @@ pub enum SourceOptions {
 #[derive(Clone, Debug)]
 pub struct RunOptions {
     pub source: SourceOptions,
-    pub tc_ifaces: Vec<String>,
+    /// `--iface` glob patterns; empty: every interface but loopback.
+    pub ifaces: Vec<String>,
+    /// `--exclude-iface` glob patterns.
+    pub exclude_ifaces: Vec<String>,
+    /// `--xdp-iface` names: XDP instead of TC ingress.
     pub xdp_ifaces: Vec<String>,
     /// `node_ips` empty: taken from the Node object (Kubernetes source).
     pub node: NodeConfig,
     pub pin_dir: PathBuf,
-    /// cgroup v2 directory for the socket hooks (host-originated traffic).
+    /// cgroup v2 directory for the socket hooks.
     pub cgroup: Option<PathBuf>,
+    /// The socket hooks translate only the node's own network namespace
+    /// (else every namespace: pods too).
+    pub socket_lb_host_only: bool,
     /// Detach and unpin everything on exit instead of leaving the datapath
     /// running for the next agent.
     pub cleanup_on_exit: bool,
@@ -65,10 +77,14 @@ pub struct RunOptions {
 
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     system::check_privileges()?;
-    for iface in opts.tc_ifaces.iter().chain(&opts.xdp_ifaces) {
-        if nix::net::if_::if_nametoindex(iface.as_str()).is_err() {
+    let selection = Selection::new(&opts.ifaces, &opts.exclude_ifaces, &opts.xdp_ifaces)?;
+    // Interfaces named exactly are expected now: a typo should not wait
+    // silently for an interface that never comes.
+    for iface in selection.named() {
+        if nix::net::if_::if_nametoindex(iface).is_err() {
             anyhow::bail!(
-                "interface {iface:?} does not exist in this network namespace (see `ip link show`)"
+                "interface {iface:?} does not exist in this network namespace (see `ip link show`; \
+                 a glob pattern such as \"{iface}*\" also follows interfaces created later)"
             );
         }
     }
@@ -92,6 +108,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     if opts.node.node_ips.is_empty() && matches!(opts.source, SourceOptions::File(_)) {
         warn!("no --node-ip given: NodePort services get no node frontends");
     }
+    // Subscribed before anything is attached: an interface created from
+    // here on is seen.
+    let links = link_watch::watch_links().await?;
     system::ensure_bpffs(&opts.pin_dir)?;
     let _lock = PinDirLock::acquire(&opts.pin_dir)?;
     if let Err(e) = nix::sys::resource::setrlimit(
@@ -132,6 +151,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         health: HealthServers::default(),
         status,
         dp,
+        interfaces: Interfaces::new(selection),
+        skip_logged: BTreeMap::new(),
         needs,
         node_ips_given: !opts.node.node_ips.is_empty(),
         node_missing_logged: false,
@@ -139,7 +160,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         pending_since: None,
         opts,
     };
-    let result = agent.serve(updates).await;
+    let result = agent.serve(updates, links).await;
     let Agent { dp, opts, .. } = agent;
     let shutdown = dp.shutdown(opts.cleanup_on_exit);
     result?;
@@ -183,6 +204,10 @@ struct Agent {
     health: HealthServers,
     status: Arc<Status>,
     dp: Datapath,
+    /// The namespace's interfaces and which carry the datapath.
+    interfaces: Interfaces,
+    /// Interfaces already logged as not followed (index -> name).
+    skip_logged: BTreeMap<u32, String>,
     needs: Needs,
     opts: RunOptions,
     node_ips_given: bool,
@@ -195,27 +220,36 @@ struct Agent {
 
 enum Next {
     Update(Update),
+    Link(LinkEvent),
     Stop,
 }
 
 impl Agent {
-    async fn serve(&mut self, mut updates: Updates) -> anyhow::Result<()> {
+    async fn serve(
+        &mut self,
+        mut updates: Updates,
+        mut links: UnboundedReceiver<LinkEvent>,
+    ) -> anyhow::Result<()> {
         let mut sigterm = signal(SignalKind::terminate())?;
         let mut sigint = signal(SignalKind::interrupt())?;
         // Until the first complete view: only collect. A previous agent's
         // datapath, if any, keeps serving meanwhile.
         while !self.needs.done() {
-            match next(&mut updates, &mut sigterm, &mut sigint).await? {
+            match next(&mut updates, &mut links, &mut sigterm, &mut sigint).await? {
                 Next::Update(u) => self.take(u),
+                Next::Link(e) => self.take_link(e)?,
                 Next::Stop => return Ok(()),
             }
         }
         while let Ok(u) = updates.try_recv() {
             self.take(u);
         }
+        while let Ok(e) = links.try_recv() {
+            self.take_link(e)?;
+        }
         self.first_sync().await?;
         loop {
-            match next(&mut updates, &mut sigterm, &mut sigint).await? {
+            match next(&mut updates, &mut links, &mut sigterm, &mut sigint).await? {
                 Next::Update(u) => {
                     self.take(u);
                     // Coalesce: whatever else is already queued goes into
@@ -225,9 +259,107 @@ impl Agent {
                     }
                     self.sync().await?;
                 }
+                Next::Link(e) => {
+                    self.take_link(e)?;
+                    while let Ok(e) = links.try_recv() {
+                        self.take_link(e)?;
+                    }
+                    self.follow_interfaces(false)?;
+                }
                 Next::Stop => return Ok(()),
             }
         }
+    }
+
+    /// Applies one link event to the interface set (no attach yet).
+    fn take_link(&mut self, e: LinkEvent) -> anyhow::Result<()> {
+        match e {
+            LinkEvent::All(all) => self.interfaces.set_present(all),
+            LinkEvent::Changed(link) => self.interfaces.link_changed(link),
+            LinkEvent::Removed(index) => self.interfaces.link_removed(index),
+            LinkEvent::Lost(why) => anyhow::bail!(
+                "{why}: interfaces can no longer be followed; exiting so that the agent is \
+                 restarted (the datapath stays in place)"
+            ),
+        }
+        Ok(())
+    }
+
+    /// Attaches to the interfaces that appeared, moves the links of renamed
+    /// ones and removes those of interfaces that went. On the first call
+    /// (start-up), failing on an interface named exactly is an error.
+    fn follow_interfaces(&mut self, first: bool) -> anyhow::Result<()> {
+        self.log_skipped();
+        for (index, step) in self.interfaces.plan() {
+            let outcome = match &step {
+                Step::Attach { name, ingress } => self.dp.attach_iface(name, *ingress).map(Some),
+                Step::Rename { from, to, ingress } => {
+                    self.dp.rename_iface(from, to, *ingress).map(Some)
+                }
+                Step::Detach { name, .. } => self
+                    .dp
+                    .detach_iface(name)
+                    .map(|()| None)
+                    .map_err(|e| crate::datapath::DatapathError::Pins(e.into())),
+            };
+            let ok = outcome.is_ok();
+            match (&step, outcome) {
+                (Step::Attach { name, ingress }, Ok(how)) => {
+                    let hooks = hook_labels(*ingress);
+                    match how {
+                        Some(Attached::Replaced) => {
+                            info!(iface = %name, %hooks, "replaced the programs in the pinned links")
+                        }
+                        _ => info!(iface = %name, %hooks, "attached"),
+                    }
+                }
+                (Step::Rename { from, to, .. }, Ok(_)) => {
+                    info!(iface = %to, from = %from, "interface renamed: its links follow it")
+                }
+                (Step::Detach { name, .. }, Ok(_)) => {
+                    let why = if self.interfaces.is_present(index) {
+                        "no longer selected"
+                    } else {
+                        "interface gone"
+                    };
+                    info!(iface = %name, "detached ({why})")
+                }
+                (step, Err(e)) => {
+                    let name = match step {
+                        Step::Attach { name, .. } | Step::Detach { name, .. } => name,
+                        Step::Rename { to, .. } => to,
+                    };
+                    if first && self.interfaces.selection().named().contains(&name.as_str()) {
+                        return Err(e.into());
+                    }
+                    self.status.metrics.interface_failures.inc();
+                    warn!(iface = %name, "{e:#}; not retried until the interface changes");
+                }
+            }
+            self.interfaces.applied(index, &step, ok);
+        }
+        self.status
+            .metrics
+            .set_interfaces(&self.interfaces.in_force());
+        Ok(())
+    }
+
+    /// One line per interface that is not followed for a reason a user may
+    /// not expect (no Ethernet header); the rest at debug level.
+    fn log_skipped(&mut self) {
+        let mut seen = BTreeMap::new();
+        for (link, judged) in self.interfaces.judged() {
+            let Err(skip) = judged else { continue };
+            if self.skip_logged.get(&link.index) != Some(&link.name) {
+                if skip == Skip::NotEthernet {
+                    info!(iface = %link.name, "not attached: {skip}");
+                } else if link.kind != LinkKind::Loopback {
+                    tracing::debug!(iface = %link.name, "not attached: {skip}");
+                }
+            }
+            seen.insert(link.index, link.name.clone());
+        }
+        self.skip_logged = seen;
     }
 
     /// Applies one update to the catalog (no map writes yet).
@@ -318,26 +450,23 @@ impl Agent {
         self.health
             .update(&self.catalog.state().health_checks)
             .await;
-        let opts = self.opts.clone();
-        for (iface, mode) in opts
-            .tc_ifaces
-            .iter()
-            .map(|i| (i, AttachMode::Tc))
-            .chain(opts.xdp_ifaces.iter().map(|i| (i, AttachMode::Xdp)))
-        {
-            let how = match self.dp.attach(iface, mode)? {
-                Attached::Replaced => "replaced the program in the pinned link",
-                Attached::New => "attached",
-            };
-            info!(iface = %iface, mode = ?mode, "{how}");
+        self.follow_interfaces(true)?;
+        if self.interfaces.in_force().is_empty() {
+            warn!("no interface is attached yet: waiting for one that --iface selects to appear");
         }
+        let opts = self.opts.clone();
         match &opts.cgroup {
             Some(cg) => {
                 let how = match self.dp.attach_cgroup(cg)? {
                     Attached::Replaced => "replaced the socket hooks",
                     Attached::New => "attached socket hooks",
                 };
-                info!(cgroup = %cg.display(), "{how} (node-originated traffic)");
+                let scope = if opts.socket_lb_host_only {
+                    "the node's own network namespace only"
+                } else {
+                    "every network namespace: the node and its pods"
+                };
+                info!(cgroup = %cg.display(), "{how}: sockets of {scope}");
             }
             None => info!("no --cgroup: the node's own connections to services are not balanced"),
         }
@@ -431,12 +560,18 @@ impl Agent {
         if self.snat_addr == Some(addr) {
             return;
         }
+        let flags = if self.opts.socket_lb_host_only {
+            0
+        } else {
+            CONFIG_F_SOCK_ALL_NETNS
+        };
         let cfg = system::netns_cookie().and_then(|cookie| {
             self.programmer.maps_mut().set_config(DatapathConfig {
                 snat_addr: addr,
                 snat_port_min: SNAT_PORT_MIN,
                 snat_port_max: SNAT_PORT_MAX,
                 netns_cookie: cookie,
+                flags,
                 ..Default::default()
             })
         });
@@ -449,10 +584,15 @@ impl Agent {
 
 async fn next(
     updates: &mut Updates,
+    links: &mut UnboundedReceiver<LinkEvent>,
     sigterm: &mut Signal,
     sigint: &mut Signal,
 ) -> anyhow::Result<Next> {
     tokio::select! {
+        e = links.recv() => match e {
+            Some(e) => Ok(Next::Link(e)),
+            None => anyhow::bail!("the interface watcher stopped"),
+        },
         _ = sigterm.recv() => { info!("SIGTERM: shutting down"); Ok(Next::Stop) }
         _ = sigint.recv() => { info!("SIGINT: shutting down"); Ok(Next::Stop) }
         u = updates.recv() => match u {
@@ -460,6 +600,11 @@ async fn next(
             None => anyhow::bail!("the source of Services stopped"),
         }
     }
+}
+
+/// "tc_ingress+tc_egress": what an interface gets, for log lines.
+fn hook_labels(ingress: crate::interfaces::Ingress) -> String {
+    Hook::for_ingress(ingress).map(Hook::label).join("+")
 }
 
 /// IPv4 InternalIP and ExternalIP addresses of a Node, in its order.

@@ -3,7 +3,10 @@
 //! when their layout matches), and attaches programs through pinned links
 //! that outlive the agent (see `pins`).
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+};
 
 use anyhow::Context;
 use aya::{
@@ -17,7 +20,10 @@ use aya::{
 use lb_common::{map_names, program_names};
 
 pub use crate::kernel_maps::KernelMaps;
-use crate::pins::{self, Incompatible};
+use crate::{
+    interfaces::Ingress,
+    pins::{self, Incompatible},
+};
 
 /// The datapath object, built by `cargo xtask build-ebpf` and embedded by
 /// build.rs (empty when it was missing at build time).
@@ -49,14 +55,68 @@ pub enum DatapathError {
     Pins(anyhow::Error),
 }
 
-/// How a program is attached to an interface.
+/// One program attachment on an interface, pinned as
+/// `<pin-dir>/links/<prefix><interface>`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AttachMode {
+pub enum Hook {
     /// TC ingress (TCX): right for any interface, veth included.
-    Tc,
+    TcIngress,
+    /// TC egress: replies the node's own stack sends (see lb-ebpf).
+    TcEgress,
     /// XDP (native where the driver has it): for NICs that hand over
     /// complete checksums.
     Xdp,
+}
+
+impl Hook {
+    const ALL: [Hook; 3] = [Hook::TcEgress, Hook::TcIngress, Hook::Xdp];
+
+    /// The hooks an interface gets.
+    pub fn for_ingress(ingress: Ingress) -> [Hook; 2] {
+        match ingress {
+            Ingress::Tc => [Hook::TcIngress, Hook::TcEgress],
+            Ingress::Xdp => [Hook::Xdp, Hook::TcEgress],
+        }
+    }
+
+    /// Pin name prefixes. (`tc_` is what agents before TC egress pinned
+    /// their ingress links as, so those are adopted in place.)
+    fn prefix(self) -> &'static str {
+        match self {
+            Hook::TcIngress => "tc_",
+            Hook::TcEgress => "tcegress_",
+            Hook::Xdp => "xdp_",
+        }
+    }
+
+    pub fn pin_name(self, iface: &str) -> String {
+        format!("{}{iface}", self.prefix())
+    }
+
+    /// The hook and interface a link pin name stands for (None for the
+    /// cgroup hooks' pins).
+    pub fn parse_pin(name: &str) -> Option<(Hook, &str)> {
+        Hook::ALL
+            .into_iter()
+            .find_map(|h| Some((h, name.strip_prefix(h.prefix())?)))
+    }
+
+    /// How `/metrics` and `lb status` name it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Hook::TcIngress => "tc_ingress",
+            Hook::TcEgress => "tc_egress",
+            Hook::Xdp => "xdp",
+        }
+    }
+
+    fn program(self) -> &'static str {
+        match self {
+            Hook::TcIngress => program_names::TC,
+            Hook::TcEgress => program_names::TC_EGRESS,
+            Hook::Xdp => program_names::XDP,
+        }
+    }
 }
 
 /// Where the maps came from.
@@ -83,7 +143,7 @@ pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     /// Links this agent attached or took over, by pin name.
-    links: Vec<String>,
+    links: BTreeSet<String>,
 }
 
 impl Datapath {
@@ -125,7 +185,7 @@ impl Datapath {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(object).map_err(DatapathError::Load)?;
-        let names = [program_names::TC, program_names::XDP]
+        let names = [program_names::TC, program_names::TC_EGRESS, program_names::XDP]
             .into_iter()
             .chain(program_names::SOCK_ALL);
         for name in names {
@@ -155,20 +215,68 @@ impl Datapath {
             Datapath {
                 ebpf,
                 pin_dir: pin_dir.to_path_buf(),
-                links: Vec::new(),
+                links: BTreeSet::new(),
             },
             maps,
         ))
     }
 
-    /// Attaches to `iface` (which the caller has checked exists) through a
-    /// pinned link: a previous agent's link there gets our program swapped
-    /// in, else a new link is made and pinned.
-    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<Attached, DatapathError> {
-        let (program, name) = match mode {
-            AttachMode::Tc => (program_names::TC, format!("tc_{iface}")),
-            AttachMode::Xdp => (program_names::XDP, format!("xdp_{iface}")),
-        };
+    /// Attaches the hooks for `ingress` to `iface`, each through a pinned
+    /// link (see `attach`). `Replaced` if any previous agent's link was
+    /// reused.
+    pub fn attach_iface(&mut self, iface: &str, ingress: Ingress) -> Result<Attached, DatapathError> {
+        let mut outcome = Attached::New;
+        for hook in Hook::for_ingress(ingress) {
+            if self.attach(iface, hook)? == Attached::Replaced {
+                outcome = Attached::Replaced;
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Removes the links of `iface` (any hook): their programs detach, or,
+    /// for an interface that is gone, the kernel's defunct links are freed.
+    pub fn detach_iface(&mut self, iface: &str) -> std::io::Result<()> {
+        for hook in Hook::ALL {
+            let name = hook.pin_name(iface);
+            pins::remove_link(&self.pin_dir, &name)?;
+            self.links.remove(&name);
+        }
+        Ok(())
+    }
+
+    /// `from` was renamed `to`: the same links (still attached to it),
+    /// pinned under the new name. If a pin cannot be moved, the interface
+    /// is attached afresh under its new name.
+    pub fn rename_iface(&mut self, from: &str, to: &str, ingress: Ingress) -> Result<Attached, DatapathError> {
+        let dir = pins::links_dir(&self.pin_dir);
+        let mut moved = true;
+        for hook in Hook::for_ingress(ingress) {
+            let (old, new) = (hook.pin_name(from), hook.pin_name(to));
+            match std::fs::rename(dir.join(&old), dir.join(&new)) {
+                Ok(()) => {
+                    self.links.remove(&old);
+                    self.links.insert(new);
+                }
+                Err(e) => {
+                    tracing::info!(from, to, "could not move the pin {old} ({e}); attaching anew");
+                    moved = false;
+                }
+            }
+        }
+        if moved {
+            return Ok(Attached::Replaced);
+        }
+        self.detach_iface(from)
+            .map_err(|e| DatapathError::Pins(e.into()))?;
+        self.attach_iface(to, ingress)
+    }
+
+    /// Attaches `hook` on `iface` through a pinned link: a previous agent's
+    /// link there gets our program swapped in, else a new link is made and
+    /// pinned.
+    fn attach(&mut self, iface: &str, hook: Hook) -> Result<Attached, DatapathError> {
+        let (program, name) = (hook.program(), hook.pin_name(iface));
         let attach_error = |source| DatapathError::Attach {
             program,
             iface: iface.to_string(),
@@ -176,17 +284,31 @@ impl Datapath {
         };
         let path = pins::links_dir(&self.pin_dir).join(&name);
         if let Some(old) = self.pinned_link(&path)? {
-            let replaced: anyhow::Result<()> = match mode {
-                AttachMode::Tc => aya::programs::tc::SchedClassifierLink::try_from(old)
+            // Swapped in place, then taken back as a plain fd and closed:
+            // the pin alone holds the link, so removing the pin detaches it.
+            let replaced: anyhow::Result<()> = match hook {
+                Hook::TcIngress | Hook::TcEgress => {
+                    aya::programs::tc::SchedClassifierLink::try_from(old)
+                        .map_err(anyhow::Error::from)
+                        .and_then(|l| {
+                            let p = self.tc_mut(hook);
+                            let id = p.attach_to_link(l)?;
+                            drop(FdLink::try_from(p.take_link(id)?)?);
+                            Ok(())
+                        })
+                }
+                Hook::Xdp => aya::programs::xdp::XdpLink::try_from(old)
                     .map_err(anyhow::Error::from)
-                    .and_then(|l| Ok(self.tc_mut().attach_to_link(l).map(drop)?)),
-                AttachMode::Xdp => aya::programs::xdp::XdpLink::try_from(old)
-                    .map_err(anyhow::Error::from)
-                    .and_then(|l| Ok(self.xdp_mut().attach_to_link(l).map(drop)?)),
+                    .and_then(|l| {
+                        let p = self.xdp_mut();
+                        let id = p.attach_to_link(l)?;
+                        drop(FdLink::try_from(p.take_link(id)?)?);
+                        Ok(())
+                    }),
             };
             match replaced {
                 Ok(()) => {
-                    self.links.push(name);
+                    self.links.insert(name);
                     return Ok(Attached::Replaced);
                 }
                 // A link whose interface went away (ENOLINK), or that is
@@ -198,16 +320,19 @@ impl Datapath {
                 }
             }
         }
-        let link: FdLink = match mode {
-            AttachMode::Tc => {
-                let p = self.tc_mut();
-                let id = p
-                    .attach(iface, TcAttachType::Ingress)
-                    .map_err(attach_error)?;
+        let link: FdLink = match hook {
+            Hook::TcIngress | Hook::TcEgress => {
+                let direction = if hook == Hook::TcIngress {
+                    TcAttachType::Ingress
+                } else {
+                    TcAttachType::Egress
+                };
+                let p = self.tc_mut(hook);
+                let id = p.attach(iface, direction).map_err(attach_error)?;
                 let link = p.take_link(id).map_err(attach_error)?;
                 FdLink::try_from(link).map_err(|e| DatapathError::Pins(e.into()))?
             }
-            AttachMode::Xdp => {
+            Hook::Xdp => {
                 let p = self.xdp_mut();
                 let id = p.attach(iface, XdpMode::Default).map_err(attach_error)?;
                 let link = p.take_link(id).map_err(attach_error)?;
@@ -291,13 +416,13 @@ impl Datapath {
         std::fs::create_dir_all(&dir).map_err(|e| DatapathError::Pins(e.into()))?;
         link.pin(dir.join(name))
             .map_err(|e| DatapathError::Pins(anyhow::anyhow!("pinning link {name}: {e}")))?;
-        self.links.push(name.to_string());
+        self.links.insert(name.to_string());
         Ok(())
     }
 
-    fn tc_mut(&mut self) -> &mut SchedClassifier {
+    fn tc_mut(&mut self, hook: Hook) -> &mut SchedClassifier {
         self.ebpf
-            .program_mut(program_names::TC)
+            .program_mut(hook.program())
             .and_then(|p| p.try_into().ok())
             .expect("TC program is loaded")
     }

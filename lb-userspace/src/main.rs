@@ -36,11 +36,18 @@ enum Command {
         /// account, else KUBECONFIG or ~/.kube/config).
         #[arg(long, value_name = "FILE")]
         kubeconfig: Option<PathBuf>,
-        /// Attach the TC ingress program here (any interface; pod veths).
-        #[arg(long = "iface", value_name = "NAME")]
+        /// Attach only to interfaces whose name matches this glob pattern
+        /// (eth0, eth*, veth*, cali*, lxc*; repeatable). Default: every
+        /// interface of the namespace but loopback, followed as interfaces
+        /// appear and go.
+        #[arg(long = "iface", value_name = "PATTERN")]
         ifaces: Vec<String>,
-        /// Attach the XDP program here instead (NICs with complete receive
-        /// checksums; see the README).
+        /// Never attach to interfaces whose name matches this glob pattern
+        /// (repeatable).
+        #[arg(long = "exclude-iface", value_name = "PATTERN")]
+        exclude_ifaces: Vec<String>,
+        /// Use XDP instead of TC ingress on this interface (NICs with
+        /// complete receive checksums; see the README). Exact name.
         #[arg(long = "xdp-iface", value_name = "NAME")]
         xdp_ifaces: Vec<String>,
         /// This node's address; NodePorts answer on each one given. From
@@ -53,12 +60,18 @@ enum Command {
         /// Where maps and links are pinned (on a bpf filesystem).
         #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
-        /// Balance the node's own connections (kubelet, hostNetwork pods) to
-        /// services too, with socket hooks on this cgroup v2 directory
-        /// (usually /sys/fs/cgroup, the root). Without it only traffic
-        /// arriving on the interfaces above is balanced.
+        /// Balance connections at the socket (connect/sendmsg/recvmsg/
+        /// getpeername hooks) for processes in this cgroup v2 directory
+        /// (usually /sys/fs/cgroup, the root): the node's own (kubelet,
+        /// hostNetwork pods) and, unless --socket-lb-host-only, pods' too.
+        /// Without it only traffic crossing the interfaces is balanced.
         #[arg(long, value_name = "DIR")]
         cgroup: Option<PathBuf>,
+        /// Socket hooks for the node's own network namespace only; pods go
+        /// through TC on their veths and connect to the ClusterIP (for
+        /// service meshes that must see it).
+        #[arg(long, requires = "cgroup")]
+        socket_lb_host_only: bool,
         /// Serve Services labelled service.kubernetes.io/service-proxy-name
         /// with this value (others with that label are left alone).
         #[arg(long, value_name = "NAME")]
@@ -75,6 +88,12 @@ enum Command {
     /// Detach the programs and remove the pinned links and maps an agent
     /// left running (after `lb run` exited without --cleanup-on-exit).
     Cleanup {
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// Show what the datapath is attached to (interfaces and hooks, socket
+    /// hooks' cgroups), whether an agent runs, and the node facts it uses.
+    Status {
         #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
@@ -102,26 +121,25 @@ fn main() -> ExitCode {
             config,
             kubeconfig,
             ifaces,
+            exclude_ifaces,
             xdp_ifaces,
             node_ips,
             node_name,
             pin_dir,
             cgroup,
+            socket_lb_host_only,
             service_proxy_name,
             cleanup_on_exit,
             http_addr,
         } => {
-            if ifaces.is_empty() && xdp_ifaces.is_empty() {
-                eprintln!("lb run: give at least one --iface (or --xdp-iface) to attach to");
-                return ExitCode::from(2);
-            }
             let source = match config {
                 Some(path) => SourceOptions::File(path),
                 None => SourceOptions::Kubernetes { kubeconfig },
             };
             let opts = RunOptions {
                 source,
-                tc_ifaces: ifaces,
+                ifaces,
+                exclude_ifaces,
                 xdp_ifaces,
                 node: NodeConfig {
                     name: node_name,
@@ -130,6 +148,7 @@ fn main() -> ExitCode {
                 },
                 pin_dir,
                 cgroup,
+                socket_lb_host_only,
                 cleanup_on_exit,
                 http_addr: http_addr.0,
             };
@@ -140,6 +159,9 @@ fn main() -> ExitCode {
                 .and_then(|rt| rt.block_on(agent::run(opts)))
         }
         Command::Stats { pin_dir } => print_stats(&pin_dir),
+        Command::Status { pin_dir } => {
+            lb_userspace::inspect::status(&pin_dir).map(|report| print!("{report}"))
+        }
         Command::Cleanup { pin_dir } => agent::cleanup(&pin_dir),
     };
     match result {

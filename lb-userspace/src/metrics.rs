@@ -25,13 +25,18 @@ use prometheus_client::{
     encoding::{DescriptorEncoder, EncodeMetric},
     metrics::{
         counter::{ConstCounter, Counter},
+        family::Family,
         gauge::{ConstGauge, Gauge},
         histogram::Histogram,
     },
     registry::Registry,
 };
 
-use crate::model::ServicePortKey;
+use crate::{
+    datapath::Hook,
+    interfaces::Ingress,
+    model::ServicePortKey,
+};
 
 /// Service id -> service port, for the per-service counters' labels.
 pub type ServiceNames = Arc<Mutex<BTreeMap<u32, ServicePortKey>>>;
@@ -45,6 +50,9 @@ pub struct Metrics {
     pub sync_seconds: Histogram,
     pub failures: Counter,
     pub names: ServiceNames,
+    /// 1 per (interface, hook) the datapath is attached to.
+    interfaces: Family<Vec<(String, String)>, Gauge>,
+    pub interface_failures: Counter,
 }
 
 impl Metrics {
@@ -84,6 +92,18 @@ impl Metrics {
             "Service ports whose map writes failed (retried on the next change)",
             failures.clone(),
         );
+        let interfaces = Family::<Vec<(String, String)>, Gauge>::default();
+        registry.register(
+            "interface_attached",
+            "1 for each interface and hook the datapath is attached to",
+            interfaces.clone(),
+        );
+        let interface_failures = Counter::default();
+        registry.register(
+            "interface_attach_failures",
+            "Interfaces the datapath could not be attached to",
+            interface_failures.clone(),
+        );
         let names: ServiceNames = Arc::default();
         registry.register_collector(Box::new(DatapathCollector {
             pin_dir: pin_dir.to_path_buf(),
@@ -98,6 +118,23 @@ impl Metrics {
             sync_seconds,
             failures,
             names,
+            interfaces,
+            interface_failures,
+        }
+    }
+
+    /// The interfaces the datapath is on, replacing the previous set.
+    pub fn set_interfaces(&self, in_force: &[(String, Ingress)]) {
+        self.interfaces.clear();
+        for (iface, ingress) in in_force {
+            for hook in Hook::for_ingress(*ingress) {
+                self.interfaces
+                    .get_or_create(&vec![
+                        ("interface".to_string(), iface.clone()),
+                        ("hook".to_string(), hook.label().to_string()),
+                    ])
+                    .set(1);
+            }
         }
     }
 

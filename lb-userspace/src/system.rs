@@ -119,6 +119,17 @@ impl PinDirLock {
     }
 }
 
+/// Whether an agent holds the lock on `pin_dir` (it is running).
+pub fn agent_running(pin_dir: &Path) -> bool {
+    let Ok(dir) = File::open(pin_dir) else {
+        return false;
+    };
+    matches!(
+        Flock::lock(dir, FlockArg::LockSharedNonblock),
+        Err((_, nix::errno::Errno::EWOULDBLOCK))
+    )
+}
+
 /// The cookie of this process's network namespace (SO_NETNS_COOKIE, Linux
 /// 5.14): the socket hooks act only on sockets of this namespace.
 pub fn netns_cookie() -> anyhow::Result<u64> {
