@@ -332,8 +332,16 @@ impl Agent {
                     if first && self.interfaces.selection().named().contains(&name.as_str()) {
                         return Err(e.into());
                     }
-                    self.status.metrics.interface_failures.inc();
-                    warn!(iface = %name, "{e:#}; not retried until the interface changes");
+                    // Attaching goes by name: a CNI renaming or deleting the
+                    // interface meanwhile is no failure, its next event
+                    // (already on its way) says what to do.
+                    let still_there = nix::net::if_::if_nametoindex(name.as_str()) == Ok(index);
+                    if still_there {
+                        self.status.metrics.interface_failures.inc();
+                        warn!(iface = %name, "{e:#}; not retried until the interface changes");
+                    } else {
+                        tracing::debug!(iface = %name, "renamed or deleted while attaching ({e:#}); following its next event");
+                    }
                 }
             }
             self.interfaces.applied(index, &step, ok);

@@ -222,14 +222,26 @@ impl Datapath {
     }
 
     /// Attaches the hooks for `ingress` to `iface`, each through a pinned
-    /// link (see `attach`). `Replaced` if any previous agent's link was
-    /// reused.
+    /// link: a previous agent's link there gets our program swapped in,
+    /// else a new link is made. `Replaced` if any previous link was reused.
+    ///
+    /// All or nothing for new links: they are pinned only once every hook
+    /// is attached. If one fails (say a CNI renamed or deleted the
+    /// interface half-way), the others are closed unpinned, which detaches
+    /// them at once, so a later attempt under the new name finds the device
+    /// free. (An unpinned link is freed from a kernel work queue, later.)
     pub fn attach_iface(&mut self, iface: &str, ingress: Ingress) -> Result<Attached, DatapathError> {
         let mut outcome = Attached::New;
+        let mut made = Vec::new();
         for hook in Hook::for_ingress(ingress) {
-            if self.attach(iface, hook)? == Attached::Replaced {
+            if self.reuse_pinned(iface, hook)? {
                 outcome = Attached::Replaced;
+            } else {
+                made.push((hook.pin_name(iface), self.new_link(iface, hook)?));
             }
+        }
+        for (name, link) in made {
+            self.pin_link(link, &name)?;
         }
         Ok(outcome)
     }
@@ -272,55 +284,58 @@ impl Datapath {
         self.attach_iface(to, ingress)
     }
 
-    /// Attaches `hook` on `iface` through a pinned link: a previous agent's
-    /// link there gets our program swapped in, else a new link is made and
-    /// pinned.
-    fn attach(&mut self, iface: &str, hook: Hook) -> Result<Attached, DatapathError> {
-        let (program, name) = (hook.program(), hook.pin_name(iface));
+    /// Swaps our program into a previous agent's pinned link for `hook` on
+    /// `iface`, if there is one that still works: true when done.
+    fn reuse_pinned(&mut self, iface: &str, hook: Hook) -> Result<bool, DatapathError> {
+        let name = hook.pin_name(iface);
+        let path = pins::links_dir(&self.pin_dir).join(&name);
+        let Some(old) = self.pinned_link(&path)? else {
+            return Ok(false);
+        };
+        // Swapped in place, then taken back as a plain fd and closed: the
+        // pin alone holds the link, so removing the pin detaches it.
+        let replaced: anyhow::Result<()> = match hook {
+            Hook::TcIngress | Hook::TcEgress => aya::programs::tc::SchedClassifierLink::try_from(old)
+                .map_err(anyhow::Error::from)
+                .and_then(|l| {
+                    let p = self.tc_mut(hook);
+                    let id = p.attach_to_link(l)?;
+                    drop(FdLink::try_from(p.take_link(id)?)?);
+                    Ok(())
+                }),
+            Hook::Xdp => aya::programs::xdp::XdpLink::try_from(old)
+                .map_err(anyhow::Error::from)
+                .and_then(|l| {
+                    let p = self.xdp_mut();
+                    let id = p.attach_to_link(l)?;
+                    drop(FdLink::try_from(p.take_link(id)?)?);
+                    Ok(())
+                }),
+        };
+        match replaced {
+            Ok(()) => {
+                self.links.insert(name);
+                Ok(true)
+            }
+            // A link whose interface went away (ENOLINK), or that is not
+            // ours to update: start afresh.
+            Err(e) => {
+                tracing::info!(link = %name, "not reusing the pinned link ({e:#}); attaching anew");
+                pins::remove_link(&self.pin_dir, &name).map_err(|e| DatapathError::Pins(e.into()))?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// A new link for `hook` on `iface`, not pinned yet.
+    fn new_link(&mut self, iface: &str, hook: Hook) -> Result<FdLink, DatapathError> {
+        let program = hook.program();
         let attach_error = |source| DatapathError::Attach {
             program,
             iface: iface.to_string(),
             source,
         };
-        let path = pins::links_dir(&self.pin_dir).join(&name);
-        if let Some(old) = self.pinned_link(&path)? {
-            // Swapped in place, then taken back as a plain fd and closed:
-            // the pin alone holds the link, so removing the pin detaches it.
-            let replaced: anyhow::Result<()> = match hook {
-                Hook::TcIngress | Hook::TcEgress => {
-                    aya::programs::tc::SchedClassifierLink::try_from(old)
-                        .map_err(anyhow::Error::from)
-                        .and_then(|l| {
-                            let p = self.tc_mut(hook);
-                            let id = p.attach_to_link(l)?;
-                            drop(FdLink::try_from(p.take_link(id)?)?);
-                            Ok(())
-                        })
-                }
-                Hook::Xdp => aya::programs::xdp::XdpLink::try_from(old)
-                    .map_err(anyhow::Error::from)
-                    .and_then(|l| {
-                        let p = self.xdp_mut();
-                        let id = p.attach_to_link(l)?;
-                        drop(FdLink::try_from(p.take_link(id)?)?);
-                        Ok(())
-                    }),
-            };
-            match replaced {
-                Ok(()) => {
-                    self.links.insert(name);
-                    return Ok(Attached::Replaced);
-                }
-                // A link whose interface went away (ENOLINK), or that is
-                // not ours to update: start afresh.
-                Err(e) => {
-                    tracing::info!(link = %name, "not reusing the pinned link ({e:#}); attaching anew");
-                    pins::remove_link(&self.pin_dir, &name)
-                        .map_err(|e| DatapathError::Pins(e.into()))?;
-                }
-            }
-        }
-        let link: FdLink = match hook {
+        match hook {
             Hook::TcIngress | Hook::TcEgress => {
                 let direction = if hook == Hook::TcIngress {
                     TcAttachType::Ingress
@@ -330,17 +345,15 @@ impl Datapath {
                 let p = self.tc_mut(hook);
                 let id = p.attach(iface, direction).map_err(attach_error)?;
                 let link = p.take_link(id).map_err(attach_error)?;
-                FdLink::try_from(link).map_err(|e| DatapathError::Pins(e.into()))?
+                FdLink::try_from(link).map_err(|e| DatapathError::Pins(e.into()))
             }
             Hook::Xdp => {
                 let p = self.xdp_mut();
                 let id = p.attach(iface, XdpMode::Default).map_err(attach_error)?;
                 let link = p.take_link(id).map_err(attach_error)?;
-                FdLink::try_from(link).map_err(|e| DatapathError::Pins(e.into()))?
+                FdLink::try_from(link).map_err(|e| DatapathError::Pins(e.into()))
             }
-        };
-        self.pin_link(link, &name)?;
-        Ok(Attached::New)
+        }
     }
 
     /// Attaches the socket hooks (connect4, sendmsg4, recvmsg4,

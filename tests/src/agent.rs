@@ -115,8 +115,8 @@ impl Agent {
         Ok((child, logs))
     }
 
-    /// Starts the agent for a topology (TC on the NIC and every pod veth)
-    /// and waits until the datapath is ready.
+    /// Starts the agent for a topology (following every interface of the
+    /// node: the NIC and every pod veth) and waits until it is ready.
     pub fn start(topo: &Topology, config: &Path) -> anyhow::Result<Agent> {
         Self::start_with(topo, config, &[])
     }
@@ -130,13 +130,9 @@ impl Agent {
             "--node-name".into(),
             NODE_NAME.into(),
         ];
+        // No --iface: the agent follows every interface of the node, as
+        // it does by default (and as the DaemonSet runs it).
         args.extend_from_slice(extra);
-        if !extra.iter().any(|a| a == "--iface" || a == "--xdp-iface") {
-            for i in topo.tc_ifaces() {
-                args.push("--iface".into());
-                args.push(i);
-            }
-        }
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("lbtest")));
         let mut agent = Agent::spawn(&topo.node, &pin_dir, &args)?;
         agent.wait_for_log("datapath ready", Duration::from_secs(20))?;
@@ -184,6 +180,17 @@ impl Agent {
             .unwrap_or_else(|| panic!("no {verdict} line in:\n{out}"))
     }
 
+    /// What `lb status` prints for this agent's pin directory.
+    pub fn status(&self) -> String {
+        crate::netns::sh(
+            Command::new(lb_bin())
+                .arg("status")
+                .arg("--pin-dir")
+                .arg(&self.pin_dir),
+        )
+        .expect("lb status")
+    }
+
     /// The running agent's process id.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
@@ -206,12 +213,24 @@ impl Agent {
         n: usize,
         within: Duration,
     ) -> anyhow::Result<String> {
+        self.wait_for_line(|l| l.contains(needle), n, needle, within)
+    }
+
+    /// Waits until `n` log lines satisfy `matches` (described by `what`).
+    pub fn wait_for_line(
+        &mut self,
+        matches: impl Fn(&str) -> bool,
+        n: usize,
+        what: &str,
+        within: Duration,
+    ) -> anyhow::Result<String> {
+        let needle = what;
         let deadline = Instant::now() + within;
         loop {
             let matches: Vec<String> = self
                 .logs()
                 .into_iter()
-                .filter(|l| l.contains(needle))
+                .filter(|l| matches(l))
                 .collect();
             if matches.len() >= n {
                 return Ok(matches[n - 1].clone());
@@ -272,6 +291,29 @@ impl Drop for Agent {
         }
         let _ = lb_userspace::pins::remove_all(&self.pin_dir);
     }
+}
+
+/// GET `path` on the status endpoint of the agent running in `ns` (the
+/// default `--http-addr`): (status code, body).
+pub fn status_get(ns: &Netns, path: &'static str) -> (u16, String) {
+    use std::io::{Read, Write};
+    ns.run(move || {
+        let mut s = std::net::TcpStream::connect("127.0.0.1:10256").unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let code = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (code, body)
+    })
+    .unwrap()
 }
 
 /// A config file in a fresh temporary directory, removed on drop.

@@ -5,6 +5,7 @@
 use std::{
     fs::File,
     io::Write,
+    net::SocketAddrV4,
     os::{fd::AsRawFd, unix::process::CommandExt},
     path::{Path, PathBuf},
     process::{Command, Output},
@@ -89,6 +90,34 @@ impl Cgroup {
             .with_context(|| format!("running {}", program.display()))?;
         let _ = procs.flush();
         Ok(out)
+    }
+}
+
+impl Cgroup {
+    /// Runs `lb-probe` (see tests/src/bin/lb-probe.rs) in this cgroup and
+    /// `ns`, talking to `tcp` and/or `udp`: its `PROBE ...` lines.
+    pub fn probe(
+        &self,
+        ns: &Netns,
+        tcp: Option<SocketAddrV4>,
+        udp: Option<SocketAddrV4>,
+    ) -> anyhow::Result<String> {
+        let (tcp, udp) = (tcp.map(|a| a.to_string()), udp.map(|a| a.to_string()));
+        let mut env = Vec::new();
+        if let Some(t) = &tcp {
+            env.push(("LB_PROBE_TCP", t.as_str()));
+        }
+        if let Some(u) = &udp {
+            env.push(("LB_PROBE_UDP", u.as_str()));
+        }
+        let probe = crate::agent::lb_bin().with_file_name("lb-probe");
+        let out = self.run(ns, &probe, &[], &env)?;
+        anyhow::ensure!(
+            out.status.success(),
+            "lb-probe failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 }
 

@@ -171,7 +171,8 @@ impl Cluster {
     }
 
     /// The real `lb run` on every node, all reading `config`, each with its
-    /// own `--node-name` and `--node-ip`; `extra` is added to every one.
+    /// own `--node-name` and `--node-ip`, following every interface of its
+    /// node; `extra` is added to every one.
     pub fn start_agents(&self, config: &Path, extra: &[String]) -> anyhow::Result<Vec<Agent>> {
         self.nodes
             .iter()
@@ -184,10 +185,6 @@ impl Cluster {
                     "--node-name".into(),
                     node.name.clone(),
                 ];
-                for i in node.tc_ifaces() {
-                    args.push("--iface".into());
-                    args.push(i);
-                }
                 args.extend_from_slice(extra);
                 let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("lbnode")));
                 let mut agent = Agent::spawn(&node.ns, &pin_dir, &args)?;

@@ -50,16 +50,28 @@ impl PodServer {
         tcp_port: u16,
         udp_port: u16,
     ) -> anyhow::Result<PodServer> {
+        Self::start_on(ns, name, Ipv4Addr::UNSPECIFIED, tcp_port, udp_port)
+    }
+
+    /// Servers bound to `addr` (a hostNetwork server bound to the node's
+    /// address answers UDP from that address whatever the route's source).
+    pub fn start_on(
+        ns: &Netns,
+        name: &str,
+        addr: Ipv4Addr,
+        tcp_port: u16,
+        udp_port: u16,
+    ) -> anyhow::Result<PodServer> {
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let mut threads = Vec::new();
         {
             let (stop, name, ready) = (stop.clone(), name.to_string(), ready_tx.clone());
-            threads.push(ns.spawn(move || tcp_server(&name, tcp_port, &stop, ready))?);
+            threads.push(ns.spawn(move || tcp_server(&name, (addr, tcp_port), &stop, ready))?);
         }
         {
             let (stop, name, ready) = (stop.clone(), name.to_string(), ready_tx);
-            threads.push(ns.spawn(move || udp_server(&name, udp_port, &stop, ready))?);
+            threads.push(ns.spawn(move || udp_server(&name, (addr, udp_port), &stop, ready))?);
         }
         for _ in 0..2 {
             ready_rx
@@ -81,8 +93,8 @@ impl Drop for PodServer {
 
 type Ready = std::sync::mpsc::Sender<anyhow::Result<()>>;
 
-fn tcp_server(name: &str, port: u16, stop: &Arc<AtomicBool>, ready: Ready) {
-    let listener = match TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)) {
+fn tcp_server(name: &str, at: (Ipv4Addr, u16), stop: &Arc<AtomicBool>, ready: Ready) {
+    let listener = match TcpListener::bind(at) {
         Ok(l) => l,
         Err(e) => {
             let _ = ready.send(Err(e.into()));
@@ -165,8 +177,8 @@ fn serve_tcp(
     }
 }
 
-fn udp_server(name: &str, port: u16, stop: &Arc<AtomicBool>, ready: Ready) {
-    let sock = match UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)) {
+fn udp_server(name: &str, at: (Ipv4Addr, u16), stop: &Arc<AtomicBool>, ready: Ready) {
+    let sock = match UdpSocket::bind(at) {
         Ok(s) => s,
         Err(e) => {
             let _ = ready.send(Err(e.into()));

@@ -92,11 +92,24 @@ impl Topology {
         Ok(topo)
     }
 
-    fn add_pod(&mut self, i: usize) -> anyhow::Result<()> {
+    /// Pod `i` (address `pod_ip(i)`, node interface `p<i>`), wired like a
+    /// CNI would; it can be added while an agent runs.
+    pub fn add_pod(&mut self, i: usize) -> anyhow::Result<&Pod> {
         let ns = Netns::new(format!("{}-p{i}", self.node.name.trim_end_matches("-node")))?;
         let pod = wire_pod(&self.node, ns, format!("p{i}"), pod_ip(i), POD_GATEWAY)?;
         self.pods.push(pod);
-        Ok(())
+        Ok(self.pods.last().expect("just pushed"))
+    }
+
+    /// Deletes pod `i` (as numbered by `add_pod`), like a CNI's DEL.
+    pub fn remove_pod(&mut self, i: usize) -> anyhow::Result<()> {
+        let at = self
+            .pods
+            .iter()
+            .position(|p| p.ip == pod_ip(i))
+            .with_context(|| format!("no pod {i}"))?;
+        let pod = self.pods.remove(at);
+        unwire_pod(&self.node, pod)
     }
 
     /// Every interface the agent attaches TC to: the NIC and the pod veths.
@@ -123,9 +136,12 @@ impl Topology {
     }
 }
 
-/// Wires pod namespace `ns` to `node` like a CNI would: a veth whose node
-/// end (`host_iface`) carries the pods' gateway address `gw`, a /32 route
-/// to the pod on the node, and a default route via `gw` in the pod.
+/// Wires pod namespace `ns` to `node` the way CNI plugins (bridge, ptp,
+/// Calico, Cilium) do, so a running agent sees what it sees on a real node:
+/// the veth pair is made inside the pod's namespace, its host end moved
+/// into the node's namespace under a temporary name, renamed to
+/// `host_iface`, given the pods' gateway address `gw` and a /32 route to
+/// the pod; the pod gets its address and a default route via `gw`.
 pub fn wire_pod(
     node: &Netns,
     ns: Netns,
@@ -133,7 +149,10 @@ pub fn wire_pod(
     ip: Ipv4Addr,
     gw: Ipv4Addr,
 ) -> anyhow::Result<Pod> {
-    node.add_veth(&host_iface, &ns, "eth0")?;
+    let tmp = temporary_name();
+    ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", &tmp])?;
+    ns.ip(&["link", "set", &tmp, "netns", &node.name])?;
+    node.ip(&["link", "set", &tmp, "name", &host_iface])?;
     node.ip(&["addr", "add", &format!("{gw}/32"), "dev", &host_iface])?;
     node.ip(&["link", "set", &host_iface, "up"])?;
     node.ip(&["route", "add", &format!("{ip}/32"), "dev", &host_iface])?;
@@ -150,4 +169,23 @@ pub fn wire_pod(
         "eth0",
     ])?;
     Ok(Pod { ns, ip, host_iface })
+}
+
+/// Deletes a pod the way a CNI's DEL does: the host end of its veth first
+/// (which takes the pod's end with it), then the namespace.
+pub fn unwire_pod(node: &Netns, pod: Pod) -> anyhow::Result<()> {
+    node.ip(&["link", "del", &pod.host_iface])?;
+    drop(pod);
+    Ok(())
+}
+
+/// A name no other interface of this machine's test namespaces uses right
+/// now (interface names hold 15 bytes).
+fn temporary_name() -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    format!(
+        "tmp{:x}x{:x}",
+        std::process::id() & 0xffff,
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
 }

@@ -472,7 +472,15 @@ fn on_node_host(w: &World, cg: &lb_tests::cgroup::Cgroup, n: usize, script: &str
 fn the_nodes_own_processes_reach_cluster_ips_and_node_ports() {
     let mut w = World::new();
     let cg = lb_tests::cgroup::Cgroup::new().unwrap();
-    let extra = ["--cgroup".to_string(), cg.path.display().to_string()];
+    // Both nodes' agents hook this one cgroup (the nodes share a kernel
+    // here, unlike real ones): each must act only on its own node's
+    // namespace, which is what --socket-lb-host-only does. Pods' sockets
+    // are covered in tests/tests/node.rs.
+    let extra = [
+        "--cgroup".to_string(),
+        cg.path.display().to_string(),
+        "--socket-lb-host-only".into(),
+    ];
     w.start(&[web(&[(1, 0), (1, 1)], Extra::default())], &extra);
     let tcp_who = |to: &str| format!("exec 3<>/dev/tcp/{to}; echo WHO >&3; cat <&3");
     let mut seen = BTreeSet::new();
@@ -500,43 +508,17 @@ fn the_nodes_own_processes_reach_cluster_ips_and_node_ports() {
     assert!(on_node_host(&w, &cg, 1, &tcp_who("198.19.0.10/80")).starts_with('b'));
     // getpeername() and an unconnected UDP socket's recvfrom() show the
     // frontend, not the backend (a probe process in the cgroup).
-    let exe = std::env::current_exe().unwrap();
-    let out = cg
-        .run(
+    let text = cg
+        .probe(
             &w.c.nodes[0].ns,
-            &exe,
-            &["--ignored", "--exact", "probe_host_sockets", "--nocapture"],
-            &[
-                ("LB_PROBE_TCP", "198.19.0.10:80"),
-                ("LB_PROBE_UDP", "198.19.0.10:53"),
-            ],
+            Some("198.19.0.10:80".parse().unwrap()),
+            Some("198.19.0.10:53".parse().unwrap()),
         )
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("PROBE peer 198.19.0.10:80"), "{text}");
     assert!(text.contains("PROBE from 198.19.0.10:53 b"), "{text}");
     let translated = w.agents[0].stat("sock_translated");
     assert!(translated >= 16, "{translated}");
-}
-
-/// Not a test on its own: the probe `the_nodes_own_processes_...` runs as
-/// a child process inside the node's namespace and the hooked cgroup.
-#[test]
-#[ignore]
-fn probe_host_sockets() {
-    let (Ok(tcp_to), Ok(udp_to)) = (std::env::var("LB_PROBE_TCP"), std::env::var("LB_PROBE_UDP"))
-    else {
-        return;
-    };
-    let tcp_to: SocketAddrV4 = tcp_to.parse().unwrap();
-    let s = TcpStream::connect_timeout(&tcp_to.into(), Duration::from_secs(3)).unwrap();
-    println!("PROBE peer {}", s.peer_addr().unwrap());
-    let u = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-    u.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    u.send_to(b"WHO", udp_to.as_str()).unwrap();
-    let mut buf = [0u8; 256];
-    let (n, from) = u.recv_from(&mut buf).unwrap();
-    println!("PROBE from {from} {}", String::from_utf8_lossy(&buf[..n]));
 }
 
 #[test]

@@ -62,15 +62,12 @@ impl World {
 
     /// `agent` without waiting for it to be ready.
     fn spawn_agent(&self) -> Agent {
-        let mut args = vec![
+        let args = vec![
             "--kubeconfig".to_string(),
             self.kubeconfig.path.display().to_string(),
             "--node-name".into(),
             NODE_NAME.into(),
         ];
-        for i in self.topo.tc_ifaces() {
-            args.extend(["--iface".to_string(), i]);
-        }
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("lbkube")));
         Agent::spawn(&self.topo.node, &pin_dir, &args).unwrap()
     }
@@ -359,29 +356,9 @@ fn every_api_call_the_agent_makes_is_allowed_by_deploy_rbac_and_nothing_more() {
     assert_eq!(declared, used);
 }
 
-/// GET `path` on the agent's status endpoint (in the node's namespace):
-/// (status code, body).
+/// GET `path` on the agent's status endpoint (in the node's namespace).
 fn status_get(w: &World, path: &'static str) -> (u16, String) {
-    use std::io::{Read, Write};
-    w.topo
-        .node
-        .run(move || {
-            let mut s = std::net::TcpStream::connect("127.0.0.1:10256").unwrap();
-            write!(
-                s,
-                "GET {path} HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n"
-            )
-            .unwrap();
-            let mut out = String::new();
-            s.read_to_string(&mut out).unwrap();
-            let code = out.split_whitespace().nth(1).unwrap().parse().unwrap();
-            let body = out
-                .split_once("\r\n\r\n")
-                .map(|(_, b)| b.to_string())
-                .unwrap_or_default();
-            (code, body)
-        })
-        .unwrap()
+    lb_tests::agent::status_get(&w.topo.node, path)
 }
 
 /// The value of the first sample line starting with `prefix`.

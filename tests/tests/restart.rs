@@ -129,7 +129,7 @@ fn established_streams_survive_an_agent_restart_and_flow_while_no_agent_runs() {
         "{logs}"
     );
     assert!(
-        logs.contains("replaced the program in the pinned link"),
+        logs.contains("replaced the programs in the pinned links"),
         "{logs}"
     );
     assert!(logs.contains("kept=2 deleted=0"), "{logs}");
@@ -257,15 +257,15 @@ fn interfaces_no_longer_asked_for_are_detached_on_restart() {
     let mut agent = w.agent_a(&[]);
     let pod_iface = w.c.nodes[0].pods[1].host_iface.clone();
     assert_eq!(attached(node, &pod_iface), ["lb_tc_ingress"]);
-    // The same agent minus the second pod's interface.
+    // The same agent told to leave the second pod's interface alone.
     let mut args = agent.args.clone();
-    let i = args.iter().position(|a| *a == pod_iface).unwrap();
-    args.drain(i - 1..=i);
+    args.extend(["--exclude-iface".to_string(), pod_iface.clone()]);
     agent.restart(Some(args)).unwrap();
     assert!(attached(node, &pod_iface).is_empty());
     assert_eq!(attached(node, "eth0"), ["lb_tc_ingress"]);
     let logs = agent.logs().join("\n");
     assert!(logs.contains(&format!("link=tc_{pod_iface}")), "{logs}");
+    assert!(logs.contains(&format!("link=tcegress_{pod_iface}")), "{logs}");
 }
 
 #[test]
@@ -292,7 +292,7 @@ fn maps_of_an_incompatible_layout_are_recreated_and_the_service_works() {
             "lb_frontends",
         ]))
     .unwrap();
-    let mut args = vec![
+    let args = vec![
         "--config".to_string(),
         w.config.path.display().to_string(),
         "--node-ip".into(),
@@ -300,9 +300,6 @@ fn maps_of_an_incompatible_layout_are_recreated_and_the_service_works() {
         "--node-name".into(),
         node.name.clone(),
     ];
-    for i in node.tc_ifaces() {
-        args.extend(["--iface".to_string(), i]);
-    }
     let mut agent = Agent::spawn(&node.ns, &pin_dir, &args).unwrap();
     agent.wait_for_log("datapath ready", PATIENCE).unwrap();
     let line = agent

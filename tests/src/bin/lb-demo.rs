@@ -41,8 +41,8 @@ fn demo() -> anyhow::Result<bool> {
         std::fs::read_to_string(&config.path)?
     );
     println!(
-        "== starting: lb run --config services.yaml --iface {} --node-ip {NODE_IP}",
-        topo.tc_ifaces().join(" --iface ")
+        "== starting: lb run --config services.yaml --node-ip {NODE_IP} (attaches to every interface of the node: {})",
+        topo.tc_ifaces().join(", ")
     );
     let agent = Agent::start(&topo, &config.path)?;
 
