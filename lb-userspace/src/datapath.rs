@@ -455,6 +455,13 @@ impl Datapath {
             .expect("loaded")
     }
 
+    pub fn tc_egress_program(&self) -> &SchedClassifier {
+        self.ebpf
+            .program(program_names::TC_EGRESS)
+            .and_then(|p| p.try_into().ok())
+            .expect("loaded")
+    }
+
     pub fn xdp_program(&self) -> &Xdp {
         self.ebpf
             .program(program_names::XDP)

@@ -47,8 +47,11 @@ pub fn pod_mac(i: u8) -> [u8; 6] {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hook {
+    /// TC ingress.
     Tc,
     Xdp,
+    /// TC egress: packets the node sends.
+    TcEgress,
 }
 
 pub struct Fixture {
@@ -202,6 +205,7 @@ impl Fixture {
         let dp = self.dp.as_ref().expect("loaded");
         Ok(match hook {
             Hook::Tc => dp.tc_program().test_run(opts)?,
+            Hook::TcEgress => dp.tc_egress_program().test_run(opts)?,
             Hook::Xdp => dp.xdp_program().test_run(opts)?,
         })
     }
@@ -227,7 +231,7 @@ impl Fixture {
         ifindex: u32,
     ) -> anyhow::Result<std::time::Duration> {
         let ctx = match hook {
-            Hook::Tc => skb_ctx(ifindex),
+            Hook::Tc | Hook::TcEgress => skb_ctx(ifindex),
             Hook::Xdp => xdp_ctx(frame.len() as u32, ifindex),
         };
         let opts = TestRunOptions {
@@ -244,7 +248,7 @@ impl Fixture {
     pub fn run_on(&self, hook: Hook, frame: &[u8], ifindex: u32) -> anyhow::Result<Outcome> {
         let mut out = vec![0u8; frame.len() + 256];
         let ctx = match hook {
-            Hook::Tc => skb_ctx(ifindex),
+            Hook::Tc | Hook::TcEgress => skb_ctx(ifindex),
             Hook::Xdp => xdp_ctx(frame.len() as u32, ifindex),
         };
         let opts = TestRunOptions {
