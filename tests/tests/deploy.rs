@@ -97,6 +97,45 @@ fn the_daemon_set_runs_a_privileged_agent_on_every_node_with_its_probes() {
     }
 }
 
+/// The same manifest drops into any cluster: no interface name, no address.
+#[test]
+fn the_daemon_set_names_no_interface_and_no_address() {
+    let m = deploy::load().unwrap();
+    let pod = m.daemon_sets[0]
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap();
+    let c = &pod.containers[0];
+    let args = c.args.clone().unwrap();
+    for a in &args {
+        assert!(!a.contains("iface"), "{a}: the agent follows every interface");
+        assert!(!a.starts_with("--node-ip"), "{a}: NodePort addresses come from the Node");
+        assert!(!a.contains("host-only"), "{a}: pods get socket LB");
+    }
+    assert!(args.contains(&"--cgroup=/sys/fs/cgroup".to_string()));
+    let text = std::fs::read_to_string(deploy::deploy_dir().join("daemonset.yaml")).unwrap();
+    for iface in ["eth0", "ens", "enp", "eno", "bond0", "cni0", "cali", "lxc", "veth"] {
+        let named = text
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .any(|l| l.contains(iface));
+        assert!(!named, "the DaemonSet names {iface}");
+    }
+    // The API server's address from a ConfigMap the user creates once, not
+    // written into the manifest.
+    assert!(!c
+        .env
+        .iter()
+        .flatten()
+        .any(|e| e.name.starts_with("KUBERNETES_SERVICE")));
+    let from = c.env_from.as_ref().unwrap()[0].config_map_ref.as_ref().unwrap();
+    assert_eq!(from.name, "lb-api-server");
+}
+
 #[test]
 fn the_binding_gives_the_role_to_the_agents_service_account() {
     let m = deploy::load().unwrap();
