@@ -11,6 +11,7 @@ pub mod deploy;
 pub mod example;
 pub mod fixture;
 pub mod netns;
+pub mod node_bench;
 pub mod packet;
 pub mod servers;
 pub mod topology;

@@ -113,7 +113,15 @@ fn tcp_server(name: &str, at: (Ipv4Addr, u16), stop: &Arc<AtomicBool>, ready: Re
                     let _ = serve_tcp(conn, peer, &name, &stop);
                 });
             }
-            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            // Wait for the next connection (or a look at `stop`) without
+            // adding latency to it.
+            Err(_) => {
+                let mut fds = [nix::poll::PollFd::new(
+                    std::os::fd::AsFd::as_fd(&listener),
+                    nix::poll::PollFlags::POLLIN,
+                )];
+                let _ = nix::poll::poll(&mut fds, 50u16);
+            }
         }
     }
 }

@@ -149,10 +149,30 @@ pub fn wire_pod(
     ip: Ipv4Addr,
     gw: Ipv4Addr,
 ) -> anyhow::Result<Pod> {
+    let tmp = plug_veth(node, &ns)?;
+    configure_pod(node, ns, &tmp, host_iface, ip, gw)
+}
+
+/// The first half of `wire_pod`: the pod's veth, its host end moved into
+/// `node` under a temporary name (returned). The link exists in the node's
+/// namespace when this returns.
+pub fn plug_veth(node: &Netns, ns: &Netns) -> anyhow::Result<String> {
     let tmp = temporary_name();
     ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", &tmp])?;
     ns.ip(&["link", "set", &tmp, "netns", &node.name])?;
-    node.ip(&["link", "set", &tmp, "name", &host_iface])?;
+    Ok(tmp)
+}
+
+/// The second half of `wire_pod`: rename, addresses, routes, links up.
+pub fn configure_pod(
+    node: &Netns,
+    ns: Netns,
+    tmp: &str,
+    host_iface: String,
+    ip: Ipv4Addr,
+    gw: Ipv4Addr,
+) -> anyhow::Result<Pod> {
+    node.ip(&["link", "set", tmp, "name", &host_iface])?;
     node.ip(&["addr", "add", &format!("{gw}/32"), "dev", &host_iface])?;
     node.ip(&["link", "set", &host_iface, "up"])?;
     node.ip(&["route", "add", &format!("{ip}/32"), "dev", &host_iface])?;

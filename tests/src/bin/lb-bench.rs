@@ -197,8 +197,10 @@ fn measure(fx: &Fixture, hook: Hook, path: Path) -> anyhow::Result<Row> {
 fn main() -> anyhow::Result<()> {
     lb_tests::require_root();
     // `lb-bench control`: the control-plane part only.
-    if std::env::args().nth(1).as_deref() == Some("control") {
-        return control_plane();
+    match std::env::args().nth(1).as_deref() {
+        Some("control") => return control_plane(),
+        Some("node") => return node(),
+        _ => {}
     }
     println!("lb datapath benchmark: ns per packet, BPF_PROG_TEST_RUN (kernel-timed), {REPEAT} repeats (median of 5),");
     println!("new flows: mean of {NEW_FLOWS} single runs minus the per-call timer cost\n");
@@ -266,7 +268,34 @@ fn main() -> anyhow::Result<()> {
         );
     }
     println!("(The Maglev paper reports 1.8 ms for 1,000 backends at M = 65,537.)");
-    control_plane()
+    control_plane()?;
+    node()
+}
+
+fn node() -> anyhow::Result<()> {
+    println!("\nNode: the real agent following the node's interfaces (no --iface)");
+    let r = lb_tests::node_bench::run(100, 10)?;
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    println!("| {} pods wired like a CNI | p50 | p99 |", r.pods);
+    println!("|---|---:|---:|");
+    for (what, p) in [
+        ("veth in the node's namespace -> agent attached (log line)", &r.attach),
+        ("veth created -> first answer through a ClusterIP", &r.translated),
+        ("veth created -> first answer from the backend directly (wiring alone)", &r.direct),
+        ("difference per pod (what following adds to the wiring)", &r.added),
+    ] {
+        println!("| {what} | {:.2} ms | {:.2} ms |", ms(p.p50), ms(p.p99));
+    }
+    let (s, t) = (r.connect_socket_us, r.connect_tc_us);
+    println!(
+        "\n| a pod's connection to a ClusterIP (connect, request, answer, close), {} rounds of 0.5 s | median | min-max |",
+        r.rounds
+    );
+    println!("|---|---:|---:|");
+    println!("| socket LB (cgroup hooks) | {:.1} us | {:.1}-{:.1} |", s.0, s.1, s.2);
+    println!("| TC on the veths | {:.1} us | {:.1}-{:.1} |", t.0, t.1, t.2);
+    println!("| socket LB / TC | {:.2}x | |", s.0 / t.0);
+    Ok(())
 }
 
 fn control_plane() -> anyhow::Result<()> {

@@ -6,6 +6,9 @@
 //! sends `WHO` and prints `PROBE who <answer>` (the server's name and the
 //! client address it saw). `LB_PROBE_UDP=ip:port`: an unconnected socket
 //! sends one datagram and prints `PROBE from <recvfrom() source> <answer>`.
+//! `LB_PROBE_CONNECT_LOOP=ip:port` with `LB_PROBE_FOR_MS=n` (the benchmark):
+//! connection after connection (connect, `WHO`, read the answer until the
+//! server closes) for n ms, and prints `PROBE connects <count> <microseconds>`.
 
 use std::{
     io::{Read, Write},
@@ -14,6 +17,12 @@ use std::{
 };
 
 fn main() -> anyhow::Result<()> {
+    if let Ok(to) = std::env::var("LB_PROBE_CONNECT_LOOP") {
+        let to: SocketAddrV4 = to.parse()?;
+        let ms: u64 = std::env::var("LB_PROBE_FOR_MS")?.parse()?;
+        let (count, took) = connect_loop(to, Duration::from_millis(ms))?;
+        println!("PROBE connects {count} {}", took.as_micros());
+    }
     if let Ok(to) = std::env::var("LB_PROBE_TCP") {
         let to: SocketAddrV4 = to.parse()?;
         let mut s = TcpStream::connect_timeout(&to.into(), Duration::from_secs(3))?;
@@ -33,4 +42,21 @@ fn main() -> anyhow::Result<()> {
         println!("PROBE from {from} {}", String::from_utf8_lossy(&buf[..n]));
     }
     Ok(())
+}
+
+fn connect_loop(to: SocketAddrV4, for_: Duration) -> anyhow::Result<(u64, Duration)> {
+    let start = std::time::Instant::now();
+    let mut count = 0;
+    let mut answer = Vec::new();
+    while start.elapsed() < for_ {
+        let mut s = TcpStream::connect_timeout(&to.into(), Duration::from_secs(3))
+            .map_err(|e| anyhow::anyhow!("connection {} to {to}: {e}", count + 1))?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        s.write_all(b"WHO\n")?;
+        answer.clear();
+        s.read_to_end(&mut answer)?;
+        anyhow::ensure!(!answer.is_empty(), "connection {}: no answer", count + 1);
+        count += 1;
+    }
+    Ok((count, start.elapsed()))
 }
