@@ -301,6 +301,20 @@ impl Datapath {
                     let p = self.tc_mut(hook);
                     let id = p.attach_to_link(l)?;
                     drop(FdLink::try_from(p.take_link(id)?)?);
+                    // The pin is named after the interface it was made for;
+                    // one renamed while no agent ran keeps its link under the
+                    // old name, and another interface may carry that name now.
+                    let ours = p.info()?.id();
+                    let direction = if hook == Hook::TcIngress {
+                        TcAttachType::Ingress
+                    } else {
+                        TcAttachType::Egress
+                    };
+                    let (_, on_iface) = SchedClassifier::query_tcx(iface, direction)?;
+                    anyhow::ensure!(
+                        on_iface.iter().any(|prog| prog.id() == ours),
+                        "it belongs to another interface (renamed while no agent ran)"
+                    );
                     Ok(())
                 }),
             Hook::Xdp => aya::programs::xdp::XdpLink::try_from(old)

@@ -293,6 +293,21 @@ impl Drop for Agent {
     }
 }
 
+/// Names of the TCX programs on `iface` in `ns` for `direction`, in order
+/// (bpftool 7.1 predates TCX, so we ask the kernel through aya).
+pub fn tcx_programs(ns: &Netns, iface: &str, direction: aya::programs::TcAttachType) -> Vec<String> {
+    let iface = iface.to_string();
+    ns.run(move || {
+        let (_, progs) = aya::programs::SchedClassifier::query_tcx(&iface, direction)
+            .unwrap_or_else(|e| panic!("querying TCX on {iface}: {e}"));
+        progs
+            .iter()
+            .map(|p| p.name_as_str().unwrap_or("?").to_string())
+            .collect()
+    })
+    .unwrap()
+}
+
 /// GET `path` on the status endpoint of the agent running in `ns` (the
 /// default `--http-addr`): (status code, body).
 pub fn status_get(ns: &Netns, path: &'static str) -> (u16, String) {

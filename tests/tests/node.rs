@@ -14,13 +14,14 @@ use std::{
     time::Duration,
 };
 
+use aya::programs::TcAttachType;
 use lb_tests::{
-    agent::{status_get, Agent, ConfigFile},
+    agent::{status_get, tcx_programs, Agent, ConfigFile},
     cgroup::Cgroup,
     example::{yaml, Endpoint, Extra, Port, Svc},
     netns::sh,
     servers::{tcp_who, udp_who, PodServer},
-    topology::{pod_ip, Topology, CLIENT_IP, NODE_IP},
+    topology::{pod_ip, wire_pod, Topology, CLIENT_IP, NODE_IP, POD_GATEWAY},
 };
 
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
@@ -356,13 +357,27 @@ fn external_traffic_policy_local_node_port_reaches_a_local_backend_with_no_iface
 
 #[test]
 fn a_restarted_agent_adopts_interfaces_that_came_and_went_while_it_was_down() {
-    let (mut topo, _servers, _config, mut agent) = node(2, &[web(&[1])], &[]);
+    let (mut topo, _servers, _config, mut agent) = node(3, &[web(&[1])], &[]);
     let status = agent.stop_with(nix::sys::signal::Signal::SIGTERM).unwrap();
     assert!(status.success());
-    // While no agent runs: pod 2 goes, pods 3 and 4 come.
+    // While no agent runs: pod 2 goes, pods 4 and 5 come, and pod 3's veth
+    // is renamed p3x while a new pod's veth takes the name p3.
     topo.remove_pod(2).unwrap();
-    topo.add_pod(3).unwrap();
     topo.add_pod(4).unwrap();
+    topo.add_pod(5).unwrap();
+    for args in [
+        &["link", "set", "p3", "down"][..],
+        &["link", "set", "p3", "name", "p3x"],
+        &["link", "set", "p3x", "up"],
+        // Taking a link down flushes its routes.
+        &["route", "add", "198.18.1.13/32", "dev", "p3x"],
+    ] {
+        topo.node.ip(args).unwrap();
+    }
+    topo.pods[1].host_iface = "p3x".into();
+    let ns = lb_tests::netns::Netns::new(format!("{}-p6", topo.node.name)).unwrap();
+    let pod6 = wire_pod(&topo.node, ns, "p3".into(), pod_ip(6), POD_GATEWAY).unwrap();
+    topo.pods.push(pod6);
     agent.start_again(None).unwrap();
     let logs = agent.logs().join("\n");
     for iface in ["eth0", "p1"] {
@@ -371,15 +386,23 @@ fn a_restarted_agent_adopts_interfaces_that_came_and_went_while_it_was_down() {
             "{logs}"
         );
     }
-    for iface in ["p3", "p4"] {
+    for iface in ["p3", "p3x", "p4", "p5"] {
         assert!(logs.contains(&format!("attached iface={iface} ")), "{logs}");
     }
     let pins = link_pins(&agent);
     assert!(!pins.iter().any(|p| p.ends_with("_p2")), "{pins:?}");
-    assert_eq!(pins.len(), 8, "{pins:?}");
-    for i in [1, 2] {
-        let pod = &topo.pods[i].ns;
-        let a = pod.run(|| tcp_who(tcp(CLUSTER_IP, 80))).unwrap().unwrap();
-        assert_eq!(a.pod, "pod-1");
+    assert_eq!(pins.len(), 12, "{pins:?}");
+    // One program per interface and direction: none left over, none missing.
+    for iface in ["eth0", "p1", "p3", "p3x", "p4", "p5"] {
+        for (direction, name) in [
+            (TcAttachType::Ingress, "lb_tc_ingress"),
+            (TcAttachType::Egress, "lb_tc_egress"),
+        ] {
+            assert_eq!(tcx_programs(&topo.node, iface, direction), [name], "{iface}");
+        }
+    }
+    for pod in &topo.pods[1..] {
+        let a = pod.ns.run(|| tcp_who(tcp(CLUSTER_IP, 80))).unwrap().unwrap();
+        assert_eq!((a.pod.as_str(), *a.peer.ip()), ("pod-1", pod.ip));
     }
 }

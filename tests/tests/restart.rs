@@ -76,19 +76,9 @@ fn cluster_ip() -> SocketAddrV4 {
     SocketAddrV4::new(CLUSTER_IP, 80)
 }
 
-/// TC programs attached at `iface` in `ns`, by name.
+/// TC ingress programs attached at `iface` in `ns`, by name.
 fn attached(ns: &Netns, iface: &str) -> Vec<String> {
-    let iface = iface.to_string();
-    ns.run(move || {
-        let (_, progs) =
-            aya::programs::SchedClassifier::query_tcx(&iface, aya::programs::TcAttachType::Ingress)
-                .unwrap();
-        progs
-            .iter()
-            .map(|p| p.name_as_str().unwrap_or("?").to_string())
-            .collect()
-    })
-    .unwrap()
+    lb_tests::agent::tcx_programs(ns, iface, aya::programs::TcAttachType::Ingress)
 }
 
 #[test]

@@ -2,7 +2,10 @@
 //! (the kernel times the program itself), for TC and XDP, with 1, 1,000 and
 //! 100,000 services programmed; the Maglev build time; and the control
 //! plane (see `lb_tests::control_bench`): cold start with 10,000 services x
-//! 10 endpoints and one-endpoint change latency.
+//! 10 endpoints and one-endpoint change latency; and the node (see
+//! `lb_tests::node_bench`): new pods' veths followed, and a pod's
+//! connections through socket LB versus TC. `lb-bench control` and
+//! `lb-bench node` run one part alone.
 //!
 //! Method. A test run repeats one frame in place, so a translated frame
 //! would stop matching after the first run. Two tricks keep every number a
