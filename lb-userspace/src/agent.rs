@@ -219,7 +219,7 @@ struct Agent {
 }
 
 enum Next {
-    Update(Update),
+    Update(Box<Update>),
     Link(LinkEvent),
     Stop,
 }
@@ -236,7 +236,7 @@ impl Agent {
         // datapath, if any, keeps serving meanwhile.
         while !self.needs.done() {
             match next(&mut updates, &mut links, &mut sigterm, &mut sigint).await? {
-                Next::Update(u) => self.take(u),
+                Next::Update(u) => self.take(*u),
                 Next::Link(e) => self.take_link(e)?,
                 Next::Stop => return Ok(()),
             }
@@ -251,7 +251,7 @@ impl Agent {
         loop {
             match next(&mut updates, &mut links, &mut sigterm, &mut sigint).await? {
                 Next::Update(u) => {
-                    self.take(u);
+                    self.take(*u);
                     // Coalesce: whatever else is already queued goes into
                     // the same sync (a burst costs one rebuild per Service).
                     while let Ok(u) = updates.try_recv() {
@@ -604,7 +604,7 @@ async fn next(
         _ = sigterm.recv() => { info!("SIGTERM: shutting down"); Ok(Next::Stop) }
         _ = sigint.recv() => { info!("SIGINT: shutting down"); Ok(Next::Stop) }
         u = updates.recv() => match u {
-            Some(u) => Ok(Next::Update(u)),
+            Some(u) => Ok(Next::Update(Box::new(u))),
             None => anyhow::bail!("the source of Services stopped"),
         }
     }

@@ -185,9 +185,13 @@ impl Datapath {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(object).map_err(DatapathError::Load)?;
-        let names = [program_names::TC, program_names::TC_EGRESS, program_names::XDP]
-            .into_iter()
-            .chain(program_names::SOCK_ALL);
+        let names = [
+            program_names::TC,
+            program_names::TC_EGRESS,
+            program_names::XDP,
+        ]
+        .into_iter()
+        .chain(program_names::SOCK_ALL);
         for name in names {
             let program = ebpf
                 .program_mut(name)
@@ -230,7 +234,11 @@ impl Datapath {
     /// interface half-way), the others are closed unpinned, which detaches
     /// them at once, so a later attempt under the new name finds the device
     /// free. (An unpinned link is freed from a kernel work queue, later.)
-    pub fn attach_iface(&mut self, iface: &str, ingress: Ingress) -> Result<Attached, DatapathError> {
+    pub fn attach_iface(
+        &mut self,
+        iface: &str,
+        ingress: Ingress,
+    ) -> Result<Attached, DatapathError> {
         let mut outcome = Attached::New;
         let mut made = Vec::new();
         for hook in Hook::for_ingress(ingress) {
@@ -260,7 +268,12 @@ impl Datapath {
     /// `from` was renamed `to`: the same links (still attached to it),
     /// pinned under the new name. If a pin cannot be moved, the interface
     /// is attached afresh under its new name.
-    pub fn rename_iface(&mut self, from: &str, to: &str, ingress: Ingress) -> Result<Attached, DatapathError> {
+    pub fn rename_iface(
+        &mut self,
+        from: &str,
+        to: &str,
+        ingress: Ingress,
+    ) -> Result<Attached, DatapathError> {
         let dir = pins::links_dir(&self.pin_dir);
         let mut moved = true;
         for hook in Hook::for_ingress(ingress) {
@@ -271,7 +284,11 @@ impl Datapath {
                     self.links.insert(new);
                 }
                 Err(e) => {
-                    tracing::info!(from, to, "could not move the pin {old} ({e}); attaching anew");
+                    tracing::info!(
+                        from,
+                        to,
+                        "could not move the pin {old} ({e}); attaching anew"
+                    );
                     moved = false;
                 }
             }
@@ -295,28 +312,30 @@ impl Datapath {
         // Swapped in place, then taken back as a plain fd and closed: the
         // pin alone holds the link, so removing the pin detaches it.
         let replaced: anyhow::Result<()> = match hook {
-            Hook::TcIngress | Hook::TcEgress => aya::programs::tc::SchedClassifierLink::try_from(old)
-                .map_err(anyhow::Error::from)
-                .and_then(|l| {
-                    let p = self.tc_mut(hook);
-                    let id = p.attach_to_link(l)?;
-                    drop(FdLink::try_from(p.take_link(id)?)?);
-                    // The pin is named after the interface it was made for;
-                    // one renamed while no agent ran keeps its link under the
-                    // old name, and another interface may carry that name now.
-                    let ours = p.info()?.id();
-                    let direction = if hook == Hook::TcIngress {
-                        TcAttachType::Ingress
-                    } else {
-                        TcAttachType::Egress
-                    };
-                    let (_, on_iface) = SchedClassifier::query_tcx(iface, direction)?;
-                    anyhow::ensure!(
-                        on_iface.iter().any(|prog| prog.id() == ours),
-                        "it belongs to another interface (renamed while no agent ran)"
-                    );
-                    Ok(())
-                }),
+            Hook::TcIngress | Hook::TcEgress => {
+                aya::programs::tc::SchedClassifierLink::try_from(old)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|l| {
+                        let p = self.tc_mut(hook);
+                        let id = p.attach_to_link(l)?;
+                        drop(FdLink::try_from(p.take_link(id)?)?);
+                        // The pin is named after the interface it was made for;
+                        // one renamed while no agent ran keeps its link under the
+                        // old name, and another interface may carry that name now.
+                        let ours = p.info()?.id();
+                        let direction = if hook == Hook::TcIngress {
+                            TcAttachType::Ingress
+                        } else {
+                            TcAttachType::Egress
+                        };
+                        let (_, on_iface) = SchedClassifier::query_tcx(iface, direction)?;
+                        anyhow::ensure!(
+                            on_iface.iter().any(|prog| prog.id() == ours),
+                            "it belongs to another interface (renamed while no agent ran)"
+                        );
+                        Ok(())
+                    })
+            }
             Hook::Xdp => aya::programs::xdp::XdpLink::try_from(old)
                 .map_err(anyhow::Error::from)
                 .and_then(|l| {
@@ -335,7 +354,8 @@ impl Datapath {
             // ours to update: start afresh.
             Err(e) => {
                 tracing::info!(link = %name, "not reusing the pinned link ({e:#}); attaching anew");
-                pins::remove_link(&self.pin_dir, &name).map_err(|e| DatapathError::Pins(e.into()))?;
+                pins::remove_link(&self.pin_dir, &name)
+                    .map_err(|e| DatapathError::Pins(e.into()))?;
                 Ok(false)
             }
         }

@@ -49,9 +49,15 @@ pub fn status(pin_dir: &Path) -> anyhow::Result<String> {
     let mut cgroups: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for name in pins::pinned_links(pin_dir) {
         if let Some((hook, iface)) = Hook::parse_pin(&name) {
-            ifaces.entry(iface.to_string()).or_default().push(hook.label());
+            ifaces
+                .entry(iface.to_string())
+                .or_default()
+                .push(hook.label());
         } else if let Some((prog, cg)) = name.rsplit_once("_cg") {
-            cgroups.entry(cg.to_string()).or_default().push(prog.to_string());
+            cgroups
+                .entry(cg.to_string())
+                .or_default()
+                .push(prog.to_string());
         }
     }
     writeln!(out, "interfaces: {}", ifaces.len())?;

@@ -150,7 +150,10 @@ struct Attachment {
 /// One step towards the wanted attachments.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Step {
-    Attach { name: String, ingress: Ingress },
+    Attach {
+        name: String,
+        ingress: Ingress,
+    },
     /// The interface was renamed (a CNI creates a veth under a temporary
     /// name): the same links, pinned under the new name.
     Rename {
@@ -159,7 +162,10 @@ pub enum Step {
         ingress: Ingress,
     },
     /// The interface is gone, or no longer selected: remove its links.
-    Detach { name: String, ingress: Ingress },
+    Detach {
+        name: String,
+        ingress: Ingress,
+    },
 }
 
 /// The namespace's interfaces and what the datapath has on them.
@@ -455,10 +461,7 @@ mod tests {
         assert!(ifs.plan().is_empty());
         assert!(ifs.in_force().is_empty());
         ifs.link_changed(eth(4, "p1-renamed"));
-        assert_eq!(
-            ifs.plan(),
-            vec![(4, attach("p1-renamed", Ingress::Tc))]
-        );
+        assert_eq!(ifs.plan(), vec![(4, attach("p1-renamed", Ingress::Tc))]);
         // Gone: nothing of it is left attached, the detach is harmless.
         ifs.link_removed(4);
         assert!(matches!(ifs.plan()[..], [(4, Step::Detach { .. })]));

@@ -47,8 +47,12 @@ pub async fn watch_links() -> anyhow::Result<UnboundedReceiver<LinkEvent>> {
         rtnetlink::new_multicast_connection(&[MulticastGroup::Link])
             .map_err(|e| anyhow::anyhow!("opening an rtnetlink socket for link events: {e}"))?;
     let socket = conn.socket_mut().socket_mut();
-    if nix::sys::socket::setsockopt(&*socket, nix::sys::socket::sockopt::RcvBufForce, &RECEIVE_BUFFER)
-        .is_err()
+    if nix::sys::socket::setsockopt(
+        &*socket,
+        nix::sys::socket::sockopt::RcvBufForce,
+        &RECEIVE_BUFFER,
+    )
+    .is_err()
     {
         let _ = socket.set_rx_buf_sz(RECEIVE_BUFFER);
     }

@@ -32,11 +32,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{
-    datapath::Hook,
-    interfaces::Ingress,
-    model::ServicePortKey,
-};
+use crate::{datapath::Hook, interfaces::Ingress, model::ServicePortKey};
 
 /// Service id -> service port, for the per-service counters' labels.
 pub type ServiceNames = Arc<Mutex<BTreeMap<u32, ServicePortKey>>>;

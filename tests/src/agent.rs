@@ -227,11 +227,7 @@ impl Agent {
         let needle = what;
         let deadline = Instant::now() + within;
         loop {
-            let matches: Vec<String> = self
-                .logs()
-                .into_iter()
-                .filter(|l| matches(l))
-                .collect();
+            let matches: Vec<String> = self.logs().into_iter().filter(|l| matches(l)).collect();
             if matches.len() >= n {
                 return Ok(matches[n - 1].clone());
             }
@@ -295,7 +291,11 @@ impl Drop for Agent {
 
 /// Names of the TCX programs on `iface` in `ns` for `direction`, in order
 /// (bpftool 7.1 predates TCX, so we ask the kernel through aya).
-pub fn tcx_programs(ns: &Netns, iface: &str, direction: aya::programs::TcAttachType) -> Vec<String> {
+pub fn tcx_programs(
+    ns: &Netns,
+    iface: &str,
+    direction: aya::programs::TcAttachType,
+) -> Vec<String> {
     let iface = iface.to_string();
     ns.run(move || {
         let (_, progs) = aya::programs::SchedClassifier::query_tcx(&iface, direction)

@@ -96,7 +96,14 @@ pub fn run(pods: usize, rounds: usize) -> anyhow::Result<Results> {
         let t0 = Instant::now();
         let tmp = plug_veth(&topo.node, &ns)?;
         appeared.push((tmp.clone(), format!("p{i}"), SystemTime::now()));
-        let pod = configure_pod(&topo.node, ns, &tmp, format!("p{i}"), pod_ip(i), POD_GATEWAY)?;
+        let pod = configure_pod(
+            &topo.node,
+            ns,
+            &tmp,
+            format!("p{i}"),
+            pod_ip(i),
+            POD_GATEWAY,
+        )?;
         topo.pods.push(pod);
         let [via_service, straight] = prober
             .join()
@@ -119,14 +126,19 @@ pub fn run(pods: usize, rounds: usize) -> anyhow::Result<Results> {
                 })
                 .with_context(|| format!("no attach line for {name}"))?;
             let logged = log_time(line).with_context(|| format!("no time in {line:?}"))?;
-            Ok(Duration::from_secs_f64((logged - day_seconds(*at)).max(0.0)))
+            Ok(Duration::from_secs_f64(
+                (logged - day_seconds(*at)).max(0.0),
+            ))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
 
     // Each path from its own pod: the two would otherwise reuse each
     // other's 4-tuples towards the backend (a direct connection from a
     // port whose TC-translated flow still has a conntrack entry).
-    anyhow::ensure!(pods >= 2, "the connect() comparison needs two of the new pods");
+    anyhow::ensure!(
+        pods >= 2,
+        "the connect() comparison needs two of the new pods"
+    );
     let target = SocketAddrV4::new(*CLUSTER_IP.ip(), 80);
     let (socket_pod, tc_pod) = (&topo.pods[1].ns, &topo.pods[2].ns);
     let (mut socket_lb, mut tc) = (Vec::new(), Vec::new());

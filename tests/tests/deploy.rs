@@ -112,13 +112,21 @@ fn the_daemon_set_names_no_interface_and_no_address() {
     let c = &pod.containers[0];
     let args = c.args.clone().unwrap();
     for a in &args {
-        assert!(!a.contains("iface"), "{a}: the agent follows every interface");
-        assert!(!a.starts_with("--node-ip"), "{a}: NodePort addresses come from the Node");
+        assert!(
+            !a.contains("iface"),
+            "{a}: the agent follows every interface"
+        );
+        assert!(
+            !a.starts_with("--node-ip"),
+            "{a}: NodePort addresses come from the Node"
+        );
         assert!(!a.contains("host-only"), "{a}: pods get socket LB");
     }
     assert!(args.contains(&"--cgroup=/sys/fs/cgroup".to_string()));
     let text = std::fs::read_to_string(deploy::deploy_dir().join("daemonset.yaml")).unwrap();
-    for iface in ["eth0", "ens", "enp", "eno", "bond0", "cni0", "cali", "lxc", "veth"] {
+    for iface in [
+        "eth0", "ens", "enp", "eno", "bond0", "cni0", "cali", "lxc", "veth",
+    ] {
         let named = text
             .lines()
             .filter(|l| !l.trim_start().starts_with('#'))
@@ -132,7 +140,10 @@ fn the_daemon_set_names_no_interface_and_no_address() {
         .iter()
         .flatten()
         .any(|e| e.name.starts_with("KUBERNETES_SERVICE")));
-    let from = c.env_from.as_ref().unwrap()[0].config_map_ref.as_ref().unwrap();
+    let from = c.env_from.as_ref().unwrap()[0]
+        .config_map_ref
+        .as_ref()
+        .unwrap();
     assert_eq!(from.name, "lb-api-server");
 }
 

@@ -47,7 +47,7 @@ fn snat_port(client: Ipv4Addr, sport: u16, dport: u16, proto: u8) -> u16 {
 
 fn redirect(hook: Hook) -> u32 {
     match hook {
-        Hook::Tc => TC_ACT_REDIRECT,
+        Hook::Tc | Hook::TcEgress => TC_ACT_REDIRECT,
         Hook::Xdp => XDP_REDIRECT,
     }
 }

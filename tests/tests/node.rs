@@ -38,7 +38,11 @@ fn web(on: &[usize]) -> Svc {
 
 /// A node with `servers` serving pods (pod-1 ...), and the agent running
 /// on `services` with `extra` flags and no `--iface`.
-fn node(servers: usize, services: &[Svc], extra: &[String]) -> (Topology, Vec<PodServer>, ConfigFile, Agent) {
+fn node(
+    servers: usize,
+    services: &[Svc],
+    extra: &[String],
+) -> (Topology, Vec<PodServer>, ConfigFile, Agent) {
     lb_tests::require_root();
     let topo = Topology::new(servers).expect("topology");
     let running = topo.start_servers(servers).expect("servers");
@@ -104,8 +108,7 @@ fn a_pod_created_after_the_agent_started_reaches_cluster_ips_over_tcp_and_udp() 
 
 #[test]
 fn a_backend_pod_created_later_serves_a_node_port_with_its_replies_translated() {
-    let (mut topo, _servers, config, mut agent) =
-        node(1, &[web(&[1]), Svc::api(pod_ip(4))], &[]);
+    let (mut topo, _servers, config, mut agent) = node(1, &[web(&[1]), Svc::api(pod_ip(4))], &[]);
     let pod = topo.add_pod(4).unwrap();
     let _server = PodServer::start(&pod.ns, "pod-4", 8080, 5353).unwrap();
     attached(&mut agent, "p4");
@@ -256,12 +259,17 @@ fn sockets_in_pod_namespaces_are_balanced_at_connect_and_show_the_cluster_ip() {
     // pod's own address.
     assert!(out.contains("PROBE peer 198.19.0.10:80"), "{out}");
     assert!(out.contains("PROBE who pod-"), "{out}");
-    assert!(out.contains(&format!(" {ip}:")), "backend saw the pod: {out}");
+    assert!(
+        out.contains(&format!(" {ip}:")),
+        "backend saw the pod: {out}"
+    );
     assert!(out.contains("PROBE from 198.19.0.10:53 pod-"), "{out}");
     // Translated at the socket: TC on the pod's veth saw backend packets.
     assert!(agent.stat("sock_translated") >= 2);
     assert_eq!(agent.stat("dnat_new"), dnat_before);
-    assert!(agent.status().contains("socket LB scope: every network namespace"));
+    assert!(agent
+        .status()
+        .contains("socket LB scope: every network namespace"));
 
     // --socket-lb-host-only: the pod dials the ClusterIP itself, TC
     // balances it on the veth, and the application sees the same.
@@ -275,7 +283,9 @@ fn sockets_in_pod_namespaces_are_balanced_at_connect_and_show_the_cluster_ip() {
     assert!(out.contains("PROBE from 198.19.0.10:53 pod-"), "{out}");
     assert_eq!(agent.stat("sock_translated"), translated);
     assert!(agent.stat("dnat_new") >= dnat_before + 2);
-    assert!(agent.status().contains("socket LB scope: the node's network namespace only"));
+    assert!(agent
+        .status()
+        .contains("socket LB scope: the node's network namespace only"));
 }
 
 /// The `kubernetes` Service of a control-plane node: its endpoint is the
@@ -330,7 +340,10 @@ fn a_host_network_backend_is_reached_from_a_pod_through_tc_alone_and_with_socket
     let agent = Agent::start_with(&topo, &_config.path, &extra).unwrap();
     let out = cg.probe(&pod.ns, Some(api), Some(dns)).unwrap();
     assert!(out.contains("PROBE peer 198.19.0.1:443"), "{out}");
-    assert!(out.contains(&format!("PROBE who host {}:", pod.ip)), "{out}");
+    assert!(
+        out.contains(&format!("PROBE who host {}:", pod.ip)),
+        "{out}"
+    );
     assert!(out.contains("PROBE from 198.19.0.1:53 host"), "{out}");
     assert!(agent.stat("sock_translated") >= 2);
 }
@@ -382,7 +395,9 @@ fn a_restarted_agent_adopts_interfaces_that_came_and_went_while_it_was_down() {
     let logs = agent.logs().join("\n");
     for iface in ["eth0", "p1"] {
         assert!(
-            logs.contains(&format!("replaced the programs in the pinned links iface={iface} ")),
+            logs.contains(&format!(
+                "replaced the programs in the pinned links iface={iface} "
+            )),
             "{logs}"
         );
     }
@@ -398,11 +413,19 @@ fn a_restarted_agent_adopts_interfaces_that_came_and_went_while_it_was_down() {
             (TcAttachType::Ingress, "lb_tc_ingress"),
             (TcAttachType::Egress, "lb_tc_egress"),
         ] {
-            assert_eq!(tcx_programs(&topo.node, iface, direction), [name], "{iface}");
+            assert_eq!(
+                tcx_programs(&topo.node, iface, direction),
+                [name],
+                "{iface}"
+            );
         }
     }
     for pod in &topo.pods[1..] {
-        let a = pod.ns.run(|| tcp_who(tcp(CLUSTER_IP, 80))).unwrap().unwrap();
+        let a = pod
+            .ns
+            .run(|| tcp_who(tcp(CLUSTER_IP, 80)))
+            .unwrap()
+            .unwrap();
         assert_eq!((a.pod.as_str(), *a.peer.ip()), ("pod-1", pod.ip));
     }
 }

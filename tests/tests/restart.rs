@@ -255,7 +255,10 @@ fn interfaces_no_longer_asked_for_are_detached_on_restart() {
     assert_eq!(attached(node, "eth0"), ["lb_tc_ingress"]);
     let logs = agent.logs().join("\n");
     assert!(logs.contains(&format!("link=tc_{pod_iface}")), "{logs}");
-    assert!(logs.contains(&format!("link=tcegress_{pod_iface}")), "{logs}");
+    assert!(
+        logs.contains(&format!("link=tcegress_{pod_iface}")),
+        "{logs}"
+    );
 }
 
 #[test]

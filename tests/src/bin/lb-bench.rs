@@ -282,10 +282,22 @@ fn node() -> anyhow::Result<()> {
     println!("| {} pods wired like a CNI | p50 | p99 |", r.pods);
     println!("|---|---:|---:|");
     for (what, p) in [
-        ("veth in the node's namespace -> agent attached (log line)", &r.attach),
-        ("veth created -> first answer through a ClusterIP", &r.translated),
-        ("veth created -> first answer from the backend directly (wiring alone)", &r.direct),
-        ("difference per pod (what following adds to the wiring)", &r.added),
+        (
+            "veth in the node's namespace -> agent attached (log line)",
+            &r.attach,
+        ),
+        (
+            "veth created -> first answer through a ClusterIP",
+            &r.translated,
+        ),
+        (
+            "veth created -> first answer from the backend directly (wiring alone)",
+            &r.direct,
+        ),
+        (
+            "difference per pod (what following adds to the wiring)",
+            &r.added,
+        ),
     ] {
         println!("| {what} | {:.2} ms | {:.2} ms |", ms(p.p50), ms(p.p99));
     }
@@ -295,8 +307,14 @@ fn node() -> anyhow::Result<()> {
         r.rounds
     );
     println!("|---|---:|---:|");
-    println!("| socket LB (cgroup hooks) | {:.1} us | {:.1}-{:.1} |", s.0, s.1, s.2);
-    println!("| TC on the veths | {:.1} us | {:.1}-{:.1} |", t.0, t.1, t.2);
+    println!(
+        "| socket LB (cgroup hooks) | {:.1} us | {:.1}-{:.1} |",
+        s.0, s.1, s.2
+    );
+    println!(
+        "| TC on the veths | {:.1} us | {:.1}-{:.1} |",
+        t.0, t.1, t.2
+    );
     println!("| socket LB / TC | {:.2}x | |", s.0 / t.0);
     Ok(())
 }
