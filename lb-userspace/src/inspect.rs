@@ -24,27 +24,6 @@ pub fn status(pin_dir: &Path) -> anyhow::Result<String> {
         "not running (the datapath it left keeps working; `lb cleanup` removes it)"
     };
     writeln!(out, "agent: {running}")?;
-    match read_config(pin_dir) {
-        Some(cfg) if cfg.netns_cookie != 0 => {
-            let snat = Ipv4Addr::from(cfg.snat_addr);
-            writeln!(
-                out,
-                "SNAT address: {}",
-                if snat.is_unspecified() {
-                    "none".to_string()
-                } else {
-                    snat.to_string()
-                }
-            )?;
-            let scope = if cfg.flags & CONFIG_F_SOCK_ALL_NETNS != 0 {
-                "every network namespace"
-            } else {
-                "the node's network namespace only"
-            };
-            writeln!(out, "socket LB scope: {scope}")?;
-        }
-        _ => writeln!(out, "config: not written yet")?,
-    }
     let mut ifaces: BTreeMap<String, Vec<&'static str>> = BTreeMap::new();
     let mut cgroups: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for name in pins::pinned_links(pin_dir) {
@@ -59,6 +38,30 @@ pub fn status(pin_dir: &Path) -> anyhow::Result<String> {
                 .or_default()
                 .push(prog.to_string());
         }
+    }
+    let has_cgroup_hooks = !cgroups.is_empty();
+    match read_config(pin_dir) {
+        Some(cfg) if cfg.netns_cookie != 0 => {
+            let snat = Ipv4Addr::from(cfg.snat_addr);
+            writeln!(
+                out,
+                "SNAT address: {}",
+                if snat.is_unspecified() {
+                    "none".to_string()
+                } else {
+                    snat.to_string()
+                }
+            )?;
+            let scope = if !has_cgroup_hooks {
+                "off (no --cgroup)"
+            } else if cfg.flags & CONFIG_F_SOCK_ALL_NETNS != 0 {
+                "every network namespace"
+            } else {
+                "the node's network namespace only"
+            };
+            writeln!(out, "socket LB scope: {scope}")?;
+        }
+        _ => writeln!(out, "config: not written yet")?,
     }
     writeln!(out, "interfaces: {}", ifaces.len())?;
     for (iface, mut hooks) in ifaces {

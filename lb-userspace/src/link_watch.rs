@@ -47,14 +47,15 @@ pub async fn watch_links() -> anyhow::Result<UnboundedReceiver<LinkEvent>> {
         rtnetlink::new_multicast_connection(&[MulticastGroup::Link])
             .map_err(|e| anyhow::anyhow!("opening an rtnetlink socket for link events: {e}"))?;
     let socket = conn.socket_mut().socket_mut();
-    if nix::sys::socket::setsockopt(
-        &*socket,
-        nix::sys::socket::sockopt::RcvBufForce,
-        &RECEIVE_BUFFER,
-    )
-    .is_err()
+    // The tests shrink it to force overruns (a flood of link events).
+    let size = std::env::var("LB_NETLINK_RCVBUF")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(RECEIVE_BUFFER);
+    if nix::sys::socket::setsockopt(&*socket, nix::sys::socket::sockopt::RcvBufForce, &size)
+        .is_err()
     {
-        let _ = socket.set_rx_buf_sz(RECEIVE_BUFFER);
+        let _ = socket.set_rx_buf_sz(size);
     }
     tokio::spawn(conn);
     let first = list(&handle)

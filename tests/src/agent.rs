@@ -33,21 +33,37 @@ pub struct Agent {
     child: Option<Child>,
     pub pin_dir: PathBuf,
     logs: Arc<Mutex<Vec<String>>>,
-    /// Network namespace name and arguments, for restarts.
+    /// Network namespace name, arguments and environment, for restarts.
     netns: String,
     pub args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Agent {
     /// Starts `lb run` in `ns` with `args` after `run`, not waiting.
     pub fn spawn(ns: &Netns, pin_dir: &Path, args: &[String]) -> anyhow::Result<Agent> {
-        let (child, logs) = Self::launch(&ns.name, pin_dir, args)?;
+        Self::spawn_with_env(ns, pin_dir, args, &[])
+    }
+
+    /// `spawn` with extra environment variables for the agent.
+    pub fn spawn_with_env(
+        ns: &Netns,
+        pin_dir: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Agent> {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let (child, logs) = Self::launch(&ns.name, pin_dir, args, &env)?;
         Ok(Agent {
             child: Some(child),
             pin_dir: pin_dir.to_path_buf(),
             logs,
             netns: ns.name.clone(),
             args: args.to_vec(),
+            env,
         })
     }
 
@@ -66,7 +82,7 @@ impl Agent {
         if let Some(a) = args {
             self.args = a;
         }
-        let (child, logs) = Self::launch(&self.netns, &self.pin_dir, &self.args)?;
+        let (child, logs) = Self::launch(&self.netns, &self.pin_dir, &self.args, &self.env)?;
         self.child = Some(child);
         self.logs = logs;
         self.wait_for_log("datapath ready", Duration::from_secs(20))?;
@@ -77,6 +93,7 @@ impl Agent {
         netns_name: &str,
         pin_dir: &Path,
         args: &[String],
+        env: &[(String, String)],
     ) -> anyhow::Result<(Child, Arc<Mutex<Vec<String>>>)> {
         let netns = std::fs::File::open(format!("/run/netns/{netns_name}"))
             .with_context(|| format!("opening network namespace {netns_name}"))?;
@@ -84,7 +101,8 @@ impl Agent {
         cmd.arg("run").args(args).arg("--pin-dir").arg(pin_dir);
         cmd.stdout(Stdio::null())
             .stderr(Stdio::piped())
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", "info")
+            .envs(env.iter().cloned());
         let fd = netns.as_raw_fd();
         // SAFETY: setns is async-signal-safe; the fd stays open (netns lives
         // until after spawn returns). Only the network namespace changes:

@@ -98,6 +98,10 @@ fn a_pod_created_after_the_agent_started_reaches_cluster_ips_over_tcp_and_udp() 
         );
     }
     assert!(status.contains("interfaces: 4"), "{status}");
+    assert!(
+        status.contains("socket LB scope: off (no --cgroup)"),
+        "{status}"
+    );
     let (code, metrics) = status_get(&topo.node, "/metrics");
     assert_eq!(code, 200);
     for hook in ["tc_ingress", "tc_egress"] {
@@ -229,6 +233,84 @@ fn deleted_pods_leave_nothing_behind_and_fifty_come_and_go_without_a_leak() {
     assert_eq!(renamed + direct, 52, "{renamed} + {direct}");
     assert_eq!(agent.count_logs("detached (interface gone)"), 51);
     // Still serving.
+    let a = topo
+        .client
+        .run(|| tcp_who(tcp(NODE_IP, 30080)))
+        .unwrap()
+        .unwrap();
+    assert_eq!(a.pod, "pod-1");
+}
+
+/// A flood of link events while the agent is busy attaching, with its
+/// netlink buffer shrunk so that the kernel drops events: the agent sees
+/// the overrun, lists every interface again, and ends with exactly the
+/// interfaces that exist, attached, and nothing of those that went.
+#[test]
+fn a_flood_of_interfaces_overrunning_the_event_socket_is_caught_up_by_a_relist() {
+    lb_tests::require_root();
+    let topo = Topology::new(1).unwrap();
+    let config = ConfigFile::new(&yaml(&[web(&[1])])).unwrap();
+    let pin_dir = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/{}",
+        lb_tests::netns::unique("lbflood")
+    ));
+    let args: Vec<String> = [
+        "--config",
+        &config.path.display().to_string(),
+        "--node-ip",
+        &NODE_IP.to_string(),
+        "--node-name",
+        "node-a",
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut agent = Agent::spawn_with_env(
+        &topo.node,
+        &pin_dir,
+        &args,
+        &[("LB_NETLINK_RCVBUF", "4096")],
+    )
+    .unwrap();
+    agent.wait_for_log("datapath ready", PATIENCE).unwrap();
+    let batch = |verb: &str| {
+        let script: String = (0..40)
+            .map(|i| match verb {
+                "add" => format!("link add fl{i} type veth peer name fp{i}\n"),
+                _ => format!("link del fl{i}\n"),
+            })
+            .collect();
+        let path = std::env::temp_dir().join(lb_tests::netns::unique("lbflood-batch"));
+        std::fs::write(&path, script).unwrap();
+        topo.node
+            .ip(&["-batch", &path.display().to_string()])
+            .unwrap();
+        let _ = std::fs::remove_file(path);
+    };
+    batch("add");
+    // 80 new interfaces + eth0 + p1, two hooks each.
+    let settled = |want: usize| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while link_pins(&agent).len() != want {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} pins, want {want}",
+                link_pins(&agent).len()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    settled(2 * 82);
+    assert!(
+        agent.count_logs("link events were lost") > 0,
+        "no overrun: the test did not test what it says"
+    );
+    batch("del");
+    settled(4);
+    let links = links_running(&our_programs(&agent));
+    assert_eq!(links, 4);
+    // Still serving: the pod reaches the ClusterIP.
+    let pod = &topo.pods[0].ns;
+    let _server = PodServer::start(pod, "pod-1", 8080, 5353).unwrap();
     let a = topo
         .client
         .run(|| tcp_who(tcp(NODE_IP, 30080)))

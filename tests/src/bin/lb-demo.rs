@@ -87,6 +87,11 @@ fn demo() -> anyhow::Result<bool> {
     }
 
     println!(
+        "== what the datapath is on (lb status --pin-dir {})",
+        agent.pin_dir.display()
+    );
+    print!("{}", agent.status());
+    println!(
         "== datapath counters (lb stats --pin-dir {})",
         agent.pin_dir.display()
     );
