@@ -303,52 +303,66 @@ impl Agent {
                     .map_err(|e| crate::datapath::DatapathError::Pins(e.into())),
             };
             let ok = outcome.is_ok();
-            match (&step, outcome) {
-                (Step::Attach { name, ingress }, Ok(how)) => {
-                    let hooks = hook_labels(*ingress);
-                    match how {
-                        Some(Attached::Replaced) => {
-                            info!(iface = %name, %hooks, "replaced the programs in the pinned links")
-                        }
-                        _ => info!(iface = %name, %hooks, "attached"),
-                    }
-                }
-                (Step::Rename { from, to, .. }, Ok(_)) => {
-                    info!(iface = %to, from = %from, "interface renamed: its links follow it")
-                }
-                (Step::Detach { name, .. }, Ok(_)) => {
-                    let why = if self.interfaces.is_present(index) {
-                        "no longer selected"
-                    } else {
-                        "interface gone"
-                    };
-                    info!(iface = %name, "detached ({why})")
-                }
-                (step, Err(e)) => {
-                    let name = match step {
-                        Step::Attach { name, .. } | Step::Detach { name, .. } => name,
-                        Step::Rename { to, .. } => to,
-                    };
-                    if first && self.interfaces.selection().named().contains(&name.as_str()) {
-                        return Err(e.into());
-                    }
-                    // Attaching goes by name: a CNI renaming or deleting the
-                    // interface meanwhile is no failure, its next event
-                    // (already on its way) says what to do.
-                    let still_there = nix::net::if_::if_nametoindex(name.as_str()) == Ok(index);
-                    if still_there {
-                        self.status.metrics.interface_failures.inc();
-                        warn!(iface = %name, "{e:#}; not retried until the interface changes");
-                    } else {
-                        tracing::debug!(iface = %name, "renamed or deleted while attaching ({e:#}); following its next event");
-                    }
-                }
-            }
+            self.report_step(index, &step, outcome, first)?;
             self.interfaces.applied(index, &step, ok);
         }
         self.status
             .metrics
             .set_interfaces(&self.interfaces.in_force());
+        Ok(())
+    }
+
+    /// The log line for one applied step; an error only for an interface
+    /// named exactly that fails at start-up.
+    fn report_step(
+        &self,
+        index: u32,
+        step: &Step,
+        outcome: Result<Option<Attached>, crate::datapath::DatapathError>,
+        first: bool,
+    ) -> anyhow::Result<()> {
+        let e = match (step, outcome) {
+            (Step::Attach { name, ingress }, Ok(how)) => {
+                let hooks = hook_labels(*ingress);
+                match how {
+                    Some(Attached::Replaced) => {
+                        info!(iface = %name, %hooks, "replaced the programs in the pinned links")
+                    }
+                    _ => info!(iface = %name, %hooks, "attached"),
+                }
+                return Ok(());
+            }
+            (Step::Rename { from, to, .. }, Ok(_)) => {
+                info!(iface = %to, from = %from, "interface renamed: its links follow it");
+                return Ok(());
+            }
+            (Step::Detach { name, .. }, Ok(_)) => {
+                let why = if self.interfaces.is_present(index) {
+                    "no longer selected"
+                } else {
+                    "interface gone"
+                };
+                info!(iface = %name, "detached ({why})");
+                return Ok(());
+            }
+            (_, Err(e)) => e,
+        };
+        let name = match step {
+            Step::Attach { name, .. } | Step::Detach { name, .. } => name,
+            Step::Rename { to, .. } => to,
+        };
+        if first && self.interfaces.selection().named().contains(&name.as_str()) {
+            return Err(e.into());
+        }
+        // Attaching goes by name: a CNI renaming or deleting the interface
+        // meanwhile is no failure, its next event (already on its way) says
+        // what to do.
+        if nix::net::if_::if_nametoindex(name.as_str()) == Ok(index) {
+            self.status.metrics.interface_failures.inc();
+            warn!(iface = %name, "{e:#}; not retried until the interface changes");
+        } else {
+            tracing::debug!(iface = %name, "renamed or deleted while attaching ({e:#}); following its next event");
+        }
         Ok(())
     }
 
