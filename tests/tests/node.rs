@@ -111,6 +111,29 @@ fn a_pod_created_after_the_agent_started_reaches_cluster_ips_over_tcp_and_udp() 
 }
 
 #[test]
+fn iface_patterns_narrow_and_exclude_patterns_remove_followed_interfaces() {
+    let extra = ["--iface", "p*", "--exclude-iface", "p2"].map(String::from);
+    let (mut topo, _servers, _config, mut agent) = node(2, &[web(&[1])], &extra);
+    topo.add_pod(3).unwrap();
+    attached(&mut agent, "p3");
+    let status = agent.status();
+    let listed: Vec<&str> = status
+        .lines()
+        .filter(|l| l.starts_with("  ") && l.contains("tc_ingress"))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(listed, ["p1", "p3"], "{status}");
+    // TC on p3 balances the new pod's connection; eth0 carries nothing.
+    let a = topo.pods[2]
+        .ns
+        .run(|| tcp_who(tcp(CLUSTER_IP, 80)))
+        .unwrap()
+        .unwrap();
+    assert_eq!(a.pod, "pod-1");
+    assert!(tcx_programs(&topo.node, "eth0", TcAttachType::Ingress).is_empty());
+}
+
+#[test]
 fn a_backend_pod_created_later_serves_a_node_port_with_its_replies_translated() {
     let (mut topo, _servers, config, mut agent) = node(1, &[web(&[1]), Svc::api(pod_ip(4))], &[]);
     let pod = topo.add_pod(4).unwrap();
