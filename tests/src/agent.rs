@@ -140,6 +140,16 @@ impl Agent {
     }
 
     pub fn start_with(topo: &Topology, config: &Path, extra: &[String]) -> anyhow::Result<Agent> {
+        Self::start_with_env(topo, config, extra, &[])
+    }
+
+    /// `start_with`, the agent given extra environment variables.
+    pub fn start_with_env(
+        topo: &Topology,
+        config: &Path,
+        extra: &[String],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Agent> {
         let mut args = vec![
             "--config".to_string(),
             config.display().to_string(),
@@ -152,7 +162,7 @@ impl Agent {
         // it does by default (and as the DaemonSet runs it).
         args.extend_from_slice(extra);
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("lbtest")));
-        let mut agent = Agent::spawn(&topo.node, &pin_dir, &args)?;
+        let mut agent = Agent::spawn_with_env(&topo.node, &pin_dir, &args, env)?;
         agent.wait_for_log("datapath ready", Duration::from_secs(20))?;
         Ok(agent)
     }

@@ -51,6 +51,14 @@ fn node(
     (topo, running, config, agent)
 }
 
+/// Who answers the client on the node's NodePort `port`.
+fn node_port_who(topo: &Topology, port: u16) -> lb_tests::servers::Answer {
+    topo.client
+        .run(move || tcp_who(tcp(NODE_IP, port)))
+        .unwrap()
+        .unwrap()
+}
+
 /// Waits for the agent's line saying its programs are on `iface`: the
 /// CNI-like wiring creates the veth under a temporary name, so that is
 /// "attached iface=tmp..." then "interface renamed ... iface=<iface>", or,
@@ -141,11 +149,7 @@ fn a_backend_pod_created_later_serves_a_node_port_with_its_replies_translated() 
     attached(&mut agent, "p4");
     // The backend's replies cross only its own veth on their way back:
     // translated there, and the client keeps its address.
-    let a = topo
-        .client
-        .run(|| tcp_who(tcp(NODE_IP, 30443)))
-        .unwrap()
-        .unwrap();
+    let a = node_port_who(&topo, 30443);
     assert_eq!(a.pod, "pod-4");
     assert_eq!(*a.peer.ip(), CLIENT_IP);
     assert!(agent.stat("reply_nat") > 0);
@@ -256,11 +260,7 @@ fn deleted_pods_leave_nothing_behind_and_fifty_come_and_go_without_a_leak() {
     assert_eq!(renamed + direct, 52, "{renamed} + {direct}");
     assert_eq!(agent.count_logs("detached (interface gone)"), 51);
     // Still serving.
-    let a = topo
-        .client
-        .run(|| tcp_who(tcp(NODE_IP, 30080)))
-        .unwrap()
-        .unwrap();
+    let a = node_port_who(&topo, 30080);
     assert_eq!(a.pod, "pod-1");
 }
 
@@ -273,28 +273,8 @@ fn a_flood_of_interfaces_overrunning_the_event_socket_is_caught_up_by_a_relist()
     lb_tests::require_root();
     let topo = Topology::new(1).unwrap();
     let config = ConfigFile::new(&yaml(&[web(&[1])])).unwrap();
-    let pin_dir = std::path::PathBuf::from(format!(
-        "/sys/fs/bpf/{}",
-        lb_tests::netns::unique("lbflood")
-    ));
-    let args: Vec<String> = [
-        "--config",
-        &config.path.display().to_string(),
-        "--node-ip",
-        &NODE_IP.to_string(),
-        "--node-name",
-        "node-a",
-    ]
-    .map(String::from)
-    .to_vec();
-    let mut agent = Agent::spawn_with_env(
-        &topo.node,
-        &pin_dir,
-        &args,
-        &[("LB_NETLINK_RCVBUF", "4096")],
-    )
-    .unwrap();
-    agent.wait_for_log("datapath ready", PATIENCE).unwrap();
+    let agent =
+        Agent::start_with_env(&topo, &config.path, &[], &[("LB_NETLINK_RCVBUF", "4096")]).unwrap();
     let batch = |verb: &str| {
         let script: String = (0..40)
             .map(|i| match verb {
@@ -334,11 +314,7 @@ fn a_flood_of_interfaces_overrunning_the_event_socket_is_caught_up_by_a_relist()
     // Still serving: the pod reaches the ClusterIP.
     let pod = &topo.pods[0].ns;
     let _server = PodServer::start(pod, "pod-1", 8080, 5353).unwrap();
-    let a = topo
-        .client
-        .run(|| tcp_who(tcp(NODE_IP, 30080)))
-        .unwrap()
-        .unwrap();
+    let a = node_port_who(&topo, 30080);
     assert_eq!(a.pod, "pod-1");
 }
 
@@ -462,11 +438,7 @@ fn external_traffic_policy_local_node_port_reaches_a_local_backend_with_no_iface
     svc.extra.external_traffic_policy = Some("Local");
     let (topo, _servers, _config, agent) = node(2, &[svc], &[]);
     for _ in 0..10 {
-        let a = topo
-            .client
-            .run(|| tcp_who(tcp(NODE_IP, 30080)))
-            .unwrap()
-            .unwrap();
+        let a = node_port_who(&topo, 30080);
         // The local endpoint only, and the client's own address.
         assert_eq!((a.pod.as_str(), *a.peer.ip()), ("pod-1", CLIENT_IP));
     }
