@@ -110,6 +110,15 @@ impl Hook {
         }
     }
 
+    /// Where a TC hook attaches (XDP has no direction: ingress).
+    fn tc_direction(self) -> TcAttachType {
+        if self == Hook::TcEgress {
+            TcAttachType::Egress
+        } else {
+            TcAttachType::Ingress
+        }
+    }
+
     fn program(self) -> &'static str {
         match self {
             Hook::TcIngress => program_names::TC,
@@ -323,12 +332,7 @@ impl Datapath {
                         // one renamed while no agent ran keeps its link under the
                         // old name, and another interface may carry that name now.
                         let ours = p.info()?.id();
-                        let direction = if hook == Hook::TcIngress {
-                            TcAttachType::Ingress
-                        } else {
-                            TcAttachType::Egress
-                        };
-                        let (_, on_iface) = SchedClassifier::query_tcx(iface, direction)?;
+                        let (_, on_iface) = SchedClassifier::query_tcx(iface, hook.tc_direction())?;
                         anyhow::ensure!(
                             on_iface.iter().any(|prog| prog.id() == ours),
                             "it belongs to another interface (renamed while no agent ran)"
@@ -371,13 +375,8 @@ impl Datapath {
         };
         match hook {
             Hook::TcIngress | Hook::TcEgress => {
-                let direction = if hook == Hook::TcIngress {
-                    TcAttachType::Ingress
-                } else {
-                    TcAttachType::Egress
-                };
                 let p = self.tc_mut(hook);
-                let id = p.attach(iface, direction).map_err(attach_error)?;
+                let id = p.attach(iface, hook.tc_direction()).map_err(attach_error)?;
                 let link = p.take_link(id).map_err(attach_error)?;
                 FdLink::try_from(link).map_err(|e| DatapathError::Pins(e.into()))
             }
