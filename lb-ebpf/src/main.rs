@@ -15,6 +15,7 @@ mod packet;
 mod pipeline;
 mod policy;
 mod reject;
+mod scratch;
 mod select;
 mod sock;
 mod stats;

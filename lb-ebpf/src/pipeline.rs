@@ -2,17 +2,19 @@
 //! It reads the packet and the maps and updates conntrack, affinity and
 //! counters; the entry points then apply the returned `Action`.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns};
 use lb_common::{
-    hash::flow_hash, Backend, FlowKey, FrontendKey, ServiceEntry, Verdict, CT_FORWARD, CT_REPLY,
-    IPPROTO_ICMP, SERVICE_F_AFFINITY, SERVICE_F_LOCAL,
+    ct_closed, hash::flow_hash, Backend, FlowKey, FragKey, FragPorts, FrontendKey, ServiceEntry,
+    Verdict, CT_FORWARD, CT_REPLY, CT_S_PICKUP, IPPROTO_ICMP, IPPROTO_TCP, SERVICE_F_AFFINITY,
+    SERVICE_F_LOCAL, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 
 use crate::{
-    conntrack::{self, flow_key, snat_of, AddrPort},
-    maps::FRONTENDS,
-    packet::{parse, IcmpError, Ipv4Flow, PacketBuf, Parsed},
-    policy::{config, needs_snat, source_allowed},
+    conntrack::{self, flow_key, snat_of, AddrPort, NewFlow, Source},
+    maps::{FRAGS, FRONTENDS},
+    packet::{parse, Frag, IcmpError, Ipv4Flow, PacketBuf, Parsed},
+    policy::{config, needs_snat, reject_allowed, source_allowed},
+    scratch::opaque,
     select::{backend_of, choose},
     stats::{count, count_service},
 };
@@ -127,9 +129,17 @@ pub fn decide<C: PacketBuf>(ctx: &C, dir: Direction) -> Action {
         _ if !ingress => return Action::Pass,
         Parsed::NotIpv4 => return pass(Verdict::PassNotIpv4, len),
         Parsed::OtherProtocol => return pass(Verdict::PassOtherProtocol, len),
-        Parsed::Fragment => return pass(Verdict::PassFragment, len),
         Parsed::Malformed => return pass(Verdict::PassMalformed, len),
     };
+    // From here on one walk for the verifier, whatever the parse found.
+    let mut flow = opaque(flow);
+    if !fragment_ports(&mut flow) {
+        return if ingress {
+            pass(Verdict::PassFragment, len)
+        } else {
+            Action::Pass
+        };
+    }
     if ingress {
         let fkey = FrontendKey {
             addr: flow.daddr,
@@ -143,23 +153,71 @@ pub fn decide<C: PacketBuf>(ctx: &C, dir: Direction) -> Action {
             return forward(flow, &svc, len);
         }
     }
+    // SAFETY: a helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    match conntrack::lookup_reply(&flow_key(&flow), now) {
-        Some(e) => {
-            count(Verdict::ReplyNat, len);
-            count_service(e.service_id, len);
+    let key = flow_key(&flow);
+    match conntrack::lookup_reply(&key, now, &config()) {
+        Some(h) => {
+            conntrack::observe(&key, &h, flow.tcp_flags, now);
+            count(translated(&flow, Verdict::ReplyNat), len);
+            count_service(h.e.service_id, len);
             Action::Nat {
                 flow,
                 src: Some(AddrPort {
-                    addr: e.nat_addr,
-                    port: e.nat_port,
+                    addr: h.e.nat_addr,
+                    port: h.e.nat_port,
                 }),
-                dst: snat_of(&e),
+                dst: snat_of(&h.e),
                 route: ingress,
             }
         }
         None if ingress => pass(Verdict::PassNotService, len),
         None => Action::Pass,
+    }
+}
+
+/// Fragments: the first one's ports are remembered for the later ones,
+/// which carry no L4 header and take the ports from here. False for a
+/// later fragment whose first fragment was not seen (it passes untouched).
+#[inline(always)]
+fn fragment_ports(flow: &mut Ipv4Flow) -> bool {
+    let fkey = FragKey {
+        src_addr: flow.saddr,
+        dst_addr: flow.daddr,
+        id: flow.ip_id,
+        proto: flow.proto,
+        _pad: 0,
+    };
+    match flow.frag {
+        Frag::Whole => true,
+        Frag::First => {
+            let ports = FragPorts {
+                src_port: flow.sport,
+                dst_port: flow.dport,
+            };
+            let _ = FRAGS.insert(fkey, ports, BPF_ANY as u64);
+            true
+        }
+        Frag::Later => match FRAGS.get_ptr(fkey) {
+            Some(p) => {
+                // SAFETY: copied out at once.
+                let ports = unsafe { *p };
+                flow.sport = ports.src_port;
+                flow.dport = ports.dst_port;
+                true
+            }
+            None => false,
+        },
+    }
+}
+
+/// The verdict a translated packet counts as: later fragments apart.
+#[inline(always)]
+fn translated(flow: &Ipv4Flow, v: Verdict) -> Verdict {
+    if flow.frag == Frag::Later {
+        Verdict::FragmentNat
+    } else {
+        v
     }
 }
 
@@ -175,8 +233,43 @@ fn drop(v: Verdict, len: u32) -> Action {
     Action::Drop
 }
 
-/// A packet of a flow to a frontend.
+/// What a TCP packet with no conntrack entry may start.
+#[derive(PartialEq, Eq)]
+enum Start {
+    /// A SYN: a new connection.
+    New,
+    /// A mid-stream segment (ACK, data): the flow's state was lost (LRU
+    /// eviction, maps recreated). Like netfilter's default loose pickup
+    /// (and Katran, Cilium), it goes to the Maglev choice, which is the
+    /// backend it had unless the backend set changed; tracked as
+    /// unanswered until the backend answers.
+    Pickup,
+    /// FIN, RST or SYN-ACK: nothing to start (netfilter: INVALID, which
+    /// kube-proxy drops).
+    Invalid,
+}
+
 #[inline(always)]
+fn start_of(flow: &Ipv4Flow) -> Start {
+    if flow.proto != IPPROTO_TCP {
+        return Start::New;
+    }
+    let f = flow.tcp_flags;
+    if f & (TCP_FIN | TCP_RST) != 0 {
+        Start::Invalid
+    } else if f & TCP_SYN != 0 {
+        if f & TCP_ACK != 0 {
+            Start::Invalid
+        } else {
+            Start::New
+        }
+    } else {
+        Start::Pickup
+    }
+}
+
+/// A packet of a flow to a frontend.
+#[inline(never)]
 fn forward(flow: Ipv4Flow, svc: &ServiceEntry, len: u32) -> Action {
     if !source_allowed(svc, flow.saddr) {
         return drop(Verdict::DropSourceRange, len);
@@ -184,19 +277,36 @@ fn forward(flow: Ipv4Flow, svc: &ServiceEntry, len: u32) -> Action {
     // SAFETY: a helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let key = flow_key(&flow);
-    if let Some(e) = conntrack::lookup(&key, CT_FORWARD, now) {
-        // The recorded backend wins while it still exists with the same
-        // address, even if the Maglev table no longer lists it.
-        if e.service_id == svc.id {
-            if let Some(b) = backend_of(svc.id, e.backend_id) {
-                if b.addr == e.nat_addr && b.port == e.nat_port {
-                    conntrack::refresh(&key, now, &e, &b);
-                    count(Verdict::DnatEstablished, len);
+    let start = start_of(&flow);
+    if let Some(h) = conntrack::lookup_forward(&key, now) {
+        if start == Start::New && ct_closed(h.e.state) {
+            // The client reuses the tuple of a closed flow: a new flow.
+            conntrack::forget(&key, &h);
+        } else if h.e.service_id == svc.id {
+            // The recorded backend wins while it still exists with the
+            // same address, even if the Maglev table no longer lists it.
+            if let Some(b) = backend_of(svc.id, h.e.backend_id) {
+                if b.addr == h.e.nat_addr && b.port == h.e.nat_port {
+                    let snat = snat_of(&h.e);
+                    if snat.is_some() && ct_closed(h.e.state) && !conntrack::owns_source(&key, &h)
+                    {
+                        // Its translated source belongs to a new flow now.
+                        return drop(Verdict::DropCtInvalid, len);
+                    }
+                    conntrack::observe(&key, &h, flow.tcp_flags, now);
+                    count(translated(&flow, Verdict::DnatEstablished), len);
                     count_service(svc.id, len);
-                    return to_backend(flow, &b, snat_of(&e));
+                    return to_backend(flow, &b, snat);
                 }
             }
         }
+    }
+    if flow.frag == Frag::Later {
+        // Its first fragment made no flow (or the flow is gone).
+        return pass(Verdict::PassFragment, len);
+    }
+    if start == Start::Invalid {
+        return drop(Verdict::DropCtInvalid, len);
     }
     if svc.backend_count == 0 {
         count_service(svc.id, len);
@@ -204,6 +314,9 @@ fn forward(flow: Ipv4Flow, svc: &ServiceEntry, len: u32) -> Action {
         // (a load balancer's health check steers clients elsewhere).
         if svc.flags & SERVICE_F_LOCAL != 0 {
             return drop(Verdict::DropNoLocalBackend, len);
+        }
+        if !reject_allowed(now) {
+            return drop(Verdict::DropRejectLimited, len);
         }
         count(Verdict::RejectNoBackend, len);
         return Action::Reject { flow };
@@ -221,23 +334,41 @@ fn forward(flow: Ipv4Flow, svc: &ServiceEntry, len: u32) -> Action {
         return drop(Verdict::DropNoBackendEntry, len);
     };
     let b = choice.backend;
-    let mut snat = None;
-    if needs_snat(svc, flow.saddr, &b) {
-        let cfg = config();
-        // Without a node address (no --node-ip) there is nothing to
-        // masquerade to; the agent warns at start-up.
-        if cfg.snat_addr != [0; 4] {
-            match conntrack::record_snat(&key, now, svc.id, choice.backend_id, &b, &cfg) {
-                Some(s) => snat = Some(s),
-                None => return drop(Verdict::DropSnatExhausted, len),
-            }
-        }
+    let cfg = config();
+    let new = NewFlow {
+        client: key,
+        now,
+        service_id: svc.id,
+        backend_id: choice.backend_id,
+        backend: AddrPort {
+            addr: b.addr,
+            port: b.port,
+        },
+        state: if start == Start::Pickup { CT_S_PICKUP } else { 0 },
+    };
+    let mut out = AddrPort {
+        addr: [0; 4],
+        port: 0,
+    };
+    // Without a node address (no --node-ip) there is nothing to masquerade
+    // to; the agent warns at start-up.
+    let mut source = if needs_snat(svc, flow.saddr, &b) && cfg.snat_addr != [0; 4] {
+        conntrack::record_snat(&new, cfg.snat_addr, &cfg, &mut out)
+    } else {
+        conntrack::record(&new, &cfg)
+    };
+    if source == Source::Conflict {
+        source = conntrack::record_snat(&new, flow.saddr, &cfg, &mut out);
     }
-    if snat.is_none() {
-        conntrack::record(&key, now, svc.id, choice.backend_id, &b, None);
-    }
+    let snat = match source {
+        Source::Kept => None,
+        Source::Translated => Some(out),
+        _ => return drop(Verdict::DropSnatExhausted, len),
+    };
     count(
-        if choice.from_affinity {
+        if start == Start::Pickup {
+            Verdict::DnatPickup
+        } else if choice.from_affinity {
             Verdict::DnatAffinity
         } else {
             Verdict::DnatNew
@@ -259,7 +390,9 @@ fn to_backend(flow: Ipv4Flow, b: &Backend, snat: Option<AddrPort>) -> Action {
             addr: b.addr,
             port: b.port,
         }),
-        route: snat.is_some(),
+        // A remapped client port keeps the client's address: the stack
+        // routes it as before.
+        route: matches!(snat, Some(s) if s.addr != flow.saddr),
     }
 }
 
@@ -276,7 +409,7 @@ fn to_backend(flow: Ipv4Flow, b: &Backend, snat: Option<AddrPort>) -> Action {
 ///   backend.
 ///
 /// Path MTU discovery through a smaller-MTU link depends on this.
-#[inline(always)]
+#[inline(never)]
 fn icmp_error(icmp: IcmpError, len: u32, route: bool) -> Option<Action> {
     // The quoted packet reversed: the direction the flow's entry is keyed by.
     let key = FlowKey {
@@ -289,8 +422,8 @@ fn icmp_error(icmp: IcmpError, len: u32, route: bool) -> Option<Action> {
     };
     // SAFETY: a helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    // One lookup: the entry's direction says which way the quote went.
-    let e = conntrack::lookup_live(&key, now)?;
+    // The entry's direction says which way the quote went.
+    let e = conntrack::lookup_any(&key, now, &config())?;
     let quoted_src = AddrPort {
         addr: icmp.inner_saddr,
         port: icmp.inner_sport,

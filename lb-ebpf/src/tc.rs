@@ -19,7 +19,7 @@ use crate::{
     conntrack::AddrPort,
     icmp,
     packet::{
-        IcmpError, Ipv4Flow, ETH_HLEN, ICMP_ERROR_MIN, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF,
+        Frag, IcmpError, Ipv4Flow, ETH_HLEN, ICMP_ERROR_MIN, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF,
         IP_TTL_OFF,
     },
     pipeline::{decide, Action, Direction, IcmpRewrite, Route},
@@ -70,7 +70,7 @@ fn nat(
     route(ctx, &Route::after_nat(f, src, dst))
 }
 
-#[inline(always)]
+#[inline(never)]
 fn icmp_nat(
     ctx: &TcContext,
     icmp: &IcmpError,
@@ -104,8 +104,8 @@ enum Side {
 #[inline(always)]
 fn rewrite(ctx: &TcContext, f: &Ipv4Flow, side: Side, addr: [u8; 4], port: u16) -> Result<(), i64> {
     let (old_addr, addr_off, old_port, port_off) = match side {
-        Side::Source => (f.saddr, ETH_HLEN + IP_SADDR_OFF, f.sport, f.l4_off),
-        Side::Destination => (f.daddr, ETH_HLEN + IP_DADDR_OFF, f.dport, f.l4_off + 2),
+        Side::Source => (f.saddr, ETH_HLEN + IP_SADDR_OFF, f.sport, f.l4_off as usize),
+        Side::Destination => (f.daddr, ETH_HLEN + IP_DADDR_OFF, f.dport, f.l4_off as usize + 2),
     };
     // UDP checksum 0 means "none": BPF_F_MARK_MANGLED_0 keeps it 0 and
     // writes a computed 0 as 0xffff.
@@ -116,17 +116,22 @@ fn rewrite(ctx: &TcContext, f: &Ipv4Flow, side: Side, addr: [u8; 4], port: u16) 
     };
     let old_a = u32::from_ne_bytes(old_addr) as u64;
     let new_a = u32::from_ne_bytes(addr) as u64;
+    ctx.l3_csum_replace(ETH_HLEN + IP_CSUM_OFF, old_a, new_a, 4)?;
+    ctx.store(addr_off, &addr, 0)?;
+    // A later fragment has no L4 header: the address was all there is (the
+    // L4 checksum, in the first fragment, was updated there).
+    if f.frag == Frag::Later {
+        return Ok(());
+    }
     ctx.l4_csum_replace(
-        f.l4_csum_off,
+        f.l4_csum_off as usize,
         old_a,
         new_a,
         BPF_F_PSEUDO_HDR as u64 | mangled | 4,
     )?;
-    ctx.l3_csum_replace(ETH_HLEN + IP_CSUM_OFF, old_a, new_a, 4)?;
-    ctx.store(addr_off, &addr, 0)?;
     let old_p = old_port.to_be() as u64;
     let new_p = port.to_be();
-    ctx.l4_csum_replace(f.l4_csum_off, old_p, new_p as u64, mangled | 2)?;
+    ctx.l4_csum_replace(f.l4_csum_off as usize, old_p, new_p as u64, mangled | 2)?;
     ctx.store(port_off, &new_p, 0)?;
     Ok(())
 }
@@ -134,7 +139,7 @@ fn rewrite(ctx: &TcContext, f: &Ipv4Flow, side: Side, addr: [u8; 4], port: u16) 
 /// Sends a translated packet straight to its next hop. The node's own
 /// routing would drop it: its source is now a node address (NodePort reply,
 /// SNAT), a martian on input.
-#[inline(always)]
+#[inline(never)]
 fn route(ctx: &TcContext, r: &Route) -> Result<i32, i64> {
     // SAFETY: a zeroed bpf_fib_lookup is a valid argument.
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
@@ -197,7 +202,7 @@ fn decrement_ttl(ctx: &TcContext) -> Result<(), i64> {
 
 /// Turns the packet into an ICMP port unreachable and sends it back out the
 /// interface it came in on.
-#[inline(always)]
+#[inline(never)]
 fn reject(ctx: &TcContext, f: &Ipv4Flow) -> Result<i32, i64> {
     let Some(frame) = reject::build(ctx, f) else {
         count(Verdict::DropRejectFailed, 0);

@@ -16,7 +16,7 @@ use crate::{
     conntrack::AddrPort,
     csum::{update16, update32},
     icmp,
-    packet::{ptr_at, EthHdr, Ipv4Flow, Ipv4Hdr, L4Ports, ETH_HLEN},
+    packet::{ptr_at, EthHdr, Frag, Ipv4Flow, Ipv4Hdr, L4Ports, ETH_HLEN},
     pipeline::{decide, Action, Direction, Route},
     reject::{self, IcmpUnreachFrame},
     stats::count,
@@ -67,14 +67,28 @@ fn nat(
 #[inline(always)]
 fn rewrite(ctx: &XdpContext, f: &Ipv4Flow, source: bool, addr: [u8; 4], port: u16) -> Option<()> {
     let ip = ptr_at::<Ipv4Hdr, _>(ctx, ETH_HLEN)?;
-    let ports = ptr_at::<L4Ports, _>(ctx, f.l4_off)?;
-    let csum = ptr_at::<u16, _>(ctx, f.l4_csum_off)?;
+    // SAFETY: ptr_at checked the pointer against data_end.
+    let old_addr = unsafe {
+        let old = if source { (*ip).saddr } else { (*ip).daddr };
+        (*ip).check = update32((*ip).check, old, addr);
+        if source {
+            (*ip).saddr = addr;
+        } else {
+            (*ip).daddr = addr;
+        }
+        old
+    };
+    // A later fragment has no L4 header: the address was all there is (the
+    // L4 checksum, in the first fragment, was updated there).
+    if f.frag == Frag::Later {
+        return Some(());
+    }
+    let ports = ptr_at::<L4Ports, _>(ctx, f.l4_off as usize)?;
+    let csum = ptr_at::<u16, _>(ctx, f.l4_csum_off as usize)?;
     let port = port.to_be();
     // SAFETY: ptr_at checked every pointer against data_end.
     unsafe {
-        let old_addr = if source { (*ip).saddr } else { (*ip).daddr };
         let old_port = if source { (*ports).src } else { (*ports).dst };
-        (*ip).check = update32((*ip).check, old_addr, addr);
         let old_sum = *csum;
         // A UDP checksum of 0 means "none" and stays so.
         if !(f.proto == IPPROTO_UDP && old_sum == 0) {
@@ -86,10 +100,8 @@ fn rewrite(ctx: &XdpContext, f: &Ipv4Flow, source: bool, addr: [u8; 4], port: u1
             *csum = sum;
         }
         if source {
-            (*ip).saddr = addr;
             (*ports).src = port;
         } else {
-            (*ip).daddr = addr;
             (*ports).dst = port;
         }
     }
@@ -99,7 +111,7 @@ fn rewrite(ctx: &XdpContext, f: &Ipv4Flow, source: bool, addr: [u8; 4], port: u1
 /// Forwards a translated packet to its next hop (the stack would drop a
 /// packet whose source is a node address). Without a resolved neighbour,
 /// the stack gets it and decides.
-#[inline(always)]
+#[inline(never)]
 fn route(ctx: &XdpContext, r: &Route) -> u32 {
     // SAFETY: a zeroed bpf_fib_lookup is a valid argument.
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
@@ -151,7 +163,7 @@ fn route(ctx: &XdpContext, r: &Route) -> u32 {
 
 /// Rewrites the frame into an ICMP port unreachable and bounces it out the
 /// interface it came in on.
-#[inline(always)]
+#[inline(never)]
 fn reject(ctx: &XdpContext, f: &Ipv4Flow) -> u32 {
     let Some(frame) = reject::build(ctx, f) else {
         count(Verdict::DropRejectFailed, 0);

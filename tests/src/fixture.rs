@@ -12,6 +12,7 @@ use std::{net::Ipv4Addr, path::PathBuf};
 use aya::programs::{TestRun, TestRunOptions};
 use lb_common::{DatapathConfig, SNAT_PORT_MAX, SNAT_PORT_MIN};
 use lb_userspace::{
+    conntrack::CtSizes,
     manifest,
     model::{build, DesiredState, NodeConfig},
     planner::Programmer,
@@ -27,6 +28,14 @@ use crate::{
     netns::{unique, Netns},
     packet::{CLIENT_MAC, NODE_MAC},
     topology::{NODE_IP, NODE_NAME},
+};
+
+/// Conntrack tables small enough that a fixture can fill them.
+pub const FIXTURE_CT_SIZES: CtSizes = CtSizes {
+    tcp: 4096,
+    syn: 1024,
+    udp: 1024,
+    snat: 1024,
 };
 
 pub const TC_ACT_OK: u32 = 0;
@@ -149,7 +158,7 @@ impl Fixture {
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("lbfx")));
         lb_userspace::system::ensure_bpffs(&pin_dir)?;
         std::fs::create_dir_all(&pin_dir)?;
-        let (dp, maps, _) = match Datapath::load(&pin_dir) {
+        let (dp, maps, _) = match Datapath::load(&pin_dir, &FIXTURE_CT_SIZES) {
             Ok(loaded) => loaded,
             Err(e) => {
                 let _ = remove_pins(&pin_dir);
