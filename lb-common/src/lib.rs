@@ -340,7 +340,7 @@ pub const SNAT_PORT_MIN: u16 = 61_000;
 pub const SNAT_PORT_MAX: u16 = 65_535;
 /// Random ports tried before a new SNAT flow is dropped (counted as
 /// `drop_snat_exhausted`): with 90% of the range taken, 3% of new flows.
-pub const SNAT_PORT_TRIES: u32 = 4;
+pub const SNAT_PORT_TRIES: u32 = 32;
 
 /// Key of `lb_frags` (LRU_HASH): one fragmented datagram, as the IP
 /// header names it.

@@ -359,11 +359,8 @@ pub enum Source {
 
 /// Records a new flow whose source stays as it is.
 ///
-/// Not inlined, nor is anything below that only new flows and state
-/// changes run: one function holding every path would need more than
-/// BPF's 512 bytes of stack, and the verifier would walk the rare paths
-/// once for every way the common ones reach them.
-#[inline(never)]
+/// (Called from `pipeline::new_flow`, a function of its own for new flows.)
+#[inline(always)]
 pub fn record(f: &NewFlow, cfg: &DatapathConfig) -> Source {
     let Some(w) = work() else {
         return Source::Exhausted;
@@ -392,7 +389,7 @@ pub fn record(f: &NewFlow, cfg: &DatapathConfig) -> Source {
 /// port of the SNAT range. The port is claimed by creating its `lb_snat`
 /// entry with BPF_NOEXIST, atomic between CPUs; an entry whose flow closed
 /// or expired is taken over. `Exhausted`: every port tried is taken.
-#[inline(never)]
+#[inline(always)]
 pub fn record_snat(
     f: &NewFlow,
     addr: [u8; 4],

@@ -269,7 +269,7 @@ fn start_of(flow: &Ipv4Flow) -> Start {
 }
 
 /// A packet of a flow to a frontend.
-#[inline(never)]
+#[inline(always)]
 fn forward(flow: Ipv4Flow, svc: &ServiceEntry, len: u32) -> Action {
     if !source_allowed(svc, flow.saddr) {
         return drop(Verdict::DropSourceRange, len);
@@ -305,6 +305,19 @@ fn forward(flow: Ipv4Flow, svc: &ServiceEntry, len: u32) -> Action {
         // Its first fragment made no flow (or the flow is gone).
         return pass(Verdict::PassFragment, len);
     }
+    new_flow(&flow, svc, len, now)
+}
+
+/// A packet to a frontend that no tracked flow covers: a new flow, unless
+/// it cannot start one. Its own function: new flows are rare next to the
+/// packets of established ones, and their code (backend choice, conntrack
+/// records, SNAT port search) would otherwise sit in the hot path's stack
+/// frame and be walked by the verifier for each way a packet gets here.
+#[inline(never)]
+fn new_flow(flow: &Ipv4Flow, svc: &ServiceEntry, len: u32, now: u64) -> Action {
+    let flow = *flow;
+    let key = flow_key(&flow);
+    let start = start_of(&flow);
     if start == Start::Invalid {
         return drop(Verdict::DropCtInvalid, len);
     }

@@ -202,7 +202,7 @@ fn decrement_ttl(ctx: &TcContext) -> Result<(), i64> {
 
 /// Turns the packet into an ICMP port unreachable and sends it back out the
 /// interface it came in on.
-#[inline(never)]
+#[inline(always)]
 fn reject(ctx: &TcContext, f: &Ipv4Flow) -> Result<i32, i64> {
     let Some(frame) = reject::build(ctx, f) else {
         count(Verdict::DropRejectFailed, 0);

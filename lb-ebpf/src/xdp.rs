@@ -163,7 +163,7 @@ fn route(ctx: &XdpContext, r: &Route) -> u32 {
 
 /// Rewrites the frame into an ICMP port unreachable and bounces it out the
 /// interface it came in on.
-#[inline(never)]
+#[inline(always)]
 fn reject(ctx: &XdpContext, f: &Ipv4Flow) -> u32 {
     let Some(frame) = reject::build(ctx, f) else {
         count(Verdict::DropRejectFailed, 0);

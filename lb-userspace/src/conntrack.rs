@@ -259,6 +259,37 @@ mod tests {
         assert_eq!(parse_meminfo("nothing"), None);
     }
 
+    /// The datapath's state machine and timeouts (shared code in
+    /// lb-common): a handshake lives 60 s, an answered flow 6 h, one FIN
+    /// 1 h, a RST or a FIN each way 10 s; UDP 30 s, then 120 s once
+    /// answered.
+    #[test]
+    fn tcp_state_moves_the_timeout() {
+        use lb_common::{
+            ct_closed, ct_next_state, ct_timeout_ns, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_FIN,
+            TCP_RST, TCP_SYN,
+        };
+        let s = |secs: u64| secs * 1_000_000_000;
+        let tcp = |st| ct_timeout_ns(IPPROTO_TCP, st);
+        let syn = ct_next_state(0, TCP_SYN, false);
+        assert_eq!(tcp(syn), s(60));
+        let est = ct_next_state(syn, TCP_SYN | TCP_ACK, true);
+        assert_eq!(tcp(est), s(6 * 3600));
+        let half = ct_next_state(est, TCP_FIN | TCP_ACK, false);
+        assert_eq!(tcp(half), s(3600));
+        assert!(!ct_closed(half));
+        let closed = ct_next_state(half, TCP_FIN | TCP_ACK, true);
+        assert!(ct_closed(closed));
+        assert_eq!(tcp(closed), s(10));
+        let reset = ct_next_state(est, TCP_RST, true);
+        assert!(ct_closed(reset));
+        // Refused during the handshake: closed, never established.
+        assert_eq!(tcp(ct_next_state(syn, TCP_RST | TCP_ACK, true)), s(10));
+        let udp = |st| ct_timeout_ns(IPPROTO_UDP, st);
+        assert_eq!(udp(ct_next_state(0, 0, false)), s(30));
+        assert_eq!(udp(ct_next_state(0, 0, true)), s(120));
+    }
+
     fn sweep_of(net_created: u64, live: u64, expired: u64) -> BTreeMap<&'static str, TableSweep> {
         [(
             map_names::CT_TCP,
