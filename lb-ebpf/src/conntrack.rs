@@ -467,7 +467,7 @@ pub fn owns_source(k: &FlowKey, h: &Hit) -> bool {
 /// Removes a closed flow's entries from the plain tables before its tuple
 /// starts a new flow (a client reusing its port). A `lb_snat` entry is left
 /// to be taken over.
-#[inline(never)]
+#[inline(always)]
 pub fn forget(k: &FlowKey, h: &Hit) {
     let me = ends(k, &h.e);
     let rkey = key(me.backend, me.seen_as, k.proto);
@@ -500,7 +500,7 @@ pub fn observe(k: &FlowKey, h: &Hit, tcp_flags: u8, now: u64) {
     update(k, h, state, now);
 }
 
-#[inline(never)]
+#[inline(always)]
 fn update(k: &FlowKey, h: &Hit, state: u8, now: u64) {
     let Some(w) = work() else {
         return;

@@ -15,7 +15,6 @@ mod packet;
 mod pipeline;
 mod policy;
 mod reject;
-mod scratch;
 mod select;
 mod sock;
 mod stats;

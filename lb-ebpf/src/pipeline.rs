@@ -2,7 +2,9 @@
 //! It reads the packet and the maps and updates conntrack, affinity and
 //! counters; the entry points then apply the returned `Action`.
 
-use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns};
+use aya_ebpf::{
+    bindings::BPF_ANY, btf_maps::PerCpuArray, helpers::bpf_ktime_get_ns, macros::btf_map,
+};
 use lb_common::{
     ct_closed, hash::flow_hash, Backend, FlowKey, FragKey, FragPorts, FrontendKey, ServiceEntry,
     Verdict, CT_FORWARD, CT_REPLY, CT_S_PICKUP, IPPROTO_ICMP, IPPROTO_TCP, SERVICE_F_AFFINITY,
@@ -14,10 +16,12 @@ use crate::{
     maps::{FRAGS, FRONTENDS},
     packet::{parse, Frag, IcmpError, Ipv4Flow, PacketBuf, Parsed},
     policy::{config, needs_snat, reject_allowed, source_allowed},
-    scratch::opaque,
     select::{backend_of, choose},
     stats::{count, count_service},
 };
+
+#[btf_map(name = "lb_pending")]
+static PENDING: PerCpuArray<Pending, 1> = PerCpuArray::new();
 
 pub enum Action {
     Pass,
@@ -36,6 +40,9 @@ pub enum Action {
     Reject {
         flow: Ipv4Flow,
     },
+    /// A packet to a frontend no tracked flow covers: `new_flow` decides
+    /// (a new flow, or why not).
+    NewFlow,
     /// Translate an ICMP error about a translated flow; with `route`, then
     /// send it to its next hop directly (as for `Nat`).
     IcmpNat {
@@ -113,46 +120,98 @@ pub enum Direction {
     Egress,
 }
 
+/// What the headers and the frontend lookup say a packet is. The packet
+/// itself (flow, service, ICMP error) is in `lb_pending` for the stage that
+/// handles it: each stage runs in a function of its own (see `tc::run`),
+/// because BPF gives a whole call chain 512 bytes of stack and the verifier
+/// walks each stage once, from a state read out of a map, instead of once
+/// for every way the parse can end.
+pub enum Stage {
+    /// Untouched (counted).
+    Pass,
+    /// To a frontend: `forward`, then `new_flow` if no tracked flow covers it.
+    Forward,
+    /// Maybe a tracked flow's reply: `reply`.
+    Reply,
+    /// An ICMP error that may quote a tracked flow: `icmp`.
+    Icmp,
+}
+
+/// Everything a stage needs from `classify`, per CPU.
+#[derive(Clone, Copy)]
+pub struct Pending {
+    flow: Ipv4Flow,
+    svc: ServiceEntry,
+    icmp: IcmpError,
+    len: u32,
+    ingress: bool,
+}
+
 #[inline(always)]
-pub fn decide<C: PacketBuf>(ctx: &C, dir: Direction) -> Action {
+fn pending() -> Option<&'static mut Pending> {
+    // SAFETY: this CPU's slot; a program runs to completion on its CPU, and
+    // every stage reads what `classify` wrote during the same run.
+    PENDING.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+#[inline(always)]
+pub fn classify<C: PacketBuf>(ctx: &C, dir: Direction) -> Stage {
     let len = ctx.wire_len();
     let ingress = dir == Direction::Ingress;
+    let Some(p) = pending() else {
+        return Stage::Pass;
+    };
+    p.len = len;
+    p.ingress = ingress;
     let flow = match parse(ctx) {
         Parsed::Flow(f) => f,
         Parsed::IcmpError(icmp) => {
-            return match icmp_error(icmp, len, ingress) {
-                Some(a) => a,
-                None if ingress => pass(Verdict::PassNotService, len),
-                None => Action::Pass,
-            }
+            p.icmp = icmp;
+            return Stage::Icmp;
         }
-        _ if !ingress => return Action::Pass,
-        Parsed::NotIpv4 => return pass(Verdict::PassNotIpv4, len),
-        Parsed::OtherProtocol => return pass(Verdict::PassOtherProtocol, len),
-        Parsed::Malformed => return pass(Verdict::PassMalformed, len),
+        _ if !ingress => return Stage::Pass,
+        Parsed::NotIpv4 => return pass_stage(Verdict::PassNotIpv4, len),
+        Parsed::OtherProtocol => return pass_stage(Verdict::PassOtherProtocol, len),
+        Parsed::Malformed => return pass_stage(Verdict::PassMalformed, len),
     };
-    // From here on one walk for the verifier, whatever the parse found.
-    let mut flow = opaque(flow);
-    if !fragment_ports(&mut flow) {
+    p.flow = flow;
+    if !fragment_ports(&mut p.flow) {
         return if ingress {
-            pass(Verdict::PassFragment, len)
+            pass_stage(Verdict::PassFragment, len)
         } else {
-            Action::Pass
+            Stage::Pass
         };
     }
     if ingress {
         let fkey = FrontendKey {
-            addr: flow.daddr,
-            port: flow.dport,
-            proto: flow.proto,
+            addr: p.flow.daddr,
+            port: p.flow.dport,
+            proto: p.flow.proto,
             _pad: 0,
         };
         // SAFETY: copied out at once.
         if let Some(svc) = unsafe { FRONTENDS.get(fkey) } {
-            let svc = *svc;
-            return forward(flow, &svc, len);
+            p.svc = *svc;
+            return Stage::Forward;
         }
     }
+    Stage::Reply
+}
+
+#[inline(always)]
+fn pass_stage(v: Verdict, len: u32) -> Stage {
+    count(v, len);
+    Stage::Pass
+}
+
+/// A packet that may be a tracked flow's reply (`Stage::Reply`).
+#[inline(always)]
+pub fn reply() -> Action {
+    let Some(p) = pending() else {
+        return Action::Pass;
+    };
+    let flow = p.flow;
+    let (len, ingress) = (p.len, p.ingress);
     // SAFETY: a helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let key = flow_key(&flow);
@@ -171,6 +230,20 @@ pub fn decide<C: PacketBuf>(ctx: &C, dir: Direction) -> Action {
                 route: ingress,
             }
         }
+        None if ingress => pass(Verdict::PassNotService, len),
+        None => Action::Pass,
+    }
+}
+
+/// An ICMP error (`Stage::Icmp`).
+#[inline(always)]
+pub fn icmp() -> Action {
+    let Some(p) = pending() else {
+        return Action::Pass;
+    };
+    let (len, ingress) = (p.len, p.ingress);
+    match icmp_error(p.icmp, len, ingress) {
+        Some(a) => a,
         None if ingress => pass(Verdict::PassNotService, len),
         None => Action::Pass,
     }
@@ -269,8 +342,16 @@ fn start_of(flow: &Ipv4Flow) -> Start {
 }
 
 /// A packet of a flow to a frontend.
+/// A packet to a frontend (`Stage::Forward`): a tracked flow's packet goes
+/// to its backend; anything else is `Action::NewFlow`, for `new_flow`.
 #[inline(always)]
-fn forward(flow: Ipv4Flow, svc: &ServiceEntry, len: u32) -> Action {
+pub fn forward() -> Action {
+    let Some(p) = pending() else {
+        return Action::Drop;
+    };
+    let flow = p.flow;
+    let svc = &p.svc;
+    let len = p.len;
     if !source_allowed(svc, flow.saddr) {
         return drop(Verdict::DropSourceRange, len);
     }
@@ -305,16 +386,24 @@ fn forward(flow: Ipv4Flow, svc: &ServiceEntry, len: u32) -> Action {
         // Its first fragment made no flow (or the flow is gone).
         return pass(Verdict::PassFragment, len);
     }
-    new_flow(&flow, svc, len, now)
+    Action::NewFlow
 }
 
-/// A packet to a frontend that no tracked flow covers: a new flow, unless
-/// it cannot start one. Its own function: new flows are rare next to the
-/// packets of established ones, and their code (backend choice, conntrack
-/// records, SNAT port search) would otherwise sit in the hot path's stack
-/// frame and be walked by the verifier for each way a packet gets here.
-#[inline(never)]
-fn new_flow(flow: &Ipv4Flow, svc: &ServiceEntry, len: u32, now: u64) -> Action {
+/// A packet to a frontend no tracked flow covers (`Action::NewFlow`).
+#[inline(always)]
+pub fn new_flow() -> Action {
+    let Some(p) = pending() else {
+        return Action::Drop;
+    };
+    // SAFETY: a helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let (flow, svc, len) = (p.flow, p.svc, p.len);
+    start_flow(&flow, &svc, len, now)
+}
+
+/// A new flow, unless the packet cannot start one.
+#[inline(always)]
+fn start_flow(flow: &Ipv4Flow, svc: &ServiceEntry, len: u32, now: u64) -> Action {
     let flow = *flow;
     let key = flow_key(&flow);
     let start = start_of(&flow);
@@ -422,7 +511,7 @@ fn to_backend(flow: Ipv4Flow, b: &Backend, snat: Option<AddrPort>) -> Action {
 ///   backend.
 ///
 /// Path MTU discovery through a smaller-MTU link depends on this.
-#[inline(never)]
+#[inline(always)]
 fn icmp_error(icmp: IcmpError, len: u32, route: bool) -> Option<Action> {
     // The quoted packet reversed: the direction the flow's entry is keyed by.
     let key = FlowKey {

@@ -22,26 +22,75 @@ use crate::{
         Frag, IcmpError, Ipv4Flow, ETH_HLEN, ICMP_ERROR_MIN, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF,
         IP_TTL_OFF,
     },
-    pipeline::{decide, Action, Direction, IcmpRewrite, Route},
+    pipeline::{self, classify, Action, Direction, IcmpRewrite, Route, Stage},
     reject,
     stats::count,
 };
 
 const AF_INET: u8 = 2;
 
+/// Each stage in a function of its own (see `pipeline::Stage`): their
+/// frames sit side by side under `run`, never on top of one another.
 #[inline(always)]
 pub fn run(ctx: &TcContext, dir: Direction) -> i32 {
-    let rc = match decide(ctx, dir) {
+    match classify(ctx, dir) {
+        Stage::Pass => TC_ACT_OK,
+        Stage::Forward => match to_frontend(ctx) {
+            NEW_FLOW => new_flow(ctx),
+            rc => rc,
+        },
+        Stage::Reply => reply(ctx),
+        Stage::Icmp => icmp_error(ctx),
+    }
+}
+
+/// Not a TC verdict: `to_frontend` asks `run` for `new_flow`.
+const NEW_FLOW: i32 = -2;
+
+#[inline(never)]
+fn to_frontend(ctx: &TcContext) -> i32 {
+    match pipeline::forward() {
+        Action::NewFlow => NEW_FLOW,
+        a => apply(ctx, a),
+    }
+}
+
+#[inline(never)]
+fn new_flow(ctx: &TcContext) -> i32 {
+    match pipeline::new_flow() {
+        Action::Reject { flow } => reject(ctx, &flow).unwrap_or(TC_ACT_SHOT),
+        a => apply(ctx, a),
+    }
+}
+
+#[inline(never)]
+fn reply(ctx: &TcContext) -> i32 {
+    apply(ctx, pipeline::reply())
+}
+
+#[inline(never)]
+fn icmp_error(ctx: &TcContext) -> i32 {
+    match pipeline::icmp() {
+        Action::IcmpNat { icmp, to, route } => {
+            icmp_nat(ctx, &icmp, &to, route).unwrap_or(TC_ACT_SHOT)
+        }
+        _ => TC_ACT_OK,
+    }
+}
+
+/// Pass, drop or translate. (Refusals and ICMP errors are applied by
+/// their stages alone.)
+#[inline(always)]
+fn apply(ctx: &TcContext, a: Action) -> i32 {
+    let rc = match a {
         Action::Pass => Ok(TC_ACT_OK),
-        Action::Drop => Ok(TC_ACT_SHOT),
         Action::Nat {
             flow,
             src,
             dst,
             route: r,
         } => nat(ctx, &flow, src, dst, r),
-        Action::Reject { flow } => reject(ctx, &flow),
-        Action::IcmpNat { icmp, to, route } => icmp_nat(ctx, &icmp, &to, route),
+        _ => Ok(TC_ACT_SHOT),
     };
     // A helper failed half-way (out of memory, unwritable skb): the packet
     // may be half-translated, so it must not go anywhere.
@@ -70,7 +119,7 @@ fn nat(
     route(ctx, &Route::after_nat(f, src, dst))
 }
 
-#[inline(never)]
+#[inline(always)]
 fn icmp_nat(
     ctx: &TcContext,
     icmp: &IcmpError,
@@ -139,7 +188,7 @@ fn rewrite(ctx: &TcContext, f: &Ipv4Flow, side: Side, addr: [u8; 4], port: u16) 
 /// Sends a translated packet straight to its next hop. The node's own
 /// routing would drop it: its source is now a node address (NodePort reply,
 /// SNAT), a martian on input.
-#[inline(never)]
+#[inline(always)]
 fn route(ctx: &TcContext, r: &Route) -> Result<i32, i64> {
     // SAFETY: a zeroed bpf_fib_lookup is a valid argument.
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };

@@ -17,29 +17,75 @@ use crate::{
     csum::{update16, update32},
     icmp,
     packet::{ptr_at, EthHdr, Frag, Ipv4Flow, Ipv4Hdr, L4Ports, ETH_HLEN},
-    pipeline::{decide, Action, Direction, Route},
+    pipeline::{self, classify, Action, Direction, Route, Stage},
     reject::{self, IcmpUnreachFrame},
     stats::count,
 };
 
 const AF_INET: u8 = 2;
 
+/// Each stage in a function of its own (see `pipeline::Stage`).
 #[inline(always)]
 pub fn run(ctx: &XdpContext) -> u32 {
-    match decide(ctx, Direction::Ingress) {
+    match classify(ctx, Direction::Ingress) {
+        Stage::Pass => xdp_action::XDP_PASS,
+        Stage::Forward => match to_frontend(ctx) {
+            NEW_FLOW => new_flow(ctx),
+            rc => rc,
+        },
+        Stage::Reply => reply(ctx),
+        Stage::Icmp => icmp_error(ctx),
+    }
+}
+
+/// Not an XDP action: `to_frontend` asks `run` for `new_flow`.
+const NEW_FLOW: u32 = u32::MAX;
+
+#[inline(never)]
+fn to_frontend(ctx: &XdpContext) -> u32 {
+    match pipeline::forward() {
+        Action::NewFlow => NEW_FLOW,
+        a => apply(ctx, a),
+    }
+}
+
+#[inline(never)]
+fn new_flow(ctx: &XdpContext) -> u32 {
+    match pipeline::new_flow() {
+        Action::Reject { flow } => reject(ctx, &flow),
+        a => apply(ctx, a),
+    }
+}
+
+#[inline(never)]
+fn reply(ctx: &XdpContext) -> u32 {
+    apply(ctx, pipeline::reply())
+}
+
+#[inline(never)]
+fn icmp_error(ctx: &XdpContext) -> u32 {
+    match pipeline::icmp() {
+        Action::IcmpNat { icmp, to, .. } => match icmp::rewrite(ctx, &icmp, &to) {
+            Some(()) => route(ctx, &Route::after_icmp_nat(&to)),
+            None => xdp_action::XDP_DROP,
+        },
+        _ => xdp_action::XDP_PASS,
+    }
+}
+
+/// Pass, drop or translate. (Refusals and ICMP errors are applied by
+/// their stages alone.)
+#[inline(always)]
+fn apply(ctx: &XdpContext, a: Action) -> u32 {
+    match a {
         Action::Pass => xdp_action::XDP_PASS,
-        Action::Drop => xdp_action::XDP_DROP,
         Action::Nat {
             flow,
             src,
             dst,
             route: r,
         } => nat(ctx, &flow, src, dst, r).unwrap_or(xdp_action::XDP_DROP),
-        Action::Reject { flow } => reject(ctx, &flow),
-        Action::IcmpNat { icmp, to, .. } => match icmp::rewrite(ctx, &icmp, &to) {
-            Some(()) => route(ctx, &Route::after_icmp_nat(&to)),
-            None => xdp_action::XDP_DROP,
-        },
+        _ => xdp_action::XDP_DROP,
     }
 }
 
@@ -111,7 +157,7 @@ fn rewrite(ctx: &XdpContext, f: &Ipv4Flow, source: bool, addr: [u8; 4], port: u1
 /// Forwards a translated packet to its next hop (the stack would drop a
 /// packet whose source is a node address). Without a resolved neighbour,
 /// the stack gets it and decides.
-#[inline(never)]
+#[inline(always)]
 fn route(ctx: &XdpContext, r: &Route) -> u32 {
     // SAFETY: a zeroed bpf_fib_lookup is a valid argument.
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
