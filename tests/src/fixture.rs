@@ -75,7 +75,7 @@ pub struct Fixture {
     _ns: Netns,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Outcome {
     pub verdict: u32,
     pub frame: Vec<u8>,
