@@ -190,6 +190,11 @@ impl Fixture {
         Ok(fx)
     }
 
+    /// Where the fixture's maps are pinned.
+    pub fn pin_dir(&self) -> &std::path::Path {
+        &self.pin_dir
+    }
+
     pub fn maps(&self) -> &KernelMaps {
         self.programmer.maps()
     }
