@@ -172,6 +172,20 @@ pub const fn ct_next_state(state: u8, flags: u8, from_backend: bool) -> u8 {
     s
 }
 
+/// How long a closed flow's SNAT port is remembered as recently used: the
+/// TIME_WAIT (60 s in Linux) a backend that closed first keeps for the
+/// tuple. A new SYN on that tuple is refused half of the time (its
+/// sequence number is random), so such ports are taken only when fresher
+/// ones are not found.
+pub const CT_SNAT_TIME_WAIT_NS: u64 = 60 * SECOND_NS;
+
+/// Whether a `lb_snat` entry is kept (the agent's sweep removes the rest):
+/// alive, or closed within `CT_SNAT_TIME_WAIT_NS`.
+pub const fn snat_entry_kept(last_seen_ns: u64, now: u64, proto: u8, state: u8) -> bool {
+    ct_live(last_seen_ns, now, proto, state)
+        || (ct_closed(state) && now.wrapping_sub(last_seen_ns) < CT_SNAT_TIME_WAIT_NS)
+}
+
 /// Whether an entry last seen at `last_seen_ns` is still alive at `now`.
 pub const fn ct_live(last_seen_ns: u64, now: u64, proto: u8, state: u8) -> bool {
     now.wrapping_sub(last_seen_ns) < ct_timeout_ns(proto, state)
@@ -322,6 +336,11 @@ pub struct DatapathConfig {
     /// `CONFIG_F_*` bits. (Agents before these flags wrote 0 here, which
     /// means what they did: socket hooks for the node's namespace only.)
     pub flags: u32,
+    /// Secret the first SNAT port a flow tries is hashed with (random per
+    /// agent start): a client's retried SYN gets the same port back, and
+    /// nobody outside can aim at the ports a client will get.
+    pub snat_seed: u32,
+    pub _pad: u32,
 }
 
 /// `DatapathConfig::flags`: the socket hooks translate sockets of every
@@ -573,7 +592,7 @@ const _: () = {
     assert!(core::mem::size_of::<Backend>() == 12);
     assert!(core::mem::size_of::<FlowKey>() == 16);
     assert!(core::mem::size_of::<ConntrackEntry>() == 32);
-    assert!(core::mem::size_of::<DatapathConfig>() == 24);
+    assert!(core::mem::size_of::<DatapathConfig>() == 32);
     assert!(core::mem::size_of::<SourceRange>() == 8);
     assert!(core::mem::size_of::<SockReverseKey>() == 16);
     assert!(core::mem::size_of::<SockReverseEntry>() == 8);

@@ -24,8 +24,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    ct_closed, ct_live, ct_next_state, ct_stat, ConntrackEntry, DatapathConfig, FlowKey,
-    CT_FORWARD, CT_F_SNAT, CT_REFRESH_NS, CT_REPLY, CT_S_REPLIED, IPPROTO_TCP, SNAT_PORT_TRIES,
+    ct_closed, ct_live, ct_next_state, ct_stat, hash::flow_hash, ConntrackEntry, DatapathConfig, FlowKey,
+    CT_FORWARD, CT_F_SNAT, CT_REFRESH_NS, CT_REPLY, CT_SNAT_TIME_WAIT_NS, CT_S_REPLIED, IPPROTO_TCP, SNAT_PORT_TRIES,
 };
 
 use crate::{
@@ -409,11 +409,23 @@ pub fn record_snat(
         return Source::Exhausted;
     }
     let remap = addr == f.client.src_addr;
-    for _ in 0..SNAT_PORT_TRIES {
-        // SAFETY: a helper without arguments. A random port each try: a
-        // client whose first choice is taken is not stuck behind it, and
-        // nobody can aim at the ports a given client will get.
-        let r = unsafe { bpf_get_prandom_u32() };
+    // First the port the flow's tuple hashes to with the agent's secret (a
+    // retried SYN gets its port back: if a backend's TIME_WAIT refused the
+    // first one, the client's RST has cleared it), then random ports: a
+    // client whose first choice is taken is not stuck behind it.
+    let keyed = (flow_hash(
+        f.client.src_addr,
+        f.client.src_port,
+        f.client.dst_port,
+        f.client.proto,
+    ) ^ cfg.snat_seed as u64) as u32;
+    for i in 0..SNAT_PORT_TRIES {
+        let r = if i == 0 {
+            keyed
+        } else {
+            // SAFETY: a helper without arguments.
+            unsafe { bpf_get_prandom_u32() }
+        };
         let port = (cfg.snat_port_min as u32 + r % range) as u16;
         f.fill(w, AddrPort { addr, port });
         // A remapped client port must not be one the client really uses
@@ -425,7 +437,9 @@ pub fn record_snat(
                 }
             }
         }
-        if claim(w, f.now) {
+        // Ports a backend may still hold in TIME_WAIT only in the second
+        // half of the tries.
+        if claim(w, f.now, i >= SNAT_PORT_TRIES / 2) {
             put_any(f.table(), &w.fkey, &w.fwd);
             *out = AddrPort { addr, port };
             return Source::Translated;
@@ -434,8 +448,11 @@ pub fn record_snat(
     Source::Exhausted
 }
 
+/// Takes the translated source in `w` for its flow: a free one, the flow's
+/// own, or one whose flow is over (closed or expired); one closed within a
+/// TIME_WAIT only if `recent_ok`.
 #[inline(always)]
-fn claim(w: &Work, now: u64) -> bool {
+fn claim(w: &Work, now: u64, recent_ok: bool) -> bool {
     if put(Table::Snat, &w.rkey, &w.rev, true) {
         return true;
     }
@@ -444,9 +461,11 @@ fn claim(w: &Work, now: u64) -> bool {
     };
     // SAFETY: copied out at once.
     let old = unsafe { *p };
-    let free = !ct_live(old.last_seen_ns, now, w.rkey.proto, old.state)
-        || ct_closed(old.state)
-        || ends(&w.rkey, &old) == w.me;
+    let mine = ends(&w.rkey, &old) == w.me;
+    let live = ct_live(old.last_seen_ns, now, w.rkey.proto, old.state);
+    let closed = ct_closed(old.state);
+    let recent = closed && now.wrapping_sub(old.last_seen_ns) < CT_SNAT_TIME_WAIT_NS;
+    let free = mine || ((!live || closed) && (recent_ok || !recent));
     free && put(Table::Snat, &w.rkey, &w.rev, false)
 }
 

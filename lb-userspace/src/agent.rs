@@ -183,6 +183,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         node_ips_given: !opts.node.node_ips.is_empty(),
         node_missing_logged: false,
         snat_addr: None,
+        snat_seed: system::random_u32(),
         pending_since: None,
         opts,
     };
@@ -240,6 +241,8 @@ struct Agent {
     node_missing_logged: bool,
     /// The SNAT address last written to lb_config.
     snat_addr: Option<[u8; 4]>,
+    /// This run's secret for the first SNAT port a flow tries.
+    snat_seed: u32,
     /// When the oldest update not yet programmed arrived.
     pending_since: Option<Instant>,
 }
@@ -620,6 +623,7 @@ impl Agent {
                 snat_port_max: self.opts.snat_ports.max,
                 netns_cookie: cookie,
                 flags,
+                snat_seed: self.snat_seed,
                 ..Default::default()
             })
         });

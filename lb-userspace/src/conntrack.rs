@@ -12,7 +12,7 @@ use std::{collections::BTreeMap, path::Path};
 
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use lb_common::{
-    ct_live, ct_stat, map_names, ConntrackEntry, FlowKey, CT_DEFAULT_ENTRIES,
+    ct_live, ct_stat, map_names, snat_entry_kept, ConntrackEntry, FlowKey, CT_DEFAULT_ENTRIES,
 };
 
 /// Entries of each conntrack table.
@@ -159,7 +159,13 @@ pub fn sweep(pin_dir: &Path, now: u64) -> anyhow::Result<BTreeMap<&'static str, 
         let mut dead = Vec::new();
         for item in table.iter() {
             let Ok((k, e)) = item else { continue };
-            if ct_live(e.last_seen_ns, now, k.proto, e.state) {
+            let kept = if name == map_names::SNAT {
+                // Closed flows' ports are remembered through a TIME_WAIT.
+                snat_entry_kept(e.last_seen_ns, now, k.proto, e.state)
+            } else {
+                ct_live(e.last_seen_ns, now, k.proto, e.state)
+            };
+            if kept {
                 live += 1;
             } else {
                 dead.push(k);

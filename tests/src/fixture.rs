@@ -93,8 +93,23 @@ impl Fixture {
         Self::with_state(&build(&objects.services, &objects.slices, &node).state)
     }
 
+    /// `new` with conntrack tables of `sizes`.
+    pub fn with_sizes(yaml: &str, sizes: &CtSizes) -> anyhow::Result<Fixture> {
+        let objects = manifest::parse(yaml)?;
+        let node = NodeConfig {
+            name: NODE_NAME.into(),
+            node_ips: vec![NODE_IP],
+            service_proxy_name: None,
+        };
+        Self::load(&build(&objects.services, &objects.slices, &node).state, sizes)
+    }
+
     /// Loads the datapath in a fresh namespace and programs `state`.
     pub fn with_state(state: &DesiredState) -> anyhow::Result<Fixture> {
+        Self::load(state, &FIXTURE_CT_SIZES)
+    }
+
+    fn load(state: &DesiredState, sizes: &CtSizes) -> anyhow::Result<Fixture> {
         crate::require_root();
         let ns = Netns::new(unique("lbfx"))?;
         ns.ip(&[
@@ -158,7 +173,7 @@ impl Fixture {
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("lbfx")));
         lb_userspace::system::ensure_bpffs(&pin_dir)?;
         std::fs::create_dir_all(&pin_dir)?;
-        let (dp, maps, _) = match Datapath::load(&pin_dir, &FIXTURE_CT_SIZES) {
+        let (dp, maps, _) = match Datapath::load(&pin_dir, sizes) {
             Ok(loaded) => loaded,
             Err(e) => {
                 let _ = remove_pins(&pin_dir);
