@@ -132,6 +132,20 @@ fn put(t: Table, k: &FlowKey, v: &ConntrackEntry, fresh: bool) -> bool {
     rc.is_ok()
 }
 
+/// Deletes an entry, counting it.
+#[inline(always)]
+fn remove(t: Table, k: &FlowKey) {
+    let (rc, stat) = match t {
+        Table::Tcp => (CT_TCP.remove(k), ct_stat::TCP_DELETED),
+        Table::Syn => (CT_SYN.remove(k), ct_stat::SYN_DELETED),
+        Table::Udp => (CT_UDP.remove(k), ct_stat::UDP_DELETED),
+        Table::Snat => return,
+    };
+    if rc.is_ok() {
+        count_stat(stat);
+    }
+}
+
 /// Writes an entry whether or not its key is taken, counting it when new.
 #[inline(always)]
 fn put_any(t: Table, k: &FlowKey, v: &ConntrackEntry) {
@@ -373,9 +387,13 @@ pub fn record(f: &NewFlow, cfg: &DatapathConfig) -> Source {
         },
     );
     if let Some(h) = lookup_reply(&w.rkey, f.now, cfg) {
-        // A closed flow's tuple is free again.
         if !ct_closed(h.e.state) && ends(&w.rkey, &h.e) != w.me {
             return Source::Conflict;
+        }
+        // A closed flow's tuple is free again: its reply entry goes, or it
+        // would shadow ours from the table looked up first.
+        if h.table != Table::Snat && h.table != f.table() {
+            remove(h.table, &w.rkey);
         }
     }
     let t = f.table();
@@ -469,17 +487,24 @@ fn claim(w: &Work, now: u64, recent_ok: bool) -> bool {
     free && put(Table::Snat, &w.rkey, &w.rev, false)
 }
 
-/// Whether a SNATed flow still owns its translated source (a closed flow's
-/// port may have gone to a new flow; its late packets must not reach the
-/// backend under the new flow's tuple).
+/// Whether a closed flow still owns its reply tuple: a new flow may have
+/// taken it over (its SNAT port, or the same client port towards the same
+/// backend through another frontend). The closed flow's late packets must
+/// then not reach the backend under the new flow's tuple.
 #[inline(always)]
-pub fn owns_source(k: &FlowKey, h: &Hit) -> bool {
+pub fn owns_reply(k: &FlowKey, h: &Hit, now: u64) -> bool {
     let me = ends(k, &h.e);
     let rkey = key(me.backend, me.seen_as, k.proto);
-    match SNAT.get_ptr_mut(&rkey) {
-        // SAFETY: copied out at once.
-        Some(p) => ends(&rkey, unsafe { &*p }) == me,
-        None => false,
+    if h.e.flags & CT_F_SNAT != 0 {
+        return match SNAT.get_ptr_mut(&rkey) {
+            // SAFETY: copied out at once.
+            Some(p) => ends(&rkey, unsafe { &*p }) == me,
+            None => false,
+        };
+    }
+    match lookup_plain_reply(&rkey, now) {
+        Some(r) => ends(&rkey, &r.e) == me,
+        None => true,
     }
 }
 
@@ -490,17 +515,8 @@ pub fn owns_source(k: &FlowKey, h: &Hit) -> bool {
 pub fn forget(k: &FlowKey, h: &Hit) {
     let me = ends(k, &h.e);
     let rkey = key(me.backend, me.seen_as, k.proto);
-    for kk in [k, &rkey] {
-        let (rc, stat) = match h.table {
-            Table::Tcp => (CT_TCP.remove(kk), ct_stat::TCP_DELETED),
-            Table::Syn => (CT_SYN.remove(kk), ct_stat::SYN_DELETED),
-            Table::Udp => (CT_UDP.remove(kk), ct_stat::UDP_DELETED),
-            Table::Snat => return,
-        };
-        if rc.is_ok() {
-            count_stat(stat);
-        }
-    }
+    remove(h.table, k);
+    remove(h.table, &rkey);
 }
 
 /// Accounts a packet of a tracked flow: the state it moves the flow to
@@ -562,9 +578,12 @@ fn update(k: &FlowKey, h: &Hit, state: u8, now: u64) {
             }
         }
         // A lost `lb_snat` entry is never recreated here: its port may
-        // belong to another flow by now.
-        None if ptable != Table::Snat => {
-            put(ptable, pkey, pval, true);
+        // belong to another flow by now. Nor is a closed flow's entry, or
+        // a reply entry whose tuple another live flow has taken since.
+        None if ptable != Table::Snat && !ct_closed(state) => {
+            if !forward || lookup_plain_reply(pkey, now).is_none() {
+                put(ptable, pkey, pval, true);
+            }
         }
         None => {}
     }

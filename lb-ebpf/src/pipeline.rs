@@ -369,9 +369,8 @@ pub fn forward() -> Action {
             if let Some(b) = backend_of(svc.id, h.e.backend_id) {
                 if b.addr == h.e.nat_addr && b.port == h.e.nat_port {
                     let snat = snat_of(&h.e);
-                    if snat.is_some() && ct_closed(h.e.state) && !conntrack::owns_source(&key, &h)
-                    {
-                        // Its translated source belongs to a new flow now.
+                    if ct_closed(h.e.state) && !conntrack::owns_reply(&key, &h, now) {
+                        // Its reply tuple belongs to a new flow now.
                         return drop(Verdict::DropCtInvalid, len);
                     }
                     conntrack::observe(&key, &h, flow.tcp_flags, now);
