@@ -516,7 +516,19 @@ pub fn forget(k: &FlowKey, h: &Hit) {
     let me = ends(k, &h.e);
     let rkey = key(me.backend, me.seen_as, k.proto);
     remove(h.table, k);
-    remove(h.table, &rkey);
+    // The reply tuple may belong to a newer flow by now: only ours goes.
+    remove_if_mine(h.table, &rkey, &me);
+}
+
+/// Deletes the entry for `k` in `t` if it is one of flow `me`'s.
+#[inline(always)]
+fn remove_if_mine(t: Table, k: &FlowKey, me: &Ends) {
+    if let Some(p) = get_ptr(t, k) {
+        // SAFETY: read through a map value pointer, at once.
+        if ends(k, unsafe { &*p }) == *me {
+            remove(t, k);
+        }
+    }
 }
 
 /// Accounts a packet of a tracked flow: the state it moves the flow to
@@ -609,9 +621,7 @@ fn promote(w: &Work, snat: bool) {
         }
     } else {
         put_any(Table::Tcp, &w.rkey, &w.rev);
-        if CT_SYN.remove(&w.rkey).is_ok() {
-            count_stat(ct_stat::SYN_DELETED);
-        }
+        remove_if_mine(Table::Syn, &w.rkey, &w.me);
     }
 }
 

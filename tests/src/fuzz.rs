@@ -121,6 +121,12 @@ struct Model {
     replies: HashMap<(Ipv4Addr, u16, Ipv4Addr, u16, u8), Seen>,
     /// First fragments seen: (src, dst, id, proto) -> ports.
     frags: HashMap<(Ipv4Addr, Ipv4Addr, u16, u8), (u16, u16)>,
+    /// What the model learnt about each reply tuple, for failure reports.
+    history: HashMap<(Ipv4Addr, u16, Ipv4Addr, u16, u8), Vec<String>>,
+    /// Packets checked so far.
+    seen: u64,
+    /// The last packets seen per endpoint (address, port), for reports.
+    events: HashMap<(Ipv4Addr, u16), Vec<String>>,
     /// Client tuples (src, sport, dst, dport, proto) that got another port.
     remapped: HashSet<(Ipv4Addr, u16, Ipv4Addr, u16, u8)>,
 }
@@ -280,6 +286,20 @@ fn ip_header_ok(f: &[u8], ihl: usize) -> bool {
 impl Model {
     /// Compares the datapath's outcome with the model's; learns the flow.
     fn check(&mut self, hook: Hook, input: &[u8], verdict: u32, out: &[u8], report: &mut Report) -> Result<(), String> {
+        self.seen += 1;
+        if let (Class::Flow(i), Class::Flow(o)) = (classify(input), classify(out)) {
+            let line = format!(
+                "#{} {}:{}->{}:{} f{:#x} => v{verdict} {}:{}->{}:{}",
+                self.seen, i.saddr, i.sport, i.daddr, i.dport, i.flags, o.saddr, o.sport, o.daddr, o.dport
+            );
+            for end in [(i.saddr, i.sport), (i.daddr, i.dport)] {
+                let h = self.events.entry(end).or_default();
+                h.push(line.clone());
+                if h.len() > 40 {
+                    h.remove(0);
+                }
+            }
+        }
         let (pass, drop, redirect, tx) = match hook {
             Hook::Xdp => (XDP_PASS, XDP_DROP, XDP_REDIRECT, XDP_TX),
             _ => (TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT, TC_ACT_REDIRECT),
@@ -406,8 +426,17 @@ impl Model {
             let mut want = expected(input, &p, translated_src, backend, want_routed);
             self.compare(input, out, &mut want, &p, want_routed)?;
             if !p.later {
+                let rk = (backend.0, backend.1, translated_src.0, translated_src.1, p.proto);
+                let h = self.history.entry(rk).or_default();
+                h.push(format!(
+                    "#{}: {}:{} -> {}:{} flags {:#x} verdict {verdict}",
+                    self.seen, p.saddr, p.sport, p.daddr, p.dport, p.flags
+                ));
+                if h.len() > 8 {
+                    h.remove(0);
+                }
                 self.replies.insert(
-                    (backend.0, backend.1, translated_src.0, translated_src.1, p.proto),
+                    rk,
                     Seen {
                         client: (p.saddr, p.sport),
                         frontend: (p.daddr, p.dport),
@@ -427,7 +456,15 @@ impl Model {
             let dst = if (p.daddr, p.dport) != seen.client { seen.client } else { (p.daddr, p.dport) };
             let routed = verdict == redirect;
             let mut want = expected(input, &p, seen.frontend, dst, routed);
-            self.compare(input, out, &mut want, &p, routed)?;
+            let key = (p.saddr, p.sport, p.daddr, p.dport, p.proto);
+            self.compare(input, out, &mut want, &p, routed)
+                .map_err(|e| {
+                    format!(
+                        "{e}\n  history of this reply tuple: {:?}\n  events of the client:\n    {}",
+                        self.history.get(&key),
+                        self.events.get(&(p.daddr, p.dport)).map(|v| v.join("\n    ")).unwrap_or_default()
+                    )
+                })?;
             report.translated += 1;
             return Ok(());
         }
@@ -597,6 +634,9 @@ pub fn run(hook: Hook, packets: u64, seed: u64) -> anyhow::Result<Report> {
         frontends: frontends(),
         replies: HashMap::new(),
         frags: HashMap::new(),
+        history: HashMap::new(),
+        seen: 0,
+        events: HashMap::new(),
         remapped: HashSet::new(),
     };
     let mut rng = Rng::with_seed(seed);
@@ -626,6 +666,7 @@ pub fn run(hook: Hook, packets: u64, seed: u64) -> anyhow::Result<Report> {
             };
             report.packets += 1;
             if let Err(why) = model.check(hook, &frame, out.verdict, &out.frame, &mut report) {
+                let why = format!("{why}\n  datapath state: {}", state_of(&fx, &frame));
                 if report.failures.len() < 20 {
                     report.failures.push(format!(
                         "{hook:?} seed {seed} packet {}: {why}\n  in:  {frame:02x?}\n  out: {:02x?} verdict {}",
@@ -645,4 +686,40 @@ fn is_einval(e: &anyhow::Error) -> bool {
             == Some(libc::EINVAL)
             || c.to_string().contains("os error 22")
     })
+}
+
+/// The conntrack entries the datapath holds for `frame`'s tuple (both
+/// directions), for failure reports.
+fn state_of(fx: &Fixture, frame: &[u8]) -> String {
+    let Class::Flow(p) = classify(frame) else {
+        return "-".into();
+    };
+    let key = |sa: Ipv4Addr, sp: u16, da: Ipv4Addr, dp: u16| lb_common::FlowKey {
+        src_addr: sa.octets(),
+        dst_addr: da.octets(),
+        src_port: sp,
+        dst_port: dp,
+        proto: p.proto,
+        _pad: [0; 3],
+    };
+    let mut out = Vec::new();
+    for table in ["lb_ct_tcp", "lb_ct_syn", "lb_ct_udp", "lb_snat"] {
+        let Ok(data) = aya::maps::MapData::from_pin(fx.pin_dir().join(table)) else {
+            continue;
+        };
+        let Ok(map) = aya::maps::Map::from_map_data(data) else {
+            continue;
+        };
+        let Ok(m): Result<aya::maps::HashMap<_, lb_common::FlowKey, lb_common::ConntrackEntry>, _> =
+            map.try_into()
+        else {
+            continue;
+        };
+        for k in [key(p.saddr, p.sport, p.daddr, p.dport), key(p.daddr, p.dport, p.saddr, p.sport)] {
+            if let Ok(e) = m.get(&k, 0) {
+                out.push(format!("{table} {k:?} -> {e:?}"));
+            }
+        }
+    }
+    out.join("; ")
 }
