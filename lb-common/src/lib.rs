@@ -167,7 +167,11 @@ pub const fn ct_next_state(state: u8, flags: u8, from_backend: bool) -> u8 {
         s |= CT_S_RST;
     }
     if flags & TCP_FIN != 0 {
-        s |= if from_backend { CT_S_FIN_REV } else { CT_S_FIN_FWD };
+        s |= if from_backend {
+            CT_S_FIN_REV
+        } else {
+            CT_S_FIN_FWD
+        };
     }
     s
 }

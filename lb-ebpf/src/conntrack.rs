@@ -24,8 +24,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    ct_closed, ct_live, ct_next_state, ct_stat, hash::flow_hash, ConntrackEntry, DatapathConfig, FlowKey,
-    CT_FORWARD, CT_F_SNAT, CT_REFRESH_NS, CT_REPLY, CT_SNAT_TIME_WAIT_NS, CT_S_REPLIED, IPPROTO_TCP, SNAT_PORT_TRIES,
+    ct_closed, ct_live, ct_next_state, ct_stat, hash::flow_hash, ConntrackEntry, DatapathConfig,
+    FlowKey, CT_FORWARD, CT_F_SNAT, CT_REFRESH_NS, CT_REPLY, CT_SNAT_TIME_WAIT_NS, CT_S_REPLIED,
+    IPPROTO_TCP, SNAT_PORT_TRIES,
 };
 
 use crate::{
@@ -273,7 +274,11 @@ fn ends(k: &FlowKey, e: &ConntrackEntry) -> Ends {
 #[inline(always)]
 fn entries(w: &mut Work, proto: u8, now: u64, state: u8, service_id: u32, backend_id: u32) {
     let me = w.me;
-    let flags = if me.seen_as != me.client { CT_F_SNAT } else { 0 };
+    let flags = if me.seen_as != me.client {
+        CT_F_SNAT
+    } else {
+        0
+    };
     w.fkey = key(me.client, me.frontend, proto);
     w.fwd = ConntrackEntry {
         last_seen_ns: now,
@@ -408,12 +413,7 @@ pub fn record(f: &NewFlow, cfg: &DatapathConfig) -> Source {
 /// entry with BPF_NOEXIST, atomic between CPUs; an entry whose flow closed
 /// or expired is taken over. `Exhausted`: every port tried is taken.
 #[inline(always)]
-pub fn record_snat(
-    f: &NewFlow,
-    addr: [u8; 4],
-    cfg: &DatapathConfig,
-    out: &mut AddrPort,
-) -> Source {
+pub fn record_snat(f: &NewFlow, addr: [u8; 4], cfg: &DatapathConfig, out: &mut AddrPort) -> Source {
     let Some(w) = work() else {
         return Source::Exhausted;
     };

@@ -6,11 +6,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    ct_stat, AffinityEntry, AffinityKey, Backend, ConntrackEntry, Counter, DatapathConfig,
-    FlowKey, FragKey, FragPorts, FrontendKey, RejectLimit, ServiceEntry, SockReverseEntry,
-    SockReverseKey, SourceRange, CT_DEFAULT_ENTRIES, MAGLEV_INNER_FLAGS, MAX_AFFINITY,
-    MAX_BACKENDS, MAX_FRAGS, MAX_FRONTENDS, MAX_SERVICES, MAX_SOCK_REVERSE, MAX_SOURCE_RANGES,
-    VERDICT_COUNT,
+    ct_stat, AffinityEntry, AffinityKey, Backend, ConntrackEntry, Counter, DatapathConfig, FlowKey,
+    FragKey, FragPorts, FrontendKey, RejectLimit, ServiceEntry, SockReverseEntry, SockReverseKey,
+    SourceRange, CT_DEFAULT_ENTRIES, MAGLEV_INNER_FLAGS, MAX_AFFINITY, MAX_BACKENDS, MAX_FRAGS,
+    MAX_FRONTENDS, MAX_SERVICES, MAX_SOCK_REVERSE, MAX_SOURCE_RANGES, VERDICT_COUNT,
 };
 
 /// (address, port, protocol) -> service port.
@@ -53,8 +52,7 @@ pub static CT_UDP: CtTable = LruHashMap::new();
 /// handed to a second flow; the agent deletes expired entries, and a new
 /// flow takes over a closed or expired one.
 #[btf_map(name = "lb_snat")]
-pub static SNAT: HashMap<FlowKey, ConntrackEntry, { CT_DEFAULT_ENTRIES as usize }> =
-    HashMap::new();
+pub static SNAT: HashMap<FlowKey, ConntrackEntry, { CT_DEFAULT_ENTRIES as usize }> = HashMap::new();
 
 /// Fragmented datagrams: the first fragment's ports, for the later ones.
 #[btf_map(name = "lb_frags")]

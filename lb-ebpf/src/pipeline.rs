@@ -445,7 +445,11 @@ fn start_flow(flow: &Ipv4Flow, svc: &ServiceEntry, len: u32, now: u64) -> Action
             addr: b.addr,
             port: b.port,
         },
-        state: if start == Start::Pickup { CT_S_PICKUP } else { 0 },
+        state: if start == Start::Pickup {
+            CT_S_PICKUP
+        } else {
+            0
+        },
     };
     let mut out = AddrPort {
         addr: [0; 4],

@@ -19,8 +19,8 @@ use crate::{
     conntrack::AddrPort,
     icmp,
     packet::{
-        Frag, IcmpError, Ipv4Flow, ETH_HLEN, ICMP_ERROR_MIN, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF,
-        IP_TTL_OFF,
+        Frag, IcmpError, Ipv4Flow, ETH_HLEN, ICMP_ERROR_MIN, IP_CSUM_OFF, IP_DADDR_OFF,
+        IP_SADDR_OFF, IP_TTL_OFF,
     },
     pipeline::{self, classify, Action, Direction, IcmpRewrite, Route, Stage},
     reject,
@@ -154,7 +154,12 @@ enum Side {
 fn rewrite(ctx: &TcContext, f: &Ipv4Flow, side: Side, addr: [u8; 4], port: u16) -> Result<(), i64> {
     let (old_addr, addr_off, old_port, port_off) = match side {
         Side::Source => (f.saddr, ETH_HLEN + IP_SADDR_OFF, f.sport, f.l4_off as usize),
-        Side::Destination => (f.daddr, ETH_HLEN + IP_DADDR_OFF, f.dport, f.l4_off as usize + 2),
+        Side::Destination => (
+            f.daddr,
+            ETH_HLEN + IP_DADDR_OFF,
+            f.dport,
+            f.l4_off as usize + 2,
+        ),
     };
     // UDP checksum 0 means "none": BPF_F_MARK_MANGLED_0 keeps it 0 and
     // writes a computed 0 as 0xffff.

@@ -140,9 +140,13 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     }
 
     match ports::reserve(opts.nodeport_range) {
-        Ok(true) => info!(range = %opts.nodeport_range, "reserved the NodePort range for NodePorts (net.ipv4.ip_local_reserved_ports): the node's own sockets no longer get local ports there"),
+        Ok(true) => {
+            info!(range = %opts.nodeport_range, "reserved the NodePort range for NodePorts (net.ipv4.ip_local_reserved_ports): the node's own sockets no longer get local ports there")
+        }
         Ok(false) => {}
-        Err(e) => warn!(range = %opts.nodeport_range, "could not reserve the NodePort range in net.ipv4.ip_local_reserved_ports ({e}): a reply to a local socket with a port there could be taken for a NodePort connection"),
+        Err(e) => {
+            warn!(range = %opts.nodeport_range, "could not reserve the NodePort range in net.ipv4.ip_local_reserved_ports ({e}): a reply to a local socket with a port there could be taken for a NodePort connection")
+        }
     }
     let sizes = CtSizes::for_this_node(opts.conntrack_max);
     info!(
@@ -648,10 +652,9 @@ async fn sweep_conntrack(pin_dir: PathBuf, status: Arc<Status>) {
     loop {
         tick.tick().await;
         let dir = pin_dir.clone();
-        let swept = tokio::task::spawn_blocking(move || {
-            conntrack::sweep(&dir, conntrack::monotonic_ns())
-        })
-        .await;
+        let swept =
+            tokio::task::spawn_blocking(move || conntrack::sweep(&dir, conntrack::monotonic_ns()))
+                .await;
         match swept {
             Ok(Ok(s)) => {
                 failing = false;

@@ -114,9 +114,21 @@ fn parse_meminfo(text: &str) -> Option<u64> {
 /// The conntrack tables, with the datapath counters that say how many
 /// entries it created and deleted in each.
 pub const TABLES: [(&str, u32, Option<u32>); 4] = [
-    (map_names::CT_TCP, ct_stat::TCP_CREATED, Some(ct_stat::TCP_DELETED)),
-    (map_names::CT_SYN, ct_stat::SYN_CREATED, Some(ct_stat::SYN_DELETED)),
-    (map_names::CT_UDP, ct_stat::UDP_CREATED, Some(ct_stat::UDP_DELETED)),
+    (
+        map_names::CT_TCP,
+        ct_stat::TCP_CREATED,
+        Some(ct_stat::TCP_DELETED),
+    ),
+    (
+        map_names::CT_SYN,
+        ct_stat::SYN_CREATED,
+        Some(ct_stat::SYN_DELETED),
+    ),
+    (
+        map_names::CT_UDP,
+        ct_stat::UDP_CREATED,
+        Some(ct_stat::UDP_DELETED),
+    ),
     (map_names::SNAT, ct_stat::SNAT_CREATED, None),
 ];
 
@@ -139,12 +151,7 @@ pub fn sweep(pin_dir: &Path, now: u64) -> anyhow::Result<BTreeMap<&'static str, 
     let stats = PerCpuArray::<MapData, u64>::try_from(aya::maps::Map::PerCpuArray(
         MapData::from_pin(pin_dir.join(map_names::CT_STATS))?,
     ))?;
-    let total = |i: u32| -> u64 {
-        stats
-            .get(&i, 0)
-            .map(|v| v.iter().sum())
-            .unwrap_or(0)
-    };
+    let total = |i: u32| -> u64 { stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0) };
     let mut out = BTreeMap::new();
     for (name, created, deleted) in TABLES {
         let data = MapData::from_pin(pin_dir.join(name))?;
@@ -312,10 +319,19 @@ mod tests {
     fn evictions_are_what_nobody_removed() {
         let mut ev = Evictions::default();
         // A predecessor's history: 10 entries unaccounted for already.
-        assert_eq!(ev.account(&sweep_of(110, 100, 0)), [(map_names::CT_TCP, 0, 0)]);
+        assert_eq!(
+            ev.account(&sweep_of(110, 100, 0)),
+            [(map_names::CT_TCP, 0, 0)]
+        );
         // 50 more created, 5 expired (swept), 140 live: 5 evicted.
-        assert_eq!(ev.account(&sweep_of(160, 140, 5)), [(map_names::CT_TCP, 5, 5)]);
+        assert_eq!(
+            ev.account(&sweep_of(160, 140, 5)),
+            [(map_names::CT_TCP, 5, 5)]
+        );
         // A dip from a racy read never lowers the count.
-        assert_eq!(ev.account(&sweep_of(160, 150, 0)), [(map_names::CT_TCP, 5, 5)]);
+        assert_eq!(
+            ev.account(&sweep_of(160, 150, 0)),
+            [(map_names::CT_TCP, 5, 5)]
+        );
     }
 }

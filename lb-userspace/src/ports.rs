@@ -54,10 +54,7 @@ impl FromStr for PortRange {
     /// `MIN-MAX` (the sysctl's tab-separated form is accepted too).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || format!("{s:?} is not a port range MIN-MAX (1-65535)");
-        let (a, b) = s
-            .trim()
-            .split_once(['-', '\t', ' '])
-            .ok_or_else(bad)?;
+        let (a, b) = s.trim().split_once(['-', '\t', ' ']).ok_or_else(bad)?;
         let min: u16 = a.trim().parse().map_err(|_| bad())?;
         let max: u16 = b.trim().parse().map_err(|_| bad())?;
         if min == 0 || min > max {
@@ -155,8 +152,20 @@ mod tests {
 
     #[test]
     fn ranges_parse_like_the_sysctl_and_the_flag() {
-        assert_eq!(r("32768\t60999\n"), PortRange { min: 32768, max: 60999 });
-        assert_eq!(r("61000-65535"), PortRange { min: 61000, max: 65535 });
+        assert_eq!(
+            r("32768\t60999\n"),
+            PortRange {
+                min: 32768,
+                max: 60999
+            }
+        );
+        assert_eq!(
+            r("61000-65535"),
+            PortRange {
+                min: 61000,
+                max: 65535
+            }
+        );
         for bad in ["", "5", "0-10", "10-5", "1-70000", "a-b"] {
             assert!(bad.parse::<PortRange>().is_err(), "{bad}");
         }

@@ -101,7 +101,10 @@ impl Fixture {
             node_ips: vec![NODE_IP],
             service_proxy_name: None,
         };
-        Self::load(&build(&objects.services, &objects.slices, &node).state, sizes)
+        Self::load(
+            &build(&objects.services, &objects.slices, &node).state,
+            sizes,
+        )
     }
 
     /// Loads the datapath in a fresh namespace and programs `state`.

@@ -33,8 +33,10 @@ use lb_userspace::{
 
 use crate::{
     example::{yaml, Endpoint, Svc},
-    fixture::{Fixture, Hook, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS,
-        XDP_REDIRECT, XDP_TX},
+    fixture::{
+        Fixture, Hook, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS, XDP_REDIRECT,
+        XDP_TX,
+    },
     packet::{checksum, icmp_error_frame, Spec, CLIENT_MAC, NODE_MAC, TCP, UDP},
     topology::NODE_IP,
 };
@@ -77,7 +79,9 @@ fn services() -> Vec<Svc> {
 }
 
 fn frontends() -> HashMap<(Ipv4Addr, u16, u8), Frontend> {
-    let local: Vec<(Ipv4Addr, u16)> = (11..=13).map(|i| (Ipv4Addr::new(198, 18, 1, i), 8080)).collect();
+    let local: Vec<(Ipv4Addr, u16)> = (11..=13)
+        .map(|i| (Ipv4Addr::new(198, 18, 1, i), 8080))
+        .collect();
     let dns: Vec<(Ipv4Addr, u16)> = local.iter().map(|&(a, _)| (a, 5353)).collect();
     let remote = vec![(Ipv4Addr::new(198, 18, 2, 11), 8080)];
     let f = |backends: &Vec<(Ipv4Addr, u16)>, snat| Frontend {
@@ -174,7 +178,11 @@ fn classify(f: &[u8]) -> Class {
     let (mf, offset) = (frag & 0x2000 != 0, frag & 0x1fff);
     if proto == ICMP {
         // Quoting errors are checked loosely (see `check`).
-        return if frag & 0x3fff == 0 && ihl == 20 && f.len() >= 14 + 20 + 8 + 28 && matches!(ip[20], 3 | 11) {
+        return if frag & 0x3fff == 0
+            && ihl == 20
+            && f.len() >= 14 + 20 + 8 + 28
+            && matches!(ip[20], 3 | 11)
+        {
             Class::IcmpError
         } else {
             Class::Other
@@ -256,7 +264,13 @@ fn checksums_ok(f: &[u8]) -> (bool, Option<bool>) {
 /// `input` with its addresses and ports set as the model expects, the TTL
 /// lowered when the datapath forwards it itself, and the IP checksum made
 /// right if it was. The L4 checksum field is left for `check` to judge.
-fn expected(input: &[u8], p: &Parsed, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), routed: bool) -> Vec<u8> {
+fn expected(
+    input: &[u8],
+    p: &Parsed,
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    routed: bool,
+) -> Vec<u8> {
     let mut f = input.to_vec();
     let ip_ok = ip_header_ok(input, p.ihl);
     f[26..30].copy_from_slice(&src.0.octets());
@@ -285,12 +299,28 @@ fn ip_header_ok(f: &[u8], ihl: usize) -> bool {
 
 impl Model {
     /// Compares the datapath's outcome with the model's; learns the flow.
-    fn check(&mut self, hook: Hook, input: &[u8], verdict: u32, out: &[u8], report: &mut Report) -> Result<(), String> {
+    fn check(
+        &mut self,
+        hook: Hook,
+        input: &[u8],
+        verdict: u32,
+        out: &[u8],
+        report: &mut Report,
+    ) -> Result<(), String> {
         self.seen += 1;
         if let (Class::Flow(i), Class::Flow(o)) = (classify(input), classify(out)) {
             let line = format!(
                 "#{} {}:{}->{}:{} f{:#x} => v{verdict} {}:{}->{}:{}",
-                self.seen, i.saddr, i.sport, i.daddr, i.dport, i.flags, o.saddr, o.sport, o.daddr, o.dport
+                self.seen,
+                i.saddr,
+                i.sport,
+                i.daddr,
+                i.dport,
+                i.flags,
+                o.saddr,
+                o.sport,
+                o.daddr,
+                o.dport
             );
             for end in [(i.saddr, i.sport), (i.daddr, i.dport)] {
                 let h = self.events.entry(end).or_default();
@@ -351,7 +381,8 @@ impl Model {
                 }
             }
         } else if p.first {
-            self.frags.insert((p.saddr, p.daddr, p.id, p.proto), (p.sport, p.dport));
+            self.frags
+                .insert((p.saddr, p.daddr, p.id, p.proto), (p.sport, p.dport));
         }
         // To a frontend?
         if let Some(fe) = self.frontends.get(&(p.daddr, p.dport, p.proto)).cloned() {
@@ -364,7 +395,13 @@ impl Model {
                 if verdict == drop {
                     return Ok(());
                 }
-                if verdict == tx && !p.later && out.len() >= 14 + 20 + 8 && out[23] == ICMP && out[34] == 3 && out[35] == 3 {
+                if verdict == tx
+                    && !p.later
+                    && out.len() >= 14 + 20 + 8
+                    && out[23] == ICMP
+                    && out[34] == 3
+                    && out[35] == 3
+                {
                     let (ip_ok, icmp_ok) = checksums_ok(out);
                     if !ip_ok || icmp_ok != Some(true) {
                         return Err("a refusal with a wrong checksum".into());
@@ -372,29 +409,39 @@ impl Model {
                     report.refused += 1;
                     return Ok(());
                 }
-                return Err("a packet to a service without endpoints neither refused nor dropped".into());
+                return Err(
+                    "a packet to a service without endpoints neither refused nor dropped".into(),
+                );
             }
             // Where the datapath may drop: TCP FIN/RST/SYN-ACK without state,
             // late packets of a closed flow whose translated source went to
             // a newer flow, SNAT exhaustion, a TTL it cannot lower.
             // (A closed flow whose reply tuple a newer flow took over.)
-            let taken_over = self
-                .replies
-                .iter()
-                .any(|(k, seen)| k.2 == p.saddr && k.3 == p.sport && k.4 == p.proto
-                    && seen.client == (p.saddr, p.sport) && seen.frontend != (p.daddr, p.dport));
+            let taken_over = self.replies.iter().any(|(k, seen)| {
+                k.2 == p.saddr
+                    && k.3 == p.sport
+                    && k.4 == p.proto
+                    && seen.client == (p.saddr, p.sport)
+                    && seen.frontend != (p.daddr, p.dport)
+            });
             let may_drop = fe.snat
                 || taken_over
                 || fe.backends.iter().any(|b| b.0 == p.saddr)
                 || (p.proto == TCP && (p.flags & 0x05 != 0 || p.flags & 0x12 == 0x12))
                 || p.later
-                || self.remapped.contains(&(p.saddr, p.sport, p.daddr, p.dport, p.proto));
+                || self
+                    .remapped
+                    .contains(&(p.saddr, p.sport, p.daddr, p.dport, p.proto));
             if verdict == drop && may_drop {
                 return Ok(());
             }
             let set = fe.backends.clone();
-            let backend = MaglevTable::build(&set, table_size_for(set.len()))
-                .lookup(flow_hash(p.saddr.octets(), p.sport, p.dport, p.proto));
+            let backend = MaglevTable::build(&set, table_size_for(set.len())).lookup(flow_hash(
+                p.saddr.octets(),
+                p.sport,
+                p.dport,
+                p.proto,
+            ));
             // A pod reaching itself is masqueraded to the node too.
             let snat = fe.snat || backend.0 == p.saddr;
             let want_routed = verdict == redirect;
@@ -405,9 +452,16 @@ impl Model {
                 Class::Flow(o) => o,
                 _ => return Err("to a frontend: left unparseable".into()),
             };
-            let (osport, odport) = if p.later { (p.sport, backend.1) } else { (o.sport, o.dport) };
+            let (osport, odport) = if p.later {
+                (p.sport, backend.1)
+            } else {
+                (o.sport, o.dport)
+            };
             if (o.daddr, odport) != backend {
-                return Err(format!("sent to {}:{odport}, Maglev says {}:{}", o.daddr, backend.0, backend.1));
+                return Err(format!(
+                    "sent to {}:{odport}, Maglev says {}:{}",
+                    o.daddr, backend.0, backend.1
+                ));
             }
             // (A later fragment carries no ports: its addresses say all.)
             let in_range = p.later || (SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&osport);
@@ -417,7 +471,8 @@ impl Model {
                 o.saddr == p.saddr && (osport == p.sport || in_range)
             };
             if !p.later && osport != p.sport {
-                self.remapped.insert((p.saddr, p.sport, p.daddr, p.dport, p.proto));
+                self.remapped
+                    .insert((p.saddr, p.sport, p.daddr, p.dport, p.proto));
             }
             if !src_ok {
                 return Err(format!("source {}:{osport} not allowed", o.saddr));
@@ -426,7 +481,13 @@ impl Model {
             let mut want = expected(input, &p, translated_src, backend, want_routed);
             self.compare(input, out, &mut want, &p, want_routed)?;
             if !p.later {
-                let rk = (backend.0, backend.1, translated_src.0, translated_src.1, p.proto);
+                let rk = (
+                    backend.0,
+                    backend.1,
+                    translated_src.0,
+                    translated_src.1,
+                    p.proto,
+                );
                 let h = self.history.entry(rk).or_default();
                 h.push(format!(
                     "#{}: {}:{} -> {}:{} flags {:#x} verdict {verdict}",
@@ -447,13 +508,21 @@ impl Model {
             return Ok(());
         }
         // A reply of a flow the model saw?
-        if let Some(seen) = self.replies.get(&(p.saddr, p.sport, p.daddr, p.dport, p.proto)).copied() {
+        if let Some(seen) = self
+            .replies
+            .get(&(p.saddr, p.sport, p.daddr, p.dport, p.proto))
+            .copied()
+        {
             if untouched || verdict == drop {
                 // The flow may have closed and expired, or lost its SNAT
                 // port to a newer flow.
                 return Ok(());
             }
-            let dst = if (p.daddr, p.dport) != seen.client { seen.client } else { (p.daddr, p.dport) };
+            let dst = if (p.daddr, p.dport) != seen.client {
+                seen.client
+            } else {
+                (p.daddr, p.dport)
+            };
             let routed = verdict == redirect;
             let mut want = expected(input, &p, seen.frontend, dst, routed);
             let key = (p.saddr, p.sport, p.daddr, p.dport, p.proto);
@@ -462,7 +531,10 @@ impl Model {
                     format!(
                         "{e}\n  history of this reply tuple: {:?}\n  events of the client:\n    {}",
                         self.history.get(&key),
-                        self.events.get(&(p.daddr, p.dport)).map(|v| v.join("\n    ")).unwrap_or_default()
+                        self.events
+                            .get(&(p.daddr, p.dport))
+                            .map(|v| v.join("\n    "))
+                            .unwrap_or_default()
                     )
                 })?;
             report.translated += 1;
@@ -478,7 +550,14 @@ impl Model {
     /// `out` equals `want` but for what the datapath may choose: MACs of a
     /// routed frame (from the FIB) and an L4 checksum that was wrong on
     /// input; a checksum that was right must stay right.
-    fn compare(&self, input: &[u8], out: &[u8], want: &mut [u8], p: &Parsed, routed: bool) -> Result<(), String> {
+    fn compare(
+        &self,
+        input: &[u8],
+        out: &[u8],
+        want: &mut [u8],
+        p: &Parsed,
+        routed: bool,
+    ) -> Result<(), String> {
         if out.len() != want.len() {
             return Err(format!("length {} for {}", out.len(), want.len()));
         }
@@ -501,7 +580,11 @@ impl Model {
             }
         }
         if out != want {
-            let at = out.iter().zip(want.iter()).position(|(a, b)| a != b).unwrap_or(0);
+            let at = out
+                .iter()
+                .zip(want.iter())
+                .position(|(a, b)| a != b)
+                .unwrap_or(0);
             return Err(format!("bytes differ from byte {at}; wanted {want:02x?}"));
         }
         if in_l4 == Some(true) && checksums_ok(out).1 != Some(true) {
@@ -531,7 +614,10 @@ fn generate(rng: &mut Rng, model: &Model) -> Vec<Vec<u8>> {
             let saddr = clients[rng.usize(..clients.len())];
             let sport = 40_000 + rng.u16(0..64);
             let mut s = if proto == TCP {
-                Spec { tcp_flags: flags[rng.usize(..flags.len())], ..Spec::tcp(saddr, sport, daddr, dport) }
+                Spec {
+                    tcp_flags: flags[rng.usize(..flags.len())],
+                    ..Spec::tcp(saddr, sport, daddr, dport)
+                }
             } else {
                 Spec::udp(saddr, sport, daddr, dport)
             };
@@ -551,12 +637,21 @@ fn generate(rng: &mut Rng, model: &Model) -> Vec<Vec<u8>> {
         5..=6 => {
             let keys: Vec<_> = model.replies.keys().copied().collect();
             let (b, bp, d, dp, proto) = if keys.is_empty() || rng.u8(0..4) == 0 {
-                (Ipv4Addr::new(198, 18, 1, 11), 8080, clients[0], 40_000 + rng.u16(0..64), TCP)
+                (
+                    Ipv4Addr::new(198, 18, 1, 11),
+                    8080,
+                    clients[0],
+                    40_000 + rng.u16(0..64),
+                    TCP,
+                )
             } else {
                 keys[rng.usize(..keys.len())]
             };
             let s = if proto == TCP {
-                Spec { tcp_flags: flags[rng.usize(..flags.len())], ..Spec::tcp(b, bp, d, dp) }
+                Spec {
+                    tcp_flags: flags[rng.usize(..flags.len())],
+                    ..Spec::tcp(b, bp, d, dp)
+                }
             } else {
                 Spec::udp(b, bp, d, dp)
             };
@@ -565,11 +660,16 @@ fn generate(rng: &mut Rng, model: &Model) -> Vec<Vec<u8>> {
         // An ICMP error quoting a flow one way or the other.
         7 => {
             let keys: Vec<_> = model.replies.keys().copied().collect();
-            let quoted = if let Some(&(b, bp, d, dp, proto)) = keys.get(rng.usize(..keys.len().max(1))) {
-                if proto == TCP { Spec::tcp(d, dp, b, bp) } else { Spec::udp(d, dp, b, bp) }
-            } else {
-                Spec::tcp(clients[0], 40_000, WEB, 80)
-            };
+            let quoted =
+                if let Some(&(b, bp, d, dp, proto)) = keys.get(rng.usize(..keys.len().max(1))) {
+                    if proto == TCP {
+                        Spec::tcp(d, dp, b, bp)
+                    } else {
+                        Spec::udp(d, dp, b, bp)
+                    }
+                } else {
+                    Spec::tcp(clients[0], 40_000, WEB, 80)
+                };
             let q = quoted.build();
             let cut = if rng.bool() { q.len() - 14 } else { 28 };
             vec![icmp_error_frame(
@@ -650,7 +750,11 @@ pub fn run(hook: Hook, packets: u64, seed: u64) -> anyhow::Result<Report> {
             // Where the frame arrives: the NIC for the client's side, the
             // pod link for pods' (replies routed back need a real device).
             let from_pod = frame.len() >= 30 && frame[26..28] == [198, 18] && frame[28] == 1;
-            let ifindex = if from_pod { fx.pod_ifindex } else { fx.nic_ifindex };
+            let ifindex = if from_pod {
+                fx.pod_ifindex
+            } else {
+                fx.nic_ifindex
+            };
             let out = match fx.run_on(hook, &frame, ifindex) {
                 Ok(out) => out,
                 // The kernel's test run validates some headers itself
@@ -661,7 +765,9 @@ pub fn run(hook: Hook, packets: u64, seed: u64) -> anyhow::Result<Report> {
                     continue;
                 }
                 Err(e) => {
-                    return Err(e.context(format!("running a {}-byte frame {frame:02x?}", frame.len())))
+                    return Err(
+                        e.context(format!("running a {}-byte frame {frame:02x?}", frame.len()))
+                    )
                 }
             };
             report.packets += 1;
@@ -715,7 +821,10 @@ fn state_of(fx: &Fixture, frame: &[u8]) -> String {
         else {
             continue;
         };
-        for k in [key(p.saddr, p.sport, p.daddr, p.dport), key(p.daddr, p.dport, p.saddr, p.sport)] {
+        for k in [
+            key(p.saddr, p.sport, p.daddr, p.dport),
+            key(p.daddr, p.dport, p.saddr, p.sport),
+        ] {
             if let Ok(e) = m.get(&k, 0) {
                 out.push(format!("{table} {k:?} -> {e:?}"));
             }

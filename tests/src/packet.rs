@@ -122,7 +122,11 @@ pub const TCP_RST: u8 = 0x04;
 /// units, the header checksum computed from scratch.
 pub fn fragments(spec: &Spec, chunk: usize) -> Vec<Vec<u8>> {
     assert!(chunk % 8 == 0 && spec.ip_options.is_empty());
-    let whole = Spec { frag: 0, ..spec.clone() }.build();
+    let whole = Spec {
+        frag: 0,
+        ..spec.clone()
+    }
+    .build();
     let (eth, ip) = whole.split_at(14);
     let payload = &ip[20..];
     let mut out = Vec::new();

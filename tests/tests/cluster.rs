@@ -913,28 +913,27 @@ fn ten_thousand_short_connections_through_a_snatted_node_port_all_succeed() {
     let mut w = World::new();
     w.start(&[web(&[(1, 0)], Extra::default())], &[]);
     let np = tcp(w.node_ip(0), NODE_PORT);
-    let (ok, ports, failures) = w
-        .c
-        .client
-        .run(move || {
-            let mut ok = 0u32;
-            let mut ports = BTreeSet::new();
-            let mut failures = Vec::new();
-            for i in 0..10_000u32 {
-                match tcp_who_client_closes(np) {
-                    Ok(a) => {
-                        ok += 1;
-                        ports.insert(a.peer.port());
+    let (ok, ports, failures) =
+        w.c.client
+            .run(move || {
+                let mut ok = 0u32;
+                let mut ports = BTreeSet::new();
+                let mut failures = Vec::new();
+                for i in 0..10_000u32 {
+                    match tcp_who_client_closes(np) {
+                        Ok(a) => {
+                            ok += 1;
+                            ports.insert(a.peer.port());
+                        }
+                        Err(e) => failures.push(format!("#{i}: {e}")),
                     }
-                    Err(e) => failures.push(format!("#{i}: {e}")),
+                    if failures.len() == 3 {
+                        break;
+                    }
                 }
-                if failures.len() == 3 {
-                    break;
-                }
-            }
-            (ok, ports, failures)
-        })
-        .unwrap();
+                (ok, ports, failures)
+            })
+            .unwrap();
     assert_eq!(ok, 10_000, "failures: {failures:?}");
     assert!(ports.len() > 4_000, "{} SNAT ports used", ports.len());
     assert_eq!(w.agents[0].stat("drop_snat_exhausted"), 0);

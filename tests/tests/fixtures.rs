@@ -528,10 +528,12 @@ fn a_program_the_kernel_refuses_is_reported_with_the_verifier_log() {
     ));
     lb_userspace::system::ensure_bpffs(&pin_dir).unwrap();
     std::fs::create_dir_all(&pin_dir).unwrap();
-    let err = match lb_userspace::datapath::Datapath::load_object(&object, &pin_dir, &Default::default()) {
-        Ok(_) => panic!("the damaged program loaded"),
-        Err(e) => e.to_string(),
-    };
+    let err =
+        match lb_userspace::datapath::Datapath::load_object(&object, &pin_dir, &Default::default())
+        {
+            Ok(_) => panic!("the damaged program loaded"),
+            Err(e) => e.to_string(),
+        };
     lb_userspace::pins::remove_all(&pin_dir).unwrap();
     eprintln!("{err}");
     assert!(err.contains("the kernel refused program lb_xdp"), "{err}");

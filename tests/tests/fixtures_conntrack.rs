@@ -13,8 +13,7 @@ use lb_tests::{
     example::{yaml, Endpoint, Svc},
     fixture::*,
     packet::{
-        decode, fragments, Spec, CLIENT_MAC, NODE_MAC, TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
-        UDP,
+        decode, fragments, Spec, CLIENT_MAC, NODE_MAC, TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, UDP,
     },
     topology::NODE_IP,
 };
@@ -131,7 +130,10 @@ fn a_closed_flow_frees_its_snat_port_and_a_live_one_keeps_it() {
         // A takes the only port and is answered.
         let out = run(client(a, TCP_SYN));
         assert_eq!(decode(&out.frame).sport, SNAT_PORT, "{hook:?}");
-        assert_eq!(run(from_backend(backend, TCP_SYN | TCP_ACK)).verdict, redirect(hook));
+        assert_eq!(
+            run(from_backend(backend, TCP_SYN | TCP_ACK)).verdict,
+            redirect(hook)
+        );
         assert_eq!(run(client(a, TCP_ACK)).verdict, redirect(hook));
         // While A lives, B finds no port.
         assert_eq!(run(client(b, TCP_SYN)).verdict, drop_verdict(hook));
@@ -140,17 +142,29 @@ fn a_closed_flow_frees_its_snat_port_and_a_live_one_keeps_it() {
         if close == "fin" {
             run(client(a, TCP_FIN | TCP_ACK));
             let out = run(from_backend(backend, TCP_FIN | TCP_ACK));
-            assert_eq!(decode(&out.frame).dport, a, "{hook:?} the FIN is translated");
+            assert_eq!(
+                decode(&out.frame).dport,
+                a,
+                "{hook:?} the FIN is translated"
+            );
         } else {
             let out = run(from_backend(backend, TCP_RST));
-            assert_eq!(decode(&out.frame).dport, a, "{hook:?} the RST is translated");
+            assert_eq!(
+                decode(&out.frame).dport,
+                a,
+                "{hook:?} the RST is translated"
+            );
         }
         // ... and B gets the port at once.
         let out = run(client(b, TCP_SYN));
         assert_eq!(out.verdict, redirect(hook), "{hook:?} {close}");
         assert_eq!(decode(&out.frame).sport, SNAT_PORT);
         // A's late packets no longer reach the backend under B's tuple.
-        assert_eq!(run(client(a, TCP_ACK)).verdict, drop_verdict(hook), "{close}");
+        assert_eq!(
+            run(client(a, TCP_ACK)).verdict,
+            drop_verdict(hook),
+            "{close}"
+        );
         // The backend's answer goes to B.
         let out = run(from_backend(backend, TCP_SYN | TCP_ACK));
         assert_eq!(decode(&out.frame).dport, b, "{hook:?} {close}");
@@ -185,7 +199,11 @@ fn a_closed_flow_expires_after_10_s_an_established_one_stays() {
         };
         fx.run_on(hook, &reply.build(), fx.pod_ifindex).unwrap();
     }
-    assert_eq!(entries(&fx, map_names::CT_TCP), 4, "both answered: established");
+    assert_eq!(
+        entries(&fx, map_names::CT_TCP),
+        4,
+        "both answered: established"
+    );
     assert_eq!(entries(&fx, map_names::CT_SYN), 0);
     // 40001 closes: FIN both ways.
     let fin = Spec {
@@ -207,8 +225,15 @@ fn a_closed_flow_expires_after_10_s_an_established_one_stays() {
     assert_eq!(s[map_names::CT_TCP].live, 2);
     assert_eq!(entries(&fx, map_names::CT_TCP), 2);
     // The established flow still translates, without a new choice.
-    fx.run(hook, &Spec { tcp_flags: TCP_ACK, ..Spec::tcp(CLIENT, 40000, CLUSTER_IP, 80) }.build())
-        .unwrap();
+    fx.run(
+        hook,
+        &Spec {
+            tcp_flags: TCP_ACK,
+            ..Spec::tcp(CLIENT, 40000, CLUSTER_IP, 80)
+        }
+        .build(),
+    )
+    .unwrap();
     assert_eq!(fx.counter(Verdict::DnatEstablished), 2);
 }
 
@@ -256,10 +281,21 @@ fn floods_of_syns_and_udp_flows_evict_no_established_flow_nor_a_snat_port() {
                 ..Spec::tcp(d.daddr, 8080, CLIENT, sport)
             };
             let back = decode(&run(reply).frame);
-            assert_eq!((back.saddr, back.sport), (CLUSTER_IP, 80), "{hook:?} {sport}");
+            assert_eq!(
+                (back.saddr, back.sport),
+                (CLUSTER_IP, 80),
+                "{hook:?} {sport}"
+            );
         }
-        assert_eq!(fx.counter(Verdict::DnatEstablished) - before, est.len() as u64);
-        assert_eq!(fx.counter(Verdict::DnatPickup), 0, "{hook:?}: no state was lost");
+        assert_eq!(
+            fx.counter(Verdict::DnatEstablished) - before,
+            est.len() as u64
+        );
+        assert_eq!(
+            fx.counter(Verdict::DnatPickup),
+            0,
+            "{hook:?}: no state was lost"
+        );
         // The SNATed flow kept its port: its reply is translated, and a new
         // flow to its backend still finds the port taken.
         let out = run(from_backend(backend, TCP_ACK));
@@ -308,7 +344,9 @@ fn one_client_port_to_two_frontends_of_one_backend_gets_a_second_port() {
             ..Spec::tcp(pod, 8080, CLIENT, dport)
         };
         for (dport, frontend) in [(40000, (CLUSTER_IP, 80)), (port, (NODE_IP, 30080))] {
-            let out = fx.run_on(hook, &reply(dport).build(), fx.pod_ifindex).unwrap();
+            let out = fx
+                .run_on(hook, &reply(dport).build(), fx.pod_ifindex)
+                .unwrap();
             let want = Spec {
                 src_mac: NODE_MAC,
                 dst_mac: CLIENT_MAC,
@@ -398,7 +436,10 @@ fn tcp_without_state_is_picked_up_or_dropped_never_started_blindly() {
                 tcp_flags: flags,
                 ..Spec::tcp(CLIENT, 40000, CLUSTER_IP, 80)
             };
-            assert_eq!(fx.run(hook, &s.build()).unwrap().verdict, drop_verdict(hook));
+            assert_eq!(
+                fx.run(hook, &s.build()).unwrap().verdict,
+                drop_verdict(hook)
+            );
         }
         assert_eq!(fx.counter(Verdict::DropCtInvalid), 3, "{hook:?}");
         // A mid-stream segment (state lost) goes where Maglev says, which
@@ -408,7 +449,15 @@ fn tcp_without_state_is_picked_up_or_dropped_never_started_blindly() {
             ..Spec::tcp(CLIENT, 40000, CLUSTER_IP, 80)
         };
         let out = fx.run(hook, &ack.build()).unwrap();
-        assert_eq!(out.frame, Spec { daddr: backend, dport: 8080, ..ack }.build());
+        assert_eq!(
+            out.frame,
+            Spec {
+                daddr: backend,
+                dport: 8080,
+                ..ack
+            }
+            .build()
+        );
         assert_eq!(fx.counter(Verdict::DnatPickup), 1);
         assert_eq!(entries(&fx, map_names::CT_SYN), 2, "tracked as unanswered");
     }

@@ -29,7 +29,10 @@ fn fuzz_hook(hook: Hook) {
     );
     assert!(r.failures.is_empty(), "{}", r.failures.join("\n"));
     // The run exercised every kind of outcome.
-    assert!(r.translated > n / 10 && r.refused > 0 && r.dropped > 0 && r.untouched > n / 10, "{r:?}");
+    assert!(
+        r.translated > n / 10 && r.refused > 0 && r.dropped > 0 && r.untouched > n / 10,
+        "{r:?}"
+    );
 }
 
 #[test]
