@@ -41,6 +41,13 @@ pub struct AddrPort {
     pub port: u16,
 }
 
+impl AddrPort {
+    #[inline(always)]
+    pub const fn new(addr: [u8; 4], port: u16) -> AddrPort {
+        AddrPort { addr, port }
+    }
+}
+
 /// The map an entry lives in.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Table {
@@ -82,14 +89,8 @@ fn work() -> Option<&'static mut Work> {
 #[inline(always)]
 pub fn flow_key(f: &Ipv4Flow) -> FlowKey {
     key(
-        AddrPort {
-            addr: f.saddr,
-            port: f.sport,
-        },
-        AddrPort {
-            addr: f.daddr,
-            port: f.dport,
-        },
+        AddrPort::new(f.saddr, f.sport),
+        AddrPort::new(f.daddr, f.dport),
         f.proto,
     )
 }
@@ -237,22 +238,10 @@ struct Ends {
 
 #[inline(always)]
 fn ends(k: &FlowKey, e: &ConntrackEntry) -> Ends {
-    let src = AddrPort {
-        addr: k.src_addr,
-        port: k.src_port,
-    };
-    let dst = AddrPort {
-        addr: k.dst_addr,
-        port: k.dst_port,
-    };
-    let nat = AddrPort {
-        addr: e.nat_addr,
-        port: e.nat_port,
-    };
-    let other = AddrPort {
-        addr: e.snat_addr,
-        port: e.snat_port,
-    };
+    let src = AddrPort::new(k.src_addr, k.src_port);
+    let dst = AddrPort::new(k.dst_addr, k.dst_port);
+    let nat = AddrPort::new(e.nat_addr, e.nat_port);
+    let other = AddrPort::new(e.snat_addr, e.snat_port);
     if e.direction == CT_FORWARD {
         Ends {
             client: src,
@@ -325,14 +314,8 @@ impl NewFlow {
     #[inline(always)]
     fn ends(&self, seen_as: AddrPort) -> Ends {
         Ends {
-            client: AddrPort {
-                addr: self.client.src_addr,
-                port: self.client.src_port,
-            },
-            frontend: AddrPort {
-                addr: self.client.dst_addr,
-                port: self.client.dst_port,
-            },
+            client: AddrPort::new(self.client.src_addr, self.client.src_port),
+            frontend: AddrPort::new(self.client.dst_addr, self.client.dst_port),
             backend: self.backend,
             seen_as,
         }
@@ -384,13 +367,7 @@ pub fn record(f: &NewFlow, cfg: &DatapathConfig) -> Source {
     let Some(w) = work() else {
         return Source::Exhausted;
     };
-    f.fill(
-        w,
-        AddrPort {
-            addr: f.client.src_addr,
-            port: f.client.src_port,
-        },
-    );
+    f.fill(w, AddrPort::new(f.client.src_addr, f.client.src_port));
     if let Some(h) = lookup_reply(&w.rkey, f.now, cfg) {
         if !ct_closed(h.e.state) && ends(&w.rkey, &h.e) != w.me {
             return Source::Conflict;

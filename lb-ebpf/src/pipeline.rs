@@ -529,14 +529,8 @@ fn icmp_error(icmp: IcmpError, len: u32, route: bool) -> Option<Action> {
     let now = unsafe { bpf_ktime_get_ns() };
     // The entry's direction says which way the quote went.
     let e = conntrack::lookup_any(&key, now, &config())?;
-    let quoted_src = AddrPort {
-        addr: icmp.inner_saddr,
-        port: icmp.inner_sport,
-    };
-    let quoted_dst = AddrPort {
-        addr: icmp.inner_daddr,
-        port: icmp.inner_dport,
-    };
+    let quoted_src = AddrPort::new(icmp.inner_saddr, icmp.inner_sport);
+    let quoted_dst = AddrPort::new(icmp.inner_daddr, icmp.inner_dport);
     // (what the quote's source becomes, what its destination becomes)
     let (inner_src, inner_dst) = match e.direction {
         // Quote: client-or-node -> backend. Entry: the client (when SNATed)

@@ -34,11 +34,16 @@ fn local() -> Vec<Ipv4Addr> {
     (11..=13).map(|i| Ipv4Addr::new(198, 18, 1, i)).collect()
 }
 
-fn backend_for(eps: &[Ipv4Addr], sport: u16, dport: u16, proto: u8) -> Ipv4Addr {
-    let set: Vec<(Ipv4Addr, u16)> = eps.iter().map(|&ip| (ip, 8080)).collect();
+/// The backend Maglev gives the client's flow among `eps` (port `target`).
+fn maglev(eps: &[Ipv4Addr], target: u16, sport: u16, dport: u16, proto: u8) -> Ipv4Addr {
+    let set: Vec<(Ipv4Addr, u16)> = eps.iter().map(|&ip| (ip, target)).collect();
     MaglevTable::build(&set, table_size_for(set.len()))
         .lookup(flow_hash(CLIENT.octets(), sport, dport, proto))
         .0
+}
+
+fn backend_for(eps: &[Ipv4Addr], sport: u16, dport: u16, proto: u8) -> Ipv4Addr {
+    maglev(eps, 8080, sport, dport, proto)
 }
 
 /// The example service on two backends of another node, with one SNAT
@@ -184,12 +189,7 @@ fn entries(fx: &Fixture, table: &str) -> usize {
 fn a_closed_flow_expires_after_10_s_an_established_one_stays() {
     let fx = local_fixture();
     let hook = Hook::Tc;
-    let backend_of = |sport| {
-        let set: Vec<(Ipv4Addr, u16)> = local().iter().map(|&ip| (ip, 8080)).collect();
-        MaglevTable::build(&set, table_size_for(set.len()))
-            .lookup(flow_hash(CLIENT.octets(), sport, 80, TCP))
-            .0
-    };
+    let backend_of = |sport| maglev(&local(), 8080, sport, 80, TCP);
     for sport in [40000, 40001] {
         fx.run(hook, &Spec::tcp(CLIENT, sport, CLUSTER_IP, 80).build())
             .unwrap();
@@ -366,12 +366,7 @@ fn every_fragment_follows_the_first_both_ways() {
     let payload: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
     for hook in HOOKS {
         let fx = local_fixture();
-        let backend = {
-            let set: Vec<(Ipv4Addr, u16)> = local().iter().map(|&ip| (ip, 5353)).collect();
-            MaglevTable::build(&set, table_size_for(set.len()))
-                .lookup(flow_hash(CLIENT.octets(), 40000, 53, UDP))
-                .0
-        };
+        let backend = maglev(&local(), 5353, 40000, 53, UDP);
         let request = Spec {
             payload: payload.clone(),
             ip_id: 0x4242,
@@ -424,12 +419,7 @@ fn every_fragment_follows_the_first_both_ways() {
 fn tcp_without_state_is_picked_up_or_dropped_never_started_blindly() {
     for hook in HOOKS {
         let fx = local_fixture();
-        let backend = {
-            let set: Vec<(Ipv4Addr, u16)> = local().iter().map(|&ip| (ip, 8080)).collect();
-            MaglevTable::build(&set, table_size_for(set.len()))
-                .lookup(flow_hash(CLIENT.octets(), 40000, 80, TCP))
-                .0
-        };
+        let backend = maglev(&local(), 8080, 40000, 80, TCP);
         // FIN, RST and SYN-ACK start nothing.
         for flags in [TCP_FIN | TCP_ACK, TCP_RST, TCP_SYN | TCP_ACK] {
             let s = Spec {
