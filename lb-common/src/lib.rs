@@ -15,18 +15,33 @@ pub mod map_names {
     pub const FRONTENDS: &str = "lb_frontends";
     pub const BACKENDS: &str = "lb_backends";
     pub const MAGLEV: &str = "lb_maglev";
-    pub const CONNTRACK: &str = "lb_conntrack";
+    /// Established TCP flows (the backend answered).
+    pub const CT_TCP: &str = "lb_ct_tcp";
+    /// TCP flows the backend has not answered yet (handshakes, pickups).
+    pub const CT_SYN: &str = "lb_ct_syn";
+    pub const CT_UDP: &str = "lb_ct_udp";
+    /// Reply sides of flows whose source is translated (SNAT, port remap).
+    pub const SNAT: &str = "lb_snat";
+    pub const FRAGS: &str = "lb_frags";
+    pub const REJECT_LIMIT: &str = "lb_reject_rl";
+    pub const CT_STATS: &str = "lb_ct_stats";
     pub const AFFINITY: &str = "lb_affinity";
     pub const VERDICTS: &str = "lb_verdicts";
     pub const SERVICE_STATS: &str = "lb_svc_stats";
     pub const CONFIG: &str = "lb_config";
     pub const SOURCE_RANGES: &str = "lb_src_ranges";
     pub const SOCK_REVERSE: &str = "lb_sock_rev";
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 16] = [
         FRONTENDS,
         BACKENDS,
         MAGLEV,
-        CONNTRACK,
+        CT_TCP,
+        CT_SYN,
+        CT_UDP,
+        SNAT,
+        FRAGS,
+        REJECT_LIMIT,
+        CT_STATS,
         AFFINITY,
         VERDICTS,
         SERVICE_STATS,
@@ -56,7 +71,12 @@ pub const MAX_FRONTENDS: u32 = 1 << 18;
 pub const MAX_SERVICES: u32 = 1 << 17;
 /// Backend ids are `1..MAX_BACKENDS`; 0 is never allocated.
 pub const MAX_BACKENDS: u32 = 1 << 19;
-pub const MAX_CONNTRACK: u32 = 1 << 18;
+/// Capacity of each conntrack table as compiled into the object. The agent
+/// always sets the real sizes at load time (`MapSizes` in the agent:
+/// derived from the node's memory, or `--conntrack-max`).
+pub const CT_DEFAULT_ENTRIES: u32 = 1 << 16;
+/// In-flight fragmented datagrams whose later fragments can be translated.
+pub const MAX_FRAGS: u32 = 1 << 14;
 pub const MAX_AFFINITY: u32 = 1 << 16;
 /// loadBalancerSourceRanges entries, all services together.
 pub const MAX_SOURCE_RANGES: u32 = 1 << 16;
@@ -77,12 +97,104 @@ pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
-/// Idle time after which a conntrack entry no longer pins its backend.
-/// Matches the kernel's nf_conntrack defaults closely enough for a first
-/// version: established TCP 5 days is excessive for an LRU map, so we use 6h
-/// (Cilium uses 6h for established TCP too), and 120s for UDP "streams".
-pub const CT_TIMEOUT_TCP_NS: u64 = 6 * 3600 * 1_000_000_000;
-pub const CT_TIMEOUT_UDP_NS: u64 = 120 * 1_000_000_000;
+/// Conntrack idle timeouts, by protocol and state (see `ct_timeout_ns`).
+/// TCP: a handshake (or a picked-up flow) the backend has not answered
+/// 60 s and a closed flow (RST, or FIN both ways) 10 s, as Cilium; an
+/// established flow 6 h (Cilium's default; kube-proxy sets netfilter's to
+/// 24 h); half-closed (one FIN) 1 h, kube-proxy's close_wait. UDP:
+/// netfilter's defaults, 30 s before a reply and 120 s after.
+pub const CT_TIMEOUT_SYN_NS: u64 = 60 * SECOND_NS;
+pub const CT_TIMEOUT_TCP_NS: u64 = 6 * 3600 * SECOND_NS;
+pub const CT_TIMEOUT_HALF_CLOSED_NS: u64 = 3600 * SECOND_NS;
+pub const CT_TIMEOUT_CLOSED_NS: u64 = 10 * SECOND_NS;
+pub const CT_TIMEOUT_UDP_NEW_NS: u64 = 30 * SECOND_NS;
+pub const CT_TIMEOUT_UDP_NS: u64 = 120 * SECOND_NS;
+const SECOND_NS: u64 = 1_000_000_000;
+
+/// `ConntrackEntry::state` bits. Both entries of a flow carry the same bits.
+/// The backend answered (TCP: the flow is in `lb_ct_tcp`).
+pub const CT_S_REPLIED: u8 = 1 << 0;
+/// The client sent a FIN.
+pub const CT_S_FIN_FWD: u8 = 1 << 1;
+/// The backend sent a FIN.
+pub const CT_S_FIN_REV: u8 = 1 << 2;
+/// Either side sent a RST.
+pub const CT_S_RST: u8 = 1 << 3;
+/// A TCP flow first seen mid-stream (no SYN): translated to the Maglev
+/// choice, like netfilter's loose pickup.
+pub const CT_S_PICKUP: u8 = 1 << 4;
+
+/// TCP flag bits (byte 13 of the header).
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// A flow is over: a RST, or a FIN each way. Its SNAT port is free again.
+pub const fn ct_closed(state: u8) -> bool {
+    state & CT_S_RST != 0 || state & (CT_S_FIN_FWD | CT_S_FIN_REV) == (CT_S_FIN_FWD | CT_S_FIN_REV)
+}
+
+/// How long an entry in `state` lives without traffic.
+pub const fn ct_timeout_ns(proto: u8, state: u8) -> u64 {
+    if proto != IPPROTO_TCP {
+        return if state & CT_S_REPLIED != 0 {
+            CT_TIMEOUT_UDP_NS
+        } else {
+            CT_TIMEOUT_UDP_NEW_NS
+        };
+    }
+    if ct_closed(state) {
+        CT_TIMEOUT_CLOSED_NS
+    } else if state & CT_S_REPLIED == 0 {
+        CT_TIMEOUT_SYN_NS
+    } else if state & (CT_S_FIN_FWD | CT_S_FIN_REV) != 0 {
+        CT_TIMEOUT_HALF_CLOSED_NS
+    } else {
+        CT_TIMEOUT_TCP_NS
+    }
+}
+
+/// The state after a packet with TCP `flags` (0 for UDP) went through,
+/// `from_backend` telling its direction. A first reply marks the flow
+/// replied (TCP: established).
+pub const fn ct_next_state(state: u8, flags: u8, from_backend: bool) -> u8 {
+    let mut s = state;
+    if from_backend {
+        s |= CT_S_REPLIED;
+    }
+    if flags & TCP_RST != 0 {
+        s |= CT_S_RST;
+    }
+    if flags & TCP_FIN != 0 {
+        s |= if from_backend {
+            CT_S_FIN_REV
+        } else {
+            CT_S_FIN_FWD
+        };
+    }
+    s
+}
+
+/// How long a closed flow's SNAT port is remembered as recently used: the
+/// TIME_WAIT (60 s in Linux) a backend that closed first keeps for the
+/// tuple. A new SYN on that tuple is refused half of the time (its
+/// sequence number is random), so such ports are taken only when fresher
+/// ones are not found.
+pub const CT_SNAT_TIME_WAIT_NS: u64 = 60 * SECOND_NS;
+
+/// Whether a `lb_snat` entry is kept (the agent's sweep removes the rest):
+/// alive, or closed within `CT_SNAT_TIME_WAIT_NS`.
+pub const fn snat_entry_kept(last_seen_ns: u64, now: u64, proto: u8, state: u8) -> bool {
+    ct_live(last_seen_ns, now, proto, state)
+        || (ct_closed(state) && now.wrapping_sub(last_seen_ns) < CT_SNAT_TIME_WAIT_NS)
+}
+
+/// Whether an entry last seen at `last_seen_ns` is still alive at `now`.
+pub const fn ct_live(last_seen_ns: u64, now: u64, proto: u8, state: u8) -> bool {
+    now.wrapping_sub(last_seen_ns) < ct_timeout_ns(proto, state)
+}
+
 /// A conntrack entry's `last_seen_ns` is refreshed at most this often, so
 /// established flows do not write to a shared cache line on every packet.
 pub const CT_REFRESH_NS: u64 = 1_000_000_000;
@@ -157,9 +269,11 @@ pub const BACKEND_F_USABLE: u8 = 1 << 2;
 /// agent's `--node-name`); replies from it pass through this node anyway.
 pub const BACKEND_F_LOCAL: u8 = 1 << 3;
 
-/// Key of `lb_conntrack` (LRU_HASH): a flow as seen on the wire in one
-/// direction. A translated flow has two entries: the client's direction
-/// (client -> frontend) and the backend's reply direction (backend -> client).
+/// Key of the conntrack tables (`lb_ct_tcp`, `lb_ct_syn`, `lb_ct_udp`,
+/// `lb_snat`): a flow as seen on the wire in one direction. A translated
+/// flow has two entries: the client's direction (client -> frontend) and
+/// the backend's reply direction (backend -> client, or backend -> the
+/// translated source when `CT_F_SNAT`; that one lives in `lb_snat`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FlowKey {
@@ -171,7 +285,7 @@ pub struct FlowKey {
     pub _pad: [u8; 3],
 }
 
-/// Value of `lb_conntrack`.
+/// Value of the conntrack tables.
 ///
 /// A SNATed flow (hairpin, or external traffic to another node's backend)
 /// is keyed on the reply side by the node address and the allocated port,
@@ -195,7 +309,9 @@ pub struct ConntrackEntry {
     /// the destination.
     pub snat_addr: [u8; 4],
     pub snat_port: u16,
-    pub _pad: u16,
+    /// `CT_S_*` bits: what the flow has seen (TCP handshake and close).
+    pub state: u8,
+    pub _pad: u8,
     pub backend_id: u32,
     pub service_id: u32,
 }
@@ -224,6 +340,11 @@ pub struct DatapathConfig {
     /// `CONFIG_F_*` bits. (Agents before these flags wrote 0 here, which
     /// means what they did: socket hooks for the node's namespace only.)
     pub flags: u32,
+    /// Secret the first SNAT port a flow tries is hashed with (random per
+    /// agent start): a client's retried SYN gets the same port back, and
+    /// nobody outside can aim at the ports a client will get.
+    pub snat_seed: u32,
+    pub _pad: u32,
 }
 
 /// `DatapathConfig::flags`: the socket hooks translate sockets of every
@@ -233,16 +354,69 @@ pub const CONFIG_F_SOCK_ALL_NETNS: u32 = 1 << 0;
 
 /// Bumped whenever a pinned map's key or value changes meaning without
 /// changing size (size changes are caught from the maps themselves).
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Default SNAT port range: above Linux's default ephemeral range
 /// (32768-60999), so translated flows never take a 4-tuple a local socket
 /// could use, and clear of the NodePort range (30000-32767).
 pub const SNAT_PORT_MIN: u16 = 61_000;
 pub const SNAT_PORT_MAX: u16 = 65_535;
-/// Ports tried before a new SNAT flow is dropped (counted as
-/// `drop_snat_exhausted`).
+/// Random ports tried before a new SNAT flow is dropped (counted as
+/// `drop_snat_exhausted`): with 90% of the range taken, 3% of new flows.
 pub const SNAT_PORT_TRIES: u32 = 32;
+
+/// Key of `lb_frags` (LRU_HASH): one fragmented datagram, as the IP
+/// header names it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub src_addr: [u8; 4],
+    pub dst_addr: [u8; 4],
+    /// IP identification, host order.
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of `lb_frags`: the ports of the datagram's first fragment, so the
+/// later ones (which carry no L4 header) follow its translation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FragPorts {
+    pub src_port: u16,
+    pub dst_port: u16,
+}
+
+/// Value of `lb_reject_rl` (ARRAY of one): the refusal token bucket, like
+/// the kernel's global ICMP limit (`icmp_msgs_per_sec` 1000,
+/// `icmp_msgs_burst` 50). Updated without locks: a race lets a few more
+/// through, never fewer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RejectLimit {
+    /// Credit in nanoseconds of refill time, capped at the burst.
+    pub credit_ns: u64,
+    pub last_ns: u64,
+}
+
+pub const REJECT_PER_SEC: u64 = 1000;
+pub const REJECT_BURST: u64 = 50;
+pub const REJECT_COST_NS: u64 = SECOND_NS / REJECT_PER_SEC;
+
+/// Indexes of `lb_ct_stats` (PERCPU_ARRAY of u64): entries the datapath
+/// created or deleted, per table; the agent derives evictions from them.
+pub mod ct_stat {
+    pub const TCP_CREATED: u32 = 0;
+    pub const SYN_CREATED: u32 = 1;
+    pub const UDP_CREATED: u32 = 2;
+    pub const SNAT_CREATED: u32 = 3;
+    /// Entries the datapath deleted: handshakes moved to `lb_ct_tcp`, and
+    /// closed flows whose tuple a client reused.
+    pub const SYN_DELETED: u32 = 4;
+    pub const TCP_DELETED: u32 = 5;
+    pub const UDP_DELETED: u32 = 6;
+    pub const COUNT: u32 = 8;
+}
 
 /// Data of the `lb_src_ranges` key (LPM_TRIE, key = prefix length then
 /// this): service id then source prefix. The prefix length counts the 32
@@ -315,7 +489,8 @@ pub enum Verdict {
     PassNotIpv4 = 1,
     /// IPv4 but neither TCP/UDP nor an ICMP error: untouched.
     PassOtherProtocol = 2,
-    /// A fragment: untouched (the L4 header is not in every fragment).
+    /// A later fragment of a datagram whose first fragment was not seen
+    /// (or not translated): untouched.
     PassFragment = 3,
     /// First packet of a flow to a frontend: backend chosen, translated.
     DnatNew = 4,
@@ -348,9 +523,19 @@ pub enum Verdict {
     /// A socket of the node connected (or sent) to a frontend: translated
     /// at the socket by the cgroup hooks.
     SockTranslated = 16,
+    /// A TCP FIN, RST or SYN-ACK to a frontend with no conntrack entry:
+    /// dropped, as kube-proxy drops conntrack INVALID packets.
+    DropCtInvalid = 17,
+    /// A mid-stream TCP packet to a frontend with no conntrack entry (lost
+    /// state): sent to the Maglev choice and tracked (netfilter's pickup).
+    DnatPickup = 18,
+    /// A refusal over the rate limit: dropped without an ICMP error.
+    DropRejectLimited = 19,
+    /// A later fragment translated as its datagram's first fragment was.
+    FragmentNat = 20,
 }
 
-pub const VERDICT_COUNT: u32 = 17;
+pub const VERDICT_COUNT: u32 = 21;
 
 impl Verdict {
     pub const ALL: [Verdict; VERDICT_COUNT as usize] = [
@@ -371,6 +556,10 @@ impl Verdict {
         Verdict::DropSnatExhausted,
         Verdict::IcmpErrorNat,
         Verdict::SockTranslated,
+        Verdict::DropCtInvalid,
+        Verdict::DnatPickup,
+        Verdict::DropRejectLimited,
+        Verdict::FragmentNat,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -392,6 +581,10 @@ impl Verdict {
             Verdict::DropSnatExhausted => "drop_snat_exhausted",
             Verdict::IcmpErrorNat => "icmp_error_nat",
             Verdict::SockTranslated => "sock_translated",
+            Verdict::DropCtInvalid => "drop_ct_invalid",
+            Verdict::DnatPickup => "dnat_pickup",
+            Verdict::DropRejectLimited => "drop_reject_limited",
+            Verdict::FragmentNat => "fragment_nat",
         }
     }
 }
@@ -403,7 +596,7 @@ const _: () = {
     assert!(core::mem::size_of::<Backend>() == 12);
     assert!(core::mem::size_of::<FlowKey>() == 16);
     assert!(core::mem::size_of::<ConntrackEntry>() == 32);
-    assert!(core::mem::size_of::<DatapathConfig>() == 24);
+    assert!(core::mem::size_of::<DatapathConfig>() == 32);
     assert!(core::mem::size_of::<SourceRange>() == 8);
     assert!(core::mem::size_of::<SockReverseKey>() == 16);
     assert!(core::mem::size_of::<SockReverseEntry>() == 8);
@@ -411,6 +604,9 @@ const _: () = {
     assert!(core::mem::size_of::<AffinityKey>() == 8);
     assert!(core::mem::size_of::<AffinityEntry>() == 16);
     assert!(core::mem::size_of::<Counter>() == 16);
+    assert!(core::mem::size_of::<FragKey>() == 12);
+    assert!(core::mem::size_of::<FragPorts>() == 4);
+    assert!(core::mem::size_of::<RejectLimit>() == 16);
 };
 
 #[cfg(feature = "user")]
@@ -429,4 +625,7 @@ mod pod {
     unsafe impl aya::Pod for super::SourceRange {}
     unsafe impl aya::Pod for super::SockReverseKey {}
     unsafe impl aya::Pod for super::SockReverseEntry {}
+    unsafe impl aya::Pod for super::FragKey {}
+    unsafe impl aya::Pod for super::FragPorts {}
+    unsafe impl aya::Pod for super::RejectLimit {}
 }

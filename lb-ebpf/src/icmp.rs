@@ -22,10 +22,6 @@ pub fn rewrite<C: PacketBuf>(ctx: &C, icmp: &IcmpError, to: &IcmpRewrite) -> Opt
     let inner = ptr_at::<Ipv4Hdr, C>(ctx, INNER_IP_OFF)?;
     let ports = ptr_at::<L4Ports, C>(ctx, INNER_L4_OFF)?;
     let icmp_csum = ptr_at::<u16, C>(ctx, ICMP_CSUM_OFF)?;
-    let inner_csum = match icmp.inner_csum_off {
-        Some(off) => Some(ptr_at::<u16, C>(ctx, off)?),
-        None => None,
-    };
     let new_sport = to.inner_src.port.to_be();
     let new_dport = to.inner_dst.port.to_be();
     // SAFETY: ptr_at checked every pointer against the packet's end.
@@ -48,6 +44,13 @@ pub fn rewrite<C: PacketBuf>(ctx: &C, icmp: &IcmpError, to: &IcmpRewrite) -> Opt
         let old_ip_check = (*inner).check;
         let mut ip_check = update32(old_ip_check, old_src, to.inner_src.addr);
         ip_check = update32(ip_check, old_dst, to.inner_dst.addr);
+        // Bounds checked here, right before use: a packet pointer kept
+        // across the code above is spilled and reloaded by the compiler in
+        // ways the verifier does not always follow.
+        let inner_csum = match icmp.inner_csum_off {
+            Some(off) => ptr_at::<u16, C>(ctx, off),
+            None => None,
+        };
         if let Some(p) = inner_csum {
             let old_l4 = *p;
             // A UDP checksum of 0 means "none" and stays so.

@@ -6,10 +6,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    AffinityEntry, AffinityKey, Backend, ConntrackEntry, Counter, DatapathConfig, FlowKey,
-    FrontendKey, ServiceEntry, SockReverseEntry, SockReverseKey, SourceRange, MAGLEV_INNER_FLAGS,
-    MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_FRONTENDS, MAX_SERVICES, MAX_SOCK_REVERSE,
-    MAX_SOURCE_RANGES, VERDICT_COUNT,
+    ct_stat, AffinityEntry, AffinityKey, Backend, ConntrackEntry, Counter, DatapathConfig, FlowKey,
+    FragKey, FragPorts, FrontendKey, RejectLimit, ServiceEntry, SockReverseEntry, SockReverseKey,
+    SourceRange, CT_DEFAULT_ENTRIES, MAGLEV_INNER_FLAGS, MAX_AFFINITY, MAX_BACKENDS, MAX_FRAGS,
+    MAX_FRONTENDS, MAX_SERVICES, MAX_SOCK_REVERSE, MAX_SOURCE_RANGES, VERDICT_COUNT,
 };
 
 /// (address, port, protocol) -> service port.
@@ -29,10 +29,42 @@ pub type MaglevTable = Array<u32, 1, { MAGLEV_INNER_FLAGS as usize }>;
 #[btf_map(name = "lb_maglev")]
 pub static MAGLEV: HashOfMaps<u32, MaglevTable, { MAX_SERVICES as usize }> = HashOfMaps::new();
 
-/// Translated flows, both directions.
-#[btf_map(name = "lb_conntrack")]
-pub static CONNTRACK: LruHashMap<FlowKey, ConntrackEntry, { MAX_CONNTRACK as usize }> =
-    LruHashMap::new();
+/// A conntrack table. All three have this type (the agent sets each one's
+/// real size at load time), so one code path serves them all.
+pub type CtTable = LruHashMap<FlowKey, ConntrackEntry, { CT_DEFAULT_ENTRIES as usize }>;
+
+/// Established TCP flows, both directions. Only flows the backend answered
+/// get here, so a SYN or UDP flood cannot evict them.
+#[btf_map(name = "lb_ct_tcp")]
+pub static CT_TCP: CtTable = LruHashMap::new();
+
+/// TCP flows waiting for the backend's first answer (handshakes, pickups).
+#[btf_map(name = "lb_ct_syn")]
+pub static CT_SYN: CtTable = LruHashMap::new();
+
+/// UDP flows, both directions.
+#[btf_map(name = "lb_ct_udp")]
+pub static CT_UDP: CtTable = LruHashMap::new();
+
+/// Reply sides of flows whose source is translated (SNAT to the node, or a
+/// remapped client port), keyed as the reply arrives. Not LRU: an entry is
+/// never evicted while its flow lives, so a translated source is never
+/// handed to a second flow; the agent deletes expired entries, and a new
+/// flow takes over a closed or expired one.
+#[btf_map(name = "lb_snat")]
+pub static SNAT: HashMap<FlowKey, ConntrackEntry, { CT_DEFAULT_ENTRIES as usize }> = HashMap::new();
+
+/// Fragmented datagrams: the first fragment's ports, for the later ones.
+#[btf_map(name = "lb_frags")]
+pub static FRAGS: LruHashMap<FragKey, FragPorts, { MAX_FRAGS as usize }> = LruHashMap::new();
+
+/// The refusal (ICMP port unreachable) token bucket.
+#[btf_map(name = "lb_reject_rl")]
+pub static REJECT_LIMIT: Array<RejectLimit, 1> = Array::new();
+
+/// Conntrack entries created and deleted by the datapath, per CPU.
+#[btf_map(name = "lb_ct_stats")]
+pub static CT_STATS: PerCpuArray<u64, { ct_stat::COUNT as usize }> = PerCpuArray::new();
 
 /// sessionAffinity ClientIP: (client, service) -> backend.
 #[btf_map(name = "lb_affinity")]

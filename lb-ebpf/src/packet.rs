@@ -48,6 +48,9 @@ impl PacketBuf for aya_ebpf::programs::TcContext {
 /// A pointer to a `T` at `offset`, or `None` when the packet is too short.
 #[inline(always)]
 pub fn ptr_at<T, C: PacketBuf>(ctx: &C, offset: usize) -> Option<*mut T> {
+    // Offsets are small; the mask tells the verifier so when the offset is
+    // not a constant it knows (a header length, or a value from a map).
+    let offset = offset & 0x3ff;
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + core::mem::size_of::<T>() > end {
@@ -107,11 +110,28 @@ pub struct Ipv4Flow {
     pub dport: u16,
     pub proto: u8,
     /// Offset of the L4 header (14 + IHL*4; IP options are allowed).
-    pub l4_off: usize,
+    pub l4_off: u16,
     /// Offset of the L4 checksum field.
-    pub l4_csum_off: usize,
+    pub l4_csum_off: u16,
     /// IHL was 5: no IP options.
     pub no_ip_options: bool,
+    /// TCP flags (`TCP_*`); 0 for UDP and for later fragments.
+    pub tcp_flags: u8,
+    pub frag: Frag,
+    /// IP identification (host order), for fragments.
+    pub ip_id: u16,
+}
+
+/// Where a packet sits in a fragmented datagram.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Frag {
+    /// Not fragmented.
+    Whole,
+    /// Offset 0, more to come: carries the L4 header.
+    First,
+    /// Offset > 0: no L4 header; `sport`/`dport` are 0 until the first
+    /// fragment's are looked up.
+    Later,
 }
 
 /// An ICMP error (destination unreachable, time exceeded) quoting a TCP or
@@ -149,7 +169,6 @@ pub enum Parsed {
     IcmpError(IcmpError),
     NotIpv4,
     OtherProtocol,
-    Fragment,
     /// Truncated or inconsistent headers.
     Malformed,
 }
@@ -187,10 +206,23 @@ pub fn parse<C: PacketBuf>(ctx: &C) -> Parsed {
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return Parsed::OtherProtocol;
     }
-    if frag & (IP_MF | IP_OFFSET_MASK) != 0 {
-        return Parsed::Fragment;
-    }
     let l4_off = ETH_HLEN + ihl;
+    let ip_id = u16::from_be(ip.id);
+    if frag & IP_OFFSET_MASK != 0 {
+        return Parsed::Flow(Ipv4Flow {
+            saddr: ip.saddr,
+            daddr: ip.daddr,
+            sport: 0,
+            dport: 0,
+            proto,
+            l4_off: l4_off as u16,
+            l4_csum_off: 0,
+            no_ip_options: ihl == IPV4_HLEN,
+            tcp_flags: 0,
+            frag: Frag::Later,
+            ip_id,
+        });
+    }
     let (min_l4, csum_off) = if proto == IPPROTO_TCP {
         (20, TCP_CSUM_OFF)
     } else {
@@ -206,8 +238,13 @@ pub fn parse<C: PacketBuf>(ctx: &C) -> Parsed {
     if ptr_at::<u16, C>(ctx, l4_off + csum_off).is_none() {
         return Parsed::Malformed;
     }
-    if proto == IPPROTO_TCP && ptr_at::<[u8; 20], C>(ctx, l4_off).is_none() {
-        return Parsed::Malformed;
+    let mut tcp_flags = 0;
+    if proto == IPPROTO_TCP {
+        let Some(tcp) = ptr_at::<[u8; 20], C>(ctx, l4_off) else {
+            return Parsed::Malformed;
+        };
+        // SAFETY: ptr_at checked bounds.
+        tcp_flags = unsafe { (*tcp)[13] };
     }
     // SAFETY: ptr_at checked bounds.
     let ports = unsafe { *ports };
@@ -217,9 +254,16 @@ pub fn parse<C: PacketBuf>(ctx: &C) -> Parsed {
         sport: u16::from_be(ports.src),
         dport: u16::from_be(ports.dst),
         proto,
-        l4_off,
-        l4_csum_off: l4_off + csum_off,
+        l4_off: l4_off as u16,
+        l4_csum_off: (l4_off + csum_off) as u16,
         no_ip_options: ihl == IPV4_HLEN,
+        tcp_flags,
+        frag: if frag & IP_MF != 0 {
+            Frag::First
+        } else {
+            Frag::Whole
+        },
+        ip_id,
     })
 }
 

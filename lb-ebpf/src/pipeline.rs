@@ -2,20 +2,26 @@
 //! It reads the packet and the maps and updates conntrack, affinity and
 //! counters; the entry points then apply the returned `Action`.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::{
+    bindings::BPF_ANY, btf_maps::PerCpuArray, helpers::bpf_ktime_get_ns, macros::btf_map,
+};
 use lb_common::{
-    hash::flow_hash, Backend, FlowKey, FrontendKey, ServiceEntry, Verdict, CT_FORWARD, CT_REPLY,
-    IPPROTO_ICMP, SERVICE_F_AFFINITY, SERVICE_F_LOCAL,
+    ct_closed, hash::flow_hash, Backend, FlowKey, FragKey, FragPorts, FrontendKey, ServiceEntry,
+    Verdict, CT_FORWARD, CT_REPLY, CT_S_PICKUP, IPPROTO_ICMP, IPPROTO_TCP, SERVICE_F_AFFINITY,
+    SERVICE_F_LOCAL, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 
 use crate::{
-    conntrack::{self, flow_key, snat_of, AddrPort},
-    maps::FRONTENDS,
-    packet::{parse, IcmpError, Ipv4Flow, PacketBuf, Parsed},
-    policy::{config, needs_snat, source_allowed},
+    conntrack::{self, flow_key, snat_of, AddrPort, NewFlow, Source},
+    maps::{FRAGS, FRONTENDS},
+    packet::{parse, Frag, IcmpError, Ipv4Flow, PacketBuf, Parsed},
+    policy::{config, needs_snat, reject_allowed, source_allowed},
     select::{backend_of, choose},
     stats::{count, count_service},
 };
+
+#[btf_map(name = "lb_pending")]
+static PENDING: PerCpuArray<Pending, 1> = PerCpuArray::new();
 
 pub enum Action {
     Pass,
@@ -34,6 +40,9 @@ pub enum Action {
     Reject {
         flow: Ipv4Flow,
     },
+    /// A packet to a frontend no tracked flow covers: `new_flow` decides
+    /// (a new flow, or why not).
+    NewFlow,
     /// Translate an ICMP error about a translated flow; with `route`, then
     /// send it to its next hop directly (as for `Nat`).
     IcmpNat {
@@ -111,55 +120,177 @@ pub enum Direction {
     Egress,
 }
 
+/// What the headers and the frontend lookup say a packet is. The packet
+/// itself (flow, service, ICMP error) is in `lb_pending` for the stage that
+/// handles it: each stage runs in a function of its own (see `tc::run`),
+/// because BPF gives a whole call chain 512 bytes of stack and the verifier
+/// walks each stage once, from a state read out of a map, instead of once
+/// for every way the parse can end.
+pub enum Stage {
+    /// Untouched (counted).
+    Pass,
+    /// To a frontend: `forward`, then `new_flow` if no tracked flow covers it.
+    Forward,
+    /// Maybe a tracked flow's reply: `reply`.
+    Reply,
+    /// An ICMP error that may quote a tracked flow: `icmp`.
+    Icmp,
+}
+
+/// Everything a stage needs from `classify`, per CPU.
+#[derive(Clone, Copy)]
+pub struct Pending {
+    flow: Ipv4Flow,
+    svc: ServiceEntry,
+    icmp: IcmpError,
+    len: u32,
+    ingress: bool,
+}
+
 #[inline(always)]
-pub fn decide<C: PacketBuf>(ctx: &C, dir: Direction) -> Action {
+fn pending() -> Option<&'static mut Pending> {
+    // SAFETY: this CPU's slot; a program runs to completion on its CPU, and
+    // every stage reads what `classify` wrote during the same run.
+    PENDING.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+#[inline(always)]
+pub fn classify<C: PacketBuf>(ctx: &C, dir: Direction) -> Stage {
     let len = ctx.wire_len();
     let ingress = dir == Direction::Ingress;
+    let Some(p) = pending() else {
+        return Stage::Pass;
+    };
+    p.len = len;
+    p.ingress = ingress;
     let flow = match parse(ctx) {
         Parsed::Flow(f) => f,
         Parsed::IcmpError(icmp) => {
-            return match icmp_error(icmp, len, ingress) {
-                Some(a) => a,
-                None if ingress => pass(Verdict::PassNotService, len),
-                None => Action::Pass,
-            }
+            p.icmp = icmp;
+            return Stage::Icmp;
         }
-        _ if !ingress => return Action::Pass,
-        Parsed::NotIpv4 => return pass(Verdict::PassNotIpv4, len),
-        Parsed::OtherProtocol => return pass(Verdict::PassOtherProtocol, len),
-        Parsed::Fragment => return pass(Verdict::PassFragment, len),
-        Parsed::Malformed => return pass(Verdict::PassMalformed, len),
+        _ if !ingress => return Stage::Pass,
+        Parsed::NotIpv4 => return pass_stage(Verdict::PassNotIpv4, len),
+        Parsed::OtherProtocol => return pass_stage(Verdict::PassOtherProtocol, len),
+        Parsed::Malformed => return pass_stage(Verdict::PassMalformed, len),
     };
+    p.flow = flow;
+    if !fragment_ports(&mut p.flow) {
+        return if ingress {
+            pass_stage(Verdict::PassFragment, len)
+        } else {
+            Stage::Pass
+        };
+    }
     if ingress {
         let fkey = FrontendKey {
-            addr: flow.daddr,
-            port: flow.dport,
-            proto: flow.proto,
+            addr: p.flow.daddr,
+            port: p.flow.dport,
+            proto: p.flow.proto,
             _pad: 0,
         };
         // SAFETY: copied out at once.
         if let Some(svc) = unsafe { FRONTENDS.get(fkey) } {
-            let svc = *svc;
-            return forward(flow, &svc, len);
+            p.svc = *svc;
+            return Stage::Forward;
         }
     }
+    Stage::Reply
+}
+
+#[inline(always)]
+fn pass_stage(v: Verdict, len: u32) -> Stage {
+    count(v, len);
+    Stage::Pass
+}
+
+/// A packet that may be a tracked flow's reply (`Stage::Reply`).
+#[inline(always)]
+pub fn reply() -> Action {
+    let Some(p) = pending() else {
+        return Action::Pass;
+    };
+    let flow = p.flow;
+    let (len, ingress) = (p.len, p.ingress);
+    // SAFETY: a helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    match conntrack::lookup_reply(&flow_key(&flow), now) {
-        Some(e) => {
-            count(Verdict::ReplyNat, len);
-            count_service(e.service_id, len);
+    let key = flow_key(&flow);
+    match conntrack::lookup_reply(&key, now, &config()) {
+        Some(h) => {
+            conntrack::observe(&key, &h, flow.tcp_flags, now);
+            count(translated(&flow, Verdict::ReplyNat), len);
+            count_service(h.e.service_id, len);
             Action::Nat {
                 flow,
                 src: Some(AddrPort {
-                    addr: e.nat_addr,
-                    port: e.nat_port,
+                    addr: h.e.nat_addr,
+                    port: h.e.nat_port,
                 }),
-                dst: snat_of(&e),
+                dst: snat_of(&h.e),
                 route: ingress,
             }
         }
         None if ingress => pass(Verdict::PassNotService, len),
         None => Action::Pass,
+    }
+}
+
+/// An ICMP error (`Stage::Icmp`).
+#[inline(always)]
+pub fn icmp() -> Action {
+    let Some(p) = pending() else {
+        return Action::Pass;
+    };
+    let (len, ingress) = (p.len, p.ingress);
+    match icmp_error(p.icmp, len, ingress) {
+        Some(a) => a,
+        None if ingress => pass(Verdict::PassNotService, len),
+        None => Action::Pass,
+    }
+}
+
+/// Fragments: the first one's ports are remembered for the later ones,
+/// which carry no L4 header and take the ports from here. False for a
+/// later fragment whose first fragment was not seen (it passes untouched).
+#[inline(always)]
+fn fragment_ports(flow: &mut Ipv4Flow) -> bool {
+    let fkey = FragKey {
+        src_addr: flow.saddr,
+        dst_addr: flow.daddr,
+        id: flow.ip_id,
+        proto: flow.proto,
+        _pad: 0,
+    };
+    match flow.frag {
+        Frag::Whole => true,
+        Frag::First => {
+            let ports = FragPorts {
+                src_port: flow.sport,
+                dst_port: flow.dport,
+            };
+            let _ = FRAGS.insert(fkey, ports, BPF_ANY as u64);
+            true
+        }
+        Frag::Later => match FRAGS.get_ptr(fkey) {
+            Some(p) => {
+                // SAFETY: copied out at once.
+                let ports = unsafe { *p };
+                flow.sport = ports.src_port;
+                flow.dport = ports.dst_port;
+                true
+            }
+            None => false,
+        },
+    }
+}
+
+/// The verdict a translated packet counts as: later fragments apart.
+#[inline(always)]
+fn translated(flow: &Ipv4Flow, v: Verdict) -> Verdict {
+    if flow.frag == Frag::Later {
+        Verdict::FragmentNat
+    } else {
+        v
     }
 }
 
@@ -175,28 +306,108 @@ fn drop(v: Verdict, len: u32) -> Action {
     Action::Drop
 }
 
-/// A packet of a flow to a frontend.
+/// What a TCP packet with no conntrack entry may start.
+#[derive(PartialEq, Eq)]
+enum Start {
+    /// A SYN: a new connection.
+    New,
+    /// A mid-stream segment (ACK, data): the flow's state was lost (LRU
+    /// eviction, maps recreated). Like netfilter's default loose pickup
+    /// (and Katran, Cilium), it goes to the Maglev choice, which is the
+    /// backend it had unless the backend set changed; tracked as
+    /// unanswered until the backend answers.
+    Pickup,
+    /// FIN, RST or SYN-ACK: nothing to start (netfilter: INVALID, which
+    /// kube-proxy drops).
+    Invalid,
+}
+
 #[inline(always)]
-fn forward(flow: Ipv4Flow, svc: &ServiceEntry, len: u32) -> Action {
+fn start_of(flow: &Ipv4Flow) -> Start {
+    if flow.proto != IPPROTO_TCP {
+        return Start::New;
+    }
+    let f = flow.tcp_flags;
+    if f & (TCP_FIN | TCP_RST) != 0 {
+        Start::Invalid
+    } else if f & TCP_SYN != 0 {
+        if f & TCP_ACK != 0 {
+            Start::Invalid
+        } else {
+            Start::New
+        }
+    } else {
+        Start::Pickup
+    }
+}
+
+/// A packet of a flow to a frontend.
+/// A packet to a frontend (`Stage::Forward`): a tracked flow's packet goes
+/// to its backend; anything else is `Action::NewFlow`, for `new_flow`.
+#[inline(always)]
+pub fn forward() -> Action {
+    let Some(p) = pending() else {
+        return Action::Drop;
+    };
+    let flow = p.flow;
+    let svc = &p.svc;
+    let len = p.len;
     if !source_allowed(svc, flow.saddr) {
         return drop(Verdict::DropSourceRange, len);
     }
     // SAFETY: a helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let key = flow_key(&flow);
-    if let Some(e) = conntrack::lookup(&key, CT_FORWARD, now) {
-        // The recorded backend wins while it still exists with the same
-        // address, even if the Maglev table no longer lists it.
-        if e.service_id == svc.id {
-            if let Some(b) = backend_of(svc.id, e.backend_id) {
-                if b.addr == e.nat_addr && b.port == e.nat_port {
-                    conntrack::refresh(&key, now, &e, &b);
-                    count(Verdict::DnatEstablished, len);
+    let start = start_of(&flow);
+    if let Some(h) = conntrack::lookup_forward(&key, now) {
+        if start == Start::New && ct_closed(h.e.state) {
+            // The client reuses the tuple of a closed flow: a new flow.
+            conntrack::forget(&key, &h);
+        } else if h.e.service_id == svc.id {
+            // The recorded backend wins while it still exists with the
+            // same address, even if the Maglev table no longer lists it.
+            if let Some(b) = backend_of(svc.id, h.e.backend_id) {
+                if b.addr == h.e.nat_addr && b.port == h.e.nat_port {
+                    let snat = snat_of(&h.e);
+                    if ct_closed(h.e.state) && !conntrack::owns_reply(&key, &h, now) {
+                        // Its reply tuple belongs to a new flow now.
+                        return drop(Verdict::DropCtInvalid, len);
+                    }
+                    conntrack::observe(&key, &h, flow.tcp_flags, now);
+                    count(translated(&flow, Verdict::DnatEstablished), len);
                     count_service(svc.id, len);
-                    return to_backend(flow, &b, snat_of(&e));
+                    return to_backend(flow, &b, snat);
                 }
             }
         }
+    }
+    if flow.frag == Frag::Later {
+        // Its first fragment made no flow (or the flow is gone).
+        return pass(Verdict::PassFragment, len);
+    }
+    Action::NewFlow
+}
+
+/// A packet to a frontend no tracked flow covers (`Action::NewFlow`).
+#[inline(always)]
+pub fn new_flow() -> Action {
+    let Some(p) = pending() else {
+        return Action::Drop;
+    };
+    // SAFETY: a helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let (flow, svc, len) = (p.flow, p.svc, p.len);
+    start_flow(&flow, &svc, len, now)
+}
+
+/// A new flow, unless the packet cannot start one.
+#[inline(always)]
+fn start_flow(flow: &Ipv4Flow, svc: &ServiceEntry, len: u32, now: u64) -> Action {
+    let flow = *flow;
+    let key = flow_key(&flow);
+    let start = start_of(&flow);
+    if start == Start::Invalid {
+        return drop(Verdict::DropCtInvalid, len);
     }
     if svc.backend_count == 0 {
         count_service(svc.id, len);
@@ -204,6 +415,9 @@ fn forward(flow: Ipv4Flow, svc: &ServiceEntry, len: u32) -> Action {
         // (a load balancer's health check steers clients elsewhere).
         if svc.flags & SERVICE_F_LOCAL != 0 {
             return drop(Verdict::DropNoLocalBackend, len);
+        }
+        if !reject_allowed(now) {
+            return drop(Verdict::DropRejectLimited, len);
         }
         count(Verdict::RejectNoBackend, len);
         return Action::Reject { flow };
@@ -221,23 +435,45 @@ fn forward(flow: Ipv4Flow, svc: &ServiceEntry, len: u32) -> Action {
         return drop(Verdict::DropNoBackendEntry, len);
     };
     let b = choice.backend;
-    let mut snat = None;
-    if needs_snat(svc, flow.saddr, &b) {
-        let cfg = config();
-        // Without a node address (no --node-ip) there is nothing to
-        // masquerade to; the agent warns at start-up.
-        if cfg.snat_addr != [0; 4] {
-            match conntrack::record_snat(&key, now, svc.id, choice.backend_id, &b, &cfg) {
-                Some(s) => snat = Some(s),
-                None => return drop(Verdict::DropSnatExhausted, len),
-            }
-        }
+    let cfg = config();
+    let new = NewFlow {
+        client: key,
+        now,
+        service_id: svc.id,
+        backend_id: choice.backend_id,
+        backend: AddrPort {
+            addr: b.addr,
+            port: b.port,
+        },
+        state: if start == Start::Pickup {
+            CT_S_PICKUP
+        } else {
+            0
+        },
+    };
+    let mut out = AddrPort {
+        addr: [0; 4],
+        port: 0,
+    };
+    // Without a node address (no --node-ip) there is nothing to masquerade
+    // to; the agent warns at start-up.
+    let mut source = if needs_snat(svc, flow.saddr, &b) && cfg.snat_addr != [0; 4] {
+        conntrack::record_snat(&new, cfg.snat_addr, &cfg, &mut out)
+    } else {
+        conntrack::record(&new, &cfg)
+    };
+    if source == Source::Conflict {
+        source = conntrack::record_snat(&new, flow.saddr, &cfg, &mut out);
     }
-    if snat.is_none() {
-        conntrack::record(&key, now, svc.id, choice.backend_id, &b, None);
-    }
+    let snat = match source {
+        Source::Kept => None,
+        Source::Translated => Some(out),
+        _ => return drop(Verdict::DropSnatExhausted, len),
+    };
     count(
-        if choice.from_affinity {
+        if start == Start::Pickup {
+            Verdict::DnatPickup
+        } else if choice.from_affinity {
             Verdict::DnatAffinity
         } else {
             Verdict::DnatNew
@@ -259,7 +495,9 @@ fn to_backend(flow: Ipv4Flow, b: &Backend, snat: Option<AddrPort>) -> Action {
             addr: b.addr,
             port: b.port,
         }),
-        route: snat.is_some(),
+        // A remapped client port keeps the client's address: the stack
+        // routes it as before.
+        route: matches!(snat, Some(s) if s.addr != flow.saddr),
     }
 }
 
@@ -289,16 +527,10 @@ fn icmp_error(icmp: IcmpError, len: u32, route: bool) -> Option<Action> {
     };
     // SAFETY: a helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    // One lookup: the entry's direction says which way the quote went.
-    let e = conntrack::lookup_live(&key, now)?;
-    let quoted_src = AddrPort {
-        addr: icmp.inner_saddr,
-        port: icmp.inner_sport,
-    };
-    let quoted_dst = AddrPort {
-        addr: icmp.inner_daddr,
-        port: icmp.inner_dport,
-    };
+    // The entry's direction says which way the quote went.
+    let e = conntrack::lookup_any(&key, now, &config())?;
+    let quoted_src = AddrPort::new(icmp.inner_saddr, icmp.inner_sport);
+    let quoted_dst = AddrPort::new(icmp.inner_daddr, icmp.inner_dport);
     // (what the quote's source becomes, what its destination becomes)
     let (inner_src, inner_dst) = match e.direction {
         // Quote: client-or-node -> backend. Entry: the client (when SNATed)

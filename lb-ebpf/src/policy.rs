@@ -4,11 +4,11 @@
 
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use lb_common::{
-    Backend, DatapathConfig, ServiceEntry, SourceRange, BACKEND_F_LOCAL, SERVICE_F_EXTERNAL,
-    SERVICE_F_LOCAL, SERVICE_F_SOURCE_RANGES,
+    Backend, DatapathConfig, ServiceEntry, SourceRange, BACKEND_F_LOCAL, REJECT_BURST,
+    REJECT_COST_NS, SERVICE_F_EXTERNAL, SERVICE_F_LOCAL, SERVICE_F_SOURCE_RANGES,
 };
 
-use crate::maps::{CONFIG, SOURCE_RANGES};
+use crate::maps::{CONFIG, REJECT_LIMIT, SOURCE_RANGES};
 
 /// Whether `saddr` may use this frontend (always, without source ranges).
 #[inline(always)]
@@ -46,4 +46,27 @@ pub fn needs_snat(svc: &ServiceEntry, saddr: [u8; 4], backend: &Backend) -> bool
     svc.flags & SERVICE_F_EXTERNAL != 0
         && svc.flags & SERVICE_F_LOCAL == 0
         && backend.flags & BACKEND_F_LOCAL == 0
+}
+
+/// Whether a refusal (ICMP port unreachable) may be sent now: a global
+/// token bucket, `REJECT_PER_SEC` with bursts of `REJECT_BURST`, like the
+/// kernel's own ICMP limit. Over it, the packet is dropped silently.
+#[inline(always)]
+pub fn reject_allowed(now: u64) -> bool {
+    let Some(p) = REJECT_LIMIT.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: copied out, then plain stores; a race between CPUs lets a few
+    // extra refusals through, which is harmless.
+    let mut rl = unsafe { *p };
+    let cap = REJECT_BURST * REJECT_COST_NS;
+    let credit = rl.credit_ns.saturating_add(now.wrapping_sub(rl.last_ns));
+    rl.credit_ns = if credit > cap { cap } else { credit };
+    rl.last_ns = now;
+    let allowed = rl.credit_ns >= REJECT_COST_NS;
+    if allowed {
+        rl.credit_ns -= REJECT_COST_NS;
+    }
+    unsafe { *p = rl };
+    allowed
 }

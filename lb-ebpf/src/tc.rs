@@ -19,29 +19,78 @@ use crate::{
     conntrack::AddrPort,
     icmp,
     packet::{
-        IcmpError, Ipv4Flow, ETH_HLEN, ICMP_ERROR_MIN, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF,
-        IP_TTL_OFF,
+        Frag, IcmpError, Ipv4Flow, ETH_HLEN, ICMP_ERROR_MIN, IP_CSUM_OFF, IP_DADDR_OFF,
+        IP_SADDR_OFF, IP_TTL_OFF,
     },
-    pipeline::{decide, Action, Direction, IcmpRewrite, Route},
+    pipeline::{self, classify, Action, Direction, IcmpRewrite, Route, Stage},
     reject,
     stats::count,
 };
 
 const AF_INET: u8 = 2;
 
+/// Each stage in a function of its own (see `pipeline::Stage`): their
+/// frames sit side by side under `run`, never on top of one another.
 #[inline(always)]
 pub fn run(ctx: &TcContext, dir: Direction) -> i32 {
-    let rc = match decide(ctx, dir) {
+    match classify(ctx, dir) {
+        Stage::Pass => TC_ACT_OK,
+        Stage::Forward => match to_frontend(ctx) {
+            NEW_FLOW => new_flow(ctx),
+            rc => rc,
+        },
+        Stage::Reply => reply(ctx),
+        Stage::Icmp => icmp_error(ctx),
+    }
+}
+
+/// Not a TC verdict: `to_frontend` asks `run` for `new_flow`.
+const NEW_FLOW: i32 = -2;
+
+#[inline(never)]
+fn to_frontend(ctx: &TcContext) -> i32 {
+    match pipeline::forward() {
+        Action::NewFlow => NEW_FLOW,
+        a => apply(ctx, a),
+    }
+}
+
+#[inline(never)]
+fn new_flow(ctx: &TcContext) -> i32 {
+    match pipeline::new_flow() {
+        Action::Reject { flow } => reject(ctx, &flow).unwrap_or(TC_ACT_SHOT),
+        a => apply(ctx, a),
+    }
+}
+
+#[inline(never)]
+fn reply(ctx: &TcContext) -> i32 {
+    apply(ctx, pipeline::reply())
+}
+
+#[inline(never)]
+fn icmp_error(ctx: &TcContext) -> i32 {
+    match pipeline::icmp() {
+        Action::IcmpNat { icmp, to, route } => {
+            icmp_nat(ctx, &icmp, &to, route).unwrap_or(TC_ACT_SHOT)
+        }
+        _ => TC_ACT_OK,
+    }
+}
+
+/// Pass, drop or translate. (Refusals and ICMP errors are applied by
+/// their stages alone.)
+#[inline(always)]
+fn apply(ctx: &TcContext, a: Action) -> i32 {
+    let rc = match a {
         Action::Pass => Ok(TC_ACT_OK),
-        Action::Drop => Ok(TC_ACT_SHOT),
         Action::Nat {
             flow,
             src,
             dst,
             route: r,
         } => nat(ctx, &flow, src, dst, r),
-        Action::Reject { flow } => reject(ctx, &flow),
-        Action::IcmpNat { icmp, to, route } => icmp_nat(ctx, &icmp, &to, route),
+        _ => Ok(TC_ACT_SHOT),
     };
     // A helper failed half-way (out of memory, unwritable skb): the packet
     // may be half-translated, so it must not go anywhere.
@@ -104,8 +153,13 @@ enum Side {
 #[inline(always)]
 fn rewrite(ctx: &TcContext, f: &Ipv4Flow, side: Side, addr: [u8; 4], port: u16) -> Result<(), i64> {
     let (old_addr, addr_off, old_port, port_off) = match side {
-        Side::Source => (f.saddr, ETH_HLEN + IP_SADDR_OFF, f.sport, f.l4_off),
-        Side::Destination => (f.daddr, ETH_HLEN + IP_DADDR_OFF, f.dport, f.l4_off + 2),
+        Side::Source => (f.saddr, ETH_HLEN + IP_SADDR_OFF, f.sport, f.l4_off as usize),
+        Side::Destination => (
+            f.daddr,
+            ETH_HLEN + IP_DADDR_OFF,
+            f.dport,
+            f.l4_off as usize + 2,
+        ),
     };
     // UDP checksum 0 means "none": BPF_F_MARK_MANGLED_0 keeps it 0 and
     // writes a computed 0 as 0xffff.
@@ -116,17 +170,22 @@ fn rewrite(ctx: &TcContext, f: &Ipv4Flow, side: Side, addr: [u8; 4], port: u16) 
     };
     let old_a = u32::from_ne_bytes(old_addr) as u64;
     let new_a = u32::from_ne_bytes(addr) as u64;
+    ctx.l3_csum_replace(ETH_HLEN + IP_CSUM_OFF, old_a, new_a, 4)?;
+    ctx.store(addr_off, &addr, 0)?;
+    // A later fragment has no L4 header: the address was all there is (the
+    // L4 checksum, in the first fragment, was updated there).
+    if f.frag == Frag::Later {
+        return Ok(());
+    }
     ctx.l4_csum_replace(
-        f.l4_csum_off,
+        f.l4_csum_off as usize,
         old_a,
         new_a,
         BPF_F_PSEUDO_HDR as u64 | mangled | 4,
     )?;
-    ctx.l3_csum_replace(ETH_HLEN + IP_CSUM_OFF, old_a, new_a, 4)?;
-    ctx.store(addr_off, &addr, 0)?;
     let old_p = old_port.to_be() as u64;
     let new_p = port.to_be();
-    ctx.l4_csum_replace(f.l4_csum_off, old_p, new_p as u64, mangled | 2)?;
+    ctx.l4_csum_replace(f.l4_csum_off as usize, old_p, new_p as u64, mangled | 2)?;
     ctx.store(port_off, &new_p, 0)?;
     Ok(())
 }

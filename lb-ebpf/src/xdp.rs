@@ -16,30 +16,76 @@ use crate::{
     conntrack::AddrPort,
     csum::{update16, update32},
     icmp,
-    packet::{ptr_at, EthHdr, Ipv4Flow, Ipv4Hdr, L4Ports, ETH_HLEN},
-    pipeline::{decide, Action, Direction, Route},
+    packet::{ptr_at, EthHdr, Frag, Ipv4Flow, Ipv4Hdr, L4Ports, ETH_HLEN},
+    pipeline::{self, classify, Action, Direction, Route, Stage},
     reject::{self, IcmpUnreachFrame},
     stats::count,
 };
 
 const AF_INET: u8 = 2;
 
+/// Each stage in a function of its own (see `pipeline::Stage`).
 #[inline(always)]
 pub fn run(ctx: &XdpContext) -> u32 {
-    match decide(ctx, Direction::Ingress) {
+    match classify(ctx, Direction::Ingress) {
+        Stage::Pass => xdp_action::XDP_PASS,
+        Stage::Forward => match to_frontend(ctx) {
+            NEW_FLOW => new_flow(ctx),
+            rc => rc,
+        },
+        Stage::Reply => reply(ctx),
+        Stage::Icmp => icmp_error(ctx),
+    }
+}
+
+/// Not an XDP action: `to_frontend` asks `run` for `new_flow`.
+const NEW_FLOW: u32 = u32::MAX;
+
+#[inline(never)]
+fn to_frontend(ctx: &XdpContext) -> u32 {
+    match pipeline::forward() {
+        Action::NewFlow => NEW_FLOW,
+        a => apply(ctx, a),
+    }
+}
+
+#[inline(never)]
+fn new_flow(ctx: &XdpContext) -> u32 {
+    match pipeline::new_flow() {
+        Action::Reject { flow } => reject(ctx, &flow),
+        a => apply(ctx, a),
+    }
+}
+
+#[inline(never)]
+fn reply(ctx: &XdpContext) -> u32 {
+    apply(ctx, pipeline::reply())
+}
+
+#[inline(never)]
+fn icmp_error(ctx: &XdpContext) -> u32 {
+    match pipeline::icmp() {
+        Action::IcmpNat { icmp, to, .. } => match icmp::rewrite(ctx, &icmp, &to) {
+            Some(()) => route(ctx, &Route::after_icmp_nat(&to)),
+            None => xdp_action::XDP_DROP,
+        },
+        _ => xdp_action::XDP_PASS,
+    }
+}
+
+/// Pass, drop or translate. (Refusals and ICMP errors are applied by
+/// their stages alone.)
+#[inline(always)]
+fn apply(ctx: &XdpContext, a: Action) -> u32 {
+    match a {
         Action::Pass => xdp_action::XDP_PASS,
-        Action::Drop => xdp_action::XDP_DROP,
         Action::Nat {
             flow,
             src,
             dst,
             route: r,
         } => nat(ctx, &flow, src, dst, r).unwrap_or(xdp_action::XDP_DROP),
-        Action::Reject { flow } => reject(ctx, &flow),
-        Action::IcmpNat { icmp, to, .. } => match icmp::rewrite(ctx, &icmp, &to) {
-            Some(()) => route(ctx, &Route::after_icmp_nat(&to)),
-            None => xdp_action::XDP_DROP,
-        },
+        _ => xdp_action::XDP_DROP,
     }
 }
 
@@ -67,14 +113,28 @@ fn nat(
 #[inline(always)]
 fn rewrite(ctx: &XdpContext, f: &Ipv4Flow, source: bool, addr: [u8; 4], port: u16) -> Option<()> {
     let ip = ptr_at::<Ipv4Hdr, _>(ctx, ETH_HLEN)?;
-    let ports = ptr_at::<L4Ports, _>(ctx, f.l4_off)?;
-    let csum = ptr_at::<u16, _>(ctx, f.l4_csum_off)?;
+    // SAFETY: ptr_at checked the pointer against data_end.
+    let old_addr = unsafe {
+        let old = if source { (*ip).saddr } else { (*ip).daddr };
+        (*ip).check = update32((*ip).check, old, addr);
+        if source {
+            (*ip).saddr = addr;
+        } else {
+            (*ip).daddr = addr;
+        }
+        old
+    };
+    // A later fragment has no L4 header: the address was all there is (the
+    // L4 checksum, in the first fragment, was updated there).
+    if f.frag == Frag::Later {
+        return Some(());
+    }
+    let ports = ptr_at::<L4Ports, _>(ctx, f.l4_off as usize)?;
+    let csum = ptr_at::<u16, _>(ctx, f.l4_csum_off as usize)?;
     let port = port.to_be();
     // SAFETY: ptr_at checked every pointer against data_end.
     unsafe {
-        let old_addr = if source { (*ip).saddr } else { (*ip).daddr };
         let old_port = if source { (*ports).src } else { (*ports).dst };
-        (*ip).check = update32((*ip).check, old_addr, addr);
         let old_sum = *csum;
         // A UDP checksum of 0 means "none" and stays so.
         if !(f.proto == IPPROTO_UDP && old_sum == 0) {
@@ -86,10 +146,8 @@ fn rewrite(ctx: &XdpContext, f: &Ipv4Flow, source: bool, addr: [u8; 4], port: u1
             *csum = sum;
         }
         if source {
-            (*ip).saddr = addr;
             (*ports).src = port;
         } else {
-            (*ip).daddr = addr;
             (*ports).dst = port;
         }
     }

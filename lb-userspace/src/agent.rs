@@ -18,7 +18,7 @@ use std::{
 
 use anyhow::Context;
 use k8s_openapi::api::core::v1::Node;
-use lb_common::{DatapathConfig, CONFIG_F_SOCK_ALL_NETNS, SNAT_PORT_MAX, SNAT_PORT_MIN};
+use lb_common::{DatapathConfig, CONFIG_F_SOCK_ALL_NETNS};
 use tokio::{
     signal::unix::{signal, Signal, SignalKind},
     sync::mpsc::UnboundedReceiver,
@@ -27,6 +27,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     catalog::Catalog,
+    conntrack::{self, CtSizes, Evictions},
     datapath::{Attached, Datapath, Hook, KernelMaps},
     healthcheck::HealthServers,
     interfaces::{Interfaces, LinkKind, Selection, Skip, Step},
@@ -35,6 +36,7 @@ use crate::{
     model::{NodeConfig, ServicePortKey},
     pins,
     planner::{Programmer, Report},
+    ports::{self, PortRange},
     source::{self, Change, Update, Updates, What},
     status::{self, Status},
     system::{self, PinDirLock},
@@ -73,10 +75,20 @@ pub struct RunOptions {
     pub cleanup_on_exit: bool,
     /// `/healthz`, `/readyz`, `/metrics`.
     pub http_addr: Option<SocketAddr>,
+    /// `--conntrack-max`: entries of the established TCP table (the others
+    /// follow); None: sized from the node's memory.
+    pub conntrack_max: Option<u32>,
+    /// Source ports for translated flows.
+    pub snat_ports: PortRange,
+    /// The cluster's NodePort range, reserved for NodePorts on the node.
+    pub nodeport_range: PortRange,
 }
 
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     system::check_privileges()?;
+    let ephemeral = ports::ephemeral_range().context("reading net.ipv4.ip_local_port_range")?;
+    ports::check_snat_range(opts.snat_ports, ephemeral, opts.nodeport_range)
+        .map_err(anyhow::Error::msg)?;
     let selection = Selection::new(&opts.ifaces, &opts.exclude_ifaces, &opts.xdp_ifaces)?;
     // Interfaces named exactly are expected now: a typo should not wait
     // silently for an interface that never comes.
@@ -127,7 +139,25 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         info!(%addr, "serving /healthz, /readyz and /metrics");
     }
 
-    let (dp, maps, origin) = Datapath::load(&opts.pin_dir)?;
+    match ports::reserve(opts.nodeport_range) {
+        Ok(true) => {
+            info!(range = %opts.nodeport_range, "reserved the NodePort range for NodePorts (net.ipv4.ip_local_reserved_ports): the node's own sockets no longer get local ports there")
+        }
+        Ok(false) => {}
+        Err(e) => {
+            warn!(range = %opts.nodeport_range, "could not reserve the NodePort range in net.ipv4.ip_local_reserved_ports ({e}): a reply to a local socket with a port there could be taken for a NodePort connection")
+        }
+    }
+    let sizes = CtSizes::for_this_node(opts.conntrack_max);
+    info!(
+        tcp = sizes.tcp,
+        syn = sizes.syn,
+        udp = sizes.udp,
+        snat = sizes.snat,
+        "conntrack table sizes (entries; --conntrack-max sets them)"
+    );
+    let (dp, maps, origin) = Datapath::load(&opts.pin_dir, &sizes)?;
+    tokio::spawn(sweep_conntrack(opts.pin_dir.clone(), status.clone()));
     for bad in &origin.recreated {
         warn!(
             map = bad.map,
@@ -157,6 +187,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         node_ips_given: !opts.node.node_ips.is_empty(),
         node_missing_logged: false,
         snat_addr: None,
+        snat_seed: system::random_u32(),
         pending_since: None,
         opts,
     };
@@ -214,6 +245,8 @@ struct Agent {
     node_missing_logged: bool,
     /// The SNAT address last written to lb_config.
     snat_addr: Option<[u8; 4]>,
+    /// This run's secret for the first SNAT port a flow tries.
+    snat_seed: u32,
     /// When the oldest update not yet programmed arrived.
     pending_since: Option<Instant>,
 }
@@ -590,16 +623,50 @@ impl Agent {
         let cfg = system::netns_cookie().and_then(|cookie| {
             self.programmer.maps_mut().set_config(DatapathConfig {
                 snat_addr: addr,
-                snat_port_min: SNAT_PORT_MIN,
-                snat_port_max: SNAT_PORT_MAX,
+                snat_port_min: self.opts.snat_ports.min,
+                snat_port_max: self.opts.snat_ports.max,
                 netns_cookie: cookie,
                 flags,
+                snat_seed: self.snat_seed,
                 ..Default::default()
             })
         });
         match cfg {
             Ok(()) => self.snat_addr = Some(addr),
             Err(e) => error!("writing lb_config, will retry on the next change: {e:#}"),
+        }
+    }
+}
+
+/// Every `LB_CT_SWEEP_MS` (default 10 s): removes expired conntrack entries
+/// and updates the conntrack metrics. The walk runs off the agent's thread.
+async fn sweep_conntrack(pin_dir: PathBuf, status: Arc<Status>) {
+    let every = std::env::var("LB_CT_SWEEP_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(every));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut evictions = Evictions::default();
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        let dir = pin_dir.clone();
+        let swept =
+            tokio::task::spawn_blocking(move || conntrack::sweep(&dir, conntrack::monotonic_ns()))
+                .await;
+        match swept {
+            Ok(Ok(s)) => {
+                failing = false;
+                status.metrics.set_conntrack(&evictions.account(&s));
+            }
+            // Once per run of failures: the maps are gone at exit with
+            // --cleanup-on-exit, or another process removed them.
+            Ok(Err(e)) if !failing => {
+                failing = true;
+                warn!("conntrack sweep failed: {e:#}");
+            }
+            _ => {}
         }
     }
 }

@@ -21,6 +21,7 @@ use lb_common::{map_names, program_names};
 
 pub use crate::kernel_maps::KernelMaps;
 use crate::{
+    conntrack::CtSizes,
     interfaces::Ingress,
     pins::{self, Incompatible},
 };
@@ -159,11 +160,17 @@ impl Datapath {
     /// Loads the programs over the maps pinned under `pin_dir`: a previous
     /// agent's maps are reused when their layout matches, else all maps
     /// are recreated.
-    pub fn load(pin_dir: &Path) -> Result<(Datapath, KernelMaps, MapOrigin), DatapathError> {
+    /// The conntrack tables get `sizes` (pinned ones of another size are
+    /// incompatible: every map is recreated).
+    pub fn load(
+        pin_dir: &Path,
+        sizes: &CtSizes,
+    ) -> Result<(Datapath, KernelMaps, MapOrigin), DatapathError> {
         if OBJECT.is_empty() {
             return Err(DatapathError::NoObject);
         }
-        let recreated = pins::incompatible_maps(OBJECT, pin_dir).map_err(DatapathError::Pins)?;
+        let recreated =
+            pins::incompatible_maps(OBJECT, pin_dir, sizes).map_err(DatapathError::Pins)?;
         if !recreated.is_empty() {
             // All of them: ids in one map point into the others, so a mix
             // of old and new maps could send a packet to the wrong backend.
@@ -172,7 +179,7 @@ impl Datapath {
             pins::remove_maps(pin_dir).map_err(|e| DatapathError::Pins(e.into()))?;
         }
         let adopted = pins::pinned_maps(pin_dir);
-        let (dp, maps) = Self::load_object(OBJECT, pin_dir)?;
+        let (dp, maps) = Self::load_object(OBJECT, pin_dir, sizes)?;
         Ok((dp, maps, MapOrigin { adopted, recreated }))
     }
 
@@ -181,6 +188,7 @@ impl Datapath {
     pub fn load_object(
         object: &[u8],
         pin_dir: &Path,
+        sizes: &CtSizes,
     ) -> Result<(Datapath, KernelMaps), DatapathError> {
         if object.is_empty() {
             return Err(DatapathError::NoObject);
@@ -192,6 +200,9 @@ impl Datapath {
             .collect();
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
+            if let Some(n) = sizes.of(name) {
+                loader.map_max_entries(name, n);
+            }
         }
         let mut ebpf = loader.load(object).map_err(DatapathError::Load)?;
         let names = [

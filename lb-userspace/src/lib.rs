@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod catalog;
+pub mod conntrack;
 pub mod datapath;
 pub mod healthcheck;
 pub mod inspect;
@@ -19,6 +20,7 @@ pub mod metrics;
 pub mod model;
 pub mod pins;
 pub mod planner;
+pub mod ports;
 pub mod source;
 pub mod status;
 pub mod system;

@@ -8,6 +8,7 @@ use lb_common::{map_names, Counter, Verdict};
 use lb_userspace::{
     agent::{self, parse_node_ip, RunOptions, SourceOptions, DEFAULT_PIN_DIR},
     model::NodeConfig,
+    ports::PortRange,
 };
 
 #[derive(Parser)]
@@ -84,6 +85,21 @@ enum Command {
         /// Address for /healthz, /readyz and /metrics ("off" for none).
         #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:10256", value_parser = parse_http_addr)]
         http_addr: HttpAddr,
+        /// Entries of the established-TCP conntrack table (two per
+        /// connection); the UDP table gets half, the handshake and SNAT
+        /// tables a quarter each. Default: from the node's memory (0.25%).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1024..=(1 << 26)))]
+        conntrack_max: Option<u32>,
+        /// Source ports for translated flows (SNAT, hairpin): outside the
+        /// node's ephemeral range (net.ipv4.ip_local_port_range) and the
+        /// NodePort range; checked at start-up.
+        #[arg(long, value_name = "MIN-MAX", default_value = "61000-65535")]
+        snat_ports: PortRange,
+        /// The cluster's NodePort range (the API server's
+        /// --service-node-port-range). Reserved for NodePorts on the node
+        /// (added to net.ipv4.ip_local_reserved_ports).
+        #[arg(long, value_name = "MIN-MAX", default_value = "30000-32767")]
+        nodeport_range: PortRange,
     },
     /// Detach the programs and remove the pinned links and maps an agent
     /// left running (after `lb run` exited without --cleanup-on-exit).
@@ -131,6 +147,9 @@ fn main() -> ExitCode {
             service_proxy_name,
             cleanup_on_exit,
             http_addr,
+            conntrack_max,
+            snat_ports,
+            nodeport_range,
         } => {
             let source = match config {
                 Some(path) => SourceOptions::File(path),
@@ -151,6 +170,9 @@ fn main() -> ExitCode {
                 socket_lb_host_only,
                 cleanup_on_exit,
                 http_addr: http_addr.0,
+                conntrack_max,
+                snat_ports,
+                nodeport_range,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

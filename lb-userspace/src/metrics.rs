@@ -17,8 +17,7 @@ use aya::{
 use lb_common::{
     map_names, AffinityEntry, AffinityKey, ConntrackEntry, Counter as DpCounter, FlowKey,
     FrontendKey, ServiceEntry, SockReverseEntry, SockReverseKey, SourceRange, Verdict,
-    MAX_AFFINITY, MAX_BACKENDS, MAX_CONNTRACK, MAX_FRONTENDS, MAX_SERVICES, MAX_SOCK_REVERSE,
-    MAX_SOURCE_RANGES,
+    MAX_AFFINITY, MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICES, MAX_SOCK_REVERSE, MAX_SOURCE_RANGES,
 };
 use prometheus_client::{
     collector::Collector,
@@ -49,6 +48,10 @@ pub struct Metrics {
     /// 1 per (interface, hook) the datapath is attached to.
     interfaces: Family<Vec<(String, String)>, Gauge>,
     pub interface_failures: Counter,
+    /// Per conntrack table: entries the sweep removed as expired, and
+    /// entries evicted (pushed out of a full table while alive).
+    ct_expired: Family<Vec<(String, String)>, Counter>,
+    ct_evicted: Family<Vec<(String, String)>, Counter>,
 }
 
 impl Metrics {
@@ -100,6 +103,18 @@ impl Metrics {
             "Interfaces the datapath could not be attached to",
             interface_failures.clone(),
         );
+        let ct_expired = Family::<Vec<(String, String)>, Counter>::default();
+        registry.register(
+            "conntrack_expired",
+            "Expired conntrack entries the agent's sweep removed, by table",
+            ct_expired.clone(),
+        );
+        let ct_evicted = Family::<Vec<(String, String)>, Counter>::default();
+        registry.register(
+            "conntrack_evictions",
+            "Conntrack entries pushed out of a full table while alive, by table",
+            ct_evicted.clone(),
+        );
         let names: ServiceNames = Arc::default();
         registry.register_collector(Box::new(DatapathCollector {
             pin_dir: pin_dir.to_path_buf(),
@@ -116,6 +131,19 @@ impl Metrics {
             names,
             interfaces,
             interface_failures,
+            ct_expired,
+            ct_evicted,
+        }
+    }
+
+    /// Conntrack totals since the agent started: (table, expired, evicted).
+    pub fn set_conntrack(&self, totals: &[(&str, u64, u64)]) {
+        for (table, expired, evicted) in totals {
+            let labels = vec![("map".to_string(), table.to_string())];
+            for (family, total) in [(&self.ct_expired, expired), (&self.ct_evicted, evicted)] {
+                let c = family.get_or_create(&labels);
+                c.inc_by(total.saturating_sub(c.get()));
+            }
         }
     }
 
@@ -252,11 +280,12 @@ impl DatapathCollector {
             count_keys::<FrontendKey, ServiceEntry>(dir, map_names::FRONTENDS),
             MAX_FRONTENDS,
         );
-        hash(
-            map_names::CONNTRACK,
-            count_keys::<FlowKey, ConntrackEntry>(dir, map_names::CONNTRACK),
-            MAX_CONNTRACK,
-        );
+        // Conntrack tables are sized per node: their capacity is read back.
+        for (name, ..) in crate::conntrack::TABLES {
+            if let Some(cap) = capacity(dir, name) {
+                hash(name, count_keys::<FlowKey, ConntrackEntry>(dir, name), cap);
+            }
+        }
         hash(
             map_names::AFFINITY,
             count_keys::<AffinityKey, AffinityEntry>(dir, map_names::AFFINITY),
@@ -290,6 +319,11 @@ impl DatapathCollector {
         ));
         out
     }
+}
+
+fn capacity(dir: &Path, name: &str) -> Option<u32> {
+    let data = MapData::from_pin(dir.join(name)).ok()?;
+    Some(data.info().ok()?.max_entries())
 }
 
 fn count_keys<K: Pod, V: Pod>(dir: &Path, name: &str) -> Option<usize> {

@@ -23,6 +23,8 @@ use aya::maps::{Array, MapData, MapInfo, MapType};
 use aya_obj::generated::bpf_map_type;
 use lb_common::{map_names, DatapathConfig, LAYOUT_VERSION};
 
+use crate::conntrack::CtSizes;
+
 pub const LINKS_DIR: &str = "links";
 
 pub fn links_dir(pin_dir: &Path) -> PathBuf {
@@ -61,7 +63,11 @@ pub struct Incompatible {
 /// Pinned maps whose kernel definition (type, key and value size, entries,
 /// flags) differs from the one in `object`, or, with equal definitions,
 /// whose contents were written under another `LAYOUT_VERSION`.
-pub fn incompatible_maps(object: &[u8], pin_dir: &Path) -> anyhow::Result<Vec<Incompatible>> {
+pub fn incompatible_maps(
+    object: &[u8],
+    pin_dir: &Path,
+    sizes: &CtSizes,
+) -> anyhow::Result<Vec<Incompatible>> {
     let obj = aya_obj::Object::parse(object).context("parsing the eBPF object")?;
     let mut out = Vec::new();
     for name in map_names::ALL {
@@ -75,7 +81,8 @@ pub fn incompatible_maps(object: &[u8], pin_dir: &Path) -> anyhow::Result<Vec<In
             .with_context(|| format!("the eBPF object defines no map {name}"))?;
         let have = MapInfo::from_pin(&path)
             .with_context(|| format!("reading the pinned map {}", path.display()))?;
-        if let Some(reason) = definition_difference(want, &have) {
+        let entries = sizes.of(name).unwrap_or(want.max_entries());
+        if let Some(reason) = definition_difference(want, entries, &have) {
             out.push(Incompatible { map: name, reason });
         }
     }
@@ -96,7 +103,8 @@ pub fn incompatible_maps(object: &[u8], pin_dir: &Path) -> anyhow::Result<Vec<In
     Ok(out)
 }
 
-fn definition_difference(want: &aya_obj::Map, have: &MapInfo) -> Option<String> {
+/// How the pinned map differs from `want` with `entries` entries.
+fn definition_difference(want: &aya_obj::Map, entries: u32, have: &MapInfo) -> Option<String> {
     let want_type = bpf_map_type::try_from(want.map_type())
         .ok()
         .and_then(|t| MapType::try_from(t).ok());
@@ -104,7 +112,7 @@ fn definition_difference(want: &aya_obj::Map, have: &MapInfo) -> Option<String> 
     let fields = [
         ("key size", want.key_size(), have.key_size()),
         ("value size", want.value_size(), have.value_size()),
-        ("max entries", want.max_entries(), have.max_entries()),
+        ("max entries", entries, have.max_entries()),
         ("flags", want.map_flags(), have.map_flags()),
     ];
     let mut diffs: Vec<String> = fields

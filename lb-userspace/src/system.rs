@@ -155,3 +155,21 @@ pub fn netns_cookie() -> anyhow::Result<u64> {
     }
     Ok(cookie)
 }
+
+/// 32 random bits from the kernel (a secret, not a simulation).
+pub fn random_u32() -> u32 {
+    use std::io::Read;
+    let mut b = [0u8; 4];
+    // /dev/urandom never blocks once the pool is initialised, and cannot
+    // be missing where eBPF runs; fall back to the clock if it is.
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .is_err()
+    {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        return t.subsec_nanos() ^ t.as_secs() as u32;
+    }
+    u32::from_ne_bytes(b)
+}

@@ -174,6 +174,16 @@ impl Cluster {
     /// own `--node-name` and `--node-ip`, following every interface of its
     /// node; `extra` is added to every one.
     pub fn start_agents(&self, config: &Path, extra: &[String]) -> anyhow::Result<Vec<Agent>> {
+        self.start_agents_with_env(config, extra, &[])
+    }
+
+    /// `start_agents`, each agent given extra environment variables.
+    pub fn start_agents_with_env(
+        &self,
+        config: &Path,
+        extra: &[String],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Vec<Agent>> {
         self.nodes
             .iter()
             .map(|node| {
@@ -187,7 +197,7 @@ impl Cluster {
                 ];
                 args.extend_from_slice(extra);
                 let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("lbnode")));
-                let mut agent = Agent::spawn(&node.ns, &pin_dir, &args)?;
+                let mut agent = Agent::spawn_with_env(&node.ns, &pin_dir, &args, env)?;
                 agent.wait_for_log("datapath ready", Duration::from_secs(20))?;
                 Ok(agent)
             })

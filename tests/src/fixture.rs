@@ -12,6 +12,7 @@ use std::{net::Ipv4Addr, path::PathBuf};
 use aya::programs::{TestRun, TestRunOptions};
 use lb_common::{DatapathConfig, SNAT_PORT_MAX, SNAT_PORT_MIN};
 use lb_userspace::{
+    conntrack::CtSizes,
     manifest,
     model::{build, DesiredState, NodeConfig},
     planner::Programmer,
@@ -27,6 +28,14 @@ use crate::{
     netns::{unique, Netns},
     packet::{CLIENT_MAC, NODE_MAC},
     topology::{NODE_IP, NODE_NAME},
+};
+
+/// Conntrack tables small enough that a fixture can fill them.
+pub const FIXTURE_CT_SIZES: CtSizes = CtSizes {
+    tcp: 4096,
+    syn: 1024,
+    udp: 1024,
+    snat: 1024,
 };
 
 pub const TC_ACT_OK: u32 = 0;
@@ -66,7 +75,7 @@ pub struct Fixture {
     _ns: Netns,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Outcome {
     pub verdict: u32,
     pub frame: Vec<u8>,
@@ -84,8 +93,26 @@ impl Fixture {
         Self::with_state(&build(&objects.services, &objects.slices, &node).state)
     }
 
+    /// `new` with conntrack tables of `sizes`.
+    pub fn with_sizes(yaml: &str, sizes: &CtSizes) -> anyhow::Result<Fixture> {
+        let objects = manifest::parse(yaml)?;
+        let node = NodeConfig {
+            name: NODE_NAME.into(),
+            node_ips: vec![NODE_IP],
+            service_proxy_name: None,
+        };
+        Self::load(
+            &build(&objects.services, &objects.slices, &node).state,
+            sizes,
+        )
+    }
+
     /// Loads the datapath in a fresh namespace and programs `state`.
     pub fn with_state(state: &DesiredState) -> anyhow::Result<Fixture> {
+        Self::load(state, &FIXTURE_CT_SIZES)
+    }
+
+    fn load(state: &DesiredState, sizes: &CtSizes) -> anyhow::Result<Fixture> {
         crate::require_root();
         let ns = Netns::new(unique("lbfx"))?;
         ns.ip(&[
@@ -149,7 +176,7 @@ impl Fixture {
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("lbfx")));
         lb_userspace::system::ensure_bpffs(&pin_dir)?;
         std::fs::create_dir_all(&pin_dir)?;
-        let (dp, maps, _) = match Datapath::load(&pin_dir) {
+        let (dp, maps, _) = match Datapath::load(&pin_dir, sizes) {
             Ok(loaded) => loaded,
             Err(e) => {
                 let _ = remove_pins(&pin_dir);
@@ -179,6 +206,11 @@ impl Fixture {
             report.failed
         );
         Ok(fx)
+    }
+
+    /// Where the fixture's maps are pinned.
+    pub fn pin_dir(&self) -> &std::path::Path {
+        &self.pin_dir
     }
 
     pub fn maps(&self) -> &KernelMaps {

@@ -10,6 +10,7 @@ pub mod control_bench;
 pub mod deploy;
 pub mod example;
 pub mod fixture;
+pub mod fuzz;
 pub mod netns;
 pub mod node_bench;
 pub mod packet;

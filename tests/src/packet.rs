@@ -27,6 +27,8 @@ pub struct Spec {
     pub ip_options: Vec<u8>,
     /// The IPv4 flags+fragment-offset field.
     pub frag: u16,
+    /// The IPv4 identification.
+    pub ip_id: u16,
     pub payload: Vec<u8>,
     /// Leave the UDP checksum 0 ("none").
     pub udp_no_checksum: bool,
@@ -46,6 +48,7 @@ impl Spec {
             tcp_flags: TCP_SYN,
             ip_options: Vec::new(),
             frag: 0x4000, // DF
+            ip_id: 0x1234,
             payload: Vec::new(),
             udp_no_checksum: false,
         }
@@ -71,7 +74,7 @@ impl Spec {
         p.push(0x40 | (ihl / 4) as u8);
         p.push(0);
         p.extend_from_slice(&((ihl + l4_len) as u16).to_be_bytes());
-        p.extend_from_slice(&0x1234u16.to_be_bytes());
+        p.extend_from_slice(&self.ip_id.to_be_bytes());
         p.extend_from_slice(&self.frag.to_be_bytes());
         p.push(self.ttl);
         p.push(self.proto);
@@ -108,6 +111,40 @@ impl Spec {
         }
         p
     }
+}
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_RST: u8 = 0x04;
+
+/// The frame `spec` builds, cut into IP fragments carrying at most `chunk`
+/// bytes of the IP payload each (a multiple of 8), as a router would:
+/// the same identification, MF on all but the last, offsets in 8-byte
+/// units, the header checksum computed from scratch.
+pub fn fragments(spec: &Spec, chunk: usize) -> Vec<Vec<u8>> {
+    assert!(chunk % 8 == 0 && spec.ip_options.is_empty());
+    let whole = Spec {
+        frag: 0,
+        ..spec.clone()
+    }
+    .build();
+    let (eth, ip) = whole.split_at(14);
+    let payload = &ip[20..];
+    let mut out = Vec::new();
+    for (i, piece) in payload.chunks(chunk).enumerate() {
+        let last = (i + 1) * chunk >= payload.len();
+        let mut f = eth.to_vec();
+        let mut hdr = ip[..20].to_vec();
+        hdr[2..4].copy_from_slice(&((20 + piece.len()) as u16).to_be_bytes());
+        let off = ((i * chunk / 8) as u16) | if last { 0 } else { 0x2000 };
+        hdr[6..8].copy_from_slice(&off.to_be_bytes());
+        hdr[10..12].copy_from_slice(&[0, 0]);
+        let c = checksum(&hdr);
+        hdr[10..12].copy_from_slice(&c.to_be_bytes());
+        f.extend_from_slice(&hdr);
+        f.extend_from_slice(piece);
+        out.push(f);
+    }
+    out
 }
 
 /// An ICMP error frame: `saddr` -> `daddr`, type/code, the 4 bytes after

@@ -141,6 +141,14 @@ fn serve_tcp(
     let words: Vec<&str> = line.split_whitespace().collect();
     match words.as_slice() {
         ["WHO"] => writeln!(conn, "{name} {peer}"),
+        // The client closes first (the server waits for its EOF), so the
+        // TIME_WAIT stays on the client's side.
+        ["WHOWAIT"] => {
+            writeln!(conn, "{name} {peer}")?;
+            let mut rest = Vec::new();
+            reader.read_to_end(&mut rest)?;
+            Ok(())
+        }
         ["BULK", n] => {
             let n: u64 = n.parse().unwrap_or(0);
             let mut buf = vec![0u8; 64 * 1024];
@@ -173,6 +181,19 @@ fn serve_tcp(
             }
             writeln!(conn, "OK {got}")
         }
+        // An idle connection that answers now and then: the pod's name,
+        // then each line back with the name in front, until EOF.
+        ["ECHO"] => {
+            conn.set_read_timeout(None)?;
+            writeln!(conn, "{name}")?;
+            loop {
+                line.clear();
+                if reader.read_line(&mut line)? == 0 {
+                    return Ok(());
+                }
+                write!(conn, "{name} {line}")?;
+            }
+        }
         ["STREAM"] => {
             writeln!(conn, "{name}")?;
             let buf = vec![b'x'; 16 * 1024];
@@ -196,10 +217,16 @@ fn udp_server(name: &str, at: (Ipv4Addr, u16), stop: &Arc<AtomicBool>, ready: Re
     sock.set_read_timeout(Some(Duration::from_millis(50)))
         .expect("timeout");
     let _ = ready.send(Ok(()));
-    let mut buf = [0u8; 2048];
+    let mut buf = vec![0u8; 65536];
     while !stop.load(Ordering::Relaxed) {
-        if let Ok((_, peer)) = sock.recv_from(&mut buf) {
-            let _ = sock.send_to(format!("{name} {peer}").as_bytes(), peer);
+        if let Ok((n, peer)) = sock.recv_from(&mut buf) {
+            let mut answer = format!("{name} {peer}").into_bytes();
+            // "BIG": an answer as long as the question (fragments both ways
+            // when it exceeds the MTU).
+            if buf[..n].starts_with(b"BIG") && n > answer.len() {
+                answer.resize(n, b' ');
+            }
+            let _ = sock.send_to(&answer, peer);
         }
     }
 }
@@ -228,6 +255,17 @@ pub fn tcp_who(to: SocketAddrV4) -> anyhow::Result<Answer> {
     parse_answer(&text)
 }
 
+/// `tcp_who`, but the client closes the connection first, as HTTP
+/// clients with keep-alive off do.
+pub fn tcp_who_client_closes(to: SocketAddrV4) -> anyhow::Result<Answer> {
+    let mut s = TcpStream::connect_timeout(&to.into(), Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    s.write_all(b"WHOWAIT\n")?;
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line)?;
+    parse_answer(&line)
+}
+
 /// One UDP exchange from a fresh socket (a new flow each time).
 pub fn udp_who(to: SocketAddrV4) -> anyhow::Result<Answer> {
     let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
@@ -242,6 +280,51 @@ pub fn udp_who(to: SocketAddrV4) -> anyhow::Result<Answer> {
         }
     }
     anyhow::bail!("no UDP answer from {to}")
+}
+
+/// A `BIG` UDP datagram of `n` bytes to `to`; the answer is as long. Who
+/// answered, and the answer's length.
+pub fn udp_big(to: SocketAddrV4, n: usize) -> anyhow::Result<(Answer, usize)> {
+    let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    s.connect(to)?;
+    s.set_read_timeout(Some(Duration::from_millis(500)))?;
+    let mut question = vec![b'.'; n];
+    question[..3].copy_from_slice(b"BIG");
+    let mut buf = vec![0u8; 65536];
+    for _ in 0..4 {
+        s.send(&question)?;
+        if let Ok(got) = s.recv(&mut buf) {
+            let answer = parse_answer(&String::from_utf8_lossy(&buf[..got]))?;
+            return Ok((answer, got));
+        }
+    }
+    anyhow::bail!("no answer to a {n}-byte datagram from {to}")
+}
+
+/// An idle TCP connection (`ECHO`): who answered, and the open stream.
+pub fn tcp_echo_open(to: SocketAddrV4) -> anyhow::Result<(String, TcpStream)> {
+    let mut s = TcpStream::connect_timeout(&to.into(), Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    s.write_all(b"ECHO\n")?;
+    let mut reader = BufReader::new(s.try_clone()?);
+    let mut name = String::new();
+    reader.read_line(&mut name)?;
+    Ok((name.trim().to_string(), s))
+}
+
+/// One line through an `ECHO` connection: the name of the pod that
+/// answered it (an error if the connection was reset or moved).
+pub fn tcp_echo(s: &mut TcpStream, line: &str) -> anyhow::Result<String> {
+    s.write_all(format!("{line}\n").as_bytes())?;
+    let mut reader = BufReader::new(s.try_clone()?);
+    let mut back = String::new();
+    reader.read_line(&mut back)?;
+    let (name, echoed) = back
+        .trim_end()
+        .split_once(' ')
+        .with_context(|| format!("echo answer {back:?}"))?;
+    anyhow::ensure!(echoed == line, "echoed {echoed:?} for {line:?}");
+    Ok(name.to_string())
 }
 
 /// Uploads `n` bytes of the pattern with `UPLOAD`; the server checks them.

@@ -268,7 +268,7 @@ fn bpftool_dumps_pinned_maps_with_named_fields() {
         .unwrap()
         .unwrap();
     assert_eq!(agent.stat("dnat_new"), 1);
-    let ct = dump("lb_conntrack");
+    let ct = dump("lb_ct_tcp");
     for field in [
         "\"src_addr\": [198,18,0,1",
         "\"nat_port\": 8080",

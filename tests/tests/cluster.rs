@@ -15,7 +15,10 @@ use lb_tests::{
     cluster::{external_ip, node_name, pod_ip, Cluster, CLIENT_IP},
     example::{yaml, Endpoint, Extra, Svc},
     netns::Netns,
-    servers::{tcp_bulk, tcp_upload, tcp_who, udp_who, Answer, PodServer},
+    servers::{
+        tcp_bulk, tcp_echo, tcp_echo_open, tcp_upload, tcp_who, tcp_who_client_closes, udp_big,
+        udp_who, Answer, PodServer,
+    },
 };
 
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
@@ -44,8 +47,15 @@ impl World {
     }
 
     fn start(&mut self, services: &[Svc], extra: &[String]) {
+        self.start_with_env(services, extra, &[]);
+    }
+
+    fn start_with_env(&mut self, services: &[Svc], extra: &[String], env: &[(&str, &str)]) {
         let config = ConfigFile::new(&yaml(services)).expect("config");
-        self.agents = self.c.start_agents(&config.path, extra).expect("agents");
+        self.agents = self
+            .c
+            .start_agents_with_env(&config.path, extra, env)
+            .expect("agents");
         self.config = Some(config);
     }
 
@@ -813,4 +823,132 @@ fn services_for_other_proxies_and_headless_ones_are_left_alone() {
         !connected,
         "a service labelled for another proxy was served"
     );
+}
+
+/// `web` with its UDP port on NodePort 30053 too.
+fn web_udp_node_port(endpoints: &[(usize, usize)]) -> Svc {
+    let mut s = web(endpoints, Extra::default());
+    s.ports[1].node_port = Some(30053);
+    s
+}
+
+/// `n` new UDP flows to `to`, one datagram each from its own source port.
+fn udp_flood(to: SocketAddrV4, n: u32) -> u32 {
+    let mut sent = 0;
+    for i in 0..n {
+        let port = 10_000 + (i % 50_000) as u16;
+        if let Ok(s) = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)) {
+            if s.send_to(b"WHO", to).is_ok() {
+                sent += 1;
+            }
+        }
+    }
+    sent
+}
+
+/// The value of the sample line of `/metrics` starting with `prefix`.
+fn metric(ns: &Netns, prefix: &str) -> f64 {
+    let (code, text) = lb_tests::agent::status_get(ns, "/metrics");
+    assert_eq!(code, 200);
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
+}
+
+/// Idle TCP connections through a NodePort (to a local and a remote
+/// backend, SNATed) survive a flood of new UDP flows several times the
+/// size of every conntrack table, sent while a backend joins the service:
+/// none is reset, none moves to another backend.
+#[test]
+fn idle_connections_survive_a_udp_flood_while_a_backend_joins() {
+    let mut w = World::new();
+    w.start_with_env(
+        &[web_udp_node_port(&[(0, 0), (1, 0)])],
+        &["--conntrack-max".into(), "4096".into()],
+        &[("LB_CT_SWEEP_MS", "300")],
+    );
+    let np = tcp(w.node_ip(0), NODE_PORT);
+    let mut conns: Vec<(String, TcpStream)> = (0..24)
+        .map(|_| w.c.client.run(move || tcp_echo_open(np)).unwrap().unwrap())
+        .collect();
+    let pods: BTreeSet<&str> = conns.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(pods.len(), 2, "both backends hold connections: {pods:?}");
+    let capacity = metric(&w.c.nodes[0].ns, "lb_map_capacity{map=\"lb_ct_udp\"}");
+    let flows = 20_000;
+    assert!(flows as f64 >= 2.0 * capacity, "capacity {capacity}");
+    let udp_np = SocketAddrV4::new(w.node_ip(0), 30053);
+    let flood = w.c.client.spawn(move || udp_flood(udp_np, flows)).unwrap();
+    w.update(&[web_udp_node_port(&[(0, 0), (1, 0), (1, 1)])]);
+    let sent = flood.join().unwrap();
+    assert!(sent > flows * 9 / 10, "sent {sent}");
+    for (i, (pod, s)) in conns.iter_mut().enumerate() {
+        let now = tcp_echo(s, &format!("ping {i}"))
+            .unwrap_or_else(|e| panic!("connection {i} (to {pod}) broke: {e}"));
+        assert_eq!(&now, pod, "connection {i} moved");
+    }
+    // The flood overflowed the UDP table, and /metrics says so once the
+    // agent's sweep has looked.
+    let node = &w.c.nodes[0].ns;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(node, "lb_conntrack_evictions_total{map=\"lb_ct_udp\"}") == 0.0 {
+        assert!(Instant::now() < deadline, "no UDP evictions reported");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        metric(node, "lb_conntrack_evictions_total{map=\"lb_ct_tcp\"}"),
+        0.0,
+        "no established TCP entry was evicted"
+    );
+}
+
+/// More short connections through a SNATed NodePort to one remote backend
+/// than the SNAT range has ports (4,536), one after another, each closed by
+/// the client: each closed connection frees its port for the next ones,
+/// and all of them succeed. (When the backend closes first, see the
+/// README's SNAT limits: its TIME_WAIT can cost a reused port one SYN
+/// retransmission.)
+#[test]
+fn ten_thousand_short_connections_through_a_snatted_node_port_all_succeed() {
+    let mut w = World::new();
+    w.start(&[web(&[(1, 0)], Extra::default())], &[]);
+    let np = tcp(w.node_ip(0), NODE_PORT);
+    let (ok, ports, failures) =
+        w.c.client
+            .run(move || {
+                let mut ok = 0u32;
+                let mut ports = BTreeSet::new();
+                let mut failures = Vec::new();
+                for i in 0..10_000u32 {
+                    match tcp_who_client_closes(np) {
+                        Ok(a) => {
+                            ok += 1;
+                            ports.insert(a.peer.port());
+                        }
+                        Err(e) => failures.push(format!("#{i}: {e}")),
+                    }
+                    if failures.len() == 3 {
+                        break;
+                    }
+                }
+                (ok, ports, failures)
+            })
+            .unwrap();
+    assert_eq!(ok, 10_000, "failures: {failures:?}");
+    assert!(ports.len() > 4_000, "{} SNAT ports used", ports.len());
+    assert_eq!(w.agents[0].stat("drop_snat_exhausted"), 0);
+}
+
+/// A 3,000-byte UDP datagram to a ClusterIP (three fragments on these
+/// 1,500-byte links) reaches a backend on another node, and its 3,000-byte
+/// answer comes back, both translated fragment by fragment.
+#[test]
+fn a_3000_byte_udp_datagram_and_its_3000_byte_answer_cross_a_cluster_ip() {
+    let mut w = World::new();
+    w.start(&[web(&[(1, 0)], Extra::default())], &[]);
+    let to = SocketAddrV4::new(CLUSTER_IP, 53);
+    let (answer, len) = w.pod(0, 0).run(move || udp_big(to, 3000)).unwrap().unwrap();
+    assert_eq!(answer.pod, "b0", "{answer:?}");
+    assert_eq!(len, 3000);
+    assert!(w.agents[0].stat("fragment_nat") >= 4);
 }

@@ -78,8 +78,13 @@ fn assert_untouched(fx: &Fixture, hook: Hook, frame: &[u8]) {
 fn dnat_tcp_to_cluster_ip_and_node_port() {
     for hook in HOOKS {
         let fx = fixture();
-        for (daddr, dport) in [(CLUSTER_IP, 80), (NODE_IP, 30080)] {
-            for sport in [40000, 40001, 51234] {
+        // Client ports differ per frontend: one port towards two frontends
+        // of one backend is a conflict (fixtures_conntrack.rs).
+        for (daddr, dport, sports) in [
+            (CLUSTER_IP, 80, [40000, 40001, 51234]),
+            (NODE_IP, 30080, [40100, 40101, 51334]),
+        ] {
+            for sport in sports {
                 let input = Spec::tcp(CLIENT, sport, daddr, dport);
                 let out = fx.run(hook, &input.build()).unwrap();
                 let backend = expected_backend(&backends(), 8080, sport, dport, TCP);
@@ -371,14 +376,10 @@ fn truncated_and_malformed_packets_are_never_translated() {
 }
 
 #[test]
-fn fragments_pass_untouched() {
+fn later_fragments_without_their_first_pass_untouched() {
     for hook in HOOKS {
         let fx = fixture();
-        for frag in [
-            0x2000u16, /* MF */
-            0x0010,    /* offset 128 */
-            0x2010,
-        ] {
+        for frag in [0x0010u16 /* offset 128 */, 0x2010, 0x0001] {
             let frame = Spec {
                 frag,
                 ..Spec::tcp(CLIENT, 40000, CLUSTER_IP, 80)
@@ -527,10 +528,12 @@ fn a_program_the_kernel_refuses_is_reported_with_the_verifier_log() {
     ));
     lb_userspace::system::ensure_bpffs(&pin_dir).unwrap();
     std::fs::create_dir_all(&pin_dir).unwrap();
-    let err = match lb_userspace::datapath::Datapath::load_object(&object, &pin_dir) {
-        Ok(_) => panic!("the damaged program loaded"),
-        Err(e) => e.to_string(),
-    };
+    let err =
+        match lb_userspace::datapath::Datapath::load_object(&object, &pin_dir, &Default::default())
+        {
+            Ok(_) => panic!("the damaged program loaded"),
+            Err(e) => e.to_string(),
+        };
     lb_userspace::pins::remove_all(&pin_dir).unwrap();
     eprintln!("{err}");
     assert!(err.contains("the kernel refused program lb_xdp"), "{err}");

@@ -39,10 +39,15 @@ fn backend_for(eps: &[Ipv4Addr], client: Ipv4Addr, sport: u16, dport: u16, proto
         .0
 }
 
-/// The first SNAT port tried for a flow (free in a fresh fixture).
-fn snat_port(client: Ipv4Addr, sport: u16, dport: u16, proto: u8) -> u16 {
-    let range = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u64 + 1;
-    SNAT_PORT_MIN + (flow_hash(client.octets(), sport, dport, proto) % range) as u16
+/// The SNAT port a translated packet got (chosen at random by the
+/// datapath), checked to be in the range.
+fn snat_port_of(out: &Outcome) -> u16 {
+    let port = lb_tests::packet::decode(&out.frame).sport;
+    assert!(
+        (SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&port),
+        "SNAT port {port}"
+    );
+    port
 }
 
 fn redirect(hook: Hook) -> u32 {
@@ -58,7 +63,8 @@ fn node_port_to_a_remote_backend_is_snatted_and_the_reply_reversed() {
         let fx = remote_fixture();
         let syn = Spec::tcp(CLIENT, 40000, NODE_IP, 30080);
         let backend = backend_for(&remote(), CLIENT, 40000, 30080, TCP);
-        let port = snat_port(CLIENT, 40000, 30080, TCP);
+        let first = fx.run_on(hook, &syn.build(), fx.nic_ifindex).unwrap();
+        let port = snat_port_of(&first);
         // Source becomes the node and a SNAT port, destination the backend;
         // routed by us (TTL - 1) to the next hop towards node B.
         let want = Spec {
@@ -76,7 +82,11 @@ fn node_port_to_a_remote_backend_is_snatted_and_the_reply_reversed() {
                 tcp_flags: flags,
                 ..syn.clone()
             };
-            let out = fx.run_on(hook, &input.build(), fx.nic_ifindex).unwrap();
+            let out = if i == 0 {
+                first.clone()
+            } else {
+                fx.run_on(hook, &input.build(), fx.nic_ifindex).unwrap()
+            };
             assert_eq!(out.verdict, redirect(hook), "{hook:?} packet {i}");
             let w = Spec {
                 tcp_flags: flags,
@@ -164,8 +174,8 @@ fn a_pod_reaching_itself_is_masqueraded_and_the_reply_reversed() {
             dst_mac: POD_GW_MAC,
             ..Spec::tcp(pod, 40000, CLUSTER_IP, 80)
         };
-        let port = snat_port(pod, 40000, 80, TCP);
         let out = fx.run_on(hook, &syn.build(), fx.pod_ifindex).unwrap();
+        let port = snat_port_of(&out);
         let want = Spec {
             src_mac: POD_GW_MAC,
             dst_mac: pod_mac(11),
@@ -214,9 +224,9 @@ fn icmp_errors_about_translated_flows_are_translated_back() {
         for cut in [usize::MAX, 28] {
             let fx = remote_fixture();
             let syn = Spec::tcp(CLIENT, 40000, NODE_IP, 30080);
-            fx.run_on(hook, &syn.build(), fx.nic_ifindex).unwrap();
+            let out = fx.run_on(hook, &syn.build(), fx.nic_ifindex).unwrap();
             let backend = backend_for(&remote(), CLIENT, 40000, 30080, TCP);
-            let port = snat_port(CLIENT, 40000, 30080, TCP);
+            let port = snat_port_of(&out);
             let icmp = |to: Ipv4Addr, quoted: &Spec| {
                 icmp_error_frame(
                     (NODE_MAC, CLIENT_MAC),

@@ -403,7 +403,7 @@ fn healthz_readyz_and_metrics_tell_the_truth() {
         sample(&m, "lb_service_packets_total{namespace=\"demo\",service=\"web\",port=\"http\",protocol=\"TCP\",scope=\"Cluster\"}")
             >= 20.0
     );
-    assert!(sample(&m, "lb_map_entries{map=\"lb_conntrack\"}") >= 1.0);
+    assert!(sample(&m, "lb_map_entries{map=\"lb_ct_tcp\"}") >= 1.0);
     assert_eq!(
         sample(&m, "lb_map_entries{map=\"lb_frontends\"}"),
         3.0,

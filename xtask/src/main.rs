@@ -35,6 +35,18 @@ enum Cmd {
     },
     /// Run the benchmarks (ns/packet via BPF_PROG_TEST_RUN, Maglev build).
     Bench,
+    /// Run the datapath fuzzer long: generated and mutated packets through
+    /// the TC and XDP programs against the reference model (a short run is
+    /// part of `test`).
+    Fuzz {
+        /// Packets per hook.
+        #[arg(long, default_value_t = 1_000_000)]
+        packets: u64,
+        /// Seed of the generator (the run is reproducible from it, but for
+        /// the SNAT ports the datapath picks at random).
+        #[arg(long, default_value_t = 0x10ad_ba1a)]
+        seed: u64,
+    },
 }
 
 /// Where `build-ebpf` puts the object; lb-userspace's build.rs embeds it.
@@ -62,6 +74,25 @@ fn main() -> anyhow::Result<()> {
             cmd.args(["test", "--release", "--workspace"])
                 .args(&args)
                 .env("LB_BIN", root.join("target/release/lb"));
+            run(&mut cmd)
+        }
+        Cmd::Fuzz { packets, seed } => {
+            prereqs::ensure_all()?;
+            build_all(&root)?;
+            let mut cmd = cargo();
+            cmd.args([
+                "test",
+                "--release",
+                "-p",
+                "lb-tests",
+                "--test",
+                "fuzz",
+                "--",
+                "--nocapture",
+            ])
+            .env("LB_BIN", root.join("target/release/lb"))
+            .env("LB_FUZZ_PACKETS", packets.to_string())
+            .env("LB_FUZZ_SEED", seed.to_string());
             run(&mut cmd)
         }
         Cmd::Bench => {
