@@ -235,6 +235,43 @@ fn startup_errors_say_what_to_do() {
         &not_bpffs.display().to_string(),
     )));
     assert!(e.contains("is not on a bpf filesystem"), "{e}");
+
+    // SNAT ports a local socket could also get.
+    let mut args = run_args(&path, "lo");
+    args.extend(["--snat-ports".to_string(), "40000-50000".to_string()]);
+    let e = lb_fails(Command::new(lb_bin()).args(args));
+    assert!(
+        e.contains("overlaps this node's ephemeral ports")
+            && e.contains("net.ipv4.ip_local_port_range")
+            && e.contains("Give --snat-ports outside it"),
+        "{e}"
+    );
+}
+
+/// The NodePort range is added to the node's reserved ports (what was
+/// there stays), so the node's own sockets never get a local port there;
+/// the root namespace's setting is untouched.
+#[test]
+fn the_node_port_range_is_reserved_for_node_ports() {
+    let (topo, _servers) = setup(1);
+    let read = |ns: Option<&lb_tests::netns::Netns>| match ns {
+        Some(ns) => ns
+            .exec("cat", &["/proc/sys/net/ipv4/ip_local_reserved_ports"])
+            .unwrap(),
+        None => std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_reserved_ports").unwrap(),
+    };
+    let root_before = read(None);
+    topo.node
+        .sysctl("net.ipv4.ip_local_reserved_ports", "8080")
+        .unwrap();
+    let config = ConfigFile::new(&yaml(&[web(&topo)])).unwrap();
+    let agent = Agent::start(&topo, &config.path).unwrap();
+    assert_eq!(read(Some(&topo.node)).trim(), "8080,30000-32767");
+    assert!(agent
+        .logs()
+        .iter()
+        .any(|l| l.contains("reserved the NodePort range")));
+    assert_eq!(read(None), root_before);
 }
 
 #[test]
