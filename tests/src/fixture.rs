@@ -112,6 +112,12 @@ impl Fixture {
         Self::load(state, &FIXTURE_CT_SIZES)
     }
 
+    /// `with_state` with conntrack tables of `sizes` (the benchmark uses
+    /// the sizes the agent would choose on this machine).
+    pub fn with_state_sized(state: &DesiredState, sizes: &CtSizes) -> anyhow::Result<Fixture> {
+        Self::load(state, sizes)
+    }
+
     fn load(state: &DesiredState, sizes: &CtSizes) -> anyhow::Result<Fixture> {
         crate::require_root();
         let ns = Netns::new(unique("lbfx"))?;

@@ -211,7 +211,10 @@ fn main() -> anyhow::Result<()> {
     for n in [1u32, 1_000, 100_000] {
         let state = services(n);
         let t = Instant::now();
-        let fx = Fixture::with_state(&state)?;
+        // The conntrack tables the agent would size for this machine (the
+        // fixtures' small ones would fill with the SNAT rows' flows).
+        let sizes = lb_userspace::conntrack::CtSizes::for_this_node(None);
+        let fx = Fixture::with_state_sized(&state, &sizes)?;
         let took = t.elapsed();
         println!(
             "programmed {n:>6} services (load + {n} Maglev tables + maps) in {:.2} s",
