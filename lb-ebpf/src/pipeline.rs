@@ -65,14 +65,8 @@ impl Route {
     /// A TCP/UDP packet after `Action::Nat` rewrote `src` and/or `dst`.
     #[inline(always)]
     pub fn after_nat(f: &Ipv4Flow, src: Option<AddrPort>, dst: Option<AddrPort>) -> Route {
-        let s = src.unwrap_or(AddrPort {
-            addr: f.saddr,
-            port: f.sport,
-        });
-        let d = dst.unwrap_or(AddrPort {
-            addr: f.daddr,
-            port: f.dport,
-        });
+        let s = src.unwrap_or(AddrPort::new(f.saddr, f.sport));
+        let d = dst.unwrap_or(AddrPort::new(f.daddr, f.dport));
         Route {
             proto: f.proto,
             saddr: s.addr,
@@ -222,10 +216,7 @@ pub fn reply() -> Action {
             count_service(h.e.service_id, len);
             Action::Nat {
                 flow,
-                src: Some(AddrPort {
-                    addr: h.e.nat_addr,
-                    port: h.e.nat_port,
-                }),
+                src: Some(AddrPort::new(h.e.nat_addr, h.e.nat_port)),
                 dst: snat_of(&h.e),
                 route: ingress,
             }
@@ -341,7 +332,6 @@ fn start_of(flow: &Ipv4Flow) -> Start {
     }
 }
 
-/// A packet of a flow to a frontend.
 /// A packet to a frontend (`Stage::Forward`): a tracked flow's packet goes
 /// to its backend; anything else is `Action::NewFlow`, for `new_flow`.
 #[inline(always)]
@@ -441,20 +431,14 @@ fn start_flow(flow: &Ipv4Flow, svc: &ServiceEntry, len: u32, now: u64) -> Action
         now,
         service_id: svc.id,
         backend_id: choice.backend_id,
-        backend: AddrPort {
-            addr: b.addr,
-            port: b.port,
-        },
+        backend: AddrPort::new(b.addr, b.port),
         state: if start == Start::Pickup {
             CT_S_PICKUP
         } else {
             0
         },
     };
-    let mut out = AddrPort {
-        addr: [0; 4],
-        port: 0,
-    };
+    let mut out = AddrPort::new([0; 4], 0);
     // Without a node address (no --node-ip) there is nothing to masquerade
     // to; the agent warns at start-up.
     let mut source = if needs_snat(svc, flow.saddr, &b) && cfg.snat_addr != [0; 4] {
@@ -491,10 +475,7 @@ fn to_backend(flow: Ipv4Flow, b: &Backend, snat: Option<AddrPort>) -> Action {
     Action::Nat {
         flow,
         src: snat,
-        dst: Some(AddrPort {
-            addr: b.addr,
-            port: b.port,
-        }),
+        dst: Some(AddrPort::new(b.addr, b.port)),
         // A remapped client port keeps the client's address: the stack
         // routes it as before.
         route: matches!(snat, Some(s) if s.addr != flow.saddr),
@@ -537,18 +518,12 @@ fn icmp_error(icmp: IcmpError, len: u32, route: bool) -> Option<Action> {
         // and the frontend to restore.
         CT_REPLY => (
             snat_of(&e).unwrap_or(quoted_src),
-            AddrPort {
-                addr: e.nat_addr,
-                port: e.nat_port,
-            },
+            AddrPort::new(e.nat_addr, e.nat_port),
         ),
         // Quote: frontend -> client. Entry: the backend, and the node
         // address and port the backend sees when SNATed.
         CT_FORWARD => (
-            AddrPort {
-                addr: e.nat_addr,
-                port: e.nat_port,
-            },
+            AddrPort::new(e.nat_addr, e.nat_port),
             snat_of(&e).unwrap_or(quoted_dst),
         ),
         _ => return None,

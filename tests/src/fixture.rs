@@ -84,13 +84,7 @@ pub struct Outcome {
 impl Fixture {
     /// Loads the datapath in a fresh namespace and programs `yaml`.
     pub fn new(yaml: &str) -> anyhow::Result<Fixture> {
-        let objects = manifest::parse(yaml)?;
-        let node = NodeConfig {
-            name: NODE_NAME.into(),
-            node_ips: vec![NODE_IP],
-            service_proxy_name: None,
-        };
-        Self::with_state(&build(&objects.services, &objects.slices, &node).state)
+        Self::with_sizes(yaml, &FIXTURE_CT_SIZES)
     }
 
     /// `new` with conntrack tables of `sizes`.
@@ -101,7 +95,7 @@ impl Fixture {
             node_ips: vec![NODE_IP],
             service_proxy_name: None,
         };
-        Self::load(
+        Self::with_state_sized(
             &build(&objects.services, &objects.slices, &node).state,
             sizes,
         )
@@ -109,16 +103,12 @@ impl Fixture {
 
     /// Loads the datapath in a fresh namespace and programs `state`.
     pub fn with_state(state: &DesiredState) -> anyhow::Result<Fixture> {
-        Self::load(state, &FIXTURE_CT_SIZES)
+        Self::with_state_sized(state, &FIXTURE_CT_SIZES)
     }
 
     /// `with_state` with conntrack tables of `sizes` (the benchmark uses
     /// the sizes the agent would choose on this machine).
     pub fn with_state_sized(state: &DesiredState, sizes: &CtSizes) -> anyhow::Result<Fixture> {
-        Self::load(state, sizes)
-    }
-
-    fn load(state: &DesiredState, sizes: &CtSizes) -> anyhow::Result<Fixture> {
         crate::require_root();
         let ns = Netns::new(unique("lbfx"))?;
         ns.ip(&[
