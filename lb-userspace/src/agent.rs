@@ -28,15 +28,16 @@ use tracing::{error, info, warn};
 use crate::{
     catalog::Catalog,
     conntrack::{self, CtSizes, Evictions},
-    datapath::{Attached, Datapath, Hook, KernelMaps},
+    datapath::{self, Attached, Datapath, Hook, KernelMaps, TcMode},
     healthcheck::HealthServers,
-    interfaces::{Interfaces, LinkKind, Selection, Skip, Step},
+    interfaces::{Interfaces, LinkKind, Selection, Skip, Step, XdpIface},
     link_watch::{self, LinkEvent},
     metrics::Metrics,
     model::{NodeConfig, ServicePortKey},
     pins,
     planner::{Programmer, Report},
     ports::{self, PortRange},
+    probes::{self, TcAttach},
     source::{self, Change, Update, Updates, What},
     status::{self, Status},
     system::{self, PinDirLock},
@@ -60,8 +61,10 @@ pub struct RunOptions {
     pub ifaces: Vec<String>,
     /// `--exclude-iface` glob patterns.
     pub exclude_ifaces: Vec<String>,
-    /// `--xdp-iface` names: XDP instead of TC ingress.
-    pub xdp_ifaces: Vec<String>,
+    /// `--xdp-iface` names and modes: XDP instead of TC ingress.
+    pub xdp_ifaces: Vec<XdpIface>,
+    /// `--tc-attach`: TCX links or clsact filters.
+    pub tc_attach: TcAttach,
     /// `node_ips` empty: taken from the Node object (Kubernetes source).
     pub node: NodeConfig,
     pub pin_dir: PathBuf,
@@ -86,6 +89,11 @@ pub struct RunOptions {
 
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     system::check_privileges()?;
+    probes::check(probes::Needs {
+        xdp: !opts.xdp_ifaces.is_empty(),
+        cgroup: opts.cgroup.is_some(),
+    })?;
+    let tc_mode = probes::tc_mode(opts.tc_attach)?;
     let ephemeral = ports::ephemeral_range().context("reading net.ipv4.ip_local_port_range")?;
     ports::check_snat_range(opts.snat_ports, ephemeral, opts.nodeport_range)
         .map_err(anyhow::Error::msg)?;
@@ -156,7 +164,20 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         snat = sizes.snat,
         "conntrack table sizes (entries; --conntrack-max sets them)"
     );
-    let (dp, maps, origin) = Datapath::load(&opts.pin_dir, &sizes)?;
+    let (mut dp, maps, origin) = Datapath::load(&opts.pin_dir, &sizes)?;
+    dp.set_tc_mode(tc_mode);
+    match tc_mode {
+        TcMode::Tcx => info!(mode = "tcx", "TC programs attach through TCX links"),
+        TcMode::Netlink if opts.tc_attach == TcAttach::Netlink => info!(
+            mode = "netlink",
+            "TC programs attach as clsact filters (--tc-attach netlink)"
+        ),
+        TcMode::Netlink => info!(
+            mode = "netlink",
+            kernel = %probes::kernel_release(),
+            "TC programs attach as clsact filters: this kernel has no TCX (Linux 6.6 and later have it)"
+        ),
+    }
     tokio::spawn(sweep_conntrack(opts.pin_dir.clone(), status.clone()));
     for bad in &origin.recreated {
         warn!(
@@ -359,7 +380,7 @@ impl Agent {
                 let hooks = hook_labels(*ingress);
                 match how {
                     Some(Attached::Replaced) => {
-                        info!(iface = %name, %hooks, "replaced the programs in the pinned links")
+                        info!(iface = %name, %hooks, "replaced the programs in place")
                     }
                     _ => info!(iface = %name, %hooks, "attached"),
                 }
@@ -528,6 +549,7 @@ impl Agent {
         for name in self.dp.remove_other_links()? {
             info!(link = %name, "detached a previous agent's program that is no longer asked for");
         }
+        self.dp.started();
         self.status.set_attached();
         self.status.set_ready();
         info!(
@@ -620,7 +642,13 @@ impl Agent {
         } else {
             CONFIG_F_SOCK_ALL_NETNS
         };
-        let cfg = system::netns_cookie().and_then(|cookie| {
+        // Only the socket hooks read the cookie (kernels before 5.14 cannot
+        // tell it, and need no socket hooks without --cgroup).
+        let cookie = match system::netns_cookie() {
+            Err(_) if self.opts.cgroup.is_none() => Ok(0),
+            c => c,
+        };
+        let cfg = cookie.and_then(|cookie| {
             self.programmer.maps_mut().set_config(DatapathConfig {
                 snat_addr: addr,
                 snat_port_min: self.opts.snat_ports.min,
@@ -720,17 +748,21 @@ fn node_addresses(node: &Node) -> Vec<Ipv4Addr> {
 /// `lb cleanup`: removes what an agent left pinned in `pin_dir`, which
 /// detaches its programs. Refuses while an agent runs there.
 pub fn cleanup(pin_dir: &Path) -> anyhow::Result<()> {
-    if !pin_dir.exists() {
+    let filters = datapath::our_filters_everywhere().context("listing clsact filters")?;
+    if !pin_dir.exists() && filters.is_empty() {
         info!(pin_dir = %pin_dir.display(), "nothing to clean up");
         return Ok(());
     }
-    let lock = PinDirLock::acquire(pin_dir)?;
+    let lock = pin_dir
+        .exists()
+        .then(|| PinDirLock::acquire(pin_dir))
+        .transpose()?;
     let links = pins::pinned_links(pin_dir);
     let maps = pins::pinned_maps(pin_dir);
-    pins::remove_all(pin_dir)
+    datapath::remove_all(pin_dir)
         .with_context(|| format!("removing the pins in {}", pin_dir.display()))?;
     drop(lock);
-    info!(pin_dir = %pin_dir.display(), links = links.len(), maps = maps.len(), "detached and removed");
+    info!(pin_dir = %pin_dir.display(), links = links.len(), filters = filters.len(), maps = maps.len(), "detached and removed");
     Ok(())
 }
 

@@ -1,10 +1,12 @@
 //! The kernel side, through aya: loads the embedded eBPF object over the
 //! maps pinned under the pin directory (adopting a previous agent's maps
 //! when their layout matches), and attaches programs through pinned links
-//! that outlive the agent (see `pins`).
+//! that outlive the agent (see `pins`), or, for TC on kernels without TCX
+//! (before 6.6), through clsact filters that outlive it too (see `clsact`).
 
 use std::{
     collections::BTreeSet,
+    os::fd::AsFd,
     path::{Path, PathBuf},
 };
 
@@ -21,8 +23,9 @@ use lb_common::{map_names, program_names};
 
 pub use crate::kernel_maps::KernelMaps;
 use crate::{
+    clsact::{self, Direction},
     conntrack::CtSizes,
-    interfaces::Ingress,
+    interfaces::{Ingress, XdpAttach},
     pins::{self, Incompatible},
 };
 
@@ -54,6 +57,13 @@ pub enum DatapathError {
     Load(#[source] aya::EbpfError),
     #[error("pin directory: {0:#}")]
     Pins(anyhow::Error),
+    #[error("attaching {program} to {iface} as a clsact filter: {source}")]
+    Filter {
+        program: &'static str,
+        iface: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// One program attachment on an interface, pinned as
@@ -64,19 +74,25 @@ pub enum Hook {
     TcIngress,
     /// TC egress: replies the node's own stack sends (see lb-ebpf).
     TcEgress,
-    /// XDP (native where the driver has it): for NICs that hand over
+    /// XDP in the mode `--xdp-iface` gives: for NICs that hand over
     /// complete checksums.
-    Xdp,
+    Xdp(XdpAttach),
 }
 
 impl Hook {
-    const ALL: [Hook; 3] = [Hook::TcEgress, Hook::TcIngress, Hook::Xdp];
+    const ALL: [Hook; 5] = [
+        Hook::TcEgress,
+        Hook::TcIngress,
+        Hook::Xdp(XdpAttach::Auto),
+        Hook::Xdp(XdpAttach::Native),
+        Hook::Xdp(XdpAttach::Generic),
+    ];
 
     /// The hooks an interface gets.
     pub fn for_ingress(ingress: Ingress) -> [Hook; 2] {
         match ingress {
             Ingress::Tc => [Hook::TcIngress, Hook::TcEgress],
-            Ingress::Xdp => [Hook::Xdp, Hook::TcEgress],
+            Ingress::Xdp(mode) => [Hook::Xdp(mode), Hook::TcEgress],
         }
     }
 
@@ -86,7 +102,9 @@ impl Hook {
         match self {
             Hook::TcIngress => "tc_",
             Hook::TcEgress => "tcegress_",
-            Hook::Xdp => "xdp_",
+            Hook::Xdp(XdpAttach::Auto) => "xdp_",
+            Hook::Xdp(XdpAttach::Native) => "xdpdrv_",
+            Hook::Xdp(XdpAttach::Generic) => "xdpgeneric_",
         }
     }
 
@@ -107,7 +125,9 @@ impl Hook {
         match self {
             Hook::TcIngress => "tc_ingress",
             Hook::TcEgress => "tc_egress",
-            Hook::Xdp => "xdp",
+            Hook::Xdp(XdpAttach::Auto) => "xdp",
+            Hook::Xdp(XdpAttach::Native) => "xdp_native",
+            Hook::Xdp(XdpAttach::Generic) => "xdp_generic",
         }
     }
 
@@ -120,11 +140,28 @@ impl Hook {
         }
     }
 
+    /// The clsact hook of a TC hook (None for XDP).
+    fn clsact_direction(self) -> Option<Direction> {
+        match self {
+            Hook::TcIngress => Some(Direction::Ingress),
+            Hook::TcEgress => Some(Direction::Egress),
+            Hook::Xdp(_) => None,
+        }
+    }
+
+    /// The TC hook on a clsact hook.
+    pub fn of_direction(dir: Direction) -> Hook {
+        match dir {
+            Direction::Ingress => Hook::TcIngress,
+            Direction::Egress => Hook::TcEgress,
+        }
+    }
+
     fn program(self) -> &'static str {
         match self {
             Hook::TcIngress => program_names::TC,
             Hook::TcEgress => program_names::TC_EGRESS,
-            Hook::Xdp => program_names::XDP,
+            Hook::Xdp(_) => program_names::XDP,
         }
     }
 }
@@ -149,11 +186,51 @@ pub enum Attached {
     New,
 }
 
+/// How TC programs are attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcMode {
+    /// TCX bpf_links (kernel 6.6 and later), pinned like XDP's.
+    Tcx,
+    /// A clsact qdisc and direct-action filters (any kernel; see `clsact`).
+    Netlink,
+}
+
+impl TcMode {
+    pub fn label(self) -> &'static str {
+        match self {
+            TcMode::Tcx => "tcx",
+            TcMode::Netlink => "netlink",
+        }
+    }
+}
+
+/// Something this agent attached that did not exist before it: what a
+/// failed start takes away again.
+#[derive(Debug)]
+enum Made {
+    /// A pinned link (TCX, XDP, cgroup), by pin name.
+    Link(String),
+    /// A clsact filter, and whether its qdisc was added with it.
+    Filter {
+        ifindex: u32,
+        dir: Direction,
+        handle: u32,
+    },
+}
+
 pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
+    tc_mode: TcMode,
     /// Links this agent attached or took over, by pin name.
     links: BTreeSet<String>,
+    /// Interfaces (by index) whose clsact filters this agent made or took
+    /// over.
+    filtered: BTreeSet<u32>,
+    /// Until the start is complete (`started`): what this agent made.
+    made: Option<Vec<Made>>,
+    /// The socket hooks are loaded (`attach_cgroup`).
+    sock_loaded: bool,
 }
 
 impl Datapath {
@@ -205,82 +282,171 @@ impl Datapath {
             }
         }
         let mut ebpf = loader.load(object).map_err(DatapathError::Load)?;
-        let names = [
+        // The socket hooks are loaded by `attach_cgroup`, only with
+        // --cgroup: their kernel requirements apply only then.
+        for name in [
             program_names::TC,
             program_names::TC_EGRESS,
             program_names::XDP,
-        ]
-        .into_iter()
-        .chain(program_names::SOCK_ALL);
-        for name in names {
-            let program = ebpf
-                .program_mut(name)
-                .expect("the object defines this program");
-            let loaded = match program {
-                aya::programs::Program::SchedClassifier(p) => p.load(),
-                aya::programs::Program::Xdp(p) => p.load(),
-                aya::programs::Program::CgroupSockAddr(p) => p.load(),
-                _ => unreachable!("lb programs are TC, XDP and cgroup sock_addr"),
-            };
-            loaded.map_err(|e| match e {
-                ProgramError::LoadError {
-                    io_error,
-                    verifier_log,
-                } => DatapathError::Verifier {
-                    program: name,
-                    io_error,
-                    log_tail: tail(&verifier_log.to_string(), 20),
-                },
-                other => DatapathError::Load(aya::EbpfError::ProgramError(other)),
-            })?;
+        ] {
+            load_program(&mut ebpf, name)?;
         }
         let maps = KernelMaps::take(&mut ebpf, pin_dir).map_err(DatapathError::Load)?;
         Ok((
             Datapath {
                 ebpf,
                 pin_dir: pin_dir.to_path_buf(),
+                tc_mode: TcMode::Tcx,
                 links: BTreeSet::new(),
+                filtered: BTreeSet::new(),
+                made: Some(Vec::new()),
+                sock_loaded: false,
             },
             maps,
         ))
     }
 
-    /// Attaches the hooks for `ingress` to `iface`, each through a pinned
-    /// link: a previous agent's link there gets our program swapped in,
-    /// else a new link is made. `Replaced` if any previous link was reused.
+    /// TC programs go into TCX links (the default) or clsact filters.
+    pub fn set_tc_mode(&mut self, mode: TcMode) {
+        self.tc_mode = mode;
+    }
+
+    pub fn tc_mode(&self) -> TcMode {
+        self.tc_mode
+    }
+
+    /// Attaches the hooks for `ingress` to `iface`: through a pinned link
+    /// (a previous agent's gets our program swapped in, else a new link is
+    /// made), or for TC without TCX through a clsact filter (a previous
+    /// agent's is replaced in place, else one is added, with the qdisc if
+    /// there is none). `Replaced` if anything was taken over.
     ///
-    /// All or nothing for new links: they are pinned only once every hook
-    /// is attached. If one fails (say a CNI renamed or deleted the
-    /// interface half-way), the others are closed unpinned, which detaches
-    /// them at once, so a later attempt under the new name finds the device
-    /// free. (An unpinned link is freed from a kernel work queue, later.)
+    /// All or nothing for what is new: links are pinned only once every
+    /// hook is attached. If one fails (say a CNI renamed or deleted the
+    /// interface half-way), the new links are closed unpinned, which
+    /// detaches them at once, and new filters are removed, so a later
+    /// attempt under the new name finds the device free. (An unpinned link
+    /// is freed from a kernel work queue, later.)
     pub fn attach_iface(
         &mut self,
         iface: &str,
         ingress: Ingress,
     ) -> Result<Attached, DatapathError> {
         let mut outcome = Attached::New;
-        let mut made = Vec::new();
-        for hook in Hook::for_ingress(ingress) {
-            if self.reuse_pinned(iface, hook)? {
-                outcome = Attached::Replaced;
-            } else {
-                made.push((hook.pin_name(iface), self.new_link(iface, hook)?));
-            }
+        let mut links = Vec::new();
+        let mut filters = Vec::new();
+        let attached = self.attach_hooks(iface, ingress, &mut outcome, &mut links, &mut filters);
+        if let Err(e) = attached {
+            drop(links);
+            remove_filters(&filters);
+            return Err(e);
         }
-        for (name, link) in made {
+        for (name, link) in links {
             self.pin_link(link, &name)?;
+        }
+        if let Some(made) = &mut self.made {
+            made.extend(filters);
         }
         Ok(outcome)
     }
 
+    fn attach_hooks(
+        &mut self,
+        iface: &str,
+        ingress: Ingress,
+        outcome: &mut Attached,
+        links: &mut Vec<(String, FdLink)>,
+        filters: &mut Vec<Made>,
+    ) -> Result<(), DatapathError> {
+        for hook in Hook::for_ingress(ingress) {
+            if let (TcMode::Netlink, Some(dir)) = (self.tc_mode, hook.clsact_direction()) {
+                if let Some(made) = self.set_filter(iface, hook, dir)? {
+                    filters.push(made);
+                } else {
+                    *outcome = Attached::Replaced;
+                }
+            } else if self.reuse_pinned(iface, hook)? {
+                *outcome = Attached::Replaced;
+            } else {
+                links.push((hook.pin_name(iface), self.new_link(iface, hook)?));
+            }
+        }
+        Ok(())
+    }
+
+    /// Our program for `hook` in our clsact filter on `iface`: the filter
+    /// a previous agent left is replaced in place (None), else a new one
+    /// is made (and returned), adding the clsact qdisc if there is none.
+    fn set_filter(
+        &mut self,
+        iface: &str,
+        hook: Hook,
+        dir: Direction,
+    ) -> Result<Option<Made>, DatapathError> {
+        let program = hook.program();
+        let error = |source: std::io::Error| DatapathError::Filter {
+            program,
+            iface: iface.to_string(),
+            source,
+        };
+        let ifindex = nix::net::if_::if_nametoindex(iface).map_err(|e| error(e.into()))?;
+        let ours: Vec<clsact::Filter> = Direction::BOTH
+            .into_iter()
+            .map(|d| clsact::filters(ifindex, d))
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(error)?
+            .into_iter()
+            .flatten()
+            .filter(|f| f.is_ours(&TC_PROGRAMS))
+            .collect();
+        let existing = clsact::filters(ifindex, dir)
+            .map_err(error)?
+            .into_iter()
+            .find(|f| f.is_ours(&TC_PROGRAMS));
+        let fd = self
+            .tc_mut(hook)
+            .fd()
+            .map_err(|e| error(std::io::Error::other(e)))?;
+        let fd = fd
+            .try_clone()
+            .map_err(|e| error(std::io::Error::other(e)))?;
+        if let Some(f) = existing {
+            clsact::set_filter(ifindex, dir, f.handle, fd.as_fd(), program, true).map_err(error)?;
+            self.filtered.insert(ifindex);
+            return Ok(None);
+        }
+        // The qdisc is ours if a filter of ours on the other hook says so,
+        // or if we add it now.
+        let qdisc_ours = ours.iter().any(clsact::Filter::qdisc_ours)
+            || (!clsact::has_clsact(ifindex).map_err(error)?
+                && clsact::add_clsact(ifindex).map_err(error)?);
+        let handle = clsact::our_handle(qdisc_ours);
+        if let Err(e) = clsact::set_filter(ifindex, dir, handle, fd.as_fd(), program, false) {
+            if qdisc_ours && ours.is_empty() {
+                let _ = clsact::del_clsact(ifindex);
+            }
+            return Err(error(e));
+        }
+        self.filtered.insert(ifindex);
+        Ok(Some(Made::Filter {
+            ifindex,
+            dir,
+            handle,
+        }))
+    }
+
     /// Removes the links of `iface` (any hook): their programs detach, or,
     /// for an interface that is gone, the kernel's defunct links are freed.
+    /// Its clsact filters too, if it is still there.
     pub fn detach_iface(&mut self, iface: &str) -> std::io::Result<()> {
         for hook in Hook::ALL {
             let name = hook.pin_name(iface);
             pins::remove_link(&self.pin_dir, &name)?;
             self.links.remove(&name);
+        }
+        if let Ok(ifindex) = nix::net::if_::if_nametoindex(iface) {
+            self.filtered.remove(&ifindex);
+            remove_our_filters(ifindex)?;
         }
         Ok(())
     }
@@ -297,6 +463,10 @@ impl Datapath {
         let dir = pins::links_dir(&self.pin_dir);
         let mut moved = true;
         for hook in Hook::for_ingress(ingress) {
+            if self.tc_mode == TcMode::Netlink && hook.clsact_direction().is_some() {
+                // A filter belongs to the interface, whatever its name.
+                continue;
+            }
             let (old, new) = (hook.pin_name(from), hook.pin_name(to));
             match std::fs::rename(dir.join(&old), dir.join(&new)) {
                 Ok(()) => {
@@ -351,7 +521,7 @@ impl Datapath {
                         Ok(())
                     })
             }
-            Hook::Xdp => aya::programs::xdp::XdpLink::try_from(old)
+            Hook::Xdp(_) => aya::programs::xdp::XdpLink::try_from(old)
                 .map_err(anyhow::Error::from)
                 .and_then(|l| {
                     let p = self.xdp_mut();
@@ -391,9 +561,26 @@ impl Datapath {
                 let link = p.take_link(id).map_err(attach_error)?;
                 FdLink::try_from(link).map_err(|e| DatapathError::Pins(e.into()))
             }
-            Hook::Xdp => {
+            Hook::Xdp(mode) => {
+                // The link of another mode a previous agent left must go
+                // first: a device runs XDP in one mode at a time.
+                for other in Hook::ALL {
+                    if matches!(other, Hook::Xdp(m) if m != mode) {
+                        let name = other.pin_name(iface);
+                        if pins::links_dir(&self.pin_dir).join(&name).exists() {
+                            tracing::info!(iface, mode = mode.label(), "changing the XDP mode: detaching the previous agent's {} link first", other.label());
+                            pins::remove_link(&self.pin_dir, &name)
+                                .map_err(|e| DatapathError::Pins(e.into()))?;
+                        }
+                    }
+                }
                 let p = self.xdp_mut();
-                let id = p.attach(iface, XdpMode::Default).map_err(attach_error)?;
+                let flags = match mode {
+                    XdpAttach::Auto => XdpMode::Default,
+                    XdpAttach::Native => XdpMode::Driver,
+                    XdpAttach::Generic => XdpMode::Skb,
+                };
+                let id = p.attach(iface, flags).map_err(attach_error)?;
                 let link = p.take_link(id).map_err(attach_error)?;
                 FdLink::try_from(link).map_err(|e| DatapathError::Pins(e.into()))
             }
@@ -418,6 +605,12 @@ impl Datapath {
             )
         })?;
         let cgroup_id = std::os::unix::fs::MetadataExt::ino(&dir.metadata()?);
+        if !self.sock_loaded {
+            for prog in program_names::SOCK_ALL {
+                load_program(&mut self.ebpf, prog)?;
+            }
+            self.sock_loaded = true;
+        }
         let mut outcome = Attached::New;
         for prog in program_names::SOCK_ALL {
             let name = format!("{prog}_cg{cgroup_id}");
@@ -441,17 +634,30 @@ impl Datapath {
         Ok(outcome)
     }
 
-    /// Removes pinned links this agent did not attach or take over (an
-    /// interface or cgroup no longer asked for): their programs detach.
+    /// Removes pinned links and clsact filters of ours this agent did not
+    /// attach or take over (an interface or cgroup no longer asked for, or
+    /// the other TC mode's): their programs detach.
     pub fn remove_other_links(&self) -> std::io::Result<Vec<String>> {
-        let stale: Vec<String> = pins::pinned_links(&self.pin_dir)
+        let mut stale: Vec<String> = pins::pinned_links(&self.pin_dir)
             .into_iter()
             .filter(|n| !self.links.contains(n))
             .collect();
         for name in &stale {
             pins::remove_link(&self.pin_dir, name)?;
         }
+        for (ifindex, iface, _) in our_filters_everywhere()? {
+            if !self.filtered.contains(&ifindex) && remove_our_filters(ifindex)? {
+                stale.push(format!("clsact filters on {iface}"));
+            }
+        }
+        stale.dedup();
         Ok(stale)
+    }
+
+    /// The start is complete: from now on what is attached stays attached
+    /// when the agent exits, for the next one.
+    pub fn started(&mut self) {
+        self.made = None;
     }
 
     fn pinned_link(&self, path: &Path) -> Result<Option<FdLink>, DatapathError> {
@@ -474,6 +680,9 @@ impl Datapath {
         link.pin(dir.join(name))
             .map_err(|e| DatapathError::Pins(anyhow::anyhow!("pinning link {name}: {e}")))?;
         self.links.insert(name.to_string());
+        if let Some(made) = &mut self.made {
+            made.push(Made::Link(name.to_string()));
+        }
         Ok(())
     }
 
@@ -516,14 +725,152 @@ impl Datapath {
     /// Exits leaving the datapath running: links and maps stay pinned for
     /// the next agent (`cleanup: false`), or removes everything this agent
     /// pinned, which detaches the programs (`cleanup: true`).
+    ///
+    /// Before the start was complete (`started`), what this agent attached
+    /// anew is removed either way: a failed start leaves no program of its
+    /// own attached (what it took over from a previous agent stays, now
+    /// running our programs on the same maps).
     pub fn shutdown(self, cleanup: bool) -> std::io::Result<()> {
-        let Datapath { ebpf, pin_dir, .. } = self;
+        let Datapath {
+            ebpf,
+            pin_dir,
+            made,
+            ..
+        } = self;
+        for made in made.iter().flatten() {
+            match made {
+                Made::Link(name) => pins::remove_link(&pin_dir, name)?,
+                Made::Filter { .. } => remove_filters(std::slice::from_ref(made)),
+            }
+        }
         drop(ebpf);
         if cleanup {
-            pins::remove_all(&pin_dir)?;
+            remove_all(&pin_dir)?;
         }
         Ok(())
     }
+}
+
+/// Our TC programs' names, as clsact filters carry them.
+const TC_PROGRAMS: [&str; 2] = [program_names::TC, program_names::TC_EGRESS];
+
+/// Everything an agent leaves under `pin_dir` and every clsact filter of
+/// ours in this network namespace (with the qdiscs it added): after this
+/// no program of ours is attached.
+pub fn remove_all(pin_dir: &Path) -> std::io::Result<()> {
+    pins::remove_all(pin_dir)?;
+    for (ifindex, _, _) in our_filters_everywhere()? {
+        remove_our_filters(ifindex)?;
+    }
+    Ok(())
+}
+
+/// Our clsact filters on every interface of this network namespace:
+/// (index, name, filter).
+pub fn our_filters_everywhere() -> std::io::Result<Vec<(u32, String, Hook)>> {
+    let mut out = Vec::new();
+    for iface in nix::net::if_::if_nameindex()?.iter() {
+        let name = iface.name().to_string_lossy().into_owned();
+        for dir in Direction::BOTH {
+            for f in clsact::filters(iface.index(), dir)? {
+                if f.is_ours(&TC_PROGRAMS) {
+                    out.push((iface.index(), name.clone(), Hook::of_direction(dir)));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Removes our clsact filters from `ifindex`, and the qdisc if we added it
+/// and nothing else is on it: true if there were any.
+fn remove_our_filters(ifindex: u32) -> std::io::Result<bool> {
+    let mut qdisc_ours = false;
+    let mut found = false;
+    for dir in Direction::BOTH {
+        for f in clsact::filters(ifindex, dir)? {
+            if f.is_ours(&TC_PROGRAMS) {
+                found = true;
+                qdisc_ours |= f.qdisc_ours();
+                ignore_gone(clsact::del_filter(ifindex, dir, f.handle))?;
+            }
+        }
+    }
+    if qdisc_ours {
+        remove_qdisc_if_empty(ifindex)?;
+    }
+    Ok(found)
+}
+
+/// Takes back filters made by a start that failed (best effort: the
+/// interface may be gone, which took them away already).
+fn remove_filters(made: &[Made]) {
+    for m in made {
+        if let Made::Filter {
+            ifindex,
+            dir,
+            handle,
+        } = m
+        {
+            let _ = clsact::del_filter(*ifindex, *dir, *handle);
+            if *handle as u16 & clsact::QDISC_OURS != 0 {
+                let _ = remove_qdisc_if_empty(*ifindex);
+            }
+        }
+    }
+}
+
+/// Removes the clsact qdisc of `ifindex` if no filter is left on it (one
+/// another tool added after us keeps it).
+fn remove_qdisc_if_empty(ifindex: u32) -> std::io::Result<()> {
+    let left = Direction::BOTH
+        .into_iter()
+        .map(|d| clsact::filters(ifindex, d).map(|f| f.len()))
+        .sum::<std::io::Result<usize>>()?;
+    if left == 0 {
+        ignore_gone(clsact::del_clsact(ifindex))?;
+    }
+    Ok(())
+}
+
+/// The interface or the object went away meanwhile: nothing left to do.
+fn ignore_gone(r: std::io::Result<()>) -> std::io::Result<()> {
+    match r {
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENODEV | libc::ENOENT | libc::EINVAL)
+            ) =>
+        {
+            Ok(())
+        }
+        r => r,
+    }
+}
+
+/// Loads one program of the object, with the verifier's last lines if the
+/// kernel refuses it.
+fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DatapathError> {
+    let program = ebpf
+        .program_mut(name)
+        .expect("the object defines this program");
+    let loaded = match program {
+        aya::programs::Program::SchedClassifier(p) => p.load(),
+        aya::programs::Program::Xdp(p) => p.load(),
+        aya::programs::Program::CgroupSockAddr(p) => p.load(),
+        _ => unreachable!("lb programs are TC, XDP and cgroup sock_addr"),
+    };
+    loaded.map_err(|e| match e {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => DatapathError::Verifier {
+            program: name,
+            io_error,
+            log_tail: tail(&verifier_log.to_string(), 20),
+        },
+        other => DatapathError::Load(aya::EbpfError::ProgramError(other)),
+    })
 }
 
 fn tail(text: &str, lines: usize) -> String {

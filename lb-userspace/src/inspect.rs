@@ -39,6 +39,11 @@ pub fn status(pin_dir: &Path) -> anyhow::Result<String> {
                 .push(prog.to_string());
         }
     }
+    // TC without TCX: clsact filters, found on the interfaces themselves.
+    let filters = crate::datapath::our_filters_everywhere().unwrap_or_default();
+    for (_, iface, hook) in &filters {
+        ifaces.entry(iface.clone()).or_default().push(hook.label());
+    }
     let has_cgroup_hooks = !cgroups.is_empty();
     match read_config(pin_dir) {
         Some(cfg) if cfg.netns_cookie != 0 => {
@@ -63,9 +68,24 @@ pub fn status(pin_dir: &Path) -> anyhow::Result<String> {
         }
         _ => writeln!(out, "config: not written yet")?,
     }
+    let tcx = ifaces.values().flatten().any(|h| h.starts_with("tc_"))
+        && pins::pinned_links(pin_dir).iter().any(|n| {
+            matches!(
+                Hook::parse_pin(n),
+                Some((Hook::TcIngress | Hook::TcEgress, _))
+            )
+        });
+    let tc = match (tcx, filters.is_empty()) {
+        (true, true) => "TCX links",
+        (false, false) => "clsact filters (netlink)",
+        (true, false) => "TCX links and clsact filters (an agent is switching)",
+        (false, true) => "none",
+    };
+    writeln!(out, "TC attachment: {tc}")?;
     writeln!(out, "interfaces: {}", ifaces.len())?;
     for (iface, mut hooks) in ifaces {
         hooks.sort();
+        hooks.dedup();
         writeln!(out, "  {iface:<16} {}", hooks.join(" "))?;
     }
     writeln!(out, "socket hooks: {} cgroup(s)", cgroups.len())?;

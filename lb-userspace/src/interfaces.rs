@@ -34,7 +34,63 @@ pub enum LinkKind {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Ingress {
     Tc,
-    Xdp,
+    Xdp(XdpAttach),
+}
+
+/// `--xdp-iface NAME[:MODE]`: how XDP is attached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum XdpAttach {
+    /// The kernel chooses: native where the driver has XDP, else generic.
+    #[default]
+    Auto,
+    /// In the driver (fails where the driver has no XDP).
+    Native,
+    /// In the kernel's receive path, after the driver (any device, slower:
+    /// for NICs without native XDP).
+    Generic,
+}
+
+impl XdpAttach {
+    pub fn label(self) -> &'static str {
+        match self {
+            XdpAttach::Auto => "auto",
+            XdpAttach::Native => "native",
+            XdpAttach::Generic => "generic",
+        }
+    }
+}
+
+/// One `--xdp-iface` value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct XdpIface {
+    pub name: String,
+    pub mode: XdpAttach,
+}
+
+impl std::str::FromStr for XdpIface {
+    type Err = String;
+
+    /// `eth0`, `eth0:native`, `eth0:generic` (interface names cannot hold
+    /// a colon).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (name, mode) = match s.split_once(':') {
+            None => (s, XdpAttach::Auto),
+            Some((name, "native")) => (name, XdpAttach::Native),
+            Some((name, "generic")) => (name, XdpAttach::Generic),
+            Some((_, other)) => {
+                return Err(format!(
+                    "XDP mode {other:?}: give NAME, NAME:native or NAME:generic"
+                ))
+            }
+        };
+        if name.is_empty() {
+            return Err("an interface name is needed before the mode".into());
+        }
+        Ok(XdpIface {
+            name: name.to_string(),
+            mode,
+        })
+    }
 }
 
 /// Why an interface is not followed.
@@ -67,7 +123,7 @@ impl std::fmt::Display for Skip {
 pub struct Selection {
     include: Vec<Pattern>,
     exclude: Vec<Pattern>,
-    xdp: Vec<String>,
+    xdp: Vec<XdpIface>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,7 +139,7 @@ impl Selection {
     pub fn new(
         include: &[String],
         exclude: &[String],
-        xdp: &[String],
+        xdp: &[XdpIface],
     ) -> Result<Selection, BadPattern> {
         let compile = |flag: &'static str, patterns: &[String]| {
             patterns
@@ -107,8 +163,8 @@ impl Selection {
     /// How `link` is hooked, or why it is not.
     pub fn judge(&self, link: &Link) -> Result<Ingress, Skip> {
         // Named explicitly: the user knows the device.
-        if self.xdp.contains(&link.name) {
-            return Ok(Ingress::Xdp);
+        if let Some(x) = self.xdp.iter().find(|x| x.name == link.name) {
+            return Ok(Ingress::Xdp(x.mode));
         }
         match link.kind {
             LinkKind::Loopback => return Err(Skip::Loopback),
@@ -132,7 +188,7 @@ impl Selection {
             .iter()
             .map(Pattern::as_str)
             .filter(|p| !p.contains(['*', '?', '[']))
-            .chain(self.xdp.iter().map(String::as_str))
+            .chain(self.xdp.iter().map(|x| x.name.as_str()))
             .collect()
     }
 }
@@ -327,7 +383,8 @@ mod tests {
 
     fn sel(include: &[&str], exclude: &[&str], xdp: &[&str]) -> Selection {
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-        Selection::new(&s(include), &s(exclude), &s(xdp)).unwrap()
+        let xdp: Vec<XdpIface> = xdp.iter().map(|x| x.parse().unwrap()).collect();
+        Selection::new(&s(include), &s(exclude), &xdp).unwrap()
     }
 
     fn attach(name: &str, ingress: Ingress) -> Step {
@@ -368,7 +425,7 @@ mod tests {
     fn patterns_narrow_exclusions_remove_and_xdp_names_win() {
         let s = sel(&["eth*", "veth*"], &["veth-skip*"], &["eth1"]);
         assert_eq!(s.judge(&eth(2, "eth0")), Ok(Ingress::Tc));
-        assert_eq!(s.judge(&eth(3, "eth1")), Ok(Ingress::Xdp));
+        assert_eq!(s.judge(&eth(3, "eth1")), Ok(Ingress::Xdp(XdpAttach::Auto)));
         assert_eq!(s.judge(&eth(4, "vethab12")), Ok(Ingress::Tc));
         assert_eq!(s.judge(&eth(5, "veth-skip1")), Err(Skip::Excluded));
         assert_eq!(s.judge(&eth(6, "lxc1")), Err(Skip::NotIncluded));
@@ -383,7 +440,10 @@ mod tests {
         ifs.set_present(vec![eth(2, "eth0"), eth(3, "eth1"), eth(4, "dummy0")]);
         assert_eq!(
             settle(&mut ifs),
-            vec![attach("eth0", Ingress::Tc), attach("eth1", Ingress::Xdp)]
+            vec![
+                attach("eth0", Ingress::Tc),
+                attach("eth1", Ingress::Xdp(XdpAttach::Auto))
+            ]
         );
         ifs.link_changed(eth(7, "veth7"));
         assert_eq!(settle(&mut ifs), vec![attach("veth7", Ingress::Tc)]);
@@ -400,7 +460,10 @@ mod tests {
         );
         assert_eq!(
             ifs.in_force(),
-            vec![("eth0".into(), Ingress::Tc), ("eth1".into(), Ingress::Xdp)]
+            vec![
+                ("eth0".into(), Ingress::Tc),
+                ("eth1".into(), Ingress::Xdp(XdpAttach::Auto))
+            ]
         );
     }
 
@@ -465,5 +528,16 @@ mod tests {
         // Gone: nothing of it is left attached, the detach is harmless.
         ifs.link_removed(4);
         assert!(matches!(ifs.plan()[..], [(4, Step::Detach { .. })]));
+    }
+
+    #[test]
+    fn an_xdp_interface_takes_an_optional_mode() {
+        let x = |s: &str| s.parse::<XdpIface>();
+        assert_eq!(x("eth0").unwrap().mode, XdpAttach::Auto);
+        assert_eq!(x("eth0:native").unwrap().mode, XdpAttach::Native);
+        let g = x("enp1s0:generic").unwrap();
+        assert_eq!((g.name.as_str(), g.mode), ("enp1s0", XdpAttach::Generic));
+        assert!(x("eth0:offload").unwrap_err().contains("NAME:generic"));
+        assert!(x(":native").is_err());
     }
 }

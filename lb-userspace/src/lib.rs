@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod catalog;
+pub mod clsact;
 pub mod conntrack;
 pub mod datapath;
 pub mod healthcheck;
@@ -21,6 +22,7 @@ pub mod model;
 pub mod pins;
 pub mod planner;
 pub mod ports;
+pub mod probes;
 pub mod source;
 pub mod status;
 pub mod system;

@@ -7,8 +7,10 @@ use clap::{Parser, Subcommand};
 use lb_common::{map_names, Counter, Verdict};
 use lb_userspace::{
     agent::{self, parse_node_ip, RunOptions, SourceOptions, DEFAULT_PIN_DIR},
+    interfaces::XdpIface,
     model::NodeConfig,
     ports::PortRange,
+    probes::TcAttach,
 };
 
 #[derive(Parser)]
@@ -48,9 +50,17 @@ enum Command {
         #[arg(long = "exclude-iface", value_name = "PATTERN")]
         exclude_ifaces: Vec<String>,
         /// Use XDP instead of TC ingress on this interface (NICs with
-        /// complete receive checksums; see the README). Exact name.
-        #[arg(long = "xdp-iface", value_name = "NAME")]
-        xdp_ifaces: Vec<String>,
+        /// complete receive checksums; see the README). Exact name, then
+        /// optionally the mode: NAME (the kernel chooses: native where the
+        /// driver has XDP), NAME:native, or NAME:generic (NICs without
+        /// native XDP).
+        #[arg(long = "xdp-iface", value_name = "NAME[:MODE]")]
+        xdp_ifaces: Vec<XdpIface>,
+        /// How TC programs attach: auto (TCX on kernels 6.6 and later,
+        /// else netlink), tcx (bpf_links), or netlink (a clsact qdisc and
+        /// direct-action filters).
+        #[arg(long, value_enum, value_name = "MODE", default_value = "auto")]
+        tc_attach: TcAttach,
         /// This node's address; NodePorts answer on each one given. From
         /// the API: the Node's InternalIP and ExternalIP addresses.
         #[arg(long = "node-ip", value_name = "ADDR", value_parser = parse_node_ip)]
@@ -139,6 +149,7 @@ fn main() -> ExitCode {
             ifaces,
             exclude_ifaces,
             xdp_ifaces,
+            tc_attach,
             node_ips,
             node_name,
             pin_dir,
@@ -160,6 +171,7 @@ fn main() -> ExitCode {
                 ifaces,
                 exclude_ifaces,
                 xdp_ifaces,
+                tc_attach,
                 node: NodeConfig {
                     name: node_name,
                     node_ips,

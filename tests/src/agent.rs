@@ -211,7 +211,7 @@ impl Agent {
     /// What `lb status` prints for this agent's pin directory.
     pub fn status(&self) -> String {
         crate::netns::sh(
-            Command::new(lb_bin())
+            lb_in_named(&self.netns)
                 .arg("status")
                 .arg("--pin-dir")
                 .arg(&self.pin_dir),
@@ -332,6 +332,78 @@ pub fn tcx_programs(
             .iter()
             .map(|p| p.name_as_str().unwrap_or("?").to_string())
             .collect()
+    })
+    .unwrap()
+}
+
+/// `lb` to run in `ns`'s network namespace (the root mount namespace
+/// stays: the pins are where the agents put them). `ip netns exec` would
+/// remount /sys and hide them.
+pub fn lb_in(ns: &Netns) -> Command {
+    lb_in_named(&ns.name)
+}
+
+fn lb_in_named(netns: &str) -> Command {
+    let path = format!("/run/netns/{netns}");
+    let mut cmd = Command::new(lb_bin());
+    // SAFETY: open and setns are async-signal-safe; the fd is closed by
+    // exec (O_CLOEXEC).
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = nix::fcntl::open(
+                path.as_str(),
+                nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            )?;
+            if libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// Names of our programs on TC hook `direction` of `iface` in `ns`, in
+/// order: TCX links first (they run first), then our clsact filters (TC
+/// without TCX, `--tc-attach netlink`).
+pub fn tc_programs(ns: &Netns, iface: &str, direction: aya::programs::TcAttachType) -> Vec<String> {
+    let mut names = tcx_programs(ns, iface, direction);
+    names.extend(
+        clsact_filters(ns, iface, direction)
+            .into_iter()
+            .filter(|f| f.is_ours(&["lb_tc_ingress", "lb_tc_egress"]))
+            .map(|f| f.program),
+    );
+    names
+}
+
+/// Every filter on clsact hook `direction` of `iface` in `ns`.
+pub fn clsact_filters(
+    ns: &Netns,
+    iface: &str,
+    direction: aya::programs::TcAttachType,
+) -> Vec<lb_userspace::clsact::Filter> {
+    use lb_userspace::clsact::{filters, Direction};
+    let dir = match direction {
+        aya::programs::TcAttachType::Egress => Direction::Egress,
+        _ => Direction::Ingress,
+    };
+    let iface = iface.to_string();
+    ns.run(move || {
+        let index = nix::net::if_::if_nametoindex(iface.as_str())
+            .unwrap_or_else(|e| panic!("no interface {iface}: {e}"));
+        filters(index, dir).unwrap_or_else(|e| panic!("listing filters on {iface}: {e}"))
+    })
+    .unwrap()
+}
+
+/// Whether `iface` in `ns` has a clsact qdisc.
+pub fn has_clsact(ns: &Netns, iface: &str) -> bool {
+    let iface = iface.to_string();
+    ns.run(move || {
+        let index = nix::net::if_::if_nametoindex(iface.as_str()).unwrap();
+        lb_userspace::clsact::has_clsact(index).unwrap()
     })
     .unwrap()
 }

@@ -472,9 +472,7 @@ fn a_restarted_agent_adopts_interfaces_that_came_and_went_while_it_was_down() {
     let logs = agent.logs().join("\n");
     for iface in ["eth0", "p1"] {
         assert!(
-            logs.contains(&format!(
-                "replaced the programs in the pinned links iface={iface} "
-            )),
+            logs.contains(&format!("replaced the programs in place iface={iface} ")),
             "{logs}"
         );
     }

@@ -76,17 +76,38 @@ fn cluster_ip() -> SocketAddrV4 {
     SocketAddrV4::new(CLUSTER_IP, 80)
 }
 
-/// TC ingress programs attached at `iface` in `ns`, by name.
+/// TC ingress programs attached at `iface` in `ns`, by name (TCX links
+/// and clsact filters).
 fn attached(ns: &Netns, iface: &str) -> Vec<String> {
-    lb_tests::agent::tcx_programs(ns, iface, aya::programs::TcAttachType::Ingress)
+    lb_tests::agent::tc_programs(ns, iface, aya::programs::TcAttachType::Ingress)
+}
+
+/// TC without TCX, as on kernels before 6.6 (this kernel has TCX; the
+/// agent is told to use clsact filters instead).
+fn netlink() -> Vec<String> {
+    vec!["--tc-attach".into(), "netlink".into()]
 }
 
 #[test]
 fn established_streams_survive_an_agent_restart_and_flow_while_no_agent_runs() {
+    streams_survive_a_restart(&[]);
+}
+
+/// The same through clsact filters: the next agent replaces the program
+/// in each filter in place.
+#[test]
+fn established_streams_survive_a_restart_with_tc_filters_replaced_in_place() {
+    streams_survive_a_restart(&netlink());
+}
+
+fn streams_survive_a_restart(extra: &[String]) {
     // Backends on node B only: the NodePort stream is SNATed by node A, the
     // ClusterIP stream from a pod of node A is DNATed.
     let w = world(&[(1, 0), (1, 1)]);
-    let mut agent = w.agent_a(&[]);
+    let mut agent = w.agent_a(extra);
+    let node = &w.c.nodes[0].ns;
+    let filters_before =
+        lb_tests::agent::clsact_filters(node, "eth0", aya::programs::TcAttachType::Ingress);
     let snat = StreamReader::open(&w.c.client, w.node_port()).unwrap();
     let dnat = StreamReader::open(w.pod(0, 0), cluster_ip()).unwrap();
     for s in [&snat, &dnat] {
@@ -118,14 +139,22 @@ fn established_streams_survive_an_agent_restart_and_flow_while_no_agent_runs() {
         logs.contains("adopting the datapath a previous agent left running"),
         "{logs}"
     );
-    assert!(
-        logs.contains("replaced the programs in the pinned links"),
-        "{logs}"
-    );
+    assert!(logs.contains("replaced the programs in place"), "{logs}");
     assert!(logs.contains("kept=2 deleted=0"), "{logs}");
     assert!(!logs.contains("recreating"), "{logs}");
     // Exactly one program per interface: swapped, not stacked.
     assert_eq!(attached(&w.c.nodes[0].ns, "eth0"), ["lb_tc_ingress"]);
+    let filters_after =
+        lb_tests::agent::clsact_filters(node, "eth0", aya::programs::TcAttachType::Ingress);
+    if extra.is_empty() {
+        assert!(filters_before.is_empty() && filters_after.is_empty());
+    } else {
+        // The same filter (priority, handle) now runs the new program.
+        let (b, a) = (&filters_before[0], &filters_after[0]);
+        assert_eq!((filters_before.len(), filters_after.len()), (1, 1));
+        assert_eq!((b.priority, b.handle), (a.priority, a.handle));
+        assert_ne!(b.program_id, a.program_id, "the program was not replaced");
+    }
     for s in [&snat, &dnat] {
         s.wait_for_more(SOME, PATIENCE).unwrap();
     }
@@ -190,9 +219,19 @@ fn a_restart_that_changes_the_backend_set_keeps_streams_whose_backend_remains() 
 
 #[test]
 fn cleanup_on_exit_and_lb_cleanup_detach_and_unpin_everything() {
+    cleanup_detaches_everything(&[]);
+}
+
+#[test]
+fn cleanup_on_exit_and_lb_cleanup_remove_tc_filters_and_the_qdisc_added() {
+    cleanup_detaches_everything(&netlink());
+}
+
+fn cleanup_detaches_everything(extra: &[String]) {
     let w = world(&[(0, 0)]);
     let node = &w.c.nodes[0].ns;
-    let cleanup = ["--cleanup-on-exit".to_string()];
+    let mut cleanup = vec!["--cleanup-on-exit".to_string()];
+    cleanup.extend_from_slice(extra);
 
     // --cleanup-on-exit: SIGTERM and SIGINT both detach and unpin.
     for signal in [
@@ -204,6 +243,10 @@ fn cleanup_on_exit_and_lb_cleanup_detach_and_unpin_everything() {
         let status = agent.stop_with(signal).unwrap();
         assert!(status.success(), "{signal}: {status}");
         assert!(attached(node, "eth0").is_empty(), "{signal}");
+        assert!(
+            !lb_tests::agent::has_clsact(node, "eth0"),
+            "{signal}: qdisc left"
+        );
         assert!(!agent.pin_dir.exists(), "{signal}: pins left");
         let after = w.c.client.run(|| tcp_who(w_node_port())).unwrap();
         assert!(
@@ -214,7 +257,7 @@ fn cleanup_on_exit_and_lb_cleanup_detach_and_unpin_everything() {
 
     // Without it the datapath stays; `lb cleanup` removes it, and refuses
     // while an agent runs.
-    let mut agent = w.agent_a(&[]);
+    let mut agent = w.agent_a(extra);
     let pin_dir = agent.pin_dir.clone();
     let running = Command::new(lb_bin())
         .args(["cleanup", "--pin-dir"])
@@ -227,16 +270,18 @@ fn cleanup_on_exit_and_lb_cleanup_detach_and_unpin_everything() {
     );
     agent.stop_with(nix::sys::signal::Signal::SIGTERM).unwrap();
     assert_eq!(attached(node, "eth0"), ["lb_tc_ingress"]);
-    assert!(pin_dir.join("links").exists() && pin_dir.join("lb_frontends").exists());
+    assert!(pin_dir.join("lb_frontends").exists());
+    assert_eq!(pin_dir.join("links").exists(), extra.is_empty());
     w.c.client
         .run(|| tcp_who(w_node_port()))
         .unwrap()
         .expect("still served with no agent");
-    sh(Command::new(lb_bin())
+    sh(lb_tests::agent::lb_in(node)
         .args(["cleanup", "--pin-dir"])
         .arg(&pin_dir))
     .unwrap();
     assert!(attached(node, "eth0").is_empty());
+    assert!(!lb_tests::agent::has_clsact(node, "eth0"), "qdisc left");
     assert!(!pin_dir.exists(), "pins left in {}", pin_dir.display());
 }
 
