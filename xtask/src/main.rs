@@ -2,6 +2,7 @@
 //! commands. Each installs what it is missing first (idempotent and fast
 //! when everything is present), so a fresh machine needs nothing else.
 
+mod kernels;
 mod prereqs;
 
 use std::{
@@ -32,6 +33,17 @@ enum Cmd {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Run the packet fixtures and the smoke test on the newest Debian 6.1
+    /// and 6.12 kernels, each booted in qemu (TCG): one PASS/FAIL line per
+    /// kernel and test.
+    TestKernels {
+        /// Only this series ("6.1" or "6.12").
+        #[arg(long)]
+        only: Option<String>,
+        /// Hard time limit per guest, in minutes.
+        #[arg(long, default_value_t = 25)]
+        limit_minutes: u64,
     },
     /// Run the benchmarks (ns/packet via BPF_PROG_TEST_RUN, Maglev build).
     Bench,
@@ -75,6 +87,21 @@ fn main() -> anyhow::Result<()> {
                 .args(&args)
                 .env("LB_BIN", root.join("target/release/lb"));
             run(&mut cmd)
+        }
+        Cmd::TestKernels {
+            only,
+            limit_minutes,
+        } => {
+            prereqs::ensure_all()?;
+            prereqs::ensure_kernel_tools()?;
+            build_all(&root)?;
+            kernels::run(
+                &root,
+                &kernels::Options {
+                    only,
+                    limit: std::time::Duration::from_secs(limit_minutes * 60),
+                },
+            )
         }
         Cmd::Fuzz { packets, seed } => {
             prereqs::ensure_all()?;

@@ -22,7 +22,18 @@ pub fn ensure_build_tools() -> anyhow::Result<()> {
 /// Build tools plus the system tools the demo and tests use.
 pub fn ensure_all() -> anyhow::Result<()> {
     ensure_build_tools()?;
-    ensure_packages()
+    ensure_packages(&PACKAGES)
+}
+
+/// What `test-kernels` needs besides: qemu, a static busybox for the
+/// guest, cpio for its initramfs.
+pub fn ensure_kernel_tools() -> anyhow::Result<()> {
+    ensure_packages(&[
+        ("qemu-system-x86", "qemu-system-x86_64"),
+        ("busybox-static", "busybox"),
+        ("cpio", "cpio"),
+        ("xz-utils", "xz"),
+    ])
 }
 
 fn output(cmd: &mut Command) -> Option<String> {
@@ -112,8 +123,8 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn ensure_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = PACKAGES
+fn ensure_packages(packages: &[(&str, &str)]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .filter(|(_, cmd)| {
             output(Command::new("sh").args(["-c", &format!("command -v {cmd}")])).is_none()
