@@ -390,19 +390,16 @@ impl Datapath {
             source,
         };
         let ifindex = nix::net::if_::if_nametoindex(iface).map_err(|e| error(e.into()))?;
-        let ours: Vec<clsact::Filter> = Direction::BOTH
-            .into_iter()
-            .map(|d| clsact::filters(ifindex, d))
-            .collect::<std::io::Result<Vec<_>>>()
-            .map_err(error)?
-            .into_iter()
-            .flatten()
-            .filter(|f| f.is_ours(&TC_PROGRAMS))
-            .collect();
-        let existing = clsact::filters(ifindex, dir)
-            .map_err(error)?
-            .into_iter()
-            .find(|f| f.is_ours(&TC_PROGRAMS));
+        // Our filters on both hooks of the interface, by hook.
+        let mut ours: Vec<(Direction, clsact::Filter)> = Vec::new();
+        for d in Direction::BOTH {
+            for f in clsact::filters(ifindex, d).map_err(error)? {
+                if f.is_ours(&TC_PROGRAMS) {
+                    ours.push((d, f));
+                }
+            }
+        }
+        let existing = ours.iter().find(|(d, _)| *d == dir).map(|(_, f)| f.handle);
         let fd = self
             .tc_mut(hook)
             .fd()
@@ -410,14 +407,14 @@ impl Datapath {
         let fd = fd
             .try_clone()
             .map_err(|e| error(std::io::Error::other(e)))?;
-        if let Some(f) = existing {
-            clsact::set_filter(ifindex, dir, f.handle, fd.as_fd(), program, true).map_err(error)?;
+        if let Some(handle) = existing {
+            clsact::set_filter(ifindex, dir, handle, fd.as_fd(), program, true).map_err(error)?;
             self.filtered.insert(ifindex);
             return Ok(None);
         }
         // The qdisc is ours if a filter of ours on the other hook says so,
         // or if we add it now.
-        let qdisc_ours = ours.iter().any(clsact::Filter::qdisc_ours)
+        let qdisc_ours = ours.iter().any(|(_, f)| f.qdisc_ours())
             || (!clsact::has_clsact(ifindex).map_err(error)?
                 && clsact::add_clsact(ifindex).map_err(error)?);
         let handle = clsact::our_handle(qdisc_ours);

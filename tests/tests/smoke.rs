@@ -16,7 +16,7 @@ use std::{
 use lb_tests::{
     agent::{Agent, ConfigFile},
     cgroup::Cgroup,
-    example::{yaml, Endpoint, Port, Svc},
+    example::{yaml, Endpoint, Svc},
     netns::Netns,
     servers::{tcp_who, udp_who, Answer, PodServer, StreamReader},
     topology::{NicMode, Topology, CLIENT_IP, NODE_IP},
@@ -34,22 +34,8 @@ fn web(topo: &Topology) -> String {
             .map(|p| Endpoint::ready(p.ip))
             .collect(),
     );
-    svc.ports = vec![
-        Port {
-            name: "http",
-            protocol: "TCP",
-            port: 80,
-            target: 8080,
-            node_port: Some(30080),
-        },
-        Port {
-            name: "dns",
-            protocol: "UDP",
-            port: 53,
-            target: 5353,
-            node_port: Some(30053),
-        },
-    ];
+    // The UDP port gets a NodePort too.
+    svc.ports[1].node_port = Some(30053);
     yaml(&[svc])
 }
 

@@ -68,6 +68,23 @@ fn foreign_filter_is_there(ns: &Netns, iface: &str) -> bool {
             .any(|f| f.kind == "u32" && f.priority == 5)
 }
 
+/// No program of ours on any TC hook of the node, and no qdisc left but
+/// the one another tool added on `theirs`.
+fn nothing_of_ours_left(node: &lb_tests::cluster::Node, theirs: &str, what: &str) {
+    for iface in node.tc_ifaces() {
+        for dir in [Ingress, Egress] {
+            let left = tc_programs(&node.ns, &iface, dir);
+            assert!(left.is_empty(), "{what}: {iface} {dir:?}: {left:?}");
+        }
+        if iface != theirs {
+            assert!(
+                !has_clsact(&node.ns, &iface),
+                "{what}: qdisc left on {iface}"
+            );
+        }
+    }
+}
+
 #[test]
 fn services_are_balanced_through_clsact_filters_without_tcx() {
     let (c, _servers, config) = world();
@@ -152,22 +169,7 @@ fn cleanup_removes_only_our_filters_and_the_qdiscs_we_added() {
                 .arg(&agent.pin_dir))
             .unwrap();
         }
-        for iface in node.tc_ifaces() {
-            assert!(
-                tc_programs(&node.ns, &iface, Ingress).is_empty(),
-                "{how}: {iface}"
-            );
-            assert!(
-                tc_programs(&node.ns, &iface, Egress).is_empty(),
-                "{how}: {iface}"
-            );
-            if iface != theirs {
-                assert!(
-                    !has_clsact(&node.ns, &iface),
-                    "{how}: our qdisc left on {iface}"
-                );
-            }
-        }
+        nothing_of_ours_left(node, &theirs, how);
         assert!(
             foreign_filter_is_there(&node.ns, &theirs),
             "{how}: another tool's qdisc or filter was removed"
@@ -207,22 +209,7 @@ fn a_failed_start_leaves_no_program_attached() {
             logs.contains("attached"),
             "{mode}: it got as far as attaching: {logs}"
         );
-        for iface in node.tc_ifaces() {
-            assert!(
-                tc_programs(&node.ns, &iface, Ingress).is_empty(),
-                "{mode}: {iface}"
-            );
-            assert!(
-                tc_programs(&node.ns, &iface, Egress).is_empty(),
-                "{mode}: {iface}"
-            );
-            if iface != theirs {
-                assert!(
-                    !has_clsact(&node.ns, &iface),
-                    "{mode}: qdisc left on {iface}"
-                );
-            }
-        }
+        nothing_of_ours_left(node, &theirs, mode);
         assert!(foreign_filter_is_there(&node.ns, &theirs), "{mode}");
         assert!(
             lb_userspace::pins::pinned_links(&pin_dir).is_empty(),

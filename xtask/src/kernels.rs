@@ -79,6 +79,8 @@ pub enum Outcome {
 pub struct Options {
     /// Only the series with this label ("6.1", "6.12").
     pub only: Option<String>,
+    /// Only these test binaries (empty: all of `GUEST_TESTS`).
+    pub tests: Vec<String>,
     /// Hard limit per guest.
     pub limit: Duration,
 }
@@ -102,7 +104,7 @@ pub fn run(root: &Path, opts: &Options) -> anyhow::Result<()> {
         );
         let console = work.join(format!("{}.console.log", kernel.release));
         let started = Instant::now();
-        let results = boot(&kernel, &initrd, &console, opts.limit)?;
+        let results = boot(&kernel, &initrd, &console, opts)?;
         let took = started.elapsed();
         let passed = results.values().filter(|o| **o == Outcome::Pass).count();
         for (test, outcome) in &results {
@@ -263,6 +265,8 @@ fn initramfs(
         strip_into(&path, &stage.join("opt/lb/bin").join(bin))?;
         programs.push(path);
     }
+    // The fixture that damages the object on purpose reads it from here.
+    std::fs::copy(root.join(crate::EBPF_OBJECT), stage.join("opt/lb/lb-ebpf"))?;
     for (name, path) in tests {
         strip_into(path, &stage.join("opt/lb/tests").join(name))?;
         programs.push(path.clone());
@@ -312,12 +316,15 @@ for m in $(cat /opt/lb/modules/order); do
 done
 ip link set lo up
 echo "LB-KERNEL $(uname -r) cpus=$(nproc)"
-export LB_BIN=/opt/lb/bin/lb RUST_BACKTRACE=1 HOME=/tmp
+export LB_BIN=/opt/lb/bin/lb LB_EBPF_OBJECT=/opt/lb/lb-ebpf RUST_BACKTRACE=1 HOME=/tmp
+# lb.tests=a,b on the kernel command line: only those binaries.
+only=$(sed -n 's/.*lb\.tests=\([^ ]*\).*/\1/p' /proc/cmdline | tr , ' ')
 for t in /opt/lb/tests/*; do
   name=$(basename $t)
-  echo "LB-BEGIN $name"
+  if [ -n "$only" ] && ! echo " $only " | grep -q " $name "; then continue; fi
+  echo "LB-BEGIN $name $(date +%s)"
   $t --test-threads=2 2>&1
-  echo "LB-END $name rc=$?"
+  echo "LB-END $name rc=$? $(date +%s)"
 done
 echo "LB-ALLDONE"
 poweroff -f
@@ -443,15 +450,30 @@ fn boot(
     kernel: &Kernel,
     initrd: &Path,
     console: &Path,
-    limit: Duration,
+    opts: &Options,
 ) -> anyhow::Result<BTreeMap<String, Outcome>> {
+    let limit = opts.limit;
+    let mut cmdline = "console=ttyS0 panic=-1 loglevel=3".to_string();
+    if !opts.tests.is_empty() {
+        cmdline += &format!(" lb.tests={}", opts.tests.join(","));
+    }
     let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "2048"])
+        .args([
+            "-accel",
+            "tcg,thread=multi",
+            "-cpu",
+            "max",
+            "-smp",
+            "2",
+            "-m",
+            "2048",
+        ])
         .args(["-nographic", "-no-reboot", "-nic", "none", "-kernel"])
         .arg(&kernel.vmlinuz)
         .arg("-initrd")
         .arg(initrd)
-        .args(["-append", "console=ttyS0 panic=-1 loglevel=3"])
+        .arg("-append")
+        .arg(&cmdline)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -510,14 +532,21 @@ pub struct Console {
 
 impl Console {
     pub fn line(&mut self, line: &str) {
+        // The firmware's escape sequences may precede the first marker.
+        let line = match line.find("LB-KERNEL ") {
+            Some(at) => &line[at..],
+            None => line,
+        };
         if line.starts_with("LB-KERNEL ") {
             self.kernel_seen = true;
         } else if let Some(m) = line.strip_prefix("LB-MODULE-FAILED ") {
             self.problems.push(format!("module {m} did not load"));
-        } else if let Some(bin) = line.strip_prefix("LB-BEGIN ") {
+        } else if let Some(rest) = line.strip_prefix("LB-BEGIN ") {
+            let bin = rest.split_whitespace().next().unwrap_or(rest);
             self.current = Some(bin.to_string());
         } else if let Some(rest) = line.strip_prefix("LB-END ") {
             let (bin, rc) = rest.split_once(" rc=").unwrap_or((rest, "?"));
+            let rc = rc.split_whitespace().next().unwrap_or("?");
             let any = self
                 .results
                 .keys()
@@ -600,13 +629,13 @@ mod tests {
     #[test]
     fn results_are_read_per_binary_and_test() {
         let r = read(&[
-            "LB-KERNEL 6.1.0-56-amd64 cpus=2",
+            "Probing EDD (edd=off to disable)... oc\x1b[?7l\x1b[2JLB-KERNEL 6.1.0-56-amd64 cpus=2",
             "LB-BEGIN smoke",
             "test a_restart_keeps_a_stream_going ... ok",
             "[   12.3] some kernel line",
             "test xdp_balances ... FAILED",
             "test skipped ... ignored",
-            "LB-END smoke rc=101",
+            "LB-END smoke rc=101 1700000000",
             "LB-BEGIN fixtures",
             "LB-END fixtures rc=0",
             "LB-ALLDONE",
@@ -616,6 +645,7 @@ mod tests {
         assert!(!r.contains_key("smoke::skipped"));
         assert!(!r.contains_key("smoke"), "its failure is the test's");
         assert_eq!(r["fixtures"], Outcome::Fail("ran no test".into()));
+        assert!(!r.contains_key("guest"), "{r:?}");
     }
 
     #[test]

@@ -41,6 +41,10 @@ enum Cmd {
         /// Only this series ("6.1" or "6.12").
         #[arg(long)]
         only: Option<String>,
+        /// Only these test binaries (of fixtures, fixtures_conntrack,
+        /// fixtures_egress, fixtures_nat, smoke; repeatable).
+        #[arg(long = "test")]
+        tests: Vec<String>,
         /// Hard time limit per guest, in minutes.
         #[arg(long, default_value_t = 25)]
         limit_minutes: u64,
@@ -90,6 +94,7 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::TestKernels {
             only,
+            tests,
             limit_minutes,
         } => {
             prereqs::ensure_all()?;
@@ -99,6 +104,7 @@ fn main() -> anyhow::Result<()> {
                 &root,
                 &kernels::Options {
                     only,
+                    tests,
                     limit: std::time::Duration::from_secs(limit_minutes * 60),
                 },
             )
