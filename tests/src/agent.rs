@@ -253,6 +253,7 @@ impl Agent {
         within: Duration,
     ) -> anyhow::Result<String> {
         let needle = what;
+        let within = crate::patience(within);
         let deadline = Instant::now() + within;
         loop {
             let matches: Vec<String> = self.logs().into_iter().filter(|l| matches(l)).collect();
@@ -293,7 +294,7 @@ impl Agent {
     /// Waits for the agent to exit (killing it after `within`).
     pub fn wait_exit(&mut self, within: Duration) -> anyhow::Result<std::process::ExitStatus> {
         let mut child = self.child.take().context("agent already stopped")?;
-        let deadline = Instant::now() + within;
+        let deadline = Instant::now() + crate::patience(within);
         loop {
             if let Some(status) = child.try_wait()? {
                 std::thread::sleep(Duration::from_millis(50)); // let the log thread drain

@@ -18,6 +18,18 @@ pub mod servers;
 pub mod topology;
 
 /// Fails unless we can do what the root tests need.
+/// `within` stretched for a slow machine: times `LB_TEST_SLOWDOWN` (the
+/// kernel matrix sets it in its emulated guests, where loading the
+/// datapath takes 20 times longer). Waits only: nothing asserts on time.
+pub fn patience(within: std::time::Duration) -> std::time::Duration {
+    let factor = std::env::var("LB_TEST_SLOWDOWN")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(1)
+        .max(1);
+    within * factor
+}
+
 pub fn require_root() {
     assert!(
         nix::unistd::geteuid().is_root(),

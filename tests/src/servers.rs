@@ -431,7 +431,7 @@ impl StreamReader {
     /// failing if the connection broke or stalled.
     pub fn wait_for_more(&self, more: u64, within: Duration) -> anyhow::Result<()> {
         let start = self.bytes();
-        let deadline = std::time::Instant::now() + within;
+        let deadline = std::time::Instant::now() + crate::patience(within);
         while self.bytes() < start + more {
             if self.handle.as_ref().is_some_and(|h| h.is_finished()) {
                 anyhow::bail!(

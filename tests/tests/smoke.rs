@@ -13,6 +13,7 @@ use std::{
     time::Duration,
 };
 
+use aya::programs::TcAttachType::Ingress;
 use lb_tests::{
     agent::{Agent, ConfigFile},
     cgroup::Cgroup,
@@ -71,19 +72,35 @@ fn balanced(ns: &Netns, tcp: SocketAddrV4, udp: SocketAddrV4, source: Ipv4Addr) 
     );
 }
 
-fn attach_mode_line(agent: &Agent) -> String {
-    agent
+/// The agent chose the TC mode this kernel calls for (TCX from 6.6, clsact
+/// filters before), and the programs are on the NIC that way.
+fn tc_mode_fits_the_kernel(agent: &Agent, topo: &Topology) {
+    let line = agent
         .logs()
         .into_iter()
         .find(|l| l.contains("TC programs attach"))
-        .unwrap_or_default()
+        .unwrap_or_default();
+    let tcx = lb_userspace::probes::has_tcx();
+    let (want, on_nic) = if tcx {
+        (
+            "through TCX links",
+            lb_tests::agent::tcx_programs(&topo.node, &topo.nic, Ingress),
+        )
+    } else {
+        (
+            "as clsact filters: this kernel has no TCX",
+            lb_tests::agent::tc_programs(&topo.node, &topo.nic, Ingress),
+        )
+    };
+    assert!(line.contains(want), "kernel with TCX: {tcx}: {line}");
+    assert_eq!(on_nic, ["lb_tc_ingress"]);
 }
 
 #[test]
 fn tc_balances_cluster_ip_and_node_port_over_tcp_and_udp() {
     let (topo, _servers, config) = node(NicMode::Default);
     let agent = Agent::start(&topo, &config.path).unwrap();
-    eprintln!("{}", attach_mode_line(&agent));
+    tc_mode_fits_the_kernel(&agent, &topo);
     let client_pod = &topo.pods[BACKENDS].ns;
     balanced(
         client_pod,
@@ -168,6 +185,8 @@ fn a_restart_keeps_a_stream_going() {
     agent.restart(None).unwrap();
     let logs = agent.logs().join("\n");
     assert!(logs.contains("replaced the programs in place"), "{logs}");
+    // Swapped, not stacked: one program on the NIC, the kernel's way.
+    tc_mode_fits_the_kernel(&agent, &topo);
     stream.wait_for_more(64 * 1024, patience).unwrap();
     stream.finish().unwrap();
 }
