@@ -847,15 +847,36 @@ fn ignore_gone(r: std::io::Result<()>) -> std::io::Result<()> {
 
 /// Loads one program of the object, with the verifier's last lines if the
 /// kernel refuses it.
+///
+/// The verifier gives up with EAGAIN when a signal arrives while it works
+/// (it checks `signal_pending` between instructions; ours take ~1 s here,
+/// 20 s under emulation): tried again, as libbpf does, up to 5 times.
 fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DatapathError> {
-    let program = ebpf
-        .program_mut(name)
-        .expect("the object defines this program");
-    let loaded = match program {
-        aya::programs::Program::SchedClassifier(p) => p.load(),
-        aya::programs::Program::Xdp(p) => p.load(),
-        aya::programs::Program::CgroupSockAddr(p) => p.load(),
-        _ => unreachable!("lb programs are TC, XDP and cgroup sock_addr"),
+    const ATTEMPTS: usize = 5;
+    let mut attempt = 1;
+    let loaded = loop {
+        let program = ebpf
+            .program_mut(name)
+            .expect("the object defines this program");
+        let loaded = match program {
+            aya::programs::Program::SchedClassifier(p) => p.load(),
+            aya::programs::Program::Xdp(p) => p.load(),
+            aya::programs::Program::CgroupSockAddr(p) => p.load(),
+            _ => unreachable!("lb programs are TC, XDP and cgroup sock_addr"),
+        };
+        match loaded {
+            Err(ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < ATTEMPTS =>
+            {
+                tracing::debug!(
+                    program = name,
+                    attempt,
+                    "the verifier was interrupted; loading again"
+                );
+                attempt += 1;
+            }
+            other => break other,
+        }
     };
     loaded.map_err(|e| match e {
         ProgramError::LoadError {
