@@ -319,6 +319,7 @@ impl Drop for Agent {
 }
 
 /// Names of the TCX programs on `iface` in `ns` for `direction`, in order
+/// (none on kernels without TCX)
 /// (bpftool 7.1 predates TCX, so we ask the kernel through aya).
 pub fn tcx_programs(
     ns: &Netns,
@@ -326,6 +327,10 @@ pub fn tcx_programs(
     direction: aya::programs::TcAttachType,
 ) -> Vec<String> {
     let iface = iface.to_string();
+    if !lb_userspace::probes::has_tcx() {
+        // Before 6.6: no TCX, so none attached.
+        return Vec::new();
+    }
     ns.run(move || {
         let (_, progs) = aya::programs::SchedClassifier::query_tcx(&iface, direction)
             .unwrap_or_else(|e| panic!("querying TCX on {iface}: {e}"));
