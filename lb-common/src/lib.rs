@@ -211,6 +211,22 @@ pub struct FrontendKey {
     pub _pad: u8,
 }
 
+/// Key of `lb_maglev`: a service port's table *and its size*. A frontend
+/// names the table by both (`ServiceEntry::id`, `ServiceEntry::table_size`),
+/// so a packet always finds a table of the size its slot was computed for:
+/// a table of another size is a new entry, written before the frontends
+/// point at it and removed after they no longer do.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MaglevKey {
+    pub service_id: u32,
+    pub table_size: u32,
+}
+
+/// Entries of `lb_maglev`: two per service, for the moment a table changes
+/// size.
+pub const MAX_MAGLEV_TABLES: u32 = 2 * MAX_SERVICES;
+
 /// Value of `lb_frontends`: the service port a frontend belongs to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -615,6 +631,7 @@ mod pod {
     // implicit padding (sizes asserted above), so every bit pattern is valid.
     unsafe impl aya::Pod for super::FrontendKey {}
     unsafe impl aya::Pod for super::ServiceEntry {}
+    unsafe impl aya::Pod for super::MaglevKey {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::ConntrackEntry {}

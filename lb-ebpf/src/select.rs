@@ -2,7 +2,7 @@
 
 use aya_ebpf::bindings::BPF_ANY;
 use lb_common::{
-    AffinityEntry, AffinityKey, Backend, ServiceEntry, BACKEND_F_PRESENT, BACKEND_F_USABLE,
+    AffinityEntry, AffinityKey, Backend, MaglevKey, ServiceEntry, BACKEND_F_PRESENT, BACKEND_F_USABLE,
     SERVICE_F_AFFINITY,
 };
 
@@ -59,8 +59,12 @@ pub fn choose(client: [u8; 4], hash: u64, svc: &ServiceEntry, now: u64) -> Optio
         return None;
     }
     let slot = (hash % svc.table_size as u64) as u32;
+    let table = MaglevKey {
+        service_id: svc.id,
+        table_size: svc.table_size,
+    };
     // SAFETY: the inner map is an ARRAY: its slots are never freed under us.
-    let backend_id = unsafe { *MAGLEV.get_value(&svc.id, &slot)? };
+    let backend_id = unsafe { *MAGLEV.get_value(&table, &slot)? };
     let backend = backend_of(svc.id, backend_id)?;
     if affinity {
         let entry = AffinityEntry {

@@ -35,7 +35,7 @@ use crate::{
     metrics::Metrics,
     model::{NodeConfig, ServicePortKey},
     pins,
-    planner::{Programmer, Report},
+    plan::{Programmer, Report},
     ports::{self, PortRange},
     probes::{self, TcAttach},
     source::{self, Change, Update, Updates, What},
@@ -275,6 +275,8 @@ struct Agent {
 enum Next {
     Update(Box<Update>),
     Link(LinkEvent),
+    /// Failed service ports are due for a retry.
+    Retry,
     Stop,
 }
 
@@ -289,9 +291,10 @@ impl Agent {
         // Until the first complete view: only collect. A previous agent's
         // datapath, if any, keeps serving meanwhile.
         while !self.needs.done() {
-            match next(&mut updates, &mut links, &mut sigterm, &mut sigint).await? {
+            match next(&mut updates, &mut links, &mut sigterm, &mut sigint, None).await? {
                 Next::Update(u) => self.take(*u),
                 Next::Link(e) => self.take_link(e)?,
+                Next::Retry => {}
                 Next::Stop => return Ok(()),
             }
         }
@@ -303,7 +306,16 @@ impl Agent {
         }
         self.first_sync().await?;
         loop {
-            match next(&mut updates, &mut links, &mut sigterm, &mut sigint).await? {
+            let retry_at = self.programmer.next_retry();
+            match next(
+                &mut updates,
+                &mut links,
+                &mut sigterm,
+                &mut sigint,
+                retry_at,
+            )
+            .await?
+            {
                 Next::Update(u) => {
                     self.take(*u);
                     // Coalesce: whatever else is already queued goes into
@@ -320,6 +332,7 @@ impl Agent {
                     }
                     self.follow_interfaces(false)?;
                 }
+                Next::Retry => self.retry(),
                 Next::Stop => return Ok(()),
             }
         }
@@ -597,11 +610,19 @@ impl Agent {
             Some(keys) => self.programmer.apply_keys(state, keys),
             None => self.programmer.apply(state),
         };
-        log_report(&self.programmer, &self.catalog, &report);
-        let m = &self.status.metrics;
         if let Some(since) = self.pending_since.take() {
-            m.observe_sync(since.elapsed(), report.failed.len());
+            self.status
+                .metrics
+                .observe_sync(since.elapsed(), report.failed.len());
         }
+        self.after_apply(&report);
+        report
+    }
+
+    /// Logs and metrics after the maps were written.
+    fn after_apply(&mut self, report: &Report) {
+        log_report(&self.programmer, &self.catalog, report);
+        let m = &self.status.metrics;
         m.services.set(self.programmer.service_count() as i64);
         m.backends.set(self.programmer.backend_count() as i64);
         // The per-service metrics' labels, updated for what changed only (a
@@ -621,8 +642,24 @@ impl Agent {
                 names.insert(id, key.clone());
             }
         }
-        drop(names);
-        report
+    }
+
+    /// Retries the service ports whose writes failed (the backoff is due).
+    fn retry(&mut self) {
+        let report = self
+            .programmer
+            .retry_due(self.catalog.state(), Instant::now());
+        if report.diff.is_empty() && report.failed.is_empty() {
+            return;
+        }
+        self.after_apply(&report);
+        info!(
+            added = report.diff.added.len(),
+            changed = report.diff.changed.len(),
+            removed = report.diff.removed.len(),
+            failed = report.failed.len(),
+            "retried failed writes"
+        );
     }
 
     /// Node facts the datapath reads: SNAT address (the first node
@@ -704,8 +741,16 @@ async fn next(
     links: &mut UnboundedReceiver<LinkEvent>,
     sigterm: &mut Signal,
     sigint: &mut Signal,
+    retry_at: Option<Instant>,
 ) -> anyhow::Result<Next> {
+    let retry = async {
+        match retry_at {
+            Some(at) => tokio::time::sleep_until(at.into()).await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
+        () = retry => Ok(Next::Retry),
         e = links.recv() => match e {
             Some(e) => Ok(Next::Link(e)),
             None => anyhow::bail!("the interface watcher stopped"),
@@ -792,7 +837,7 @@ fn log_report(programmer: &Programmer<KernelMaps>, catalog: &Catalog, report: &R
         info!(service = %key, "removed");
     }
     for (key, e) in &report.failed {
-        error!(service = %key, "programming failed, will retry on the next change: {e}");
+        error!(service = %key, "programming failed, retrying with backoff: {e}");
     }
 }
 

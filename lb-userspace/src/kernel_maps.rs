@@ -14,13 +14,13 @@ use aya::{
     Ebpf,
 };
 use lb_common::{
-    map_names, Backend, Counter, DatapathConfig, FrontendKey, ServiceEntry, SourceRange, Verdict,
-    BACKEND_F_PRESENT, LAYOUT_VERSION, MAGLEV_INNER_FLAGS, SOURCE_RANGE_ALLOW,
+    map_names, Backend, Counter, DatapathConfig, FrontendKey, MaglevKey, ServiceEntry, SourceRange,
+    Verdict, BACKEND_F_PRESENT, LAYOUT_VERSION, MAGLEV_INNER_FLAGS, SOURCE_RANGE_ALLOW,
 };
 
 use crate::{
     model::Prefix,
-    planner::{DatapathMaps, Snapshot},
+    plan::{DatapathMaps, Snapshot},
 };
 
 /// Takes map `name` out of the loaded object as a typed handle.
@@ -38,7 +38,7 @@ where
 pub struct KernelMaps {
     pub frontends: HashMap<MapData, FrontendKey, ServiceEntry>,
     pub backends: Array<MapData, Backend>,
-    pub maglev: HashOfMaps<MapData, u32, MapData>,
+    pub maglev: HashOfMaps<MapData, MaglevKey, MapData>,
     maglev_pin: PathBuf,
     pub verdicts: PerCpuArray<MapData, Counter>,
     pub service_stats: Array<MapData, Counter>,
@@ -103,7 +103,7 @@ impl DatapathMaps for KernelMaps {
             .with_context(|| format!("clearing backend {id}"))
     }
 
-    fn write_maglev(&mut self, tables: &[(u32, Option<&[u32]>)]) -> Vec<anyhow::Result<()>> {
+    fn write_maglev(&mut self, tables: &[(MaglevKey, Option<&[u32]>)]) -> Vec<anyhow::Result<()>> {
         if tables.len() <= 2 {
             return tables
                 .iter()
@@ -168,7 +168,6 @@ impl DatapathMaps for KernelMaps {
         let frontends = self
             .frontends
             .iter()
-            .map(|r| r.map(|(k, e)| (k, e.id)))
             .collect::<Result<_, _>>()
             .context("reading lb_frontends")?;
         // One lookup per slot (about 0.2 s for 2^19 slots): only at start-up.
@@ -226,26 +225,27 @@ fn source_range_key(service_id: u32, range: Prefix) -> Key<SourceRange> {
 /// kernel's RCU waits, so this is not bounded by the CPU count).
 const MAGLEV_WRITERS: usize = 64;
 
-fn open_maglev(pin: &Path) -> anyhow::Result<HashOfMaps<MapData, u32, MapData>> {
+fn open_maglev(pin: &Path) -> anyhow::Result<HashOfMaps<MapData, MaglevKey, MapData>> {
     let data = MapData::from_pin(pin)?;
     Ok(HashOfMaps::try_from(aya::maps::Map::HashOfMaps(data))?)
 }
 
 fn write_maglev_one(
-    map: &mut HashOfMaps<MapData, u32, MapData>,
-    service_id: u32,
+    map: &mut HashOfMaps<MapData, MaglevKey, MapData>,
+    key: MaglevKey,
     slots: Option<&[u32]>,
 ) -> anyhow::Result<()> {
+    let (id, size) = (key.service_id, key.table_size);
     match slots {
         Some(slots) => {
             let table = new_maglev_array(slots).context("building a Maglev table")?;
             // One update swaps the whole table in; the kernel frees the old
             // array once no program holds it.
-            map.insert(service_id, &table, 0)
-                .with_context(|| format!("swapping in Maglev table {service_id}"))
+            map.insert(key, &table, 0)
+                .with_context(|| format!("swapping in Maglev table {id}/{size}"))
         }
-        None => ignore_missing(map.remove(&service_id))
-            .with_context(|| format!("removing Maglev table {service_id}")),
+        None => ignore_missing(map.remove(&key))
+            .with_context(|| format!("removing Maglev table {id}/{size}")),
     }
 }
 

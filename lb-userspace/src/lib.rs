@@ -2,7 +2,7 @@
 //! the root tests drive the same code.
 //!
 //! sources (YAML file) -> `manifest` -> `model` (desired state, validated)
-//! -> `planner` (diff, ids, Maglev via `maglev`) -> `datapath` (aya maps);
+//! -> `plan` (a pure plan of phased writes, an executor, retries; Maglev via `maglev`) -> `datapath` (aya maps);
 //! `healthcheck` serves healthCheckNodePorts from the same desired state.
 
 pub mod agent;
@@ -20,7 +20,7 @@ pub mod manifest;
 pub mod metrics;
 pub mod model;
 pub mod pins;
-pub mod planner;
+pub mod plan;
 pub mod ports;
 pub mod probes;
 pub mod source;
@@ -31,5 +31,3 @@ pub mod system;
 mod catalog_tests;
 #[cfg(test)]
 mod model_tests;
-#[cfg(test)]
-mod planner_tests;

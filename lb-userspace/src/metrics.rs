@@ -16,8 +16,9 @@ use aya::{
 };
 use lb_common::{
     map_names, AffinityEntry, AffinityKey, ConntrackEntry, Counter as DpCounter, FlowKey,
-    FrontendKey, ServiceEntry, SockReverseEntry, SockReverseKey, SourceRange, Verdict,
-    MAX_AFFINITY, MAX_BACKENDS, MAX_FRONTENDS, MAX_SERVICES, MAX_SOCK_REVERSE, MAX_SOURCE_RANGES,
+    FrontendKey, MaglevKey, ServiceEntry, SockReverseEntry, SockReverseKey, SourceRange, Verdict,
+    MAX_AFFINITY, MAX_BACKENDS, MAX_FRONTENDS, MAX_MAGLEV_TABLES, MAX_SERVICES, MAX_SOCK_REVERSE,
+    MAX_SOURCE_RANGES,
 };
 use prometheus_client::{
     collector::Collector,
@@ -88,7 +89,7 @@ impl Metrics {
         );
         registry.register(
             "programming_failures",
-            "Service ports whose map writes failed (retried on the next change)",
+            "Service ports whose map writes failed (retried with backoff)",
             failures.clone(),
         );
         let interfaces = Family::<Vec<(String, String)>, Gauge>::default();
@@ -305,10 +306,10 @@ impl DatapathCollector {
         );
         hash(
             map_names::MAGLEV,
-            open::<HashOfMaps<MapData, u32, MapData>>(dir, map_names::MAGLEV)
+            open::<HashOfMaps<MapData, MaglevKey, MapData>>(dir, map_names::MAGLEV)
                 .ok()
                 .map(|m| m.keys().count()),
-            MAX_SERVICES,
+            MAX_MAGLEV_TABLES,
         );
         // Arrays: what the agent has written.
         out.push((map_names::SERVICE_STATS, services, MAX_SERVICES));

@@ -15,7 +15,7 @@ use lb_userspace::{
     conntrack::CtSizes,
     manifest,
     model::{build, DesiredState, NodeConfig},
-    planner::Programmer,
+    plan::Programmer,
     {
         datapath::{Datapath, KernelMaps},
         pins::remove_all as remove_pins,

@@ -102,6 +102,109 @@ fn a_bad_file_keeps_the_last_good_state() {
         .unwrap();
 }
 
+/// Connections to `to` from the client, one after another, until `stop`:
+/// (answered, refused or failed).
+fn probe_until(
+    topo: &Topology,
+    to: SocketAddrV4,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(u32, u32)> {
+    topo.client
+        .spawn(move || {
+            let (mut ok, mut failed) = (0, 0);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match tcp_who(to) {
+                    Ok(_) => ok += 1,
+                    Err(_) => failed += 1,
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (ok, failed)
+        })
+        .unwrap()
+}
+
+/// `kubectl get svc,endpointslices -A -o yaml > services.yaml` truncates
+/// the file, waits for the API, then writes: the agent applies neither the
+/// empty moment nor a half-written file.
+#[test]
+fn truncating_rewrites_refuse_no_connection() {
+    use std::io::Write;
+    let (topo, _servers) = setup(2);
+    let text = yaml(&[web(&topo)]);
+    let config = ConfigFile::new(&text).unwrap();
+    let mut agent = Agent::start(&topo, &config.path).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prober = probe_until(&topo, node_port(30080), stop.clone());
+    let half = text.len() / 2;
+    for _ in 0..8 {
+        let mut f = std::fs::File::create(&config.path).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        f.write_all(&text.as_bytes()[..half]).unwrap();
+        std::thread::sleep(Duration::from_millis(40));
+        f.write_all(&text.as_bytes()[half..]).unwrap();
+        drop(f);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = prober.join().unwrap();
+    assert_eq!(failed, 0, "{ok} answered, {failed} refused or failed");
+    assert!(ok > 50, "only {ok} probes answered");
+    assert!(agent.count_logs("is empty: keeping every service") >= 1);
+    // The same content each time: nothing was removed or rewritten (one
+    // "programmed" line per service port, from the start).
+    assert_eq!(
+        agent.count_logs("service=demo/web"),
+        2,
+        "{:?}",
+        agent.logs()
+    );
+}
+
+/// An emptied file is taken at its word only after it stays empty.
+#[test]
+fn an_emptied_file_removes_the_services_after_the_grace() {
+    let (topo, _servers) = setup(1);
+    let config = ConfigFile::new(&yaml(&[web(&topo)])).unwrap();
+    let mut agent = Agent::start(&topo, &config.path).unwrap();
+    let t = Instant::now();
+    config.rewrite("").unwrap();
+    agent
+        .wait_for_log("is empty: keeping every service", Duration::from_secs(3))
+        .unwrap();
+    topo.client
+        .run(|| tcp_who(node_port(30080)))
+        .unwrap()
+        .expect("still served while the file may be being written");
+    let line = agent
+        .wait_for_log(
+            "has stayed empty for 5 s",
+            lb_tests::patience(Duration::from_secs(10)),
+        )
+        .unwrap();
+    assert!(line.contains("removing every service"), "{line}");
+    assert!(
+        t.elapsed() >= lb_userspace::source::EMPTY_GRACE,
+        "after {:?}",
+        t.elapsed()
+    );
+    agent
+        .wait_for_line(
+            |l| l.contains("service=demo/web") && l.contains("removed"),
+            1,
+            "demo/web removed",
+            Duration::from_secs(3),
+        )
+        .unwrap();
+    assert!(
+        topo.client
+            .run(|| tcp_who(node_port(30080)))
+            .unwrap()
+            .is_err(),
+        "removed"
+    );
+}
+
 #[test]
 fn an_invalid_object_is_skipped_alone_with_a_log_line_naming_it() {
     let (topo, _servers) = setup(1);

@@ -1,0 +1,398 @@
+//! The plan: from what is programmed (`State`), the desired state and the
+//! service ports a change touched, the map writes to make, in phases. Pure:
+//! nothing here touches a map.
+//!
+//! Phases keep every packet's view consistent whatever subset of the
+//! writes succeeds (the executor skips a service port's later phases once
+//! one of its writes failed):
+//!
+//! 1. `Unhook`: frontends nobody wants any more are removed.
+//! 2. `Prepare`: backends and source ranges are written.
+//! 3. `Tables`: Maglev tables are written whole (keyed by id and size, so
+//!    a frontend still naming the old size keeps finding the old table).
+//! 4. `Hook`: frontends are pointed at the new table.
+//! 5. `Cleanup`: tables of other sizes, stale ranges and stale backends go.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    hash::{Hash, Hasher},
+    net::Ipv4Addr,
+};
+
+use lb_common::{
+    Backend, FrontendKey, MaglevKey, ServiceEntry, BACKEND_F_LOCAL, BACKEND_F_PRESENT,
+    BACKEND_F_TERMINATING, BACKEND_F_USABLE, SERVICE_F_AFFINITY, SERVICE_F_EXTERNAL,
+    SERVICE_F_LOCAL, SERVICE_F_SOURCE_RANGES,
+};
+
+use super::state::{Record, State, Write};
+use crate::{
+    maglev::{table_size_for, MaglevTable},
+    model::{DesiredState, Frontend, FrontendKind, Scope, ServicePort, ServicePortKey},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    Unhook,
+    Prepare,
+    Tables,
+    Hook,
+    Cleanup,
+}
+
+/// Whose write this is: a service port, or a service id nothing owns.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Owner {
+    Port(ServicePortKey),
+    Orphan(u32),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Step {
+    pub phase: Phase,
+    pub owner: Owner,
+    pub write: Write,
+}
+
+/// Which service ports to (re)write and which to remove.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Diff {
+    pub added: Vec<ServicePortKey>,
+    pub changed: Vec<ServicePortKey>,
+    pub removed: Vec<ServicePortKey>,
+}
+
+impl Diff {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.changed.is_empty() && self.removed.is_empty()
+    }
+}
+
+/// The diff of `new` against a map of programmed specs.
+pub fn diff(old: &BTreeMap<ServicePortKey, ServicePort>, new: &DesiredState) -> Diff {
+    let mut d = Diff::default();
+    for (k, v) in &new.services {
+        match old.get(k) {
+            None => d.added.push(k.clone()),
+            Some(o) if o != v => d.changed.push(k.clone()),
+            Some(_) => {}
+        }
+    }
+    d.removed = old
+        .keys()
+        .filter(|k| !new.services.contains_key(*k))
+        .cloned()
+        .collect();
+    d
+}
+
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// Ownership records to set (`Some`) or drop (`None`) before writing.
+    pub records: Vec<(ServicePortKey, Option<Record>)>,
+    /// In phase order.
+    pub steps: Vec<Step>,
+    pub diff: Diff,
+    /// Service ports that took over a service id a previous agent (or a
+    /// failed removal) left, keeping its backends' ids.
+    pub adopted: usize,
+    /// Orphaned service ids being deleted.
+    pub orphans: usize,
+    /// Service ports that could not be planned at all (a table is full).
+    pub refused: Vec<(ServicePortKey, String)>,
+}
+
+/// Plans the writes that bring the maps from `state` to `desired`, over
+/// the service ports in `only` (every one if `None`). Orphaned ids are
+/// always cleaned up.
+pub fn plan(
+    state: &State,
+    desired: &DesiredState,
+    only: Option<&BTreeSet<ServicePortKey>>,
+) -> Plan {
+    let mut p = Plan::default();
+    let keys: BTreeSet<&ServicePortKey> = match only {
+        Some(keys) => keys.iter().collect(),
+        None => desired
+            .services
+            .keys()
+            .chain(state.records.keys())
+            .collect(),
+    };
+    let mut fresh_services = state.service_ids.peek();
+    let mut fresh_backends = state.backend_ids.peek();
+    let mut adopted_ids = BTreeSet::new();
+    for key in keys {
+        let record = state.records.get(key);
+        let Some(spec) = desired.services.get(key) else {
+            if let Some(r) = record {
+                p.diff.removed.push(key.clone());
+                p.records.push((key.clone(), None));
+                remove_held(state, r.id, Owner::Port(key.clone()), &mut p.steps);
+            }
+            continue;
+        };
+        let record = match record {
+            Some(r) if r.spec.as_ref() == Some(spec) => continue,
+            Some(r) => {
+                p.diff.changed.push(key.clone());
+                r.clone()
+            }
+            None => match take_over(state, spec, &adopted_ids) {
+                Some(r) => {
+                    p.diff.changed.push(key.clone());
+                    p.adopted += 1;
+                    adopted_ids.insert(r.id);
+                    r
+                }
+                None => {
+                    let Some(id) = fresh_services.next() else {
+                        p.refused.push((
+                            key.clone(),
+                            format!(
+                                "the service table is full ({} service ports)",
+                                state.service_ids.limit() - 1
+                            ),
+                        ));
+                        continue;
+                    };
+                    p.diff.added.push(key.clone());
+                    Record {
+                        id,
+                        spec: None,
+                        backend_ids: BTreeMap::new(),
+                    }
+                }
+            },
+        };
+        match plan_port(state, spec, record, &mut fresh_backends) {
+            Ok((record, steps)) => {
+                p.records.push((key.clone(), Some(record)));
+                p.steps.extend(steps);
+            }
+            Err(why) => p.refused.push((key.clone(), why)),
+        }
+    }
+    for &id in state.orphans.difference(&adopted_ids) {
+        p.orphans += 1;
+        remove_held(state, id, Owner::Orphan(id), &mut p.steps);
+    }
+    // Stable: each owner's writes keep their order within a phase.
+    p.steps.sort_by_key(|s| s.phase);
+    p
+}
+
+/// The orphaned service id one of `spec`'s frontends leads to, as a record
+/// that keeps its backends' ids (matched by address and port).
+fn take_over(state: &State, spec: &ServicePort, taken: &BTreeSet<u32>) -> Option<Record> {
+    let id = spec
+        .frontends
+        .iter()
+        .filter_map(|f| state.frontends.get(&frontend_key(f)))
+        .map(|e| e.id)
+        .find(|id| state.orphans.contains(id) && !taken.contains(id))?;
+    let mut backend_ids = BTreeMap::new();
+    for &bid in &state.held(id)?.backends {
+        let b = state.backends[&bid];
+        backend_ids
+            .entry((Ipv4Addr::from(b.addr), b.port))
+            .or_insert(bid);
+    }
+    Some(Record {
+        id,
+        spec: None,
+        backend_ids,
+    })
+}
+
+/// The writes for one desired service port, and its new record.
+fn plan_port(
+    state: &State,
+    spec: &ServicePort,
+    old: Record,
+    fresh_backends: &mut impl Iterator<Item = u32>,
+) -> Result<(Record, Vec<Step>), String> {
+    let id = old.id;
+    let owner = Owner::Port(spec.key.clone());
+    let mut steps = Vec::new();
+    let mut step = |phase, write| {
+        steps.push(Step {
+            phase,
+            owner: owner.clone(),
+            write,
+        })
+    };
+    let empty = Default::default();
+    let held = state.held(id).unwrap_or(&empty);
+
+    let usable: BTreeSet<(Ipv4Addr, u16)> =
+        spec.usable_endpoints().iter().map(|e| e.target()).collect();
+    let mut backend_ids = BTreeMap::new();
+    for e in &spec.endpoints {
+        let bid = match old.backend_ids.get(&e.target()) {
+            Some(&bid) => bid,
+            None => fresh_backends.next().ok_or_else(|| {
+                format!(
+                    "the backend table is full ({} backends)",
+                    state.backend_ids.limit() - 1
+                )
+            })?,
+        };
+        backend_ids.insert(e.target(), bid);
+        let mut flags = BACKEND_F_PRESENT;
+        if e.terminating {
+            flags |= BACKEND_F_TERMINATING;
+        }
+        if usable.contains(&e.target()) {
+            flags |= BACKEND_F_USABLE;
+        }
+        if e.local {
+            flags |= BACKEND_F_LOCAL;
+        }
+        let b = Backend {
+            addr: e.addr.octets(),
+            port: e.port,
+            flags,
+            _pad: 0,
+            service_id: id,
+        };
+        if state.backends.get(&bid) != Some(&b) {
+            step(Phase::Prepare, Write::SetBackend(bid, b));
+        }
+    }
+    for r in &spec.source_ranges {
+        if !held.ranges.contains(r) {
+            step(Phase::Prepare, Write::SetRange(id, *r));
+        }
+    }
+
+    let (table_size, count) = if usable.is_empty() {
+        (0, 0)
+    } else {
+        let addrs: Vec<(Ipv4Addr, u16)> = usable.iter().copied().collect();
+        let table = MaglevTable::build(&addrs, table_size_for(addrs.len()));
+        let slots: Vec<u32> = table
+            .slots
+            .iter()
+            .map(|&i| backend_ids[&table.backends[i as usize]])
+            .collect();
+        let size = slots.len() as u32;
+        let digest = digest(&slots);
+        if held.tables.get(&size) != Some(&digest) {
+            let key = MaglevKey {
+                service_id: id,
+                table_size: size,
+            };
+            step(Phase::Tables, Write::SetTable(key, slots, digest));
+        }
+        (size, addrs.len() as u32)
+    };
+
+    let wanted: BTreeSet<FrontendKey> = spec.frontends.iter().map(frontend_key).collect();
+    for &f in held.frontends.difference(&wanted) {
+        step(Phase::Unhook, Write::RemoveFrontend(f));
+    }
+    for f in &spec.frontends {
+        let entry = ServiceEntry {
+            id,
+            table_size,
+            backend_count: count,
+            affinity_timeout_s: spec.affinity_timeout_s.unwrap_or(0),
+            flags: frontend_flags(spec, f),
+            _pad: [0; 3],
+        };
+        let key = frontend_key(f);
+        if state.frontends.get(&key) != Some(&entry) {
+            step(Phase::Hook, Write::SetFrontend(key, entry));
+        }
+    }
+
+    for &size in held.tables.keys().filter(|&&s| s != table_size) {
+        let key = MaglevKey {
+            service_id: id,
+            table_size: size,
+        };
+        step(Phase::Cleanup, Write::RemoveTable(key));
+    }
+    for r in held
+        .ranges
+        .iter()
+        .filter(|r| !spec.source_ranges.contains(r))
+    {
+        step(Phase::Cleanup, Write::RemoveRange(id, *r));
+    }
+    let kept: BTreeSet<u32> = backend_ids.values().copied().collect();
+    for &bid in held.backends.difference(&kept) {
+        step(Phase::Cleanup, Write::ClearBackend(bid));
+    }
+    let record = Record {
+        id,
+        spec: Some(spec.clone()),
+        backend_ids,
+    };
+    Ok((record, steps))
+}
+
+/// Every write that deletes what the maps hold for service id `id`:
+/// frontends first, the rest once nothing leads to it.
+fn remove_held(state: &State, id: u32, owner: Owner, steps: &mut Vec<Step>) {
+    let Some(held) = state.held(id) else { return };
+    let mut step = |phase, write| {
+        steps.push(Step {
+            phase,
+            owner: owner.clone(),
+            write,
+        })
+    };
+    for &f in &held.frontends {
+        step(Phase::Unhook, Write::RemoveFrontend(f));
+    }
+    for &size in held.tables.keys() {
+        let key = MaglevKey {
+            service_id: id,
+            table_size: size,
+        };
+        step(Phase::Cleanup, Write::RemoveTable(key));
+    }
+    for &r in &held.ranges {
+        step(Phase::Cleanup, Write::RemoveRange(id, r));
+    }
+    for &bid in &held.backends {
+        step(Phase::Cleanup, Write::ClearBackend(bid));
+    }
+}
+
+/// Tells tables apart without keeping their slots (65,537 per service).
+fn digest(slots: &[u32]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    slots.hash(&mut h);
+    // Never 0: that is the digest of a table we did not write.
+    h.finish() | 1
+}
+
+/// `SERVICE_F_*` of one frontend of a service port.
+pub fn frontend_flags(spec: &ServicePort, f: &Frontend) -> u8 {
+    let mut flags = 0;
+    if spec.affinity_timeout_s.is_some() {
+        flags |= SERVICE_F_AFFINITY;
+    }
+    if f.kind.is_external() {
+        flags |= SERVICE_F_EXTERNAL;
+    }
+    if spec.key.scope == Scope::Local {
+        flags |= SERVICE_F_LOCAL;
+    }
+    if f.kind == FrontendKind::LoadBalancer && !spec.source_ranges.is_empty() {
+        flags |= SERVICE_F_SOURCE_RANGES;
+    }
+    flags
+}
+
+pub fn frontend_key(f: &Frontend) -> FrontendKey {
+    FrontendKey {
+        addr: f.addr.octets(),
+        port: f.port,
+        proto: f.protocol.number(),
+        _pad: 0,
+    }
+}

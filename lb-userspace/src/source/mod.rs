@@ -1,0 +1,61 @@
+//! Where Services, EndpointSlices and the Node come from: a YAML file
+//! (stand-alone, `file`) or the Kubernetes API (in a cluster,
+//! `kubernetes`). Each source sends `Update`s, in the order things
+//! happened, to the agent loop, which feeds them to the `Catalog`; nothing
+//! Service-specific happens here.
+
+mod file;
+mod kubernetes;
+
+use std::time::Instant;
+
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+
+use crate::model::Rejection;
+
+pub use file::{read_file, watch_file, EMPTY_GRACE};
+pub use kubernetes::{kube_client, watch_kubernetes, API_CALLS};
+
+/// One change, stamped with when the agent received it (sync latency is
+/// measured from here to the maps written).
+#[derive(Debug)]
+pub struct Update {
+    pub received: Instant,
+    pub what: What,
+}
+
+#[derive(Debug)]
+pub enum What {
+    Services(Change<Service>),
+    Slices(Change<EndpointSlice>),
+    Node(Change<Node>),
+    /// The whole file, read again.
+    File {
+        services: Vec<Service>,
+        slices: Vec<EndpointSlice>,
+        rejections: Vec<Rejection>,
+    },
+}
+
+#[derive(Debug)]
+pub enum Change<K> {
+    Applied(K),
+    Deleted(K),
+    /// A complete list (at start, and after a lost watch): whatever is not
+    /// in it is gone.
+    Listed(Vec<K>),
+}
+
+pub type Updates = UnboundedReceiver<Update>;
+
+pub(crate) fn send(tx: &UnboundedSender<Update>, what: What) -> bool {
+    tx.send(Update {
+        received: Instant::now(),
+        what,
+    })
+    .is_ok()
+}
