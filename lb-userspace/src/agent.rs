@@ -26,7 +26,7 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    catalog::Catalog,
+    model::catalog::Catalog,
     conntrack::{self, CtSizes, Evictions},
     datapath::{self, Attached, Datapath, Hook, KernelMaps, TcMode},
     healthcheck::HealthServers,

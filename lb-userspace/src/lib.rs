@@ -6,7 +6,6 @@
 //! `healthcheck` serves healthCheckNodePorts from the same desired state.
 
 pub mod agent;
-pub mod catalog;
 pub mod clsact;
 pub mod conntrack;
 pub mod datapath;
@@ -27,7 +26,3 @@ pub mod source;
 pub mod status;
 pub mod system;
 
-#[cfg(test)]
-mod catalog_tests;
-#[cfg(test)]
-mod model_tests;

@@ -87,14 +87,36 @@ enum Command {
         /// with this value (others with that label are left alone).
         #[arg(long, value_name = "NAME")]
         service_proxy_name: Option<String>,
+        /// The cluster's Service IP ranges (the API server's
+        /// --service-cluster-ip-range), comma-separated or repeated:
+        /// externalIPs inside them are refused under `--external-ips
+        /// restricted`.
+        #[arg(long = "service-cidr", value_name = "CIDR", value_delimiter = ',')]
+        service_cidrs: Vec<Prefix>,
+        /// Which spec.externalIPs to program (CVE-2020-8554): allow (all,
+        /// as kube-proxy), restricted (not the node's addresses, the
+        /// service CIDRs, loopback, link-local or multicast), deny (none).
+        #[arg(long, value_enum, value_name = "POLICY", default_value = "restricted")]
+        external_ips: ExternalIpPolicy,
         /// On exit, detach the programs and remove the pinned maps. Without
         /// it the datapath keeps running for the next agent (restarts and
         /// upgrades cut no connection).
         #[arg(long)]
         cleanup_on_exit: bool,
-        /// Address for /healthz, /readyz and /metrics ("off" for none).
+        /// Address for /healthz, /livez and /readyz ("off" for none):
+        /// kube-proxy's healthz port.
         #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:10256", value_parser = parse_http_addr)]
         http_addr: HttpAddr,
+        /// Address for /metrics and /proxyMode ("off" for none):
+        /// kube-proxy's metrics port, on loopback by default (the metrics
+        /// name every Service).
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:10249", value_parser = parse_http_addr)]
+        metrics_addr: HttpAddr,
+        /// /healthz answers 503 once a change has waited longer than this
+        /// to reach the maps (failing writes, a lost API watch), like
+        /// kube-proxy's healthz.
+        #[arg(long, value_name = "SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+        health_timeout: u64,
         /// Entries of the established-TCP conntrack table (two per
         /// connection); the UDP table gets half, the handshake and SNAT
         /// tables a quarter each. Default: from the node's memory (0.25%).
@@ -156,8 +178,12 @@ fn main() -> ExitCode {
             cgroup,
             socket_lb_host_only,
             service_proxy_name,
+            service_cidrs,
+            external_ips,
             cleanup_on_exit,
             http_addr,
+            metrics_addr,
+            health_timeout,
             conntrack_max,
             snat_ports,
             nodeport_range,
@@ -176,12 +202,16 @@ fn main() -> ExitCode {
                     name: node_name,
                     node_ips,
                     service_proxy_name,
+                    service_cidrs,
+                    external_ips,
                 },
                 pin_dir,
                 cgroup,
                 socket_lb_host_only,
                 cleanup_on_exit,
                 http_addr: http_addr.0,
+                metrics_addr: metrics_addr.0,
+                health_timeout: std::time::Duration::from_secs(health_timeout),
                 conntrack_max,
                 snat_ports,
                 nodeport_range,

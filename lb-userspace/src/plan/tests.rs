@@ -16,6 +16,7 @@ fn state(yaml: &str) -> DesiredState {
         name: "n".into(),
         node_ips: vec![Ipv4Addr::new(198, 18, 0, 2)],
         service_proxy_name: None,
+        ..Default::default()
     };
     build(&o.services, &o.slices, &node).state
 }
@@ -196,6 +197,7 @@ fn policies_become_frontend_and_backend_flags_and_source_ranges() {
         name: "node-a".into(),
         node_ips: vec![Ipv4Addr::new(198, 18, 0, 2)],
         service_proxy_name: None,
+        ..Default::default()
     };
     let desired = build(&o.services, &o.slices, &node).state;
     let mut p = Programmer::new(MemoryMaps::default());

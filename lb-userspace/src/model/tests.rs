@@ -12,6 +12,7 @@ fn node() -> NodeConfig {
         name: "node-a".into(),
         node_ips: vec![Ipv4Addr::new(198, 18, 0, 2)],
         service_proxy_name: None,
+        ..Default::default()
     }
 }
 
@@ -33,7 +34,7 @@ fn key(ns: &str, name: &str, port: &str, protocol: Protocol) -> ServicePortKey {
 
 #[test]
 fn multi_document_stream_gives_one_service_port_per_port() {
-    let b = build_yaml(include_str!("testdata/basic.yaml"));
+    let b = build_yaml(include_str!("../testdata/basic.yaml"));
     assert!(b.rejections.is_empty(), "{:?}", b.rejections);
     let http = &b.state.services[&key("shop", "web", "http", Protocol::Tcp)];
     let fronts: Vec<String> = http.frontends.iter().map(|f| f.to_string()).collect();
@@ -50,7 +51,7 @@ fn multi_document_stream_gives_one_service_port_per_port() {
 
 #[test]
 fn usable_endpoints_are_ready_ones_then_terminating_serving_ones() {
-    let b = build_yaml(include_str!("testdata/basic.yaml"));
+    let b = build_yaml(include_str!("../testdata/basic.yaml"));
     let http = &b.state.services[&key("shop", "web", "http", Protocol::Tcp)];
     let usable: Vec<Ipv4Addr> = http.usable_endpoints().iter().map(|e| e.addr).collect();
     // The terminating endpoint is listed but not used while ready ones exist.
@@ -59,7 +60,7 @@ fn usable_endpoints_are_ready_ones_then_terminating_serving_ones() {
         [Ipv4Addr::new(198, 18, 1, 11), Ipv4Addr::new(198, 18, 1, 12)]
     );
 
-    let only_terminating = include_str!("testdata/basic.yaml")
+    let only_terminating = include_str!("../testdata/basic.yaml")
         .replace(
             "conditions: {ready: true, serving: true, terminating: false}",
             "conditions: {ready: false, serving: false, terminating: true}",
@@ -80,7 +81,7 @@ fn usable_endpoints_are_ready_ones_then_terminating_serving_ones() {
 
 #[test]
 fn list_kind_merges_slices_and_skips_headless_and_external_name() {
-    let b = build_yaml(include_str!("testdata/list.yaml"));
+    let b = build_yaml(include_str!("../testdata/list.yaml"));
     assert!(b.rejections.is_empty(), "{:?}", b.rejections);
     assert_eq!(b.state.services.len(), 1);
     let api = &b.state.services[&key("default", "api", "", Protocol::Tcp)];
@@ -99,7 +100,7 @@ fn list_kind_merges_slices_and_skips_headless_and_external_name() {
 fn an_invalid_service_is_rejected_alone() {
     let yaml = format!(
         "{}\n---\n{}",
-        include_str!("testdata/basic.yaml"),
+        include_str!("../testdata/basic.yaml"),
         "apiVersion: v1\nkind: Service\nmetadata: {name: bad, namespace: shop}\nspec:\n  clusterIP: 198.19.300.1\n  ports: [{port: 80}]\n"
     );
     let b = build_yaml(&yaml);
@@ -120,7 +121,7 @@ fn an_invalid_service_is_rejected_alone() {
 #[test]
 fn out_of_range_ports_are_rejected() {
     for (field, value) in [("port", "70000"), ("port", "0"), ("nodePort", "65536")] {
-        let yaml = include_str!("testdata/basic.yaml").replacen(
+        let yaml = include_str!("../testdata/basic.yaml").replacen(
             if field == "port" {
                 "port: 80\n"
             } else {
@@ -147,7 +148,7 @@ fn out_of_range_ports_are_rejected() {
 #[test]
 fn duplicate_frontend_goes_to_the_older_service() {
     let newer = "apiVersion: v1\nkind: Service\nmetadata: {name: aaa-newer, namespace: shop, creationTimestamp: \"2026-02-01T00:00:00Z\"}\nspec:\n  clusterIP: 198.19.0.10\n  ports: [{name: http, port: 80}]\n";
-    let yaml = format!("{newer}---\n{}", include_str!("testdata/basic.yaml"));
+    let yaml = format!("{newer}---\n{}", include_str!("../testdata/basic.yaml"));
     let b = build_yaml(&yaml);
     assert_eq!(b.rejections.len(), 1);
     assert_eq!(b.rejections[0].object, "Service shop/aaa-newer");
@@ -164,7 +165,7 @@ fn duplicate_frontend_goes_to_the_older_service() {
 
 #[test]
 fn invalid_slice_is_rejected_alone_and_unlabelled_ones_ignored() {
-    let yaml = include_str!("testdata/basic.yaml").replace("198.18.1.12", "not-an-ip");
+    let yaml = include_str!("../testdata/basic.yaml").replace("198.18.1.12", "not-an-ip");
     let b = build_yaml(&yaml);
     assert_eq!(b.rejections.len(), 1);
     assert_eq!(b.rejections[0].object, "EndpointSlice shop/web-abc");
@@ -191,7 +192,7 @@ fn object_of_wrong_shape_is_rejected_by_name() {
 
 #[test]
 fn sctp_and_bad_affinity_timeout_are_rejected() {
-    let sctp = include_str!("testdata/basic.yaml").replacen(
+    let sctp = include_str!("../testdata/basic.yaml").replacen(
         "protocol: UDP\n    targetPort",
         "protocol: SCTP\n    targetPort",
         1,
@@ -203,7 +204,7 @@ fn sctp_and_bad_affinity_timeout_are_rejected() {
         b.rejections
     );
     let aff =
-        include_str!("testdata/list.yaml").replace("timeoutSeconds: 60", "timeoutSeconds: 100000");
+        include_str!("../testdata/list.yaml").replace("timeoutSeconds: 60", "timeoutSeconds: 100000");
     let b = build_yaml(&aff);
     assert!(
         b.rejections[0].reason.contains("100000"),
@@ -214,11 +215,11 @@ fn sctp_and_bad_affinity_timeout_are_rejected() {
 
 #[test]
 fn loadbalancer_gets_cluster_ip_and_node_ports() {
-    let yaml = include_str!("testdata/basic.yaml").replace("type: NodePort", "type: LoadBalancer");
+    let yaml = include_str!("../testdata/basic.yaml").replace("type: NodePort", "type: LoadBalancer");
     let b = build_yaml(&yaml);
     let http = &b.state.services[&key("shop", "web", "http", Protocol::Tcp)];
     assert_eq!(http.frontends.len(), 2);
-    let cip = include_str!("testdata/basic.yaml").replace("type: NodePort", "type: ClusterIP");
+    let cip = include_str!("../testdata/basic.yaml").replace("type: NodePort", "type: ClusterIP");
     let b = build_yaml(&cip);
     let http = &b.state.services[&key("shop", "web", "http", Protocol::Tcp)];
     assert_eq!(
@@ -228,7 +229,7 @@ fn loadbalancer_gets_cluster_ip_and_node_ports() {
     );
 }
 
-const POLICIES: &str = include_str!("testdata/policies.yaml");
+const POLICIES: &str = include_str!("../testdata/policies.yaml");
 
 fn local(mut k: ServicePortKey) -> ServicePortKey {
     k.scope = Scope::Local;

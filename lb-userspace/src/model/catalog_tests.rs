@@ -7,19 +7,20 @@ use std::net::Ipv4Addr;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 use crate::{
-    catalog::Catalog,
     manifest,
+    model::catalog::Catalog,
     model::{build, NodeConfig},
 };
 
-const BASIC: &str = include_str!("testdata/basic.yaml");
-const POLICIES: &str = include_str!("testdata/policies.yaml");
+const BASIC: &str = include_str!("../testdata/basic.yaml");
+const POLICIES: &str = include_str!("../testdata/policies.yaml");
 
 fn node() -> NodeConfig {
     NodeConfig {
         name: "node-a".into(),
         node_ips: vec![Ipv4Addr::new(198, 18, 0, 2)],
         service_proxy_name: None,
+        ..Default::default()
     }
 }
 

@@ -19,9 +19,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
-use crate::model::{
-    assemble, build_service, object_key, validate_slice, DesiredState, NodeConfig, ObjectKey,
-    Outcome, Rejection, ServiceBuild, ServicePortKey, ValidSlice,
+use super::{
+    assemble, build_service, object_key, partial_reason, trim, validate_slice, DesiredState,
+    FrontendId, NodeConfig, ObjectKey, Outcome, Rejection, ServiceBuild, ServicePortKey,
+    ValidSlice,
 };
 
 #[derive(Debug, Default)]
@@ -32,8 +33,11 @@ pub struct Catalog {
     slices: BTreeMap<ObjectKey, ValidSlice>,
     slices_of: BTreeMap<ObjectKey, BTreeSet<ObjectKey>>,
     builds: BTreeMap<ObjectKey, ServiceBuild>,
-    /// Services whose ports are in `state` (they own all their frontends).
+    /// Services whose ports are in `state`.
     programmed: BTreeSet<ObjectKey>,
+    /// Frontends of a Service another Service holds (from the last
+    /// ownership pass), and which.
+    lost: BTreeMap<ObjectKey, BTreeMap<FrontendId, String>>,
     state: DesiredState,
     dirty: BTreeSet<ObjectKey>,
     /// Problems already reported, by object: each is logged once per cause.
@@ -45,9 +49,11 @@ pub struct Catalog {
 pub struct Rebuilt {
     /// Service ports that may differ from before (`None`: any of them).
     pub keys: Option<BTreeSet<ServicePortKey>>,
-    /// Rejections and skips not reported before.
+    /// Rejections, skips and partly programmed Services not reported
+    /// before.
     pub rejections: Vec<Rejection>,
     pub skipped: Vec<Rejection>,
+    pub partial: Vec<Rejection>,
     /// Services rebuilt.
     pub services: usize,
 }
@@ -222,16 +228,18 @@ impl Catalog {
                 .iter()
                 .filter(|(_, b)| match &b.outcome {
                     Outcome::Program { ports, .. } => ports
-                        .first()
-                        .is_some_and(|p| assembled.state.services.contains_key(&p.key)),
+                        .iter()
+                        .any(|p| assembled.state.services.contains_key(&p.key)),
                     _ => false,
                 })
                 .map(|(k, _)| k.clone())
                 .collect();
             self.state = assembled.state;
+            self.lost = assembled.lost;
             out.keys = None;
             out.rejections = assembled.rejections;
             out.skipped = assembled.skipped;
+            out.partial = assembled.partial;
             // Deleted Services: a later one of the same name is new.
             let live: BTreeSet<&str> = self.builds.values().map(|b| b.object.as_str()).collect();
             self.reported.retain(|object, _| {
@@ -258,11 +266,20 @@ impl Catalog {
                 if let Some(Outcome::Program {
                     ports,
                     health_check,
+                    notes,
                 }) = new.as_ref().map(|b| &b.outcome)
                 {
-                    for p in ports {
+                    // The same frontends as before: the same ones lost.
+                    let lost = self.lost.get(&key);
+                    if let Some(why) = partial_reason(notes, lost) {
+                        out.partial.push(Rejection {
+                            object: new.as_ref().map(|b| b.object.clone()).unwrap_or_default(),
+                            reason: why,
+                        });
+                    }
+                    for p in trim(ports, lost) {
                         keys.insert(p.key.clone());
-                        self.state.services.insert(p.key.clone(), p.clone());
+                        self.state.services.insert(p.key.clone(), p);
                     }
                     if let Some((port, hc)) = health_check {
                         self.state.health_checks.insert(*port, hc.clone());
@@ -273,6 +290,7 @@ impl Catalog {
         }
         out.rejections.retain(|r| self.first_report(r));
         out.skipped.retain(|r| self.first_report(r));
+        out.partial.retain(|r| self.first_report(r));
         out
     }
 
@@ -291,6 +309,7 @@ fn ports_of(b: Option<&ServiceBuild>) -> Vec<(ServicePortKey, Option<u16>)> {
         Some(Outcome::Program {
             ports,
             health_check,
+            ..
         }) => {
             let hc = health_check.as_ref().map(|(p, _)| *p);
             ports.iter().map(|p| (p.key.clone(), hc)).collect()

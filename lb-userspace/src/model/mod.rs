@@ -1,0 +1,370 @@
+//! Desired state: what the datapath must do, built from Kubernetes Service
+//! and EndpointSlice objects. Pure: objects in, a validated `DesiredState`
+//! and a list of rejected objects (each with a reason) out.
+//!
+//! The unit is a *service port* (namespace/name, port name, protocol,
+//! scope): it has its own frontends, backends (targetPort differs per port)
+//! and Maglev table, like kube-proxy's per-port chains. The scope splits a
+//! port whose traffic policies differ: frontends with policy Local (a
+//! ClusterIP with internalTrafficPolicy Local, external frontends with
+//! externalTrafficPolicy Local) get their own table of this node's
+//! endpoints only.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::Ipv4Addr,
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+mod assemble;
+pub mod catalog;
+mod service;
+mod slice;
+#[cfg(test)]
+mod catalog_tests;
+#[cfg(test)]
+mod tests;
+
+pub use assemble::{assemble, build_service, partial_reason, trim, FrontendId, Outcome, ServiceBuild};
+pub use service::{refuse_external_ip, ServiceError};
+pub use slice::{validate_slice, ValidSlice};
+
+/// Label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Services with this label are left to a headless-aware proxy.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// Services with this label belong to the proxy of that name only.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Kubernetes' default sessionAffinity ClientIP timeout (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+/// The API server's upper bound for that timeout (one day).
+pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub const fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => lb_common::IPPROTO_TCP,
+            Protocol::Udp => lb_common::IPPROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        })
+    }
+}
+
+/// Which endpoints a service port's frontends lead to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scope {
+    /// Every endpoint of the service (traffic policy Cluster).
+    #[default]
+    Cluster,
+    /// This node's endpoints only (traffic policy Local).
+    Local,
+}
+
+/// Identity of one port of one Service.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServicePortKey {
+    pub namespace: String,
+    pub name: String,
+    /// Empty for an unnamed (single) port.
+    pub port_name: String,
+    pub protocol: Protocol,
+    pub scope: Scope,
+}
+
+impl ServicePortKey {
+    /// `namespace/name` of the Service.
+    pub fn service(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+impl fmt::Display for ServicePortKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)?;
+        if !self.port_name.is_empty() {
+            write!(f, ":{}", self.port_name)?;
+        }
+        write!(f, "/{}", self.protocol)?;
+        if self.scope == Scope::Local {
+            f.write_str("/local")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FrontendKind {
+    ClusterIp,
+    NodePort,
+    /// `spec.externalIPs`.
+    ExternalIp,
+    /// `status.loadBalancer.ingress[].ip`.
+    LoadBalancer,
+}
+
+impl FrontendKind {
+    /// Reached from outside the cluster: externalTrafficPolicy applies.
+    pub const fn is_external(self) -> bool {
+        !matches!(self, FrontendKind::ClusterIp)
+    }
+}
+
+/// An IPv4 prefix (loadBalancerSourceRanges), host bits cleared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Prefix {
+    pub addr: Ipv4Addr,
+    pub len: u8,
+}
+
+impl fmt::Display for Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl Prefix {
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        let mask = if self.len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - self.len)
+        };
+        u32::from(ip) & mask == u32::from(self.addr)
+    }
+}
+
+impl std::str::FromStr for Prefix {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Prefix, String> {
+        let s = s.trim();
+        let (addr, len) = s.split_once('/').unwrap_or((s, "32"));
+        let addr: Ipv4Addr = addr
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IPv4 CIDR"))?;
+        let len: u8 = len
+            .parse()
+            .ok()
+            .filter(|l| *l <= 32)
+            .ok_or_else(|| format!("{s:?} has a prefix length outside 0-32"))?;
+        let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+        Ok(Prefix {
+            addr: Ipv4Addr::from(u32::from(addr) & mask),
+            len,
+        })
+    }
+}
+
+/// An address, port and protocol a service port answers on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Frontend {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub kind: FrontendKind,
+}
+
+impl fmt::Display for Frontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.addr, self.port, self.protocol)
+    }
+}
+
+/// One endpoint address with the port this service port targets on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Endpoint {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    /// On this node (`nodeName` equals `--node-name`).
+    pub local: bool,
+}
+
+impl Endpoint {
+    pub const fn target(&self) -> (Ipv4Addr, u16) {
+        (self.addr, self.port)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    pub key: ServicePortKey,
+    /// Sorted, unique.
+    pub frontends: Vec<Frontend>,
+    /// Every endpoint the slices list for this port (sorted by address and
+    /// port, one per target), usable or not: a flow already on an endpoint
+    /// keeps it while the endpoint is listed.
+    pub endpoints: Vec<Endpoint>,
+    /// `Some(timeout)` with sessionAffinity ClientIP.
+    pub affinity_timeout_s: Option<u32>,
+    /// loadBalancerSourceRanges (sorted, unique); they apply to the
+    /// `LoadBalancer` frontends. Empty: every source is admitted.
+    pub source_ranges: Vec<Prefix>,
+}
+
+impl ServicePort {
+    /// Endpoints that take new flows: the ready ones; when none is ready,
+    /// the serving and terminating ones (kube-proxy's fallback, KEP-1669).
+    pub fn usable_endpoints(&self) -> Vec<Endpoint> {
+        let ready: Vec<Endpoint> = self.endpoints.iter().copied().filter(|e| e.ready).collect();
+        if !ready.is_empty() {
+            return ready;
+        }
+        self.endpoints
+            .iter()
+            .copied()
+            .filter(|e| e.serving && e.terminating)
+            .collect()
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesiredState {
+    pub services: BTreeMap<ServicePortKey, ServicePort>,
+    /// healthCheckNodePort -> what the agent answers on it.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
+}
+
+/// A LoadBalancer Service with externalTrafficPolicy Local: its load
+/// balancer asks every node, on `healthCheckNodePort`, whether to send
+/// traffic there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub namespace: String,
+    pub name: String,
+    /// Ready endpoints on this node (terminating ones do not count).
+    pub local_endpoints: usize,
+}
+
+/// An object left out of the desired state, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    /// `Service ns/name` or `EndpointSlice ns/name`.
+    pub object: String,
+    pub reason: String,
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.object, self.reason)
+    }
+}
+
+/// Node facts that shape frontends.
+#[derive(Clone, Debug, Default)]
+pub struct NodeConfig {
+    pub name: String,
+    /// NodePorts answer on each of these.
+    pub node_ips: Vec<Ipv4Addr>,
+    /// `--service-proxy-name`: Services labelled
+    /// `service.kubernetes.io/service-proxy-name` are ours only if the
+    /// value equals this.
+    pub service_proxy_name: Option<String>,
+    /// `--service-cidr`: the cluster's Service ranges (externalIPs inside
+    /// them are refused under the restricted policy).
+    pub service_cidrs: Vec<Prefix>,
+    /// `--external-ips`: which externalIPs are programmed.
+    pub external_ips: ExternalIpPolicy,
+}
+
+/// Which `spec.externalIPs` are programmed. Anyone who may create a
+/// Service can set externalIPs (CVE-2020-8554): `restricted` refuses those
+/// that would capture traffic meant for the node or for Services.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExternalIpPolicy {
+    /// Every externalIP, as kube-proxy does.
+    Allow,
+    /// Not this node's addresses, nor addresses in --service-cidr, nor
+    /// loopback, link-local, multicast or broadcast ones. A ClusterIP
+    /// always wins over an externalIP on the same port.
+    #[default]
+    Restricted,
+    /// No externalIP at all (like the DenyServiceExternalIPs admission
+    /// plugin).
+    Deny,
+}
+
+/// A port number of an object: 1-65535.
+fn port_number(what: &str, n: i32) -> Result<u16, String> {
+    u16::try_from(n)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{what} {n} is out of range 1-65535"))
+}
+
+/// The result of building: what to program, what was refused, and what was
+/// knowingly left out (headless, ExternalName, IPv6), for the logs.
+#[derive(Debug, Default)]
+pub struct Build {
+    pub state: DesiredState,
+    pub rejections: Vec<Rejection>,
+    pub skipped: Vec<Rejection>,
+    /// Services programmed without some part (a frontend another Service
+    /// holds, an SCTP port, a refused externalIP), and what.
+    pub partial: Vec<Rejection>,
+    /// Per Service, the frontends another Service holds, and which.
+    pub lost: BTreeMap<ObjectKey, BTreeMap<FrontendId, String>>,
+}
+
+/// Builds the desired state. Invalid objects are rejected one by one; every
+/// other service is still built.
+pub fn build(services: &[Service], slices: &[EndpointSlice], node: &NodeConfig) -> Build {
+    let mut out = Build::default();
+    let mut slices_by_service: BTreeMap<ObjectKey, Vec<ValidSlice>> = BTreeMap::new();
+    for slice in slices {
+        match validate_slice(slice) {
+            Ok(Some(v)) => slices_by_service
+                .entry(v.service_key())
+                .or_default()
+                .push(v),
+            Ok(None) => {}
+            Err(rejection) => out.rejections.push(rejection),
+        }
+    }
+    let built: Vec<ServiceBuild> = services
+        .iter()
+        .map(|svc| {
+            let slices = slices_by_service
+                .get(&object_key(&svc.metadata))
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
+            build_service(svc, slices, node)
+        })
+        .collect();
+    let mut ordered: Vec<&ServiceBuild> = built.iter().collect();
+    ordered.sort_by(|a, b| a.order.cmp(&b.order));
+    let assembled = assemble(ordered);
+    out.state = assembled.state;
+    out.rejections.extend(assembled.rejections);
+    out.skipped = assembled.skipped;
+    out.partial = assembled.partial;
+    out.lost = assembled.lost;
+    out
+}
+
+/// (namespace, name) of an object; the namespace defaults to "default".
+pub type ObjectKey = (String, String);
+
+pub fn object_key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectKey {
+    (
+        meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        meta.name.clone().unwrap_or_default(),
+    )
+}

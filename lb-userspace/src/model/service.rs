@@ -1,0 +1,418 @@
+//! One Service checked and turned into service ports, by concern: whether
+//! it is ours at all (labels, type, headless), its addresses (clusterIPs,
+//! externalIPs under the node's policy, load-balancer IPs), its policies
+//! (affinity, traffic policies, source ranges), and its ports.
+//!
+//! What makes the whole Service unusable is a `ServiceError` (the object is
+//! rejected, with a log line naming it); what makes only a part unusable
+//! (an SCTP port, an externalIP the policy refuses) leaves that part out
+//! with a note, and the rest is programmed.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr},
+};
+
+use k8s_openapi::api::core::v1::{Service, ServiceSpec};
+
+use super::{
+    port_number, ExternalIpPolicy, Frontend, FrontendKind, NodeConfig, Prefix, Protocol, Scope,
+    ServicePort, ServicePortKey, DEFAULT_AFFINITY_TIMEOUT_S, HEADLESS_LABEL,
+    MAX_AFFINITY_TIMEOUT_S, SERVICE_PROXY_NAME_LABEL,
+};
+
+/// Why a Service cannot be programmed at all.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ServiceError {
+    #[error("metadata.name is missing")]
+    NoName,
+    #[error("spec is missing")]
+    NoSpec,
+    #[error("spec.clusterIP is missing (a Service the API server accepted has one)")]
+    NoClusterIp,
+    #[error("{field}: {value:?} is not an IP address")]
+    BadAddress { field: &'static str, value: String },
+    #[error("sessionAffinityConfig.clientIP.timeoutSeconds {0} is out of range 1-{MAX_AFFINITY_TIMEOUT_S}")]
+    AffinityTimeout(i32),
+    #[error("sessionAffinity {0:?} is not None or ClientIP")]
+    Affinity(String),
+    #[error("{field} {value:?} is not Cluster or Local")]
+    TrafficPolicy { field: &'static str, value: String },
+    #[error("loadBalancerSourceRanges: {0}")]
+    SourceRange(String),
+    #[error("port {port:?}: protocol {protocol} is not supported (TCP and UDP are)")]
+    Protocol { port: String, protocol: String },
+    #[error("port name {name:?} is used twice for {protocol}")]
+    DuplicatePort { name: String, protocol: Protocol },
+    #[error("{0}")]
+    PortRange(String),
+    #[error("frontend {0} is declared twice")]
+    DuplicateFrontend(String),
+}
+
+pub enum ServiceVerdict {
+    Program {
+        ports: Vec<ServicePort>,
+        /// Parts left out (an SCTP port, a refused externalIP), for the log.
+        notes: Vec<String>,
+    },
+    Skip(String),
+}
+
+pub fn validate_service(svc: &Service, node: &NodeConfig) -> Result<ServiceVerdict, ServiceError> {
+    let name = svc.metadata.name.as_deref().filter(|n| !n.is_empty());
+    let name = name.ok_or(ServiceError::NoName)?;
+    let namespace = svc
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    if let Some(skip) = not_ours(svc, node) {
+        return Ok(ServiceVerdict::Skip(skip));
+    }
+    let spec = svc.spec.as_ref().ok_or(ServiceError::NoSpec)?;
+    let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+    if svc_type == "ExternalName" {
+        return Ok(ServiceVerdict::Skip(
+            "ExternalName services have no frontend".into(),
+        ));
+    }
+    if spec.cluster_ip.as_deref() == Some("None") {
+        return Ok(ServiceVerdict::Skip("headless (clusterIP: None)".into()));
+    }
+    let cluster_ips = cluster_ips(spec)?;
+    if cluster_ips.is_empty() {
+        return Ok(ServiceVerdict::Skip(
+            "no IPv4 clusterIP (IPv6 is not supported yet)".into(),
+        ));
+    }
+    if spec.ports.as_ref().is_none_or(|p| p.is_empty()) {
+        return Ok(ServiceVerdict::Skip("no ports".into()));
+    }
+    let mut notes = Vec::new();
+    let external_ips = external_ips(spec, node, &mut notes)?;
+    let lb_ips = if svc_type == "LoadBalancer" {
+        load_balancer_ips(svc)?
+    } else {
+        Vec::new()
+    };
+    let policies = Policies::of(spec, svc_type)?;
+    let addresses = Addresses {
+        cluster: cluster_ips,
+        external: external_ips,
+        load_balancer: lb_ips,
+        node_ports: matches!(svc_type, "NodePort" | "LoadBalancer"),
+    };
+    let ports = service_ports(spec, &namespace, name, &addresses, &policies, node, &mut notes)?;
+    if ports.is_empty() {
+        notes.push("no port left to program".into());
+        return Ok(ServiceVerdict::Skip(notes.join("; ")));
+    }
+    Ok(ServiceVerdict::Program { ports, notes })
+}
+
+/// A reason to leave the Service to someone else, if any.
+fn not_ours(svc: &Service, node: &NodeConfig) -> Option<String> {
+    let labels = svc.metadata.labels.as_ref();
+    if labels.is_some_and(|l| l.contains_key(HEADLESS_LABEL)) {
+        return Some(format!("labelled {HEADLESS_LABEL}"));
+    }
+    let proxy = labels.and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL))?;
+    (node.service_proxy_name.as_deref() != Some(proxy.as_str())).then(|| {
+        format!(
+            "{SERVICE_PROXY_NAME_LABEL}={proxy} is another proxy's (this one is {})",
+            node.service_proxy_name
+                .as_deref()
+                .unwrap_or("unnamed: see --service-proxy-name")
+        )
+    })
+}
+
+// ------------------------------------------------------------ addresses
+
+struct Addresses {
+    cluster: Vec<Ipv4Addr>,
+    external: Vec<Ipv4Addr>,
+    load_balancer: Vec<Ipv4Addr>,
+    /// NodePort or LoadBalancer: nodePorts answer on the node addresses.
+    node_ports: bool,
+}
+
+/// The IPv4 clusterIPs (`clusterIPs`, else `clusterIP`).
+fn cluster_ips(spec: &ServiceSpec) -> Result<Vec<Ipv4Addr>, ServiceError> {
+    let mut ips: Vec<&String> = spec.cluster_ips.iter().flatten().collect();
+    if ips.is_empty() {
+        ips.extend(spec.cluster_ip.iter().filter(|ip| !ip.is_empty()));
+    }
+    if ips.is_empty() {
+        return Err(ServiceError::NoClusterIp);
+    }
+    parse_ipv4_list("clusterIP", ips)
+}
+
+/// externalIPs the node's policy admits; the others are noted and left out
+/// (CVE-2020-8554: whoever may create a Service could otherwise take
+/// traffic meant for the node or for another Service).
+fn external_ips(
+    spec: &ServiceSpec,
+    node: &NodeConfig,
+    notes: &mut Vec<String>,
+) -> Result<Vec<Ipv4Addr>, ServiceError> {
+    let all = parse_ipv4_list("externalIPs", spec.external_ips.iter().flatten())?;
+    let mut out = Vec::new();
+    for ip in all {
+        match refuse_external_ip(ip, node) {
+            None => out.push(ip),
+            Some(why) => notes.push(format!("externalIP {ip} left out: {why}")),
+        }
+    }
+    Ok(out)
+}
+
+/// Why the policy refuses `ip` as an externalIP, if it does.
+pub fn refuse_external_ip(ip: Ipv4Addr, node: &NodeConfig) -> Option<String> {
+    match node.external_ips {
+        ExternalIpPolicy::Allow => None,
+        ExternalIpPolicy::Deny => Some("externalIPs are refused (--external-ips deny)".into()),
+        ExternalIpPolicy::Restricted => {
+            if ip.is_unspecified()
+                || ip.is_loopback()
+                || ip.is_multicast()
+                || ip.is_broadcast()
+                || ip.is_link_local()
+            {
+                Some("not a routable unicast address".into())
+            } else if node.node_ips.contains(&ip) {
+                Some("it is this node's address (--external-ips allow admits it)".into())
+            } else if let Some(cidr) = node.service_cidrs.iter().find(|c| c.contains(ip)) {
+                Some(format!(
+                    "it is inside the service CIDR {cidr} (--external-ips allow admits it)"
+                ))
+            } else {
+                None
+            }
+        }
+    }
+}
+
+/// `status.loadBalancer.ingress[].ip`, except those with ipMode Proxy
+/// (KEP-1860: the load balancer proxies to the node itself, so its address
+/// must not be short-circuited here).
+fn load_balancer_ips(svc: &Service) -> Result<Vec<Ipv4Addr>, ServiceError> {
+    let ips = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
+        .filter_map(|i| i.ip.as_ref());
+    parse_ipv4_list("status.loadBalancer.ingress[].ip", ips)
+}
+
+/// IPv4 addresses of a list; IPv6 ones are skipped (not supported yet).
+fn parse_ipv4_list<'a>(
+    field: &'static str,
+    list: impl IntoIterator<Item = &'a String>,
+) -> Result<Vec<Ipv4Addr>, ServiceError> {
+    let mut out = Vec::new();
+    for ip in list {
+        match ip.parse::<IpAddr>() {
+            Ok(IpAddr::V4(a)) => out.push(a),
+            Ok(IpAddr::V6(_)) => {}
+            Err(_) => {
+                return Err(ServiceError::BadAddress {
+                    field,
+                    value: ip.clone(),
+                })
+            }
+        }
+    }
+    Ok(out)
+}
+
+// ------------------------------------------------------------- policies
+
+struct Policies {
+    affinity_timeout_s: Option<u32>,
+    internal: Scope,
+    external: Scope,
+    source_ranges: Vec<Prefix>,
+}
+
+impl Policies {
+    fn of(spec: &ServiceSpec, svc_type: &str) -> Result<Policies, ServiceError> {
+        Ok(Policies {
+            affinity_timeout_s: affinity(spec)?,
+            internal: traffic_policy(
+                "internalTrafficPolicy",
+                spec.internal_traffic_policy.as_deref(),
+            )?,
+            external: traffic_policy(
+                "externalTrafficPolicy",
+                spec.external_traffic_policy.as_deref(),
+            )?,
+            source_ranges: if svc_type == "LoadBalancer" {
+                source_ranges(spec)?
+            } else {
+                Vec::new()
+            },
+        })
+    }
+
+    fn scope_of(&self, kind: FrontendKind) -> Scope {
+        if kind.is_external() {
+            self.external
+        } else {
+            self.internal
+        }
+    }
+}
+
+fn affinity(spec: &ServiceSpec) -> Result<Option<u32>, ServiceError> {
+    match spec.session_affinity.as_deref().unwrap_or("None") {
+        "None" => Ok(None),
+        "ClientIP" => {
+            let t = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            match t {
+                None => Ok(Some(DEFAULT_AFFINITY_TIMEOUT_S)),
+                Some(t) if t >= 1 && t as u32 <= MAX_AFFINITY_TIMEOUT_S => Ok(Some(t as u32)),
+                Some(t) => Err(ServiceError::AffinityTimeout(t)),
+            }
+        }
+        other => Err(ServiceError::Affinity(other.into())),
+    }
+}
+
+fn traffic_policy(field: &'static str, value: Option<&str>) -> Result<Scope, ServiceError> {
+    match value.unwrap_or("Cluster") {
+        "Cluster" => Ok(Scope::Cluster),
+        "Local" => Ok(Scope::Local),
+        other => Err(ServiceError::TrafficPolicy {
+            field,
+            value: other.into(),
+        }),
+    }
+}
+
+/// loadBalancerSourceRanges, sorted and unique. Like kube-proxy, a list may
+/// hold IPv6 ranges for the other family; they do not apply to IPv4.
+fn source_ranges(spec: &ServiceSpec) -> Result<Vec<Prefix>, ServiceError> {
+    let mut out = Vec::new();
+    for r in spec.load_balancer_source_ranges.iter().flatten() {
+        if r.contains(':') {
+            continue;
+        }
+        out.push(r.parse::<Prefix>().map_err(ServiceError::SourceRange)?);
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+// ---------------------------------------------------------------- ports
+
+/// One service port per port and scope its frontends use.
+fn service_ports(
+    spec: &ServiceSpec,
+    namespace: &str,
+    name: &str,
+    addrs: &Addresses,
+    policies: &Policies,
+    node: &NodeConfig,
+    notes: &mut Vec<String>,
+) -> Result<Vec<ServicePort>, ServiceError> {
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for p in spec.ports.as_deref().unwrap_or(&[]) {
+        let port_name = p.name.clone().unwrap_or_default();
+        let protocol = match p.protocol.as_deref().unwrap_or("TCP") {
+            "TCP" => Protocol::Tcp,
+            "UDP" => Protocol::Udp,
+            "SCTP" => {
+                notes.push(format!(
+                    "port {port_name:?} left out: SCTP is not supported (TCP and UDP are)"
+                ));
+                continue;
+            }
+            other => {
+                return Err(ServiceError::Protocol {
+                    port: port_name,
+                    protocol: other.into(),
+                })
+            }
+        };
+        if !seen.insert((port_name.clone(), protocol)) {
+            return Err(ServiceError::DuplicatePort {
+                name: port_name,
+                protocol,
+            });
+        }
+        let port = port_number("port", p.port).map_err(ServiceError::PortRange)?;
+        fn at(addrs: &[Ipv4Addr], port: u16, protocol: Protocol, kind: FrontendKind) -> impl Iterator<Item = Frontend> + '_ {
+            addrs.iter().map(move |&addr| Frontend {
+                addr,
+                port,
+                protocol,
+                kind,
+            })
+        }
+        let mut frontends: Vec<Frontend> = at(&addrs.cluster, port, protocol, FrontendKind::ClusterIp)
+            .chain(at(&addrs.external, port, protocol, FrontendKind::ExternalIp))
+            .chain(at(&addrs.load_balancer, port, protocol, FrontendKind::LoadBalancer))
+            .collect();
+        if let Some(np) = p.node_port.filter(|_| addrs.node_ports) {
+            let np = port_number("nodePort", np).map_err(ServiceError::PortRange)?;
+            frontends.extend(at(&node.node_ips, np, protocol, FrontendKind::NodePort));
+        }
+        for scope in [Scope::Cluster, Scope::Local] {
+            let mut mine: Vec<Frontend> = frontends
+                .iter()
+                .copied()
+                .filter(|f| policies.scope_of(f.kind) == scope)
+                .collect();
+            if mine.is_empty() {
+                continue;
+            }
+            mine.sort();
+            mine.dedup();
+            let has_lb = mine.iter().any(|f| f.kind == FrontendKind::LoadBalancer);
+            out.push(ServicePort {
+                key: ServicePortKey {
+                    namespace: namespace.into(),
+                    name: name.into(),
+                    port_name: port_name.clone(),
+                    protocol,
+                    scope,
+                },
+                frontends: mine,
+                endpoints: Vec::new(),
+                affinity_timeout_s: policies.affinity_timeout_s,
+                source_ranges: if has_lb {
+                    policies.source_ranges.clone()
+                } else {
+                    Vec::new()
+                },
+            });
+        }
+    }
+    // Two ports of one service may not share a frontend either.
+    let mut all: Vec<(Ipv4Addr, u16, Protocol)> = out
+        .iter()
+        .flat_map(|p| &p.frontends)
+        .map(|f| (f.addr, f.port, f.protocol))
+        .collect();
+    all.sort();
+    if let Some(w) = all.windows(2).find(|w| w[0] == w[1]) {
+        return Err(ServiceError::DuplicateFrontend(format!(
+            "{}:{}/{}",
+            w[0].0, w[0].1, w[0].2
+        )));
+    }
+    Ok(out)
+}
