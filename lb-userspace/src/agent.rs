@@ -26,20 +26,22 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    model::catalog::Catalog,
     conntrack::{self, CtSizes, Evictions},
     datapath::{self, Attached, Datapath, Hook, KernelMaps, TcMode},
-    healthcheck::HealthServers,
     interfaces::{Interfaces, LinkKind, Selection, Skip, Step, XdpIface},
     link_watch::{self, LinkEvent},
-    metrics::Metrics,
+    model::catalog::Catalog,
     model::{NodeConfig, ServicePortKey},
     pins,
     plan::{Programmer, Report},
     ports::{self, PortRange},
     probes::{self, TcAttach},
+    serve::{
+        healthcheck::HealthServers,
+        metrics::Metrics,
+        status::{self, Status},
+    },
     source::{self, Change, Update, Updates, What},
-    status::{self, Status},
     system::{self, PinDirLock},
 };
 
@@ -76,8 +78,12 @@ pub struct RunOptions {
     /// Detach and unpin everything on exit instead of leaving the datapath
     /// running for the next agent.
     pub cleanup_on_exit: bool,
-    /// `/healthz`, `/readyz`, `/metrics`.
+    /// `/healthz`, `/readyz`, `/livez`.
     pub http_addr: Option<SocketAddr>,
+    /// `/metrics`, `/proxyMode`.
+    pub metrics_addr: Option<SocketAddr>,
+    /// `/healthz` fails once a change waits longer than this.
+    pub health_timeout: std::time::Duration,
     /// `--conntrack-max`: entries of the established TCP table (the others
     /// follow); None: sized from the node's memory.
     pub conntrack_max: Option<u32>,
@@ -141,10 +147,14 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         // Kernels since 5.11 charge BPF memory to the cgroup instead.
         info!("could not raise RLIMIT_MEMLOCK ({e}); fine on kernels that account BPF memory by cgroup");
     }
-    let status = Status::new(Metrics::new(&opts.pin_dir));
+    let status = Status::new(Metrics::new(&opts.pin_dir), opts.health_timeout);
     if let Some(addr) = opts.http_addr {
-        status::serve(addr, status.clone()).await?;
-        info!(%addr, "serving /healthz, /readyz and /metrics");
+        status::serve_health(addr, status.clone()).await?;
+        info!(%addr, "serving /healthz, /readyz and /livez");
+    }
+    if let Some(addr) = opts.metrics_addr {
+        status::serve_metrics(addr, status.clone()).await?;
+        info!(%addr, "serving /metrics and /proxyMode");
     }
 
     match ports::reserve(opts.nodeport_range) {
@@ -199,8 +209,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let mut agent = Agent {
         catalog: Catalog::new(opts.node.clone()),
         programmer,
-        health: HealthServers::default(),
+        health: HealthServers::new(status.clone()),
         status,
+        watches_down: BTreeSet::new(),
         dp,
         interfaces: Interfaces::new(selection),
         skip_logged: BTreeMap::new(),
@@ -270,6 +281,8 @@ struct Agent {
     snat_seed: u32,
     /// When the oldest update not yet programmed arrived.
     pending_since: Option<Instant>,
+    /// API watches that failed and are not back: changes may be missing.
+    watches_down: BTreeSet<&'static str>,
 }
 
 enum Next {
@@ -454,7 +467,14 @@ impl Agent {
     /// Applies one update to the catalog (no map writes yet).
     fn take(&mut self, u: Update) {
         self.pending_since.get_or_insert(u.received);
+        self.status.queued(u.received);
         match u.what {
+            What::Lost(kind) => {
+                self.watches_down.insert(kind);
+            }
+            What::Back(kind) => {
+                self.watches_down.remove(kind);
+            }
             What::File {
                 services,
                 slices,
@@ -475,6 +495,7 @@ impl Agent {
                 Change::Listed(all) => {
                     self.catalog.replace_services(all);
                     self.needs.missing.remove("Services");
+                    self.watches_down.remove("Services");
                 }
             },
             What::Slices(change) => {
@@ -486,6 +507,7 @@ impl Agent {
                     }
                     Change::Listed(all) => {
                         self.needs.missing.remove("EndpointSlices");
+                        self.watches_down.remove("EndpointSlices");
                         self.catalog.replace_slices(&all)
                     }
                 };
@@ -499,6 +521,7 @@ impl Agent {
                     Change::Deleted(_) => None,
                     Change::Listed(all) => {
                         self.needs.missing.remove("Node");
+                        self.watches_down.remove("Node");
                         all.into_iter().next()
                     }
                 };
@@ -580,6 +603,7 @@ impl Agent {
             self.sync_maps()
         } else {
             self.pending_since = None;
+            self.mark_caught_up();
             Report::default()
         };
         self.health
@@ -605,6 +629,9 @@ impl Agent {
         for r in &rebuilt.skipped {
             info!(object = %r.object, "skipped: {}", r.reason);
         }
+        for r in &rebuilt.partial {
+            warn!(object = %r.object, "programmed in part: {}", r.reason);
+        }
         let state = self.catalog.state();
         let report = match &rebuilt.keys {
             Some(keys) => self.programmer.apply_keys(state, keys),
@@ -619,9 +646,10 @@ impl Agent {
         report
     }
 
-    /// Logs and metrics after the maps were written.
+    /// Logs, metrics and health after the maps were written.
     fn after_apply(&mut self, report: &Report) {
         log_report(&self.programmer, &self.catalog, report);
+        self.mark_caught_up();
         let m = &self.status.metrics;
         m.services.set(self.programmer.service_count() as i64);
         m.backends.set(self.programmer.backend_count() as i64);
@@ -641,6 +669,14 @@ impl Agent {
             if let Some(id) = self.programmer.service_id(key) {
                 names.insert(id, key.clone());
             }
+        }
+    }
+
+    /// Health: the maps hold every change, unless something is left to
+    /// retry or a watch is down.
+    fn mark_caught_up(&self) {
+        if self.programmer.pending() == 0 && self.watches_down.is_empty() {
+            self.status.updated();
         }
     }
 

@@ -8,7 +8,7 @@ use lb_common::{map_names, Counter, Verdict};
 use lb_userspace::{
     agent::{self, parse_node_ip, RunOptions, SourceOptions, DEFAULT_PIN_DIR},
     interfaces::XdpIface,
-    model::NodeConfig,
+    model::{ExternalIpPolicy, NodeConfig, Prefix},
     ports::PortRange,
     probes::TcAttach,
 };

@@ -94,6 +94,7 @@ impl Fixture {
             name: NODE_NAME.into(),
             node_ips: vec![NODE_IP],
             service_proxy_name: None,
+            ..Default::default()
         };
         Self::with_state_sized(
             &build(&objects.services, &objects.slices, &node).state,

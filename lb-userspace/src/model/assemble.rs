@@ -9,10 +9,11 @@ use std::{
 use k8s_openapi::api::core::v1::Service;
 
 use super::{
-    object_key, FrontendKind, ObjectKey,
+    object_key,
     service::{validate_service, ServiceVerdict},
     slice::endpoints_for,
-    Build, HealthCheck, NodeConfig, Protocol, Rejection, Scope, ServicePort, ValidSlice,
+    Build, FrontendKind, HealthCheck, NodeConfig, ObjectKey, Protocol, Rejection, Scope,
+    ServicePort, ValidSlice,
 };
 
 /// One Service built on its own, with its slices: everything except what
@@ -186,7 +187,10 @@ pub fn assemble<'a>(ordered: impl IntoIterator<Item = &'a ServiceBuild>) -> Buil
 
 /// `ports` without the frontends another Service holds; ports left with
 /// no frontend are dropped.
-pub fn trim(ports: &[ServicePort], lost: Option<&BTreeMap<FrontendId, String>>) -> Vec<ServicePort> {
+pub fn trim(
+    ports: &[ServicePort],
+    lost: Option<&BTreeMap<FrontendId, String>>,
+) -> Vec<ServicePort> {
     ports
         .iter()
         .filter_map(|p| {
@@ -201,7 +205,10 @@ pub fn trim(ports: &[ServicePort], lost: Option<&BTreeMap<FrontendId, String>>) 
 }
 
 /// One log line for whatever was left out of a Service, if anything.
-pub fn partial_reason(notes: &[String], lost: Option<&BTreeMap<FrontendId, String>>) -> Option<String> {
+pub fn partial_reason(
+    notes: &[String],
+    lost: Option<&BTreeMap<FrontendId, String>>,
+) -> Option<String> {
     let mut parts: Vec<String> = notes.to_vec();
     for ((addr, port, proto), owner) in lost.into_iter().flatten() {
         parts.push(format!(

@@ -131,3 +131,32 @@ fn a_service_that_loses_a_frontend_conflict_is_rejected_once_and_wins_when_the_o
     assert!(c.state().services.keys().all(|k| k.name == "late"));
     assert_eq!(c.state(), &full(clash));
 }
+
+#[test]
+fn an_endpoint_change_keeps_a_lost_frontend_out() {
+    let svc = |name: &str, day: u8, ip: &str, ext: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop, creationTimestamp: \"2026-01-{day:02}T00:00:00Z\"}}\nspec:\n  clusterIP: {ip}\n  externalIPs: [{ext}]\n  ports: [{{name: http, port: 80}}]\n"
+        )
+    };
+    let slice = |ep: &str| {
+        format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: new-1, namespace: shop, labels: {{kubernetes.io/service-name: new}}}}\naddressType: IPv4\nports: [{{name: http, port: 80}}]\nendpoints: [{{addresses: [{ep}]}}]\n"
+        )
+    };
+    let base =
+        svc("old", 1, "198.19.0.1", "198.18.50.1") + &svc("new", 2, "198.19.0.2", "198.18.50.1");
+    let (services, slices) = objects(&(base.clone() + &slice("198.18.1.1")));
+    let mut c = Catalog::new(node());
+    c.replace_services(services);
+    c.replace_slices(&slices);
+    let first = c.rebuild();
+    assert_eq!(first.partial.len(), 1, "{:?}", first.partial);
+    // Only new's endpoints change: an incremental rebuild.
+    let (_, slices) = objects(&(base.clone() + &slice("198.18.1.2")));
+    c.replace_slices(&slices);
+    let r = c.rebuild();
+    assert!(r.keys.is_some(), "incremental");
+    assert!(r.partial.is_empty(), "reported once: {:?}", r.partial);
+    assert_eq!(c.state(), &full(&(base + &slice("198.18.1.2"))));
+}

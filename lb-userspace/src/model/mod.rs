@@ -10,24 +10,22 @@
 //! externalTrafficPolicy Local) get their own table of this node's
 //! endpoints only.
 
-use std::{
-    collections::BTreeMap,
-    fmt,
-    net::Ipv4Addr,
-};
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 mod assemble;
 pub mod catalog;
+#[cfg(test)]
+mod catalog_tests;
 mod service;
 mod slice;
 #[cfg(test)]
-mod catalog_tests;
-#[cfg(test)]
 mod tests;
 
-pub use assemble::{assemble, build_service, partial_reason, trim, FrontendId, Outcome, ServiceBuild};
+pub use assemble::{
+    assemble, build_service, partial_reason, trim, FrontendId, Outcome, ServiceBuild,
+};
 pub use service::{refuse_external_ip, ServiceError};
 pub use slice::{validate_slice, ValidSlice};
 

@@ -103,7 +103,9 @@ pub fn validate_service(svc: &Service, node: &NodeConfig) -> Result<ServiceVerdi
         load_balancer: lb_ips,
         node_ports: matches!(svc_type, "NodePort" | "LoadBalancer"),
     };
-    let ports = service_ports(spec, &namespace, name, &addresses, &policies, node, &mut notes)?;
+    let ports = service_ports(
+        spec, &namespace, name, &addresses, &policies, node, &mut notes,
+    )?;
     if ports.is_empty() {
         notes.push("no port left to program".into());
         return Ok(ServiceVerdict::Skip(notes.join("; ")));
@@ -354,7 +356,12 @@ fn service_ports(
             });
         }
         let port = port_number("port", p.port).map_err(ServiceError::PortRange)?;
-        fn at(addrs: &[Ipv4Addr], port: u16, protocol: Protocol, kind: FrontendKind) -> impl Iterator<Item = Frontend> + '_ {
+        fn at(
+            addrs: &[Ipv4Addr],
+            port: u16,
+            protocol: Protocol,
+            kind: FrontendKind,
+        ) -> impl Iterator<Item = Frontend> + '_ {
             addrs.iter().map(move |&addr| Frontend {
                 addr,
                 port,
@@ -362,10 +369,21 @@ fn service_ports(
                 kind,
             })
         }
-        let mut frontends: Vec<Frontend> = at(&addrs.cluster, port, protocol, FrontendKind::ClusterIp)
-            .chain(at(&addrs.external, port, protocol, FrontendKind::ExternalIp))
-            .chain(at(&addrs.load_balancer, port, protocol, FrontendKind::LoadBalancer))
-            .collect();
+        let mut frontends: Vec<Frontend> =
+            at(&addrs.cluster, port, protocol, FrontendKind::ClusterIp)
+                .chain(at(
+                    &addrs.external,
+                    port,
+                    protocol,
+                    FrontendKind::ExternalIp,
+                ))
+                .chain(at(
+                    &addrs.load_balancer,
+                    port,
+                    protocol,
+                    FrontendKind::LoadBalancer,
+                ))
+                .collect();
         if let Some(np) = p.node_port.filter(|_| addrs.node_ports) {
             let np = port_number("nodePort", np).map_err(ServiceError::PortRange)?;
             frontends.extend(at(&node.node_ips, np, protocol, FrontendKind::NodePort));

@@ -5,7 +5,9 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use super::{port_number, Endpoint, ObjectKey, Protocol, Rejection, ServicePortKey, SERVICE_NAME_LABEL};
+use super::{
+    port_number, Endpoint, ObjectKey, Protocol, Rejection, ServicePortKey, SERVICE_NAME_LABEL,
+};
 
 fn slice_name(s: &EndpointSlice) -> String {
     format!(
@@ -109,7 +111,11 @@ fn check_slice(slice: &EndpointSlice) -> Result<Option<ValidSlice>, String> {
 /// listed twice for a moment). An endpoint is local when its nodeName is
 /// this node's name; one without nodeName is remote (SNAT keeps its replies
 /// right wherever it runs).
-pub(super) fn endpoints_for(key: &ServicePortKey, slices: &[ValidSlice], node_name: &str) -> Vec<Endpoint> {
+pub(super) fn endpoints_for(
+    key: &ServicePortKey,
+    slices: &[ValidSlice],
+    node_name: &str,
+) -> Vec<Endpoint> {
     let mut merged: BTreeMap<(Ipv4Addr, u16), Endpoint> = BTreeMap::new();
     for s in slices {
         let Some(&port) = s.ports.get(&(key.port_name.clone(), key.protocol)) else {

@@ -4,7 +4,9 @@ use std::net::Ipv4Addr;
 
 use crate::{
     manifest,
-    model::{build, Build, FrontendKind, NodeConfig, Protocol, Scope, ServicePortKey},
+    model::{
+        build, Build, ExternalIpPolicy, FrontendKind, NodeConfig, Protocol, Scope, ServicePortKey,
+    },
 };
 
 fn node() -> NodeConfig {
@@ -191,20 +193,27 @@ fn object_of_wrong_shape_is_rejected_by_name() {
 }
 
 #[test]
-fn sctp_and_bad_affinity_timeout_are_rejected() {
+fn an_sctp_port_is_left_out_alone_and_a_bad_affinity_timeout_rejects() {
     let sctp = include_str!("../testdata/basic.yaml").replacen(
         "protocol: UDP\n    targetPort",
         "protocol: SCTP\n    targetPort",
         1,
     );
     let b = build_yaml(&sctp);
+    assert!(b.rejections.is_empty(), "{:?}", b.rejections);
+    assert_eq!(b.partial.len(), 1, "{:?}", b.partial);
     assert!(
-        b.rejections[0].reason.contains("SCTP"),
+        b.partial[0].reason.contains("port \"dns\" left out: SCTP"),
         "{:?}",
-        b.rejections
+        b.partial
     );
-    let aff =
-        include_str!("../testdata/list.yaml").replace("timeoutSeconds: 60", "timeoutSeconds: 100000");
+    assert_eq!(
+        b.state.services.keys().collect::<Vec<_>>(),
+        [&key("shop", "web", "http", Protocol::Tcp)],
+        "the TCP port is programmed"
+    );
+    let aff = include_str!("../testdata/list.yaml")
+        .replace("timeoutSeconds: 60", "timeoutSeconds: 100000");
     let b = build_yaml(&aff);
     assert!(
         b.rejections[0].reason.contains("100000"),
@@ -215,7 +224,8 @@ fn sctp_and_bad_affinity_timeout_are_rejected() {
 
 #[test]
 fn loadbalancer_gets_cluster_ip_and_node_ports() {
-    let yaml = include_str!("../testdata/basic.yaml").replace("type: NodePort", "type: LoadBalancer");
+    let yaml =
+        include_str!("../testdata/basic.yaml").replace("type: NodePort", "type: LoadBalancer");
     let b = build_yaml(&yaml);
     let http = &b.state.services[&key("shop", "web", "http", Protocol::Tcp)];
     assert_eq!(http.frontends.len(), 2);
@@ -377,4 +387,103 @@ fn bad_traffic_policy_or_range_rejects_only_that_service() {
         "{:?}",
         b.rejections
     );
+}
+
+// ------------------------------------------------ conflicts and policy
+
+/// A ClusterIP Service `name` created at `day` of 2026-01 with externalIPs.
+fn svc_at(name: &str, day: u8, cluster_ip: &str, external: &[&str]) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop, creationTimestamp: \"2026-01-{day:02}T00:00:00Z\"}}\nspec:\n  clusterIP: {cluster_ip}\n  externalIPs: [{}]\n  ports: [{{name: http, port: 80}}]\n",
+        external.join(", ")
+    )
+}
+
+fn frontends(b: &Build, name: &str) -> Vec<String> {
+    b.state.services[&key("shop", name, "http", Protocol::Tcp)]
+        .frontends
+        .iter()
+        .map(|f| f.to_string())
+        .collect()
+}
+
+#[test]
+fn a_contested_external_ip_is_dropped_alone() {
+    let yaml = svc_at("old", 1, "198.19.0.1", &["198.18.50.1"])
+        + &svc_at("new", 2, "198.19.0.2", &["198.18.50.1", "198.18.50.2"]);
+    let b = build_yaml(&yaml);
+    assert!(b.rejections.is_empty(), "{:?}", b.rejections);
+    assert_eq!(
+        frontends(&b, "old"),
+        ["198.18.50.1:80/TCP", "198.19.0.1:80/TCP"]
+    );
+    assert_eq!(
+        frontends(&b, "new"),
+        ["198.18.50.2:80/TCP", "198.19.0.2:80/TCP"]
+    );
+    assert_eq!(b.partial.len(), 1);
+    assert_eq!(b.partial[0].object, "Service shop/new");
+    assert!(
+        b.partial[0].reason.contains(
+            "frontend 198.18.50.1:80/TCP left out: it is already used by Service shop/old"
+        ),
+        "{}",
+        b.partial[0].reason
+    );
+}
+
+#[test]
+fn a_cluster_ip_always_wins_over_an_older_services_external_ip() {
+    // CVE-2020-8554: "thief" claims the ClusterIP of "victim" as an
+    // externalIP, and is older.
+    let yaml =
+        svc_at("thief", 1, "198.19.0.1", &["198.19.0.2"]) + &svc_at("victim", 2, "198.19.0.2", &[]);
+    let b = build_yaml(&yaml);
+    assert_eq!(frontends(&b, "victim"), ["198.19.0.2:80/TCP"]);
+    assert_eq!(frontends(&b, "thief"), ["198.19.0.1:80/TCP"]);
+    assert!(b.partial[0]
+        .reason
+        .contains("already used by Service shop/victim"));
+}
+
+#[test]
+fn the_external_ip_policy_refuses_node_and_service_addresses() {
+    let yaml = svc_at(
+        "x",
+        1,
+        "198.19.0.1",
+        &["198.18.0.2", "198.19.7.7", "127.0.0.1", "198.18.50.1"],
+    );
+    let o = manifest::parse(&yaml).unwrap();
+    let with = |policy| {
+        let node = NodeConfig {
+            service_cidrs: vec!["198.19.0.0/16".parse().unwrap()],
+            external_ips: policy,
+            ..node()
+        };
+        build(&o.services, &o.slices, &node)
+    };
+    let b = with(ExternalIpPolicy::Restricted);
+    assert_eq!(
+        frontends(&b, "x"),
+        ["198.18.50.1:80/TCP", "198.19.0.1:80/TCP"]
+    );
+    let why = &b.partial[0].reason;
+    assert!(
+        why.contains("externalIP 198.18.0.2 left out: it is this node's address"),
+        "{why}"
+    );
+    assert!(
+        why.contains("externalIP 198.19.7.7 left out: it is inside the service CIDR 198.19.0.0/16"),
+        "{why}"
+    );
+    assert!(
+        why.contains("externalIP 127.0.0.1 left out: not a routable unicast address"),
+        "{why}"
+    );
+    let b = with(ExternalIpPolicy::Deny);
+    assert_eq!(frontends(&b, "x"), ["198.19.0.1:80/TCP"]);
+    let b = with(ExternalIpPolicy::Allow);
+    assert_eq!(frontends(&b, "x").len(), 5);
+    assert!(b.partial.is_empty());
 }

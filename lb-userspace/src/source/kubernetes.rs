@@ -38,6 +38,10 @@ pub async fn kube_client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
     Client::try_from(config).context("building the Kubernetes client")
 }
 
+/// kube-runtime's default backoff waits at most 30 s between attempts: a
+/// failing watch without a new error for longer than this is working.
+const WATCH_BACK_AFTER: std::time::Duration = std::time::Duration::from_secs(40);
+
 /// The API calls the agent makes, as (API group, resource, verbs): the
 /// deploy/ ClusterRole grants exactly these (a test checks it against the
 /// requests the agent really sends).
@@ -94,10 +98,32 @@ fn spawn_watch<K>(
         // The error last logged: each cause is logged once, not per retry.
         let mut failing: Option<String> = None;
         let mut listed_once = false;
-        while let Some(event) = stream.next().await {
+        loop {
+            // A failing watch that has been quiet for longer than kube's
+            // backoff cap reconnected (kube resumes a watch without
+            // emitting anything).
+            let event = if failing.is_some() {
+                match tokio::time::timeout(WATCH_BACK_AFTER, stream.next()).await {
+                    Ok(e) => e,
+                    Err(_) => {
+                        failing = None;
+                        info!(resource = kind, "watch is back");
+                        if !send(&tx, What::Back(kind)) {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            } else {
+                stream.next().await
+            };
+            let Some(event) = event else { return };
             let change = match event {
                 Err(e) => {
                     let cause = e.to_string();
+                    if failing.is_none() && !send(&tx, What::Lost(kind)) {
+                        return;
+                    }
                     if failing.as_ref() != Some(&cause) {
                         warn!(resource = kind, "watch failed, retrying with backoff; the datapath keeps serving the last good state: {cause}");
                         failing = Some(cause);
@@ -107,6 +133,9 @@ fn spawn_watch<K>(
                 Ok(event) => {
                     if failing.take().is_some() {
                         info!(resource = kind, "watch is back");
+                        if !send(&tx, What::Back(kind)) {
+                            return;
+                        }
                     }
                     event
                 }

@@ -33,6 +33,11 @@ pub enum What {
     Services(Change<Service>),
     Slices(Change<EndpointSlice>),
     Node(Change<Node>),
+    /// A watch of this kind failed: changes may be missed until it is back
+    /// (the datapath keeps serving; health counts it as a pending change).
+    Lost(&'static str),
+    /// The watch of this kind works again.
+    Back(&'static str),
     /// The whole file, read again.
     File {
         services: Vec<Service>,

@@ -7,7 +7,7 @@ use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use aya::{
@@ -53,7 +53,15 @@ pub struct Metrics {
     /// entries evicted (pushed out of a full table while alive).
     ct_expired: Family<Vec<(String, String)>, Counter>,
     ct_evicted: Family<Vec<(String, String)>, Counter>,
+    /// The last rendering and when: scrapes within `RENDER_EVERY` of it
+    /// get it again, and one rendering runs at a time (walking the
+    /// conntrack tables during a flood costs seconds; a scrape storm must
+    /// not multiply that).
+    cache: Mutex<Option<(Instant, String)>>,
 }
+
+/// How long one rendering of /metrics is served again.
+pub const RENDER_EVERY: Duration = Duration::from_secs(2);
 
 impl Metrics {
     pub fn new(pin_dir: &Path) -> Metrics {
@@ -134,6 +142,7 @@ impl Metrics {
             interface_failures,
             ct_expired,
             ct_evicted,
+            cache: Mutex::new(None),
         }
     }
 
@@ -167,6 +176,19 @@ impl Metrics {
         self.syncs.inc();
         self.sync_seconds.observe(took.as_secs_f64());
         self.failures.inc_by(failed as u64);
+    }
+
+    /// `render`, at most once per `RENDER_EVERY`, one at a time.
+    pub fn render_cached(&self) -> String {
+        let mut cache = self.cache.lock().expect("metrics cache lock");
+        if let Some((at, text)) = cache.as_ref() {
+            if at.elapsed() < RENDER_EVERY {
+                return text.clone();
+            }
+        }
+        let text = self.render();
+        *cache = Some((Instant::now(), text.clone()));
+        text
     }
 
     pub fn render(&self) -> String {

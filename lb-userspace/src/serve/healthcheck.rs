@@ -4,7 +4,9 @@
 //! it, so traffic is only sent to nodes that will not drop it. The answer is
 //! kube-proxy's: 200 with the count of local ready endpoints, 503 with none
 //! (terminating endpoints do not count), JSON body, and the
-//! `X-Load-Balancing-Endpoint-Weight` header.
+//! `X-Load-Balancing-Endpoint-Weight` header; and 503 with
+//! `serviceProxyHealthy: false` whatever the endpoints while the agent
+//! itself is unhealthy (its maps may be stale: see `status`).
 
 use std::{
     collections::BTreeMap,
@@ -21,6 +23,7 @@ use axum::{
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use super::status::Status;
 use crate::model::HealthCheck;
 
 struct Server {
@@ -29,12 +32,19 @@ struct Server {
 }
 
 /// The running servers, one per healthCheckNodePort.
-#[derive(Default)]
 pub struct HealthServers {
     servers: BTreeMap<u16, Server>,
+    status: Arc<Status>,
 }
 
 impl HealthServers {
+    pub fn new(status: Arc<Status>) -> HealthServers {
+        HealthServers {
+            servers: BTreeMap::new(),
+            status,
+        }
+    }
+
     /// Starts, updates and stops servers to match `checks`. A port that
     /// cannot be bound is logged and tried again on the next update.
     pub async fn update(&mut self, checks: &BTreeMap<u16, HealthCheck>) {
@@ -65,7 +75,9 @@ impl HealthServers {
                 }
             };
             let state = Arc::new(RwLock::new(check.clone()));
-            let app = Router::new().fallback(answer).with_state(state.clone());
+            let app = Router::new()
+                .fallback(answer)
+                .with_state((state.clone(), self.status.clone()));
             let task = tokio::spawn(async move {
                 if let Err(e) = axum::serve(listener, app).await {
                     warn!(port, "health check server failed: {e}");
@@ -89,9 +101,9 @@ impl Drop for HealthServers {
     }
 }
 
-async fn answer(State(state): State<Arc<RwLock<HealthCheck>>>) -> Response {
+async fn answer(State((state, agent)): State<(Arc<RwLock<HealthCheck>>, Arc<Status>)>) -> Response {
     let check = state.read().expect("not poisoned").clone();
-    let (status, body) = render(&check);
+    let (status, body) = render(&check, agent.healthy());
     let mut r = (status, body).into_response();
     let h = r.headers_mut();
     h.insert(
@@ -110,8 +122,8 @@ async fn answer(State(state): State<Arc<RwLock<HealthCheck>>>) -> Response {
 }
 
 /// Status and body for a health check (pure, for tests).
-pub fn render(check: &HealthCheck) -> (StatusCode, String) {
-    let status = if check.local_endpoints > 0 {
+pub fn render(check: &HealthCheck, proxy_healthy: bool) -> (StatusCode, String) {
+    let status = if check.local_endpoints > 0 && proxy_healthy {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -119,7 +131,7 @@ pub fn render(check: &HealthCheck) -> (StatusCode, String) {
     let body = serde_json::json!({
         "service": {"namespace": check.namespace, "name": check.name},
         "localEndpoints": check.local_endpoints,
-        "serviceProxyHealthy": true,
+        "serviceProxyHealthy": proxy_healthy,
     });
     (status, body.to_string())
 }
@@ -138,14 +150,18 @@ mod tests {
 
     #[test]
     fn answers_like_kube_proxy() {
-        let (status, body) = render(&check(2));
+        let (status, body) = render(&check(2), true);
         assert_eq!(status, StatusCode::OK);
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["service"]["namespace"], "shop");
         assert_eq!(v["service"]["name"], "lb");
         assert_eq!(v["localEndpoints"], 2);
-        let (status, body) = render(&check(0));
+        let (status, body) = render(&check(0), true);
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(body.contains("\"localEndpoints\":0"), "{body}");
+        // An unhealthy agent's endpoints count for nothing.
+        let (status, body) = render(&check(2), false);
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("\"serviceProxyHealthy\":false"), "{body}");
     }
 }
