@@ -414,12 +414,17 @@ pub fn has_clsact(ns: &Netns, iface: &str) -> bool {
     .unwrap()
 }
 
-/// GET `path` on the status endpoint of the agent running in `ns` (the
-/// default `--http-addr`): (status code, body).
+/// GET `path` on the agent running in `ns`, at its default address for
+/// that path (`--metrics-addr` for /metrics and /proxyMode, else
+/// `--http-addr`): (status code, body).
 pub fn status_get(ns: &Netns, path: &'static str) -> (u16, String) {
     use std::io::{Read, Write};
+    let addr = match path {
+        "/metrics" | "/proxyMode" => "127.0.0.1:10249",
+        _ => "127.0.0.1:10256",
+    };
     ns.run(move || {
-        let mut s = std::net::TcpStream::connect("127.0.0.1:10256").unwrap();
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
         write!(
             s,
             "GET {path} HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n"

@@ -139,7 +139,8 @@ fn truncating_rewrites_refuse_no_connection() {
     let half = text.len() / 2;
     for _ in 0..8 {
         let mut f = std::fs::File::create(&config.path).unwrap();
-        std::thread::sleep(Duration::from_millis(300));
+        // The API takes its time: the agent sees the empty file settle.
+        std::thread::sleep(Duration::from_millis(700));
         f.write_all(&text.as_bytes()[..half]).unwrap();
         std::thread::sleep(Duration::from_millis(40));
         f.write_all(&text.as_bytes()[half..]).unwrap();

@@ -73,8 +73,8 @@ fn the_daemon_set_runs_a_privileged_agent_on_every_node_with_its_probes() {
         .unwrap();
     let port: i32 = http.rsplit(':').next().unwrap().parse().unwrap();
     for (probe, path) in [
-        (&c.liveness_probe, "/healthz"),
-        (&c.startup_probe, "/healthz"),
+        (&c.liveness_probe, "/livez"),
+        (&c.startup_probe, "/livez"),
         (&c.readiness_probe, "/readyz"),
     ] {
         let get = probe.as_ref().unwrap().http_get.as_ref().unwrap();

@@ -62,12 +62,17 @@ impl World {
 
     /// `agent` without waiting for it to be ready.
     fn spawn_agent(&self) -> Agent {
-        let args = vec![
+        self.spawn_agent_with(&[])
+    }
+
+    fn spawn_agent_with(&self, extra: &[&str]) -> Agent {
+        let mut args = vec![
             "--kubeconfig".to_string(),
             self.kubeconfig.path.display().to_string(),
             "--node-name".into(),
             NODE_NAME.into(),
         ];
+        args.extend(extra.iter().map(|a| a.to_string()));
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("lbkube")));
         Agent::spawn(&self.topo.node, &pin_dir, &args).unwrap()
     }
@@ -413,4 +418,54 @@ fn healthz_readyz_and_metrics_tell_the_truth() {
         sample(&m, "lb_map_capacity{map=\"lb_backends\"}"),
         f64::from(lb_common::MAX_BACKENDS)
     );
+}
+
+/// Polls `path` until it answers `code`.
+fn until_status(w: &World, path: &'static str, code: u16, within: Duration) -> String {
+    let deadline = Instant::now() + lb_tests::patience(within);
+    loop {
+        let (c, body) = status_get(w, path);
+        if c == code {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{path} still answers {c}: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// kube-proxy's healthz rule: 503 once a change has waited longer than the
+/// health timeout; here, the API watch is gone, so changes may be waiting.
+#[test]
+fn healthz_fails_like_kube_proxys_when_the_api_watch_is_gone_and_recovers() {
+    let w = world(1);
+    w.api.apply_yaml(&web(&[1]));
+    let mut agent = w.spawn_agent_with(&["--health-timeout", "2"]);
+    agent.wait_for_log("datapath ready", PATIENCE).unwrap();
+    let body = until_status(&w, "/healthz", 200, PATIENCE);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(v["lastUpdated"].as_str().unwrap().ends_with('Z'), "{body}");
+    assert!(v["currentTime"].as_str().unwrap().ends_with('Z'), "{body}");
+    assert_eq!(status_get(&w, "/proxyMode"), (200, "ebpf".to_string()));
+    assert_eq!(status_get(&w, "/livez").0, 200);
+
+    w.api.stop();
+    agent.wait_for_log("watch failed", PATIENCE).unwrap();
+    let body = until_status(&w, "/healthz", 503, Duration::from_secs(10));
+    assert!(body.contains("pendingSeconds"), "{body}");
+    assert_eq!(status_get(&w, "/readyz").0, 503);
+    assert_eq!(
+        status_get(&w, "/livez").0,
+        200,
+        "alive: a restart would not help"
+    );
+    w.until_served_by(&["pod-1"]);
+
+    w.api.restart().unwrap();
+    // Something happens in the cluster: the watches report it.
+    w.api.apply_yaml(&yaml(&[Svc::api(pod_ip(1))]));
+    until_status(&w, "/healthz", 200, Duration::from_secs(60));
+    assert_eq!(status_get(&w, "/readyz").0, 200);
 }
