@@ -26,16 +26,16 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    conntrack::{self, CtSizes, Evictions},
-    datapath::{self, Attached, Datapath, Hook, KernelMaps, TcMode},
-    interfaces::{Interfaces, LinkKind, Selection, Skip, Step, XdpIface},
-    link_watch::{self, LinkEvent},
+    kernel::conntrack::{self, CtSizes, Evictions},
+    kernel::datapath::{self, Attached, Datapath, Hook, KernelMaps, TcMode},
+    kernel::interfaces::{Interfaces, LinkKind, Selection, Skip, Step, XdpIface},
+    kernel::link_watch::{self, LinkEvent},
+    kernel::pins,
+    kernel::probes::{self, TcAttach},
     model::catalog::Catalog,
     model::{NodeConfig, ServicePortKey},
-    pins,
     plan::{Programmer, Report},
     ports::{self, PortRange},
-    probes::{self, TcAttach},
     serve::{
         healthcheck::HealthServers,
         metrics::Metrics,
@@ -380,7 +380,7 @@ impl Agent {
                     .dp
                     .detach_iface(name)
                     .map(|()| None)
-                    .map_err(|e| crate::datapath::DatapathError::Pins(e.into())),
+                    .map_err(|e| crate::kernel::datapath::DatapathError::Pins(e.into())),
             };
             let ok = outcome.is_ok();
             self.report_step(index, &step, outcome, first)?;
@@ -398,7 +398,7 @@ impl Agent {
         &self,
         index: u32,
         step: &Step,
-        outcome: Result<Option<Attached>, crate::datapath::DatapathError>,
+        outcome: Result<Option<Attached>, crate::kernel::datapath::DatapathError>,
         first: bool,
     ) -> anyhow::Result<()> {
         let e = match (step, outcome) {
@@ -801,7 +801,7 @@ async fn next(
 }
 
 /// "tc_ingress+tc_egress": what an interface gets, for log lines.
-fn hook_labels(ingress: crate::interfaces::Ingress) -> String {
+fn hook_labels(ingress: crate::kernel::interfaces::Ingress) -> String {
     Hook::for_ingress(ingress).map(Hook::label).join("+")
 }
 

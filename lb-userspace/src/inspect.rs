@@ -8,7 +8,7 @@ use std::{collections::BTreeMap, fmt::Write, net::Ipv4Addr, path::Path};
 use aya::maps::{Array, MapData};
 use lb_common::{map_names, DatapathConfig, CONFIG_F_SOCK_ALL_NETNS};
 
-use crate::{datapath::Hook, pins, system};
+use crate::{kernel::datapath::Hook, kernel::pins, system};
 
 /// The report `lb status` prints.
 pub fn status(pin_dir: &Path) -> anyhow::Result<String> {
@@ -40,7 +40,7 @@ pub fn status(pin_dir: &Path) -> anyhow::Result<String> {
         }
     }
     // TC without TCX: clsact filters, found on the interfaces themselves.
-    let filters = crate::datapath::our_filters_everywhere().unwrap_or_default();
+    let filters = crate::kernel::datapath::our_filters_everywhere().unwrap_or_default();
     for (_, iface, hook) in &filters {
         ifaces.entry(iface.clone()).or_default().push(hook.label());
     }

@@ -1,25 +1,25 @@
 //! The lb agent as a library: the binary (`lb`) is a thin CLI over it, and
-//! the root tests drive the same code.
+//! the root tests drive the same code. The modules follow the pipeline:
 //!
-//! sources (YAML file) -> `manifest` -> `model` (desired state, validated)
-//! -> `plan` (a pure plan of phased writes, an executor, retries; Maglev via `maglev`) -> `datapath` (aya maps);
-//! `healthcheck` serves healthCheckNodePorts from the same desired state.
+//! - `source`: where objects come from (a YAML file, settled before it is
+//!   read; the Kubernetes API) -> `Update`s;
+//! - `model`: Services and EndpointSlices validated and built into the
+//!   desired state, incrementally (`model::catalog`), conflicts settled per
+//!   frontend;
+//! - `plan`: a pure plan of phased map writes from programmed and desired
+//!   state, an executor, retries with backoff; Maglev tables;
+//! - `kernel`: the datapath loaded, pinned and attached, its maps, the
+//!   node's interfaces, feature probes;
+//! - `serve`: health, metrics, healthCheckNodePorts;
+//! - `agent` ties them together for `lb run`; `inspect` reads the pins for
+//!   `lb status`.
 
 pub mod agent;
-pub mod clsact;
-pub mod conntrack;
-pub mod datapath;
 pub mod inspect;
-pub mod interfaces;
-pub mod kernel_maps;
-pub mod link_watch;
-pub mod maglev;
-pub mod manifest;
+pub mod kernel;
 pub mod model;
-pub mod pins;
 pub mod plan;
 pub mod ports;
-pub mod probes;
 pub mod serve;
 pub mod source;
 pub mod system;

@@ -7,10 +7,10 @@ use clap::{Parser, Subcommand};
 use lb_common::{map_names, Counter, Verdict};
 use lb_userspace::{
     agent::{self, parse_node_ip, RunOptions, SourceOptions, DEFAULT_PIN_DIR},
-    interfaces::XdpIface,
+    kernel::interfaces::XdpIface,
+    kernel::probes::TcAttach,
     model::{ExternalIpPolicy, NodeConfig, Prefix},
     ports::PortRange,
-    probes::TcAttach,
 };
 
 #[derive(Parser)]

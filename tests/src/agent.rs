@@ -314,7 +314,7 @@ impl Drop for Agent {
         if self.child.is_some() {
             let _ = self.stop_with(Signal::SIGTERM);
         }
-        let _ = lb_userspace::pins::remove_all(&self.pin_dir);
+        let _ = lb_userspace::kernel::pins::remove_all(&self.pin_dir);
     }
 }
 
@@ -327,7 +327,7 @@ pub fn tcx_programs(
     direction: aya::programs::TcAttachType,
 ) -> Vec<String> {
     let iface = iface.to_string();
-    if !lb_userspace::probes::has_tcx() {
+    if !lb_userspace::kernel::probes::has_tcx() {
         // Before 6.6: no TCX, so none attached.
         return Vec::new();
     }
@@ -389,8 +389,8 @@ pub fn clsact_filters(
     ns: &Netns,
     iface: &str,
     direction: aya::programs::TcAttachType,
-) -> Vec<lb_userspace::clsact::Filter> {
-    use lb_userspace::clsact::{filters, Direction};
+) -> Vec<lb_userspace::kernel::clsact::Filter> {
+    use lb_userspace::kernel::clsact::{filters, Direction};
     let dir = match direction {
         aya::programs::TcAttachType::Egress => Direction::Egress,
         _ => Direction::Ingress,
@@ -409,7 +409,7 @@ pub fn has_clsact(ns: &Netns, iface: &str) -> bool {
     let iface = iface.to_string();
     ns.run(move || {
         let index = nix::net::if_::if_nametoindex(iface.as_str()).unwrap();
-        lb_userspace::clsact::has_clsact(index).unwrap()
+        lb_userspace::kernel::clsact::has_clsact(index).unwrap()
     })
     .unwrap()
 }

@@ -12,14 +12,14 @@ use std::{net::Ipv4Addr, path::PathBuf};
 use aya::programs::{TestRun, TestRunOptions};
 use lb_common::{DatapathConfig, SNAT_PORT_MAX, SNAT_PORT_MIN};
 use lb_userspace::{
-    conntrack::CtSizes,
-    manifest,
-    model::{build, DesiredState, NodeConfig},
-    plan::Programmer,
-    {
+    kernel::conntrack::CtSizes,
+    kernel::{
         datapath::{Datapath, KernelMaps},
         pins::remove_all as remove_pins,
     },
+    model::{build, DesiredState, NodeConfig},
+    plan::Programmer,
+    source::manifest,
 };
 use nix::sched::{setns, CloneFlags};
 use std::os::fd::AsFd;

@@ -27,8 +27,8 @@ use std::{
 use fastrand::Rng;
 use lb_common::{hash::flow_hash, SNAT_PORT_MAX, SNAT_PORT_MIN};
 use lb_userspace::{
-    conntrack::CtSizes,
-    maglev::{table_size_for, MaglevTable},
+    kernel::conntrack::CtSizes,
+    plan::maglev::{table_size_for, MaglevTable},
 };
 
 use crate::{

@@ -133,7 +133,7 @@ fn truncating_rewrites_refuse_no_connection() {
     let (topo, _servers) = setup(2);
     let text = yaml(&[web(&topo)]);
     let config = ConfigFile::new(&text).unwrap();
-    let mut agent = Agent::start(&topo, &config.path).unwrap();
+    let agent = Agent::start(&topo, &config.path).unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let prober = probe_until(&topo, node_port(30080), stop.clone());
     let half = text.len() / 2;

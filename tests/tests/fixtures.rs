@@ -13,7 +13,7 @@ use lb_tests::{
     packet::{checksum, decode, Spec, CLIENT_MAC, NODE_MAC, TCP, TCP_ACK, TCP_SYN, UDP},
     topology::NODE_IP,
 };
-use lb_userspace::maglev::{table_size_for, MaglevTable};
+use lb_userspace::plan::maglev::{table_size_for, MaglevTable};
 
 const HOOKS: [Hook; 2] = [Hook::Tc, Hook::Xdp];
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
@@ -164,11 +164,12 @@ fn established_flow_keeps_its_backend_when_the_table_changes() {
             first
         );
 
-        let objects = lb_userspace::manifest::parse(&config(&more)).unwrap();
+        let objects = lb_userspace::source::manifest::parse(&config(&more)).unwrap();
         let node = lb_userspace::model::NodeConfig {
             name: "node-a".into(),
             node_ips: vec![NODE_IP],
             service_proxy_name: None,
+            ..Default::default()
         };
         let state = lb_userspace::model::build(&objects.services, &objects.slices, &node).state;
         assert!(fx.programmer.apply(&state).failed.is_empty());
@@ -528,13 +529,15 @@ fn a_program_the_kernel_refuses_is_reported_with_the_verifier_log() {
     ));
     lb_userspace::system::ensure_bpffs(&pin_dir).unwrap();
     std::fs::create_dir_all(&pin_dir).unwrap();
-    let err =
-        match lb_userspace::datapath::Datapath::load_object(&object, &pin_dir, &Default::default())
-        {
-            Ok(_) => panic!("the damaged program loaded"),
-            Err(e) => e.to_string(),
-        };
-    lb_userspace::pins::remove_all(&pin_dir).unwrap();
+    let err = match lb_userspace::kernel::datapath::Datapath::load_object(
+        &object,
+        &pin_dir,
+        &Default::default(),
+    ) {
+        Ok(_) => panic!("the damaged program loaded"),
+        Err(e) => e.to_string(),
+    };
+    lb_userspace::kernel::pins::remove_all(&pin_dir).unwrap();
     eprintln!("{err}");
     assert!(err.contains("the kernel refused program lb_xdp"), "{err}");
     assert!(err.contains("last lines of the verifier log"), "{err}");

@@ -18,8 +18,8 @@ use lb_tests::{
     topology::NODE_IP,
 };
 use lb_userspace::{
-    conntrack::{monotonic_ns, sweep},
-    maglev::{table_size_for, MaglevTable},
+    kernel::conntrack::{monotonic_ns, sweep},
+    plan::maglev::{table_size_for, MaglevTable},
 };
 
 const HOOKS: [Hook; 2] = [Hook::Tc, Hook::Xdp];

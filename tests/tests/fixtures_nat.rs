@@ -12,7 +12,7 @@ use lb_tests::{
     packet::{icmp_error_frame, Spec, CLIENT_MAC, NODE_MAC, TCP, TCP_ACK, TCP_SYN, UDP},
     topology::NODE_IP,
 };
-use lb_userspace::maglev::{table_size_for, MaglevTable};
+use lb_userspace::plan::maglev::{table_size_for, MaglevTable};
 
 const HOOKS: [Hook; 2] = [Hook::Tc, Hook::Xdp];
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);

@@ -77,7 +77,7 @@ fn attached(agent: &mut Agent, iface: &str) {
 
 /// Pin names under the agent's `links/`.
 fn link_pins(agent: &Agent) -> BTreeSet<String> {
-    lb_userspace::pins::pinned_links(&agent.pin_dir)
+    lb_userspace::kernel::pins::pinned_links(&agent.pin_dir)
         .into_iter()
         .collect()
 }

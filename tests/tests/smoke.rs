@@ -80,7 +80,7 @@ fn tc_mode_fits_the_kernel(agent: &Agent, topo: &Topology) {
         .into_iter()
         .find(|l| l.contains("TC programs attach"))
         .unwrap_or_default();
-    let tcx = lb_userspace::probes::has_tcx();
+    let tcx = lb_userspace::kernel::probes::has_tcx();
     let (want, on_nic) = if tcx {
         (
             "through TCX links",

@@ -212,7 +212,7 @@ fn a_failed_start_leaves_no_program_attached() {
         nothing_of_ours_left(node, &theirs, mode);
         assert!(foreign_filter_is_there(&node.ns, &theirs), "{mode}");
         assert!(
-            lb_userspace::pins::pinned_links(&pin_dir).is_empty(),
+            lb_userspace::kernel::pins::pinned_links(&pin_dir).is_empty(),
             "{mode}"
         );
     }

@@ -7,9 +7,9 @@ use std::net::Ipv4Addr;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 use crate::{
-    manifest,
     model::catalog::Catalog,
     model::{build, NodeConfig},
+    source::manifest,
 };
 
 const BASIC: &str = include_str!("../testdata/basic.yaml");

@@ -3,10 +3,10 @@
 use std::net::Ipv4Addr;
 
 use crate::{
-    manifest,
     model::{
         build, Build, ExternalIpPolicy, FrontendKind, NodeConfig, Protocol, Scope, ServicePortKey,
     },
+    source::manifest,
 };
 
 fn node() -> NodeConfig {

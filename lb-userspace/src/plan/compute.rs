@@ -27,8 +27,8 @@ use lb_common::{
 
 use super::state::{Record, State, Write};
 use crate::{
-    maglev::{table_size_for, MaglevTable},
     model::{DesiredState, Frontend, FrontendKind, Scope, ServicePort, ServicePortKey},
+    plan::maglev::{table_size_for, MaglevTable},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]

@@ -9,6 +9,7 @@
 mod compute;
 mod execute;
 mod ids;
+pub mod maglev;
 mod maps;
 mod state;
 #[cfg(test)]

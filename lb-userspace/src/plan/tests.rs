@@ -5,9 +5,9 @@ use std::net::Ipv4Addr;
 use lb_common::{BACKEND_F_PRESENT, BACKEND_F_TERMINATING, BACKEND_F_USABLE, SERVICE_F_AFFINITY};
 
 use crate::{
-    manifest,
     model::{build, DesiredState, NodeConfig, Protocol, Scope, ServicePortKey},
     plan::{diff, frontend_key, MemoryMaps, Programmer},
+    source::manifest,
 };
 
 fn state(yaml: &str) -> DesiredState {

@@ -32,7 +32,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{datapath::Hook, interfaces::Ingress, model::ServicePortKey};
+use crate::{kernel::datapath::Hook, kernel::interfaces::Ingress, model::ServicePortKey};
 
 /// Service id -> service port, for the per-service counters' labels.
 pub type ServiceNames = Arc<Mutex<BTreeMap<u32, ServicePortKey>>>;
@@ -304,7 +304,7 @@ impl DatapathCollector {
             MAX_FRONTENDS,
         );
         // Conntrack tables are sized per node: their capacity is read back.
-        for (name, ..) in crate::conntrack::TABLES {
+        for (name, ..) in crate::kernel::conntrack::TABLES {
             if let Some(cap) = capacity(dir, name) {
                 hash(name, count_keys::<FlowKey, ConntrackEntry>(dir, name), cap);
             }
@@ -398,4 +398,20 @@ fn packets(c: &DpCounter) -> u64 {
 
 fn bytes(c: &DpCounter) -> u64 {
     c.bytes
+}
+
+#[cfg(test)]
+mod cache_tests {
+    use super::*;
+
+    #[test]
+    fn scrapes_within_the_render_interval_get_the_same_rendering() {
+        let m = Metrics::new(Path::new("/nonexistent/lb-pins"));
+        m.services.set(1);
+        let first = m.render_cached();
+        assert!(first.contains("lb_services_programmed 1"), "{first}");
+        m.services.set(2);
+        assert_eq!(m.render_cached(), first, "served again, not rendered");
+        assert!(m.render().contains("lb_services_programmed 2"));
+    }
 }

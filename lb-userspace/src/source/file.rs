@@ -25,7 +25,7 @@ use tokio::{
 use tracing::{error, warn};
 
 use super::{send, Updates, What};
-use crate::manifest::{self, Objects};
+use crate::source::manifest::{self, Objects};
 
 /// A read counts once the file has not changed for this long (same bytes,
 /// no change event).

@@ -6,6 +6,7 @@
 
 mod file;
 mod kubernetes;
+pub mod manifest;
 
 use std::time::Instant;
 

@@ -31,10 +31,10 @@ use lb_tests::{
     packet::Spec,
 };
 use lb_userspace::{
-    maglev::{table_size_for, MaglevTable},
     model::{
         DesiredState, Endpoint, Frontend, FrontendKind, Protocol, ServicePort, ServicePortKey,
     },
+    plan::maglev::{table_size_for, MaglevTable},
 };
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
@@ -213,7 +213,7 @@ fn main() -> anyhow::Result<()> {
         let t = Instant::now();
         // The conntrack tables the agent would size for this machine (the
         // fixtures' small ones would fill with the SNAT rows' flows).
-        let sizes = lb_userspace::conntrack::CtSizes::for_this_node(None);
+        let sizes = lb_userspace::kernel::conntrack::CtSizes::for_this_node(None);
         let fx = Fixture::with_state_sized(&state, &sizes)?;
         let took = t.elapsed();
         println!(

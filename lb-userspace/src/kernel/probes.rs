@@ -16,7 +16,7 @@ use aya::{
 };
 use lb_common::MAGLEV_INNER_FLAGS;
 
-use crate::datapath::TcMode;
+use crate::kernel::datapath::TcMode;
 
 /// The oldest kernel the project tests on (`cargo xtask test-kernels`):
 /// Debian 12's 6.1.

@@ -23,7 +23,7 @@ use aya::maps::{Array, MapData, MapInfo, MapType};
 use aya_obj::generated::bpf_map_type;
 use lb_common::{map_names, DatapathConfig, LAYOUT_VERSION};
 
-use crate::conntrack::CtSizes;
+use crate::kernel::conntrack::CtSizes;
 
 pub const LINKS_DIR: &str = "links";
 

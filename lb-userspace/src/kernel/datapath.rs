@@ -21,12 +21,12 @@ use aya::{
 };
 use lb_common::{map_names, program_names};
 
-pub use crate::kernel_maps::KernelMaps;
+pub use crate::kernel::kernel_maps::KernelMaps;
 use crate::{
-    clsact::{self, Direction},
-    conntrack::CtSizes,
-    interfaces::{Ingress, XdpAttach},
-    pins::{self, Incompatible},
+    kernel::clsact::{self, Direction},
+    kernel::conntrack::CtSizes,
+    kernel::interfaces::{Ingress, XdpAttach},
+    kernel::pins::{self, Incompatible},
 };
 
 /// The datapath object, built by `cargo xtask build-ebpf` and embedded by

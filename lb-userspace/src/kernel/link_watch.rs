@@ -20,7 +20,7 @@ use rtnetlink::{
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tracing::{error, warn};
 
-use crate::interfaces::{Link, LinkKind};
+use crate::kernel::interfaces::{Link, LinkKind};
 
 /// What changed among the namespace's links.
 #[derive(Debug)]
