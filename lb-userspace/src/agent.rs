@@ -847,7 +847,9 @@ pub fn cleanup(pin_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One line per service port that was written or removed.
+/// One line per service port that was written or removed, each in a span
+/// carrying the service port's key (`service{service=demo/web:http/TCP}:
+/// programmed id=1 ...`), so the key is on every line about it.
 fn log_report(programmer: &Programmer<KernelMaps>, catalog: &Catalog, report: &Report) {
     let state = catalog.state();
     for key in report.diff.added.iter().chain(&report.diff.changed) {
@@ -857,10 +859,10 @@ fn log_report(programmer: &Programmer<KernelMaps>, catalog: &Catalog, report: &R
         if report.failed.iter().any(|(k, _)| k == key) {
             continue;
         }
+        let _span = service_span(key).entered();
         let frontends: Vec<String> = sp.frontends.iter().map(|f| f.to_string()).collect();
         let usable = sp.usable_endpoints();
         info!(
-            service = %key,
             id = programmer.service_id(key).unwrap_or(0),
             frontends = %frontends.join(","),
             backends = sp.endpoints.len(),
@@ -870,11 +872,17 @@ fn log_report(programmer: &Programmer<KernelMaps>, catalog: &Catalog, report: &R
         );
     }
     for key in &report.diff.removed {
-        info!(service = %key, "removed");
+        let _span = service_span(key).entered();
+        info!("removed");
     }
     for (key, e) in &report.failed {
-        error!(service = %key, "programming failed, retrying with backoff: {e}");
+        let _span = service_span(key).entered();
+        error!("programming failed, retrying with backoff: {e}");
     }
+}
+
+fn service_span(key: &ServicePortKey) -> tracing::Span {
+    tracing::info_span!("service", service = %key)
 }
 
 /// The value of `--node-ip`: IPv4 only for now.

@@ -74,72 +74,173 @@ fn assert_untouched(fx: &Fixture, hook: Hook, frame: &[u8]) {
     assert_eq!(out.frame, frame, "{hook:?} {} bytes", frame.len());
 }
 
-#[test]
-fn dnat_tcp_to_cluster_ip_and_node_port() {
-    for hook in HOOKS {
-        let fx = fixture();
-        // Client ports differ per frontend: one port towards two frontends
-        // of one backend is a conflict (fixtures_conntrack.rs).
-        for (daddr, dport, sports) in [
-            (CLUSTER_IP, 80, [40000, 40001, 51234]),
-            (NODE_IP, 30080, [40100, 40101, 51334]),
-        ] {
-            for sport in sports {
-                let input = Spec::tcp(CLIENT, sport, daddr, dport);
-                let out = fx.run(hook, &input.build()).unwrap();
-                let backend = expected_backend(&backends(), 8080, sport, dport, TCP);
-                let want = Spec {
-                    daddr: backend,
-                    dport: 8080,
-                    ..input
-                }
-                .build();
-                assert_eq!(out.verdict, pass_verdict(hook), "{hook:?}");
-                assert_eq!(out.frame, want, "{hook:?} {daddr}:{dport} sport {sport}");
-                let d = decode(&out.frame);
-                assert!(d.ip_checksum_ok && d.l4_checksum_ok, "{d:?}");
-            }
-        }
-        assert_eq!(fx.counter(Verdict::DnatNew), 6, "{hook:?}");
-    }
+/// What one frame must come out as.
+#[derive(Clone, Copy, Debug)]
+enum Want {
+    /// To the Maglev backend's `target` port, passed on, checksums valid.
+    Dnat { target: u16 },
+    /// Passed byte for byte.
+    Untouched,
+    /// Bounced back to the client as ICMP port unreachable (arriving from
+    /// a pod's veth).
+    Refused,
+}
+
+/// One frame in, one frame and verdict out, and the counter it bumps.
+struct Case {
+    name: &'static str,
+    input: Spec,
+    want: Want,
+    counted: Verdict,
+}
+
+/// Single-packet cases. Every flow has its own client port: each is a new
+/// flow (and one client port towards two frontends of one backend is a
+/// conflict, see fixtures_conntrack.rs).
+fn single_packet_cases() -> Vec<Case> {
+    let dnat = |name, input, target| Case {
+        name,
+        input,
+        want: Want::Dnat { target },
+        counted: Verdict::DnatNew,
+    };
+    let untouched = |name, input| Case {
+        name,
+        input,
+        want: Want::Untouched,
+        counted: Verdict::PassNotService,
+    };
+    let refused = |name, input| Case {
+        name,
+        input,
+        want: Want::Refused,
+        counted: Verdict::RejectNoBackend,
+    };
+    vec![
+        dnat(
+            "TCP to the ClusterIP",
+            Spec::tcp(CLIENT, 40000, CLUSTER_IP, 80),
+            8080,
+        ),
+        dnat(
+            "TCP to the ClusterIP, 2nd client port",
+            Spec::tcp(CLIENT, 40001, CLUSTER_IP, 80),
+            8080,
+        ),
+        dnat(
+            "TCP to the ClusterIP, 3rd client port",
+            Spec::tcp(CLIENT, 51234, CLUSTER_IP, 80),
+            8080,
+        ),
+        dnat(
+            "TCP to the NodePort",
+            Spec::tcp(CLIENT, 40100, NODE_IP, 30080),
+            8080,
+        ),
+        dnat(
+            "TCP to the NodePort, 2nd client port",
+            Spec::tcp(CLIENT, 40101, NODE_IP, 30080),
+            8080,
+        ),
+        dnat(
+            "TCP to the NodePort, 3rd client port",
+            Spec::tcp(CLIENT, 51334, NODE_IP, 30080),
+            8080,
+        ),
+        dnat(
+            "UDP to the ClusterIP",
+            Spec::udp(CLIENT, 40200, CLUSTER_IP, 53),
+            5353,
+        ),
+        dnat(
+            "UDP without checksum (0 means none and stays 0)",
+            Spec {
+                udp_no_checksum: true,
+                ..Spec::udp(CLIENT, 40201, CLUSTER_IP, 53)
+            },
+            5353,
+        ),
+        untouched(
+            "another address",
+            Spec::tcp(CLIENT, 40300, Ipv4Addr::new(198, 18, 1, 50), 80),
+        ),
+        untouched(
+            "a service address on another port",
+            Spec::tcp(CLIENT, 40301, CLUSTER_IP, 81),
+        ),
+        untouched(
+            "UDP to a TCP NodePort",
+            Spec::udp(CLIENT, 40302, NODE_IP, 30080),
+        ),
+        untouched(
+            "a backend answering a flow we never translated",
+            Spec::tcp(Ipv4Addr::new(198, 18, 1, 11), 8080, CLIENT, 40303),
+        ),
+        refused(
+            "TCP to a service without endpoints",
+            Spec::tcp(CLIENT, 40400, EMPTY_IP, 80),
+        ),
+        refused(
+            "UDP to a service without endpoints",
+            Spec::udp(CLIENT, 40401, EMPTY_IP, 53),
+        ),
+    ]
 }
 
 #[test]
-fn dnat_udp_with_and_without_checksum() {
+fn single_packets_for_both_hooks() {
     for hook in HOOKS {
         let fx = fixture();
-        let input = Spec::udp(CLIENT, 40000, CLUSTER_IP, 53);
-        let out = fx.run(hook, &input.build()).unwrap();
-        let backend = expected_backend(&backends(), 5353, 40000, 53, UDP);
-        assert_eq!(
-            out.frame,
-            Spec {
-                daddr: backend,
-                dport: 5353,
-                ..input.clone()
+        for case in single_packet_cases() {
+            let what = format!("{hook:?}: {}", case.name);
+            let frame = case.input.build();
+            let before = fx.counter(case.counted);
+            let out = match case.want {
+                Want::Refused => fx.run_on(hook, &frame, fx.pod_ifindex),
+                _ => fx.run(hook, &frame),
             }
-            .build(),
-            "{hook:?}"
-        );
-        // A zero UDP checksum means "none" and must stay zero.
-        let input = Spec {
-            udp_no_checksum: true,
-            sport: 40001,
-            ..input
-        };
-        let out = fx.run(hook, &input.build()).unwrap();
-        let backend = expected_backend(&backends(), 5353, 40001, 53, UDP);
-        assert_eq!(
-            out.frame,
-            Spec {
-                daddr: backend,
-                dport: 5353,
-                ..input
+            .unwrap();
+            match case.want {
+                Want::Dnat { target } => {
+                    let i = &case.input;
+                    let backend = expected_backend(&backends(), target, i.sport, i.dport, i.proto);
+                    let want = Spec {
+                        daddr: backend,
+                        dport: target,
+                        ..case.input.clone()
+                    }
+                    .build();
+                    assert_eq!(out.verdict, pass_verdict(hook), "{what}");
+                    assert_eq!(out.frame, want, "{what}");
+                    let d = decode(&out.frame);
+                    assert!(d.ip_checksum_ok, "{what}: {d:?}");
+                    if case.input.udp_no_checksum {
+                        assert_eq!(d.l4_checksum, 0, "{what}");
+                    } else {
+                        assert!(d.l4_checksum_ok, "{what}: {d:?}");
+                    }
+                }
+                Want::Untouched => {
+                    assert_eq!(out.verdict, pass_verdict(hook), "{what}");
+                    assert_eq!(out.frame, frame, "{what}");
+                }
+                Want::Refused => {
+                    let bounce = if hook == Hook::Tc {
+                        TC_ACT_REDIRECT
+                    } else {
+                        XDP_TX
+                    };
+                    assert_eq!(out.verdict, bounce, "{what}");
+                    assert_eq!(out.frame, icmp_unreachable(&frame), "{what}");
+                }
             }
-            .build(),
-            "{hook:?}"
-        );
-        assert_eq!(decode(&out.frame).l4_checksum, 0);
+            assert_eq!(
+                fx.counter(case.counted),
+                before + 1,
+                "{what}: counted as {:?}",
+                case.counted
+            );
+        }
     }
 }
 
@@ -257,52 +358,6 @@ fn icmp_unreachable(input: &[u8]) -> Vec<u8> {
     let c = checksum(&f[icmp..]);
     f[icmp + 2..icmp + 4].copy_from_slice(&c.to_be_bytes());
     f
-}
-
-#[test]
-fn no_endpoint_is_refused_with_icmp_port_unreachable() {
-    for hook in HOOKS {
-        let fx = fixture();
-        for input in [
-            Spec::tcp(CLIENT, 40000, EMPTY_IP, 80),
-            Spec::udp(CLIENT, 40000, EMPTY_IP, 53),
-        ] {
-            let frame = input.build();
-            let out = fx.run_on(hook, &frame, fx.pod_ifindex).unwrap();
-            let bounce = if hook == Hook::Tc {
-                TC_ACT_REDIRECT
-            } else {
-                XDP_TX
-            };
-            assert_eq!(out.verdict, bounce, "{hook:?}");
-            assert_eq!(
-                out.frame,
-                icmp_unreachable(&frame),
-                "{hook:?} proto {}",
-                input.proto
-            );
-        }
-        assert_eq!(fx.counter(Verdict::RejectNoBackend), 2);
-    }
-}
-
-#[test]
-fn traffic_not_for_a_service_passes_untouched() {
-    for hook in HOOKS {
-        let fx = fixture();
-        let frames = [
-            // Another address, a service address on another port, UDP.
-            Spec::tcp(CLIENT, 40000, Ipv4Addr::new(198, 18, 1, 50), 80).build(),
-            Spec::tcp(CLIENT, 40000, CLUSTER_IP, 81).build(),
-            Spec::udp(CLIENT, 40000, NODE_IP, 30080).build(),
-            // A backend answering a flow we never translated.
-            Spec::tcp(Ipv4Addr::new(198, 18, 1, 11), 8080, CLIENT, 40000).build(),
-        ];
-        for frame in frames {
-            assert_untouched(&fx, hook, &frame);
-        }
-        assert_eq!(fx.counter(Verdict::PassNotService), 4);
-    }
 }
 
 #[test]

@@ -133,10 +133,10 @@ fn services_and_slices_from_the_api_reach_the_maps_and_traffic_follows() {
     // An endpoint turns unready: that service's backends change, nothing else.
     let mut svc = Svc::web(vec![Endpoint::ready(pod_ip(1)), Endpoint::ready(pod_ip(2))]);
     svc.endpoints[1].ready = false;
-    let before = agent.count_logs("programmed service=");
+    let before = agent.count_logs("}: programmed");
     w.api.apply_yaml(&yaml(&[svc]));
     w.until_served_by(&["pod-1"]);
-    let rewritten = agent.count_logs("programmed service=") - before;
+    let rewritten = agent.count_logs("}: programmed") - before;
     assert!(
         rewritten <= 2,
         "only web's two ports are rewritten: {rewritten}"
@@ -159,7 +159,7 @@ fn services_and_slices_from_the_api_reach_the_maps_and_traffic_follows() {
     w.api.delete("Service", "demo", "web");
     w.until_served_by(&["-"]);
     agent
-        .wait_for_log("removed service=demo/web", PATIENCE)
+        .wait_for_log("{service=demo/web:http/TCP}: removed", PATIENCE)
         .unwrap();
     w.api.apply_yaml(&web(&[2]));
     w.until_served_by(&["pod-2", "pod-3"]);
@@ -253,7 +253,7 @@ fn an_api_outage_keeps_the_datapath_serving_and_the_relist_removes_what_went_awa
     w.api.compact();
     w.api.restart().unwrap();
     agent
-        .wait_for_log("removed service=demo/api", PATIENCE)
+        .wait_for_log("{service=demo/api/TCP}: removed", PATIENCE)
         .unwrap();
     w.until_served_by(&["pod-2"]);
     let logs = agent.logs().join("\n");
