@@ -609,13 +609,7 @@ impl Agent {
         self.health
             .update(&self.catalog.state().health_checks)
             .await;
-        info!(
-            added = report.diff.added.len(),
-            changed = report.diff.changed.len(),
-            removed = report.diff.removed.len(),
-            failed = report.failed.len(),
-            "applied config"
-        );
+        log_counts(&report, "applied config");
         Ok(())
     }
 
@@ -689,13 +683,7 @@ impl Agent {
             return;
         }
         self.after_apply(&report);
-        info!(
-            added = report.diff.added.len(),
-            changed = report.diff.changed.len(),
-            removed = report.diff.removed.len(),
-            failed = report.failed.len(),
-            "retried failed writes"
-        );
+        log_counts(&report, "retried failed writes");
     }
 
     /// Node facts the datapath reads: SNAT address (the first node
@@ -879,6 +867,18 @@ fn log_report(programmer: &Programmer<KernelMaps>, catalog: &Catalog, report: &R
         let _span = service_span(key).entered();
         error!("programming failed, retrying with backoff: {e}");
     }
+}
+
+/// `applied config added=1 changed=0 removed=0 failed=0`: the line a user
+/// watches for after a change.
+fn log_counts(report: &Report, what: &str) {
+    info!(
+        added = report.diff.added.len(),
+        changed = report.diff.changed.len(),
+        removed = report.diff.removed.len(),
+        failed = report.failed.len(),
+        "{what}"
+    );
 }
 
 fn service_span(key: &ServicePortKey) -> tracing::Span {
