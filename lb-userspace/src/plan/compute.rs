@@ -47,10 +47,22 @@ pub enum Owner {
     Orphan(u32),
 }
 
+impl Phase {
+    pub const ALL: [Phase; 5] = [
+        Phase::Unhook,
+        Phase::Prepare,
+        Phase::Tables,
+        Phase::Hook,
+        Phase::Cleanup,
+    ];
+}
+
+/// One write, and whose it is (an index into `Plan::owners`: a plan of
+/// 100,000 service ports has about a million writes, and a key per write
+/// would cost tens of MiB).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Step {
-    pub phase: Phase,
-    pub owner: Owner,
+    pub owner: u32,
     pub write: Write,
 }
 
@@ -90,8 +102,10 @@ pub fn diff(old: &BTreeMap<ServicePortKey, ServicePort>, new: &DesiredState) -> 
 pub struct Plan {
     /// Ownership records to set (`Some`) or drop (`None`) before writing.
     pub records: Vec<(ServicePortKey, Option<Record>)>,
-    /// In phase order.
-    pub steps: Vec<Step>,
+    /// Whose the writes are.
+    pub owners: Vec<Owner>,
+    /// The writes, by phase (`Phase::ALL` order), each owner's in order.
+    pub phases: [Vec<Step>; 5],
     pub diff: Diff,
     /// Service ports that took over a service id a previous agent (or a
     /// failed removal) left, keeping its backends' ids.
@@ -100,6 +114,31 @@ pub struct Plan {
     pub orphans: usize,
     /// Service ports that could not be planned at all (a table is full).
     pub refused: Vec<(ServicePortKey, String)>,
+}
+
+impl Plan {
+    /// Adds an owner's writes.
+    fn add(&mut self, owner: Owner, writes: Vec<(Phase, Write)>) {
+        if writes.is_empty() {
+            return;
+        }
+        let owner_index = self.owners.len() as u32;
+        self.owners.push(owner);
+        for (phase, write) in writes {
+            self.phases[phase as usize].push(Step {
+                owner: owner_index,
+                write,
+            });
+        }
+    }
+
+    /// Every write, in the order the executor runs them.
+    pub fn steps(&self) -> impl Iterator<Item = (Phase, &Step)> {
+        Phase::ALL
+            .iter()
+            .zip(&self.phases)
+            .flat_map(|(&phase, steps)| steps.iter().map(move |s| (phase, s)))
+    }
 }
 
 /// Plans the writes that bring the maps from `state` to `desired`, over
@@ -128,7 +167,7 @@ pub fn plan(
             if let Some(r) = record {
                 p.diff.removed.push(key.clone());
                 p.records.push((key.clone(), None));
-                remove_held(state, r.id, Owner::Port(key.clone()), &mut p.steps);
+                p.add(Owner::Port(key.clone()), remove_held(state, r.id));
             }
             continue;
         };
@@ -166,19 +205,17 @@ pub fn plan(
             },
         };
         match plan_port(state, spec, record, &mut fresh_backends) {
-            Ok((record, steps)) => {
+            Ok((record, writes)) => {
                 p.records.push((key.clone(), Some(record)));
-                p.steps.extend(steps);
+                p.add(Owner::Port(key.clone()), writes);
             }
             Err(why) => p.refused.push((key.clone(), why)),
         }
     }
     for &id in state.orphans.difference(&adopted_ids) {
         p.orphans += 1;
-        remove_held(state, id, Owner::Orphan(id), &mut p.steps);
+        p.add(Owner::Orphan(id), remove_held(state, id));
     }
-    // Stable: each owner's writes keep their order within a phase.
-    p.steps.sort_by_key(|s| s.phase);
     p
 }
 
@@ -211,17 +248,10 @@ fn plan_port(
     spec: &ServicePort,
     old: Record,
     fresh_backends: &mut impl Iterator<Item = u32>,
-) -> Result<(Record, Vec<Step>), String> {
+) -> Result<(Record, Vec<(Phase, Write)>), String> {
     let id = old.id;
-    let owner = Owner::Port(spec.key.clone());
     let mut steps = Vec::new();
-    let mut step = |phase, write| {
-        steps.push(Step {
-            phase,
-            owner: owner.clone(),
-            write,
-        })
-    };
+    let mut step = |phase, write| steps.push((phase, write));
     let empty = Default::default();
     let held = state.held(id).unwrap_or(&empty);
 
@@ -335,15 +365,12 @@ fn plan_port(
 
 /// Every write that deletes what the maps hold for service id `id`:
 /// frontends first, the rest once nothing leads to it.
-fn remove_held(state: &State, id: u32, owner: Owner, steps: &mut Vec<Step>) {
-    let Some(held) = state.held(id) else { return };
-    let mut step = |phase, write| {
-        steps.push(Step {
-            phase,
-            owner: owner.clone(),
-            write,
-        })
+fn remove_held(state: &State, id: u32) -> Vec<(Phase, Write)> {
+    let mut steps = Vec::new();
+    let Some(held) = state.held(id) else {
+        return steps;
     };
+    let mut step = |phase, write| steps.push((phase, write));
     for &f in &held.frontends {
         step(Phase::Unhook, Write::RemoveFrontend(f));
     }
@@ -360,6 +387,7 @@ fn remove_held(state: &State, id: u32, owner: Owner, steps: &mut Vec<Step>) {
     for &bid in &held.backends {
         step(Phase::Cleanup, Write::ClearBackend(bid));
     }
+    steps
 }
 
 /// Tells tables apart without keeping their slots (65,537 per service).

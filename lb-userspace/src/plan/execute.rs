@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use lb_common::MaglevKey;
 
 use super::{
-    compute::{Owner, Phase, Plan, Step},
+    compute::{Owner, Plan, Step},
     maps::DatapathMaps,
     state::{State, Write},
 };
@@ -20,26 +20,21 @@ pub fn execute<M: DatapathMaps>(
     state: &mut State,
     plan: Plan,
 ) -> BTreeMap<Owner, String> {
-    for (key, record) in plan.records {
+    let Plan {
+        records,
+        owners,
+        phases,
+        ..
+    } = plan;
+    for (key, record) in records {
         state.set_record(&key, record);
     }
-    let mut failed: BTreeMap<Owner, String> = BTreeMap::new();
-    let mut steps = plan.steps.into_iter().peekable();
-    for phase in [
-        Phase::Unhook,
-        Phase::Prepare,
-        Phase::Tables,
-        Phase::Hook,
-        Phase::Cleanup,
-    ] {
-        let mut this: Vec<Step> = Vec::new();
-        while let Some(s) = steps.next_if(|s| s.phase == phase) {
-            if !failed.contains_key(&s.owner) {
-                this.push(s);
-            }
-        }
-        let (tables, others): (Vec<Step>, Vec<Step>) = this
+    // By owner index.
+    let mut failed: BTreeMap<u32, String> = BTreeMap::new();
+    for steps in phases {
+        let (tables, others): (Vec<Step>, Vec<Step>) = steps
             .into_iter()
+            .filter(|s| !failed.contains_key(&s.owner))
             .partition(|s| matches!(s.write, Write::SetTable(..) | Write::RemoveTable(..)));
         run_tables(maps, state, tables, &mut failed);
         for s in others {
@@ -55,12 +50,16 @@ pub fn execute<M: DatapathMaps>(
             }
         }
     }
-    for owner in failed.keys() {
-        if let Owner::Port(key) = owner {
-            state.mark_unknown(key);
-        }
-    }
     failed
+        .into_iter()
+        .map(|(i, e)| {
+            let owner = owners[i as usize].clone();
+            if let Owner::Port(key) = &owner {
+                state.mark_unknown(key);
+            }
+            (owner, e)
+        })
+        .collect()
 }
 
 /// The phase's table writes as one batch (their RCU waits overlap).
@@ -68,7 +67,7 @@ fn run_tables<M: DatapathMaps>(
     maps: &mut M,
     state: &mut State,
     steps: Vec<Step>,
-    failed: &mut BTreeMap<Owner, String>,
+    failed: &mut BTreeMap<u32, String>,
 ) {
     if steps.is_empty() {
         return;
@@ -89,7 +88,7 @@ fn run_tables<M: DatapathMaps>(
                 done.insert(i);
             }
             Err(e) => {
-                failed.entry(s.owner.clone()).or_insert(format!("{e:#}"));
+                failed.entry(s.owner).or_insert(format!("{e:#}"));
             }
         }
     }
