@@ -748,6 +748,9 @@ async fn sweep_conntrack(pin_dir: PathBuf, status: Arc<Status>) {
             Ok(Ok(s)) => {
                 failing = false;
                 status.metrics.set_conntrack(&evictions.account(&s));
+                status
+                    .metrics
+                    .set_conntrack_live(s.iter().map(|(name, t)| (*name, t.live)).collect());
             }
             // Once per run of failures: the maps are gone at exit with
             // --cleanup-on-exit, or another process removed them.

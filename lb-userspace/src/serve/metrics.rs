@@ -37,6 +37,14 @@ use crate::{kernel::datapath::Hook, kernel::interfaces::Ingress, model::ServiceP
 /// Service id -> service port, for the per-service counters' labels.
 pub type ServiceNames = Arc<Mutex<BTreeMap<u32, ServicePortKey>>>;
 
+/// Live entries per conntrack table as the last sweep counted them, and
+/// when: a scrape uses these instead of walking the tables itself.
+type SweptCounts = Arc<Mutex<Option<(Instant, BTreeMap<&'static str, u64>)>>>;
+
+/// Sweep counts older than this are not used (the sweep stopped, or runs
+/// rarely): the scrape counts the tables itself.
+const SWEPT_FRESH: Duration = Duration::from_secs(30);
+
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -58,6 +66,7 @@ pub struct Metrics {
     /// conntrack tables during a flood costs seconds; a scrape storm must
     /// not multiply that).
     cache: Mutex<Option<(Instant, String)>>,
+    swept: SweptCounts,
 }
 
 /// How long one rendering of /metrics is served again.
@@ -125,10 +134,12 @@ impl Metrics {
             ct_evicted.clone(),
         );
         let names: ServiceNames = Arc::default();
+        let swept: SweptCounts = Arc::default();
         registry.register_collector(Box::new(DatapathCollector {
             pin_dir: pin_dir.to_path_buf(),
             names: names.clone(),
             backends: backends.clone(),
+            swept: swept.clone(),
         }));
         Metrics {
             registry,
@@ -143,7 +154,13 @@ impl Metrics {
             ct_expired,
             ct_evicted,
             cache: Mutex::new(None),
+            swept,
         }
+    }
+
+    /// Live entries per conntrack table, from the sweep that just ran.
+    pub fn set_conntrack_live(&self, live: BTreeMap<&'static str, u64>) {
+        *self.swept.lock().expect("swept lock") = Some((Instant::now(), live));
     }
 
     /// Conntrack totals since the agent started: (table, expired, evicted).
@@ -207,6 +224,7 @@ struct DatapathCollector {
     /// The agent's count: an array has every slot, and reading them all
     /// at each scrape to count the used ones would cost 2^19 syscalls.
     backends: Gauge,
+    swept: SweptCounts,
 }
 
 impl Collector for DatapathCollector {
@@ -285,6 +303,19 @@ impl Collector for DatapathCollector {
     }
 }
 
+/// A conntrack table's entries: the sweep's count if there is one, else
+/// `walk` (key by key).
+fn table_fill(
+    swept: Option<&BTreeMap<&'static str, u64>>,
+    name: &str,
+    walk: impl FnOnce() -> Option<usize>,
+) -> Option<usize> {
+    match swept.and_then(|s| s.get(name)) {
+        Some(&n) => Some(n as usize),
+        None => walk(),
+    }
+}
+
 impl DatapathCollector {
     /// (map, entries, capacity) for every map that can fill up. Hash maps
     /// are counted key by key (one syscall each): fine for a scrape every
@@ -304,9 +335,22 @@ impl DatapathCollector {
             MAX_FRONTENDS,
         );
         // Conntrack tables are sized per node: their capacity is read back.
+        // Their fill comes from the last sweep when it is fresh: walking a
+        // full table during a flood costs seconds, and the sweep walks it
+        // anyway.
+        let swept = self
+            .swept
+            .lock()
+            .ok()
+            .and_then(|s| s.clone())
+            .filter(|(at, _)| at.elapsed() < SWEPT_FRESH)
+            .map(|(_, counts)| counts);
         for (name, ..) in crate::kernel::conntrack::TABLES {
             if let Some(cap) = capacity(dir, name) {
-                hash(name, count_keys::<FlowKey, ConntrackEntry>(dir, name), cap);
+                let count = table_fill(swept.as_ref(), name, || {
+                    count_keys::<FlowKey, ConntrackEntry>(dir, name)
+                });
+                hash(name, count, cap);
             }
         }
         hash(
@@ -413,5 +457,22 @@ mod cache_tests {
         m.services.set(2);
         assert_eq!(m.render_cached(), first, "served again, not rendered");
         assert!(m.render().contains("lb_services_programmed 2"));
+    }
+
+    #[test]
+    fn conntrack_fill_comes_from_the_sweep_without_walking_the_table() {
+        let swept: BTreeMap<&'static str, u64> = [("lb_ct_udp", 4096)].into();
+        let walked = std::cell::Cell::new(false);
+        let walk = || {
+            walked.set(true);
+            Some(1)
+        };
+        assert_eq!(table_fill(Some(&swept), "lb_ct_udp", walk), Some(4096));
+        assert!(!walked.get(), "a scrape does not walk a swept table");
+        assert_eq!(
+            table_fill(None, "lb_ct_udp", walk),
+            Some(1),
+            "before any sweep"
+        );
     }
 }
