@@ -186,12 +186,15 @@ pub fn refuse_external_ip(ip: Ipv4Addr, node: &NodeConfig) -> Option<String> {
                 Some("not a routable unicast address".into())
             } else if node.node_ips.contains(&ip) {
                 Some("it is this node's address (--external-ips allow admits it)".into())
-            } else if let Some(cidr) = node.service_cidrs.iter().find(|c| c.contains(ip)) {
-                Some(format!(
-                    "it is inside the service CIDR {cidr} (--external-ips allow admits it)"
-                ))
             } else {
-                None
+                node.service_cidrs
+                    .iter()
+                    .find(|c| c.contains(ip))
+                    .map(|cidr| {
+                        format!(
+                            "it is inside the service CIDR {cidr} (--external-ips allow admits it)"
+                        )
+                    })
             }
         }
     }
