@@ -29,6 +29,17 @@ pub const fn flow_hash(src_addr: [u8; 4], src_port: u16, dst_port: u16, proto: u
     fmix64(word ^ FLOW_HASH_SEED ^ ((proto as u64) << 56).rotate_left(7))
 }
 
+/// The hash a client's new flow is placed with once its sessionAffinity
+/// entry has expired: `hash` (the client's own, the same on every node)
+/// mixed with when the expired entry was last used. kube-proxy makes a
+/// fresh choice after `timeoutSeconds` (the e2e test "should have session
+/// affinity timeout work" fails if the same backend always comes back);
+/// this is one, different for each expiry.
+#[inline(always)]
+pub const fn affinity_rehash(hash: u64, expired_last_used_ns: u64) -> u64 {
+    fmix64(hash ^ expired_last_used_ns)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

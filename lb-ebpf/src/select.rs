@@ -2,6 +2,7 @@
 
 use aya_ebpf::bindings::BPF_ANY;
 use lb_common::{
+    hash::affinity_rehash,
     AffinityEntry, AffinityKey, Backend, MaglevKey, ServiceEntry, BACKEND_F_PRESENT, BACKEND_F_USABLE,
     SERVICE_F_AFFINITY,
 };
@@ -28,6 +29,7 @@ pub struct Choice {
 /// The backend for a new flow from `client` whose flow hash is `hash`.
 #[inline(always)]
 pub fn choose(client: [u8; 4], hash: u64, svc: &ServiceEntry, now: u64) -> Option<Choice> {
+    let mut hash = hash;
     let affinity = svc.flags & SERVICE_F_AFFINITY != 0;
     let akey = AffinityKey {
         client_addr: client,
@@ -52,6 +54,10 @@ pub fn choose(client: [u8; 4], hash: u64, svc: &ServiceEntry, now: u64) -> Optio
                         });
                     }
                 }
+            } else {
+                // Expired: a fresh choice, not the one the client's own
+                // hash made the first time.
+                hash = affinity_rehash(hash, a.last_used_ns);
             }
         }
     }

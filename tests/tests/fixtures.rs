@@ -6,7 +6,10 @@
 
 use std::net::Ipv4Addr;
 
-use lb_common::{hash::flow_hash, Verdict};
+use lb_common::{
+    hash::{affinity_rehash, flow_hash},
+    Verdict,
+};
 use lb_tests::{
     example::{yaml, Endpoint, Svc},
     fixture::*,
@@ -514,14 +517,45 @@ fn session_affinity_keeps_a_client_on_one_backend() {
     }
 }
 
+/// The client's affinity entries (one per service it reached), opened on
+/// the fixture's pinned map.
+fn affinity_map(
+    fx: &Fixture,
+) -> aya::maps::HashMap<aya::maps::MapData, lb_common::AffinityKey, lb_common::AffinityEntry> {
+    let data =
+        aya::maps::MapData::from_pin(fx.pin_dir().join(lb_common::map_names::AFFINITY)).unwrap();
+    aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).unwrap()
+}
+
 #[test]
-fn session_affinity_expires_after_its_timeout() {
+fn session_affinity_expires_after_its_timeout_to_a_fresh_choice() {
     let mut svc = Svc::web(backends().into_iter().map(Endpoint::ready).collect());
     svc.affinity_timeout_s = Some(1);
+    let own_hash = flow_hash(CLIENT.octets(), 0, 80, TCP);
+    let set: Vec<(Ipv4Addr, u16)> = backends().iter().map(|&ip| (ip, 8080)).collect();
+    let table = MaglevTable::build(&set, table_size_for(set.len()));
+    // Entries last used at these (long past) moments have expired; each
+    // expiry gives its own fresh choice, and they are not all the first one.
+    let expiries: [u64; 6] = [1, 2, 3, 5, 8, 13];
+    let fresh: Vec<Ipv4Addr> = expiries
+        .iter()
+        .map(|&l| table.lookup(affinity_rehash(own_hash, l)).0)
+        .collect();
+    let first = table.lookup(own_hash).0;
+    assert!(
+        fresh.iter().any(|&b| b != first),
+        "the chosen expiry times must show a fresh choice: {fresh:?}"
+    );
     for hook in HOOKS {
         let fx = Fixture::new(&yaml(&[svc.clone()])).unwrap();
-        fx.run(hook, &Spec::tcp(CLIENT, 40000, CLUSTER_IP, 80).build())
+        let out = fx
+            .run(hook, &Spec::tcp(CLIENT, 40000, CLUSTER_IP, 80).build())
             .unwrap();
+        assert_eq!(
+            decode(&out.frame).daddr,
+            first,
+            "{hook:?}: the client's own choice"
+        );
         fx.run(hook, &Spec::tcp(CLIENT, 40001, CLUSTER_IP, 80).build())
             .unwrap();
         assert_eq!(
@@ -529,18 +563,32 @@ fn session_affinity_expires_after_its_timeout() {
             1,
             "{hook:?}: within the timeout"
         );
-        std::thread::sleep(std::time::Duration::from_millis(1100));
-        // After the timeout the new flow is a plain Maglev choice again
-        // (with affinity, the flow hash leaves the source port out, so
-        // every node makes the same choice for this client).
-        let out = fx
-            .run(hook, &Spec::tcp(CLIENT, 40002, CLUSTER_IP, 80).build())
-            .unwrap();
-        assert_eq!(fx.counter(Verdict::DnatAffinity), 1, "{hook:?}: expired");
+        let mut map = affinity_map(&fx);
+        for (i, (&last_used, &want)) in expiries.iter().zip(&fresh).enumerate() {
+            let (key, mut entry) = map.iter().next().unwrap().unwrap();
+            entry.last_used_ns = last_used;
+            map.insert(key, entry, 0).unwrap();
+            let sport = 40100 + i as u16;
+            let out = fx
+                .run(hook, &Spec::tcp(CLIENT, sport, CLUSTER_IP, 80).build())
+                .unwrap();
+            assert_eq!(
+                decode(&out.frame).daddr,
+                want,
+                "{hook:?}: expired at {last_used} ns"
+            );
+        }
         assert_eq!(
-            decode(&out.frame).daddr,
-            expected_backend(&backends(), 8080, 0, 80, TCP)
+            fx.counter(Verdict::DnatAffinity),
+            1,
+            "{hook:?}: expired entries are not used"
         );
+        // The fresh choice is the client's affinity from now on.
+        let out = fx
+            .run(hook, &Spec::tcp(CLIENT, 40200, CLUSTER_IP, 80).build())
+            .unwrap();
+        assert_eq!(decode(&out.frame).daddr, *fresh.last().unwrap(), "{hook:?}");
+        assert_eq!(fx.counter(Verdict::DnatAffinity), 2, "{hook:?}");
     }
 }
 
