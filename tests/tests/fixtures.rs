@@ -13,7 +13,7 @@ use lb_common::{
 use lb_tests::{
     example::{yaml, Endpoint, Svc},
     fixture::*,
-    packet::{checksum, decode, Spec, CLIENT_MAC, NODE_MAC, TCP, TCP_ACK, TCP_SYN, UDP},
+    packet::{checksum, decode, Spec, CLIENT_MAC, NODE_MAC, TCP, TCP_ACK, TCP_SYN},
     topology::NODE_IP,
 };
 use lb_userspace::plan::maglev::{table_size_for, MaglevTable};
@@ -514,6 +514,47 @@ fn session_affinity_keeps_a_client_on_one_backend() {
             .run(hook, &Spec::tcp(other, 40000, CLUSTER_IP, 80).build())
             .unwrap();
         assert_eq!(decode(&out.frame).saddr, other);
+    }
+}
+
+/// kube-proxy's rule for traffic policy Local with no endpoint on this
+/// node: drop when the Service has endpoints elsewhere (a load balancer's
+/// health check steers clients to them), refuse when it has none at all.
+#[test]
+fn traffic_policy_local_drops_without_a_local_endpoint_and_refuses_without_any() {
+    let local = |eps: Vec<Endpoint>| {
+        let mut svc = Svc::web(eps);
+        svc.extra.external_traffic_policy = Some("Local");
+        svc
+    };
+    let elsewhere = local(
+        backends()
+            .into_iter()
+            .map(|ip| Endpoint::ready(ip).on("node-b"))
+            .collect(),
+    );
+    for hook in HOOKS {
+        let frame = Spec::tcp(CLIENT, 40000, NODE_IP, 30080).build();
+        let fx = Fixture::new(&yaml(&[elsewhere.clone()])).unwrap();
+        let out = fx.run_on(hook, &frame, fx.pod_ifindex).unwrap();
+        let drop = if hook == Hook::Tc {
+            TC_ACT_SHOT
+        } else {
+            XDP_DROP
+        };
+        assert_eq!(out.verdict, drop, "{hook:?}: endpoints elsewhere");
+        assert_eq!(fx.counter(Verdict::DropNoLocalBackend), 1, "{hook:?}");
+
+        let fx = Fixture::new(&yaml(&[local(vec![])])).unwrap();
+        let out = fx.run_on(hook, &frame, fx.pod_ifindex).unwrap();
+        let bounce = if hook == Hook::Tc {
+            TC_ACT_REDIRECT
+        } else {
+            XDP_TX
+        };
+        assert_eq!(out.verdict, bounce, "{hook:?}: no endpoint anywhere");
+        assert_eq!(out.frame, icmp_unreachable(&frame), "{hook:?}");
+        assert_eq!(fx.counter(Verdict::RejectNoBackend), 1, "{hook:?}");
     }
 }
 

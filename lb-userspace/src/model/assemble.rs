@@ -82,6 +82,8 @@ pub fn build_service(svc: &Service, slices: &[ValidSlice], node: &NodeConfig) ->
                 .map(|mut port| {
                     let all = endpoints_for(&port.key, slices, &node.name);
                     local_ready.extend(all.iter().filter(|e| e.local && e.ready).map(|e| e.addr));
+                    port.endpoints = all.clone();
+                    port.endpoints_anywhere = !port.usable_endpoints().is_empty();
                     port.endpoints = match port.key.scope {
                         Scope::Cluster => all,
                         Scope::Local => all.into_iter().filter(|e| e.local).collect(),

@@ -215,6 +215,11 @@ pub struct ServicePort {
     /// loadBalancerSourceRanges (sorted, unique); they apply to the
     /// `LoadBalancer` frontends. Empty: every source is admitted.
     pub source_ranges: Vec<Prefix>,
+    /// The Service has an endpoint that takes new flows on some node. With
+    /// scope Local and none here, kube-proxy drops when there is one
+    /// elsewhere (a load balancer's health check steers clients there) and
+    /// refuses when there is none anywhere.
+    pub endpoints_anywhere: bool,
 }
 
 impl ServicePort {

@@ -419,6 +419,7 @@ fn service_ports(
                 } else {
                     Vec::new()
                 },
+                endpoints_anywhere: false,
             });
         }
     }

@@ -407,7 +407,10 @@ pub fn frontend_flags(spec: &ServicePort, f: &Frontend) -> u8 {
     if f.kind.is_external() {
         flags |= SERVICE_F_EXTERNAL;
     }
-    if spec.key.scope == Scope::Local {
+    // Local with no endpoint anywhere is refused like any service without
+    // endpoints (kube-proxy's REJECT); with endpoints elsewhere only, the
+    // datapath drops (see `ServicePort::endpoints_anywhere`).
+    if spec.key.scope == Scope::Local && spec.endpoints_anywhere {
         flags |= SERVICE_F_LOCAL;
     }
     if f.kind == FrontendKind::LoadBalancer && !spec.source_ranges.is_empty() {

@@ -80,6 +80,7 @@ fn tcp_service(
             .collect(),
         affinity_timeout_s: None,
         source_ranges: Vec::new(),
+        endpoints_anywhere: true,
     }
 }
 
