@@ -91,7 +91,9 @@ fn check_slice(slice: &EndpointSlice) -> Result<Option<ValidSlice>, String> {
             serving: c.and_then(|c| c.serving).unwrap_or(ready),
             terminating: c.and_then(|c| c.terminating).unwrap_or(false),
         };
-        for a in &e.addresses {
+        // Like kube-proxy, only an endpoint's first address is used (the
+        // API says consumers may assume the others are interchangeable).
+        if let Some(a) = e.addresses.first() {
             let addr: Ipv4Addr = a
                 .parse()
                 .map_err(|_| format!("endpoint address {a:?} is not an IPv4 address"))?;
