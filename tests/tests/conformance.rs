@@ -11,9 +11,9 @@ use std::{
 
 use lb_tests::{
     agent::{Agent, ConfigFile},
-    example::{yaml, Endpoint, Svc},
+    example::{yaml, Endpoint, Port, Svc},
     netns::Netns,
-    servers::{tcp_who, PodServer},
+    servers::{tcp_who, Answer, PodServer},
     topology::{Topology, NODE_IP},
 };
 
@@ -55,10 +55,32 @@ impl World {
 
 /// Which pod answers one new TCP connection from `ns` to `to`.
 fn who(ns: &Netns, to: SocketAddrV4) -> String {
+    answer(ns, to).pod
+}
+
+fn answer(ns: &Netns, to: SocketAddrV4) -> Answer {
     ns.run(move || tcp_who(to))
         .unwrap()
         .unwrap_or_else(|e| panic!("connecting to {to}: {e}"))
-        .pod
+}
+
+/// The pods answering `n` new connections (upstream's "hostnames served").
+fn served_by(ns: &Netns, to: SocketAddrV4, n: usize) -> std::collections::BTreeSet<String> {
+    (0..n).map(|_| who(ns, to)).collect()
+}
+
+/// How a connection attempt ended, if it failed.
+fn refused(ns: &Netns, to: SocketAddrV4) -> Option<std::io::ErrorKind> {
+    ns.run(move || {
+        std::net::TcpStream::connect_timeout(&to.into(), Duration::from_secs(2))
+            .err()
+            .map(|e| e.kind())
+    })
+    .unwrap()
+}
+
+fn cluster_ip(svc: &Svc, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(svc.cluster_ip, port)
 }
 
 /// Upstream `execAffinityTestForSessionAffinityTimeout`: the same backend
@@ -106,4 +128,207 @@ fn should_have_session_affinity_timeout_work_for_service_with_type_cluster_ip() 
 fn should_have_session_affinity_timeout_work_for_node_port_service() {
     let (w, _config, _agent) = affinity_world();
     affinity_times_out(&w.topo.client, SocketAddrV4::new(NODE_IP, 30080));
+}
+
+/// [sig-network] Services should serve a basic endpoint from pods
+/// [Conformance]: the Service answers from its endpoint, and follows the
+/// endpoints as pods are added and removed.
+#[test]
+fn should_serve_a_basic_endpoint_from_pods() {
+    let w = World::new(2);
+    let ips = w.backend_ips();
+    let one = Svc::web(vec![Endpoint::ready(ips[0])]);
+    let config = ConfigFile::new(&yaml(&[one.clone()])).unwrap();
+    let mut agent = Agent::start(&w.topo, &config.path).unwrap();
+    let to = cluster_ip(&one, 80);
+    assert_eq!(
+        served_by(w.client_pod(), to, 10),
+        ["pod-1".to_string()].into()
+    );
+    config.rewrite(&yaml(&[w.web()])).unwrap();
+    agent
+        .wait_for_nth_log("applied config", 1, Duration::from_secs(5))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        served_by(w.client_pod(), to, 30),
+        ["pod-1".to_string(), "pod-2".to_string()].into()
+    );
+    config
+        .rewrite(&yaml(&[Svc::web(vec![Endpoint::ready(ips[1])])]))
+        .unwrap();
+    agent
+        .wait_for_nth_log("applied config", 2, Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(
+        served_by(w.client_pod(), to, 10),
+        ["pod-2".to_string()].into()
+    );
+}
+
+/// [sig-network] Services should serve multiport endpoints from pods
+/// [Conformance]: two ports of one Service, each to its own target port.
+#[test]
+fn should_serve_multiport_endpoints_from_pods() {
+    let w = World::new(2);
+    // A second server in each backend pod, on other ports.
+    let _alt: Vec<PodServer> = w.topo.pods[..2]
+        .iter()
+        .enumerate()
+        .map(|(i, p)| PodServer::start(&p.ns, &format!("pod-{}-alt", i + 1), 9090, 9595).unwrap())
+        .collect();
+    let mut svc = w.web();
+    svc.ports.push(Port {
+        name: "alt",
+        protocol: "TCP",
+        port: 81,
+        target: 9090,
+        node_port: None,
+    });
+    let config = ConfigFile::new(&yaml(&[svc.clone()])).unwrap();
+    let _agent = Agent::start(&w.topo, &config.path).unwrap();
+    let main = served_by(w.client_pod(), cluster_ip(&svc, 80), 20);
+    let alt = served_by(w.client_pod(), cluster_ip(&svc, 81), 20);
+    assert!(main.iter().all(|p| !p.ends_with("-alt")), "{main:?}");
+    assert!(
+        !alt.is_empty() && alt.iter().all(|p| p.ends_with("-alt")),
+        "{alt:?}"
+    );
+}
+
+/// [sig-network] Services should be rejected when no endpoints exist: a
+/// connection to a Service without endpoints is refused at once (REJECT),
+/// not left to time out.
+#[test]
+fn should_be_rejected_when_no_endpoints_exist() {
+    let w = World::new(1);
+    let svc = Svc::web(vec![]);
+    let config = ConfigFile::new(&yaml(&[svc.clone()])).unwrap();
+    let _agent = Agent::start(&w.topo, &config.path).unwrap();
+    assert_eq!(
+        refused(w.client_pod(), cluster_ip(&svc, 80)),
+        Some(std::io::ErrorKind::ConnectionRefused)
+    );
+}
+
+/// [sig-network] Services should preserve source pod IP for traffic thru
+/// service cluster IP [LinuxOnly]
+#[test]
+fn should_preserve_source_pod_ip_for_traffic_thru_service_cluster_ip() {
+    let w = World::new(2);
+    let svc = w.web();
+    let config = ConfigFile::new(&yaml(&[svc.clone()])).unwrap();
+    let _agent = Agent::start(&w.topo, &config.path).unwrap();
+    let client_ip = w.topo.pods.last().unwrap().ip;
+    for _ in 0..10 {
+        let a = answer(w.client_pod(), cluster_ip(&svc, 80));
+        assert_eq!(*a.peer.ip(), client_ip, "the backend saw {}", a.peer);
+    }
+}
+
+/// [sig-network] Services should be able to up and down services: a
+/// Service removed stops answering, the others keep theirs, and it answers
+/// again once re-created (upstream also restarts kube-proxy in between:
+/// see restart.rs for ours).
+#[test]
+fn should_be_able_to_up_and_down_services() {
+    let w = World::new(2);
+    let ips = w.backend_ips();
+    let web = Svc::web(vec![Endpoint::ready(ips[0])]);
+    let api = Svc::api(ips[1]);
+    let config = ConfigFile::new(&yaml(&[web.clone(), api.clone()])).unwrap();
+    let mut agent = Agent::start(&w.topo, &config.path).unwrap();
+    assert_eq!(who(w.client_pod(), cluster_ip(&api, 8443)), "pod-2");
+    config.rewrite(&yaml(&[web.clone()])).unwrap();
+    agent
+        .wait_for_nth_log("applied config", 1, Duration::from_secs(5))
+        .unwrap();
+    assert!(
+        refused(w.client_pod(), cluster_ip(&api, 8443)).is_some(),
+        "api is down"
+    );
+    assert_eq!(
+        who(w.client_pod(), cluster_ip(&web, 80)),
+        "pod-1",
+        "web still up"
+    );
+    config.rewrite(&yaml(&[web.clone(), api.clone()])).unwrap();
+    agent
+        .wait_for_nth_log("applied config", 2, Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(
+        who(w.client_pod(), cluster_ip(&api, 8443)),
+        "pod-2",
+        "api is back"
+    );
+}
+
+/// [sig-network] Services should be able to switch session affinity for
+/// service with type clusterIP [LinuxOnly]: spread without affinity, one
+/// backend with ClientIP, spread again once switched off.
+#[test]
+fn should_be_able_to_switch_session_affinity_for_service_with_type_cluster_ip() {
+    let w = World::new(3);
+    let plain = w.web();
+    let config = ConfigFile::new(&yaml(&[plain.clone()])).unwrap();
+    let mut agent = Agent::start(&w.topo, &config.path).unwrap();
+    let to = cluster_ip(&plain, 80);
+    assert!(
+        served_by(w.client_pod(), to, 30).len() > 1,
+        "spread without affinity"
+    );
+    let mut sticky = plain.clone();
+    sticky.affinity_timeout_s = Some(10_800);
+    config.rewrite(&yaml(&[sticky])).unwrap();
+    agent
+        .wait_for_nth_log("applied config", 1, Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(
+        served_by(w.client_pod(), to, 30).len(),
+        1,
+        "ClientIP affinity"
+    );
+    config.rewrite(&yaml(&[plain])).unwrap();
+    agent
+        .wait_for_nth_log("applied config", 2, Duration::from_secs(5))
+        .unwrap();
+    assert!(served_by(w.client_pod(), to, 30).len() > 1, "spread again");
+}
+
+/// [sig-network] Services should implement service.kubernetes.io/service-proxy-name
+/// and [sig-network] Services should implement service.kubernetes.io/headless:
+/// a Service with either label is left alone (not reachable through us),
+/// and served once the label is gone.
+#[test]
+fn should_implement_service_proxy_name_and_headless_labels() {
+    let w = World::new(2);
+    let ips = w.backend_ips();
+    for label in [
+        ("service.kubernetes.io/service-proxy-name", "foo-bar"),
+        ("service.kubernetes.io/headless", ""),
+    ] {
+        let mut labelled = Svc::api(ips[1]);
+        labelled.extra.labels = vec![label];
+        let web = Svc::web(vec![Endpoint::ready(ips[0])]);
+        let config = ConfigFile::new(&yaml(&[web.clone(), labelled.clone()])).unwrap();
+        let mut agent = Agent::start(&w.topo, &config.path).unwrap();
+        agent
+            .wait_for_log("skipped", Duration::from_secs(5))
+            .unwrap();
+        assert!(
+            refused(w.client_pod(), cluster_ip(&labelled, 8443)).is_some(),
+            "{label:?}: not served"
+        );
+        assert_eq!(who(w.client_pod(), cluster_ip(&web, 80)), "pod-1");
+        labelled.extra.labels.clear();
+        config.rewrite(&yaml(&[web, labelled.clone()])).unwrap();
+        agent
+            .wait_for_nth_log("applied config", 1, Duration::from_secs(5))
+            .unwrap();
+        assert_eq!(
+            who(w.client_pod(), cluster_ip(&labelled, 8443)),
+            "pod-2",
+            "{label:?}: served once unlabelled"
+        );
+    }
 }

@@ -490,8 +490,10 @@ fn the_external_ip_policy_refuses_node_and_service_addresses() {
 
 #[test]
 fn only_an_endpoints_first_address_is_used_as_kube_proxy_does() {
-    let yaml = include_str!("../testdata/basic.yaml")
-        .replace("- addresses: [198.18.1.11]", "- addresses: [198.18.1.11, 198.18.1.99]");
+    let yaml = include_str!("../testdata/basic.yaml").replace(
+        "- addresses: [198.18.1.11]",
+        "- addresses: [198.18.1.11, 198.18.1.99]",
+    );
     let b = build_yaml(&yaml);
     let http = &b.state.services[&key("shop", "web", "http", Protocol::Tcp)];
     let addrs: Vec<String> = http.endpoints.iter().map(|e| e.addr.to_string()).collect();
