@@ -17,7 +17,7 @@ use crate::{
     packet::{parse, Frag, IcmpError, Ipv4Flow, PacketBuf, Parsed},
     policy::{config, needs_snat, reject_allowed, source_allowed},
     select::{backend_of, choose},
-    stats::{count, count_service},
+    stats::{count, count_index, count_service},
 };
 
 #[btf_map(name = "lb_pending")]
@@ -43,6 +43,9 @@ pub enum Action {
     /// A packet to a frontend no tracked flow covers: `new_flow` decides
     /// (a new flow, or why not).
     NewFlow,
+    /// A new flow whose source must be translated: `snat_flow` searches
+    /// a free port and records it.
+    Snat,
     /// Translate an ICMP error about a translated flow; with `route`, then
     /// send it to its next hop directly (as for `Nat`).
     IcmpNat {
@@ -139,6 +142,20 @@ pub struct Pending {
     icmp: IcmpError,
     len: u32,
     ingress: bool,
+    /// What `new_flow` decided for `snat_flow`.
+    snat: SnatRequest,
+}
+
+/// A new flow whose source needs a translated port (`Action::Snat`): the
+/// backend chosen, the address to translate to, and what to count.
+#[derive(Clone, Copy)]
+struct SnatRequest {
+    backend: Backend,
+    backend_id: u32,
+    to: [u8; 4],
+    verdict: u32,
+    ct_state: u8,
+    now: u64,
 }
 
 #[inline(always)]
@@ -148,7 +165,7 @@ fn pending() -> Option<&'static mut Pending> {
     PENDING.get_ptr_mut(0).map(|p| unsafe { &mut *p })
 }
 
-#[inline(always)]
+#[inline(never)]
 pub fn classify<C: PacketBuf>(ctx: &C, dir: Direction) -> Stage {
     let len = ctx.wire_len();
     let ingress = dir == Direction::Ingress;
@@ -387,12 +404,12 @@ pub fn new_flow() -> Action {
     // SAFETY: a helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let (flow, svc, len) = (p.flow, p.svc, p.len);
-    start_flow(&flow, &svc, len, now)
+    start_flow(p, &flow, &svc, len, now)
 }
 
 /// A new flow, unless the packet cannot start one.
 #[inline(always)]
-fn start_flow(flow: &Ipv4Flow, svc: &ServiceEntry, len: u32, now: u64) -> Action {
+fn start_flow(p: &mut Pending, flow: &Ipv4Flow, svc: &ServiceEntry, len: u32, now: u64) -> Action {
     let flow = *flow;
     let key = flow_key(&flow);
     let start = start_of(&flow);
@@ -426,46 +443,79 @@ fn start_flow(flow: &Ipv4Flow, svc: &ServiceEntry, len: u32, now: u64) -> Action
     };
     let b = choice.backend;
     let cfg = config();
-    let new = NewFlow {
-        client: key,
-        now,
-        service_id: svc.id,
+    let pickup = start == Start::Pickup;
+    let verdict = if pickup {
+        Verdict::DnatPickup
+    } else if choice.from_affinity {
+        Verdict::DnatAffinity
+    } else {
+        Verdict::DnatNew
+    };
+    let ct_state = if pickup { CT_S_PICKUP } else { 0 };
+    // The source is translated to the node's address (without one, no
+    // --node-ip, there is nothing to masquerade to; the agent warns at
+    // start-up), or to another port of the client's own address when its
+    // reply tuple is taken (`Source::Conflict`), or kept.
+    let to = if needs_snat(svc, flow.saddr, &b) && cfg.snat_addr != [0; 4] {
+        cfg.snat_addr
+    } else {
+        let new = NewFlow {
+            client: key,
+            now,
+            service_id: svc.id,
+            backend_id: choice.backend_id,
+            backend: AddrPort::new(b.addr, b.port),
+            state: ct_state,
+        };
+        match conntrack::record(&new, &cfg) {
+            Source::Kept => {
+                count(verdict, len);
+                count_service(svc.id, len);
+                return to_backend(flow, &b, None);
+            }
+            Source::Conflict => flow.saddr,
+            _ => return drop(Verdict::DropSnatExhausted, len),
+        }
+    };
+    p.snat = SnatRequest {
+        backend: b,
         backend_id: choice.backend_id,
-        backend: AddrPort::new(b.addr, b.port),
-        state: if start == Start::Pickup {
-            CT_S_PICKUP
-        } else {
-            0
-        },
+        to,
+        verdict: verdict as u32,
+        ct_state,
+        now,
+    };
+    Action::Snat
+}
+
+/// A new flow whose source is translated (`Action::Snat`): a stage of its
+/// own, entered from one state whatever way `new_flow` got here, because
+/// the port search walks up to `SNAT_PORT_TRIES` ports and the verifier
+/// walks every one of them per entering state: inside `new_flow` that was
+/// 800,000 instructions on Linux 6.18 and more on 6.1, near the kernel's
+/// 1,000,000 limit (`lb check` prints the counts).
+#[inline(always)]
+pub fn snat_flow() -> Action {
+    let Some(p) = pending() else {
+        return Action::Drop;
+    };
+    let (flow, svc_id, len, r) = (p.flow, p.svc.id, p.len, p.snat);
+    let cfg = config();
+    let new = NewFlow {
+        client: flow_key(&flow),
+        now: r.now,
+        service_id: svc_id,
+        backend_id: r.backend_id,
+        backend: AddrPort::new(r.backend.addr, r.backend.port),
+        state: r.ct_state,
     };
     let mut out = AddrPort::new([0; 4], 0);
-    // Without a node address (no --node-ip) there is nothing to masquerade
-    // to; the agent warns at start-up.
-    let mut source = if needs_snat(svc, flow.saddr, &b) && cfg.snat_addr != [0; 4] {
-        conntrack::record_snat(&new, cfg.snat_addr, &cfg, &mut out)
-    } else {
-        conntrack::record(&new, &cfg)
-    };
-    if source == Source::Conflict {
-        source = conntrack::record_snat(&new, flow.saddr, &cfg, &mut out);
+    if conntrack::record_snat(&new, r.to, &cfg, &mut out) != Source::Translated {
+        return drop(Verdict::DropSnatExhausted, len);
     }
-    let snat = match source {
-        Source::Kept => None,
-        Source::Translated => Some(out),
-        _ => return drop(Verdict::DropSnatExhausted, len),
-    };
-    count(
-        if start == Start::Pickup {
-            Verdict::DnatPickup
-        } else if choice.from_affinity {
-            Verdict::DnatAffinity
-        } else {
-            Verdict::DnatNew
-        },
-        len,
-    );
-    count_service(svc.id, len);
-    to_backend(flow, &b, snat)
+    count_index(r.verdict, len);
+    count_service(svc_id, len);
+    to_backend(flow, &r.backend, Some(out))
 }
 
 /// A packet of `flow` sent to backend `b`, its source translated to `snat`

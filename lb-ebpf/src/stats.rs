@@ -8,7 +8,14 @@ use crate::maps::{SERVICE_STATS, VERDICTS};
 
 #[inline(always)]
 pub fn count(verdict: Verdict, bytes: u32) {
-    if let Some(c) = VERDICTS.get_ptr_mut(verdict as u32) {
+    count_index(verdict as u32, bytes)
+}
+
+/// `count` for a verdict kept as its number in a map (`pipeline::snat_flow`); the
+/// map refuses an index past the last verdict.
+#[inline(always)]
+pub fn count_index(verdict: u32, bytes: u32) {
+    if let Some(c) = VERDICTS.get_ptr_mut(verdict) {
         // SAFETY: per-CPU slot, only this CPU writes it while we run.
         unsafe {
             (*c).packets += 1;

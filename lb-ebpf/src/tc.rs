@@ -36,7 +36,10 @@ pub fn run(ctx: &TcContext, dir: Direction) -> i32 {
     match classify(ctx, dir) {
         Stage::Pass => TC_ACT_OK,
         Stage::Forward => match to_frontend(ctx) {
-            NEW_FLOW => new_flow(ctx),
+            NEW_FLOW => match new_flow(ctx) {
+                SNAT => snat_flow(ctx),
+                rc => rc,
+            },
             rc => rc,
         },
         Stage::Reply => reply(ctx),
@@ -46,6 +49,8 @@ pub fn run(ctx: &TcContext, dir: Direction) -> i32 {
 
 /// Not a TC verdict: `to_frontend` asks `run` for `new_flow`.
 const NEW_FLOW: i32 = -2;
+/// Not a verdict either: `new_flow` asks `run` for `snat_flow`.
+const SNAT: i32 = -3;
 
 #[inline(never)]
 fn to_frontend(ctx: &TcContext) -> i32 {
@@ -58,9 +63,16 @@ fn to_frontend(ctx: &TcContext) -> i32 {
 #[inline(never)]
 fn new_flow(ctx: &TcContext) -> i32 {
     match pipeline::new_flow() {
+        Action::Snat => SNAT,
         Action::Reject { flow } => reject(ctx, &flow).unwrap_or(TC_ACT_SHOT),
         a => apply(ctx, a),
     }
+}
+
+/// A stage of its own: see `pipeline::snat_flow`.
+#[inline(never)]
+fn snat_flow(ctx: &TcContext) -> i32 {
+    apply(ctx, pipeline::snat_flow())
 }
 
 #[inline(never)]

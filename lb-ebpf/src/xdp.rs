@@ -30,7 +30,10 @@ pub fn run(ctx: &XdpContext) -> u32 {
     match classify(ctx, Direction::Ingress) {
         Stage::Pass => xdp_action::XDP_PASS,
         Stage::Forward => match to_frontend(ctx) {
-            NEW_FLOW => new_flow(ctx),
+            NEW_FLOW => match new_flow(ctx) {
+                SNAT => snat_flow(ctx),
+                rc => rc,
+            },
             rc => rc,
         },
         Stage::Reply => reply(ctx),
@@ -40,6 +43,8 @@ pub fn run(ctx: &XdpContext) -> u32 {
 
 /// Not an XDP action: `to_frontend` asks `run` for `new_flow`.
 const NEW_FLOW: u32 = u32::MAX;
+/// Not a verdict either: `new_flow` asks `run` for `snat_flow`.
+const SNAT: u32 = u32::MAX - 1;
 
 #[inline(never)]
 fn to_frontend(ctx: &XdpContext) -> u32 {
@@ -52,9 +57,16 @@ fn to_frontend(ctx: &XdpContext) -> u32 {
 #[inline(never)]
 fn new_flow(ctx: &XdpContext) -> u32 {
     match pipeline::new_flow() {
+        Action::Snat => SNAT,
         Action::Reject { flow } => reject(ctx, &flow),
         a => apply(ctx, a),
     }
+}
+
+/// A stage of its own: see `pipeline::snat_flow`.
+#[inline(never)]
+fn snat_flow(ctx: &XdpContext) -> u32 {
+    apply(ctx, pipeline::snat_flow())
 }
 
 #[inline(never)]

@@ -12,9 +12,10 @@
 //!   node's interfaces, feature probes;
 //! - `serve`: health, metrics, healthCheckNodePorts;
 //! - `agent` ties them together for `lb run`; `inspect` reads the pins for
-//!   `lb status`.
+//!   `lb status`; `check` asks the kernel what it offers (`lb check`).
 
 pub mod agent;
+pub mod check;
 pub mod inspect;
 pub mod kernel;
 pub mod model;

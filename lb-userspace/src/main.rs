@@ -145,6 +145,16 @@ enum Command {
         #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
+    /// Check this node's kernel before switching: every feature lb probes
+    /// for (and which flag needs it), the TC attachment it would use, and
+    /// every program loaded for real (nothing attached) with what the
+    /// verifier spent on it. Exits non-zero if `lb run` cannot work here.
+    Check {
+        /// A bpffs directory; a throw-away directory is made in it and
+        /// removed.
+        #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf")]
+        bpffs: PathBuf,
+    },
     /// Print the datapath's packet counters per verdict, from the pinned maps
     /// of a running agent.
     Stats {
@@ -227,6 +237,11 @@ fn main() -> ExitCode {
             lb_userspace::inspect::status(&pin_dir).map(|report| print!("{report}"))
         }
         Command::Cleanup { pin_dir } => agent::cleanup(&pin_dir),
+        Command::Check { bpffs } => lb_userspace::check::run(&bpffs).and_then(|report| {
+            print!("{report}");
+            anyhow::ensure!(report.usable(), "lb cannot run on this kernel (see above)");
+            Ok(())
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -690,3 +690,58 @@ fn a_program_the_kernel_refuses_is_reported_with_the_verifier_log() {
         "the verifier's reason is shown: {err}"
     );
 }
+
+/// `lb check` on this kernel: every feature present, every program loaded
+/// (nothing attached, its throw-away pins gone after), and each one far
+/// below the verifier's 1,000,000-instruction limit. Older kernels prune
+/// fewer paths (on Debian's 6.1 this object costs up to 1.4 times what it
+/// costs on 6.18; before the SNAT port search became a stage of its own,
+/// lb_xdp cost 867,000 on 6.18), so a change that walks the verifier near the
+/// limit here would be refused on some node: this fails first. The bound
+/// is a quarter of the limit. (`cargo xtask test-kernels` runs it on 6.1.)
+#[test]
+fn lb_check_loads_every_program_far_below_the_verifiers_limit() {
+    lb_tests::require_root();
+    const BOUND: u64 = 250_000;
+    let out = std::process::Command::new(lb_tests::agent::lb_bin())
+        .arg("check")
+        .output()
+        .expect("running lb check");
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "lb check failed on this kernel");
+    assert!(text.contains("lb can run on this kernel"), "{text}");
+    assert!(!text.contains("  NO  "), "a feature is missing: {text}");
+    let programs: Vec<(&str, u64)> = text
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            let name = w.next().filter(|n| n.starts_with("lb_"))?;
+            Some((name, w.next()?.parse().ok()?))
+        })
+        .collect();
+    let names: Vec<&str> = programs.iter().map(|(n, _)| *n).collect();
+    for p in [
+        lb_common::program_names::TC,
+        lb_common::program_names::TC_EGRESS,
+        lb_common::program_names::XDP,
+    ]
+    .iter()
+    .chain(lb_common::program_names::SOCK_ALL.iter())
+    {
+        assert!(names.contains(p), "{p} not reported: {text}");
+    }
+    for (name, insns) in &programs {
+        assert!(
+            *insns > 0 && *insns < BOUND,
+            "{name}: the verifier walked {insns} instructions (bound {BOUND})"
+        );
+    }
+    let left: Vec<_> = std::fs::read_dir("/sys/fs/bpf")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("lb-check-"))
+        .collect();
+    assert!(left.is_empty(), "lb check left {left:?} behind");
+}

@@ -319,6 +319,8 @@ echo "LB-KERNEL $(uname -r) cpus=$(nproc)"
 export LB_BIN=/opt/lb/bin/lb LB_EBPF_OBJECT=/opt/lb/lb-ebpf RUST_BACKTRACE=1 HOME=/tmp
 # Emulated: the datapath takes ~20 s to load (the verifier); waits stretch.
 export LB_TEST_SLOWDOWN=10
+# What this kernel offers and what each program costs its verifier.
+lb check 2>&1 | sed 's/^/LB-CHECK /'
 # lb.tests=a,b on the kernel command line: only those binaries.
 only=$(sed -n 's/.*lb\.tests=\([^ ]*\).*/\1/p' /proc/cmdline | tr , ' ')
 for t in /opt/lb/tests/*; do

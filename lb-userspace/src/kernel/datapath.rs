@@ -31,7 +31,8 @@ use crate::{
 
 /// The datapath object, built by `cargo xtask build-ebpf` and embedded by
 /// build.rs (empty when it was missing at build time).
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
+pub(crate) static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -231,6 +232,20 @@ pub struct Datapath {
     made: Option<Vec<Made>>,
     /// The socket hooks are loaded (`attach_cgroup`).
     sock_loaded: bool,
+    /// What each program loaded so far cost the verifier.
+    costs: Vec<LoadCost>,
+}
+
+/// What loading one program cost: the kernel's count of instructions the
+/// verifier walked (every path, so far more than the program has; the
+/// kernel refuses a program past 1,000,000) and the wall time of the load.
+/// Older kernels prune fewer paths: the same object costs more on 6.1.
+#[derive(Clone, Debug)]
+pub struct LoadCost {
+    pub program: &'static str,
+    /// From bpf_prog_info (Linux 5.16 and later).
+    pub verified_insns: Option<u32>,
+    pub took: std::time::Duration,
 }
 
 impl Datapath {
@@ -284,12 +299,13 @@ impl Datapath {
         let mut ebpf = loader.load(object).map_err(DatapathError::Load)?;
         // The socket hooks are loaded by `attach_cgroup`, only with
         // --cgroup: their kernel requirements apply only then.
+        let mut costs = Vec::new();
         for name in [
             program_names::TC,
             program_names::TC_EGRESS,
             program_names::XDP,
         ] {
-            load_program(&mut ebpf, name)?;
+            costs.push(load_program(&mut ebpf, name)?);
         }
         let maps = KernelMaps::take(&mut ebpf, pin_dir).map_err(DatapathError::Load)?;
         Ok((
@@ -301,9 +317,28 @@ impl Datapath {
                 filtered: BTreeSet::new(),
                 made: Some(Vec::new()),
                 sock_loaded: false,
+                costs,
             },
             maps,
         ))
+    }
+
+    /// Loads the socket hooks (once): only `--cgroup` needs them, so only
+    /// then do their kernel requirements apply.
+    pub fn load_socket_hooks(&mut self) -> Result<(), DatapathError> {
+        if !self.sock_loaded {
+            for prog in program_names::SOCK_ALL {
+                let cost = load_program(&mut self.ebpf, prog)?;
+                self.costs.push(cost);
+            }
+            self.sock_loaded = true;
+        }
+        Ok(())
+    }
+
+    /// What each program loaded so far cost the verifier, in load order.
+    pub fn costs(&self) -> &[LoadCost] {
+        &self.costs
     }
 
     /// TC programs go into TCX links (the default) or clsact filters.
@@ -602,12 +637,7 @@ impl Datapath {
             )
         })?;
         let cgroup_id = std::os::unix::fs::MetadataExt::ino(&dir.metadata()?);
-        if !self.sock_loaded {
-            for prog in program_names::SOCK_ALL {
-                load_program(&mut self.ebpf, prog)?;
-            }
-            self.sock_loaded = true;
-        }
+        self.load_socket_hooks()?;
         let mut outcome = Attached::New;
         for prog in program_names::SOCK_ALL {
             let name = format!("{prog}_cg{cgroup_id}");
@@ -851,9 +881,10 @@ fn ignore_gone(r: std::io::Result<()>) -> std::io::Result<()> {
 /// The verifier gives up with EAGAIN when a signal arrives while it works
 /// (it checks `signal_pending` between instructions; ours take ~1 s here,
 /// 20 s under emulation): tried again, as libbpf does, up to 5 times.
-fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DatapathError> {
+fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<LoadCost, DatapathError> {
     const ATTEMPTS: usize = 5;
     let mut attempt = 1;
+    let started = std::time::Instant::now();
     let loaded = loop {
         let program = ebpf
             .program_mut(name)
@@ -888,6 +919,18 @@ fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DatapathError
             log_tail: tail(&verifier_log.to_string(), 20),
         },
         other => DatapathError::Load(aya::EbpfError::ProgramError(other)),
+    })?;
+    let took = started.elapsed();
+    let program = ebpf.program(name).expect("the object defines this program");
+    let verified_insns = program
+        .info()
+        .ok()
+        .and_then(|i| i.verified_instruction_count());
+    tracing::debug!(program = name, ?verified_insns, ?took, "program loaded");
+    Ok(LoadCost {
+        program: name,
+        verified_insns,
+        took,
     })
 }
 

@@ -158,6 +158,24 @@ pub fn required(needs: Needs) -> Vec<Feature> {
     all
 }
 
+impl Feature {
+    /// Whether this kernel has it.
+    pub fn present(&self) -> bool {
+        (self.probe)()
+    }
+}
+
+/// Every feature, with what asks for it ("always", "--xdp-iface",
+/// "--cgroup"): what `lb check` reports.
+pub fn all() -> Vec<(&'static str, Feature)> {
+    let tag =
+        |by: &'static str, fs: &[Feature]| fs.iter().map(move |f| (by, *f)).collect::<Vec<_>>();
+    let mut all = tag("always", ALWAYS);
+    all.extend(tag("--xdp-iface", XDP));
+    all.extend(tag("--cgroup", CGROUP));
+    all
+}
+
 /// The first required feature the kernel lacks, as an error a user can act
 /// on.
 pub fn check(needs: Needs) -> anyhow::Result<()> {
