@@ -31,7 +31,9 @@ pub mod map_names {
     pub const CONFIG: &str = "lb_config";
     pub const SOURCE_RANGES: &str = "lb_src_ranges";
     pub const SOCK_REVERSE: &str = "lb_sock_rev";
-    pub const ALL: [&str; 16] = [
+    /// Sources inside the cluster (pod CIDRs): see `FRONTEND_VIEW_IN_CLUSTER`.
+    pub const CLUSTER_CIDRS: &str = "lb_cluster_cidrs";
+    pub const ALL: [&str; 17] = [
         FRONTENDS,
         BACKENDS,
         MAGLEV,
@@ -48,6 +50,7 @@ pub mod map_names {
         CONFIG,
         SOURCE_RANGES,
         SOCK_REVERSE,
+        CLUSTER_CIDRS,
     ];
 }
 
@@ -200,7 +203,7 @@ pub const fn ct_live(last_seen_ns: u64, now: u64, proto: u8, state: u8) -> bool 
 pub const CT_REFRESH_NS: u64 = 1_000_000_000;
 
 /// Key of `lb_frontends` (HASH): an address, port and protocol a Service
-/// answers on (ClusterIP, or NodePort on a node address).
+/// answers on (ClusterIP, or NodePort on a node address), and for whom.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FrontendKey {
@@ -208,8 +211,23 @@ pub struct FrontendKey {
     pub port: u16,
     /// IPPROTO_TCP or IPPROTO_UDP.
     pub proto: u8,
-    pub _pad: u8,
+    /// `FRONTEND_VIEW_*` (agents before it was added wrote 0 here).
+    pub view: u8,
 }
+
+/// `FrontendKey::view`: the frontend as everyone reaches it.
+pub const FRONTEND_VIEW_ALL: u8 = 0;
+/// `FrontendKey::view`: an external frontend (NodePort, externalIP,
+/// load-balancer IP) with externalTrafficPolicy Local as clients inside the
+/// cluster reach it: pods (sources in `lb_cluster_cidrs`) and the node's
+/// own sockets. Like kube-proxy's "short-circuit" rules, they get the
+/// endpoints internalTrafficPolicy gives the ClusterIP, not only this
+/// node's. Present only for such frontends.
+pub const FRONTEND_VIEW_IN_CLUSTER: u8 = 1;
+
+/// Most prefixes `lb_cluster_cidrs` holds (`--cluster-cidr` and the Node's
+/// podCIDRs).
+pub const MAX_CLUSTER_CIDRS: u32 = 64;
 
 /// Key of `lb_maglev`: a service port's table *and its size*. A frontend
 /// names the table by both (`ServiceEntry::id`, `ServiceEntry::table_size`),

@@ -7,15 +7,16 @@ use aya_ebpf::{
 };
 use lb_common::{
     ct_closed, hash::flow_hash, Backend, FlowKey, FragKey, FragPorts, FrontendKey, ServiceEntry,
+    FRONTEND_VIEW_ALL,
     Verdict, CT_FORWARD, CT_REPLY, CT_S_PICKUP, IPPROTO_ICMP, IPPROTO_TCP, SERVICE_F_AFFINITY,
     SERVICE_F_LOCAL, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 
 use crate::{
     conntrack::{self, flow_key, snat_of, AddrPort, NewFlow, Source},
-    maps::{FRAGS, FRONTENDS},
+    maps::FRAGS,
     packet::{parse, Frag, IcmpError, Ipv4Flow, PacketBuf, Parsed},
-    policy::{config, needs_snat, reject_allowed, source_allowed},
+    policy::{config, frontend_for, needs_snat, reject_allowed, source_allowed},
     select::{backend_of, choose},
     stats::{count, count_index, count_service},
 };
@@ -198,11 +199,10 @@ pub fn classify<C: PacketBuf>(ctx: &C, dir: Direction) -> Stage {
             addr: p.flow.daddr,
             port: p.flow.dport,
             proto: p.flow.proto,
-            _pad: 0,
+            view: FRONTEND_VIEW_ALL,
         };
-        // SAFETY: copied out at once.
-        if let Some(svc) = unsafe { FRONTENDS.get(fkey) } {
-            p.svc = *svc;
+        if let Some(svc) = frontend_for(fkey, Some(p.flow.saddr)) {
+            p.svc = svc;
             return Stage::Forward;
         }
     }

@@ -4,11 +4,11 @@
 
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use lb_common::{
-    Backend, DatapathConfig, ServiceEntry, SourceRange, BACKEND_F_LOCAL, REJECT_BURST,
+    Backend, DatapathConfig, FrontendKey, ServiceEntry, SourceRange, FRONTEND_VIEW_IN_CLUSTER, BACKEND_F_LOCAL, REJECT_BURST,
     REJECT_COST_NS, SERVICE_F_EXTERNAL, SERVICE_F_LOCAL, SERVICE_F_SOURCE_RANGES,
 };
 
-use crate::maps::{CONFIG, REJECT_LIMIT, SOURCE_RANGES};
+use crate::maps::{CLUSTER_CIDRS, CONFIG, FRONTENDS, REJECT_LIMIT, SOURCE_RANGES};
 
 /// Whether `saddr` may use this frontend (always, without source ranges).
 #[inline(always)]
@@ -24,6 +24,39 @@ pub fn source_allowed(svc: &ServiceEntry, saddr: [u8; 4]) -> bool {
         },
     );
     SOURCE_RANGES.get(&key).is_some()
+}
+
+/// Whether `saddr` is a client inside the cluster (a pod: a source in
+/// `lb_cluster_cidrs`), which reaches an external frontend with traffic
+/// policy Local through its in-cluster view (`FRONTEND_VIEW_IN_CLUSTER`).
+#[inline(always)]
+pub fn in_cluster(saddr: [u8; 4]) -> bool {
+    CLUSTER_CIDRS.get(&Key::new(32, saddr)).is_some()
+}
+
+/// The frontend `key` names, as the client reaches it: an external
+/// frontend with traffic policy Local has an in-cluster view for pods and
+/// the node. `source`: the packet's source address; None for a socket hook
+/// (the node's or a pod's own socket: always in the cluster).
+#[inline(always)]
+pub fn frontend_for(key: FrontendKey, source: Option<[u8; 4]>) -> Option<ServiceEntry> {
+    // SAFETY: copied out at once.
+    let svc = *unsafe { FRONTENDS.get(key) }?;
+    let local_external = SERVICE_F_EXTERNAL | SERVICE_F_LOCAL;
+    if svc.flags & local_external != local_external {
+        return Some(svc);
+    }
+    if let Some(saddr) = source {
+        if !in_cluster(saddr) {
+            return Some(svc);
+        }
+    }
+    let view = FrontendKey {
+        view: FRONTEND_VIEW_IN_CLUSTER,
+        ..key
+    };
+    // SAFETY: copied out at once.
+    Some(unsafe { FRONTENDS.get(view) }.copied().unwrap_or(svc))
 }
 
 /// The node facts the agent wrote; all zero (no SNAT) before it did.

@@ -23,13 +23,14 @@ use aya_ebpf::{
 };
 use lb_common::{
     hash::{flow_hash, fmix64},
-    FrontendKey, SockReverseEntry, SockReverseKey, Verdict, CONFIG_F_SOCK_ALL_NETNS, IPPROTO_TCP,
+    FrontendKey, SockReverseEntry, SockReverseKey, Verdict, CONFIG_F_SOCK_ALL_NETNS,
+    FRONTEND_VIEW_ALL, IPPROTO_TCP,
     IPPROTO_UDP, SERVICE_F_AFFINITY, SERVICE_F_SOURCE_RANGES,
 };
 
 use crate::{
-    maps::{FRONTENDS, SOCK_REVERSE},
-    policy::config,
+    maps::SOCK_REVERSE,
+    policy::{config, frontend_for},
     select::choose,
     stats::{count, count_service},
 };
@@ -62,10 +63,9 @@ pub fn translate(ctx: &SockAddrContext) -> i32 {
         addr: ip.to_ne_bytes(),
         port: u16::from_be(port as u16),
         proto,
-        _pad: 0,
+        view: FRONTEND_VIEW_ALL,
     };
-    // SAFETY: copied out at once.
-    let Some(svc) = (unsafe { FRONTENDS.get(fkey) }).copied() else {
+    let Some(svc) = frontend_for(fkey, None) else {
         return ALLOW;
     };
     // A pod's packets to such a frontend cross its veth, where TC checks

@@ -33,7 +33,7 @@ use crate::{
     kernel::pins,
     kernel::probes::{self, TcAttach},
     model::catalog::Catalog,
-    model::{NodeConfig, ServicePortKey},
+    model::{NodeConfig, Prefix, ServicePortKey},
     plan::{Programmer, Report},
     ports::{self, PortRange},
     serve::{
@@ -91,6 +91,10 @@ pub struct RunOptions {
     pub snat_ports: PortRange,
     /// The cluster's NodePort range, reserved for NodePorts on the node.
     pub nodeport_range: PortRange,
+    /// `--cluster-cidr`: sources inside the cluster (pods), besides the
+    /// Node's podCIDRs. They reach externalTrafficPolicy Local frontends
+    /// with every endpoint, as kube-proxy's short-circuit does.
+    pub cluster_cidrs: Vec<Prefix>,
 }
 
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
@@ -219,6 +223,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         node_ips_given: !opts.node.node_ips.is_empty(),
         node_missing_logged: false,
         snat_addr: None,
+        pod_cidrs: Vec::new(),
+        cidrs_written: None,
         snat_seed: system::random_u32(),
         pending_since: None,
         opts,
@@ -277,6 +283,10 @@ struct Agent {
     node_missing_logged: bool,
     /// The SNAT address last written to lb_config.
     snat_addr: Option<[u8; 4]>,
+    /// This Node's spec.podCIDRs (IPv4).
+    pod_cidrs: Vec<Prefix>,
+    /// What lb_cluster_cidrs holds, once written.
+    cidrs_written: Option<Vec<Prefix>>,
     /// This run's secret for the first SNAT port a flow tries.
     snat_seed: u32,
     /// When the oldest update not yet programmed arrived.
@@ -540,6 +550,11 @@ impl Agent {
             return;
         };
         self.node_missing_logged = false;
+        let pod_cidrs = pod_cidrs(node);
+        if pod_cidrs != self.pod_cidrs {
+            info!(node = %self.opts.node.name, cidrs = ?pod_cidrs, "pods of this node (podCIDRs) reach externalTrafficPolicy Local frontends with every endpoint");
+            self.pod_cidrs = pod_cidrs;
+        }
         if self.node_ips_given {
             return;
         }
@@ -616,6 +631,7 @@ impl Agent {
     /// Rebuilds what changed and writes it to the maps.
     fn sync_maps(&mut self) -> Report {
         self.write_config();
+        self.write_cluster_cidrs();
         let rebuilt = self.catalog.rebuild();
         for r in &rebuilt.rejections {
             warn!(object = %r.object, "rejected: {}", r.reason);
@@ -725,6 +741,45 @@ impl Agent {
             Err(e) => error!("writing lb_config, will retry on the next change: {e:#}"),
         }
     }
+}
+
+impl Agent {
+    /// `lb_cluster_cidrs`: `--cluster-cidr` and the Node's podCIDRs.
+    fn write_cluster_cidrs(&mut self) {
+        let mut want: Vec<Prefix> = self
+            .opts
+            .cluster_cidrs
+            .iter()
+            .chain(&self.pod_cidrs)
+            .copied()
+            .collect();
+        want.sort();
+        want.dedup();
+        if self.cidrs_written.as_ref() == Some(&want) {
+            return;
+        }
+        match self.programmer.maps_mut().set_cluster_cidrs(&want) {
+            Ok(()) => self.cidrs_written = Some(want),
+            Err(e) => error!("writing lb_cluster_cidrs, will retry on the next change: {e:#}"),
+        }
+    }
+}
+
+/// IPv4 spec.podCIDRs (else spec.podCIDR) of a Node.
+fn pod_cidrs(node: &Node) -> Vec<Prefix> {
+    let Some(spec) = &node.spec else {
+        return Vec::new();
+    };
+    let listed = spec.pod_cidrs.clone().unwrap_or_default();
+    let all = if listed.is_empty() {
+        spec.pod_cidr.iter().cloned().collect()
+    } else {
+        listed
+    };
+    let mut out: Vec<Prefix> = all.iter().filter_map(|c| c.parse().ok()).collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// Every `LB_CT_SWEEP_MS` (default 10 s): removes expired conntrack entries

@@ -93,6 +93,13 @@ enum Command {
         /// restricted`.
         #[arg(long = "service-cidr", value_name = "CIDR", value_delimiter = ',')]
         service_cidrs: Vec<Prefix>,
+        /// Pod address ranges (kube-proxy's --cluster-cidr), comma-separated
+        /// or repeated: these sources are inside the cluster, so they reach
+        /// NodePorts, externalIPs and load-balancer IPs of Services with
+        /// externalTrafficPolicy Local with every endpoint, as kube-proxy
+        /// does. The Node's podCIDRs are always included (from the API).
+        #[arg(long = "cluster-cidr", value_name = "CIDR", value_delimiter = ',')]
+        cluster_cidrs: Vec<Prefix>,
         /// Which spec.externalIPs to program (CVE-2020-8554): allow (all,
         /// as kube-proxy), restricted (not the node's addresses, the
         /// service CIDRs, loopback, link-local or multicast), deny (none).
@@ -189,6 +196,7 @@ fn main() -> ExitCode {
             socket_lb_host_only,
             service_proxy_name,
             service_cidrs,
+            cluster_cidrs,
             external_ips,
             cleanup_on_exit,
             http_addr,
@@ -225,6 +233,7 @@ fn main() -> ExitCode {
                 conntrack_max,
                 snat_ports,
                 nodeport_range,
+                cluster_cidrs,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

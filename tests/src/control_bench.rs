@@ -120,7 +120,7 @@ pub fn run(services: usize, endpoints: usize, changes: usize) -> anyhow::Result<
             addr: cluster_ip(i).octets(),
             port: 80,
             proto: 6,
-            _pad: 0,
+            view: lb_common::FRONTEND_VIEW_ALL,
         };
         let want = if n % 2 == 0 { endpoints - 1 } else { endpoints } as u32;
         let unready = (n % 2 == 0).then_some(n % endpoints);

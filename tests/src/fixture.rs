@@ -214,6 +214,11 @@ impl Fixture {
         self.programmer.maps()
     }
 
+    /// For writes outside the plan (node facts such as `lb_cluster_cidrs`).
+    pub fn maps_mut(&mut self) -> &mut KernelMaps {
+        self.programmer.maps_mut()
+    }
+
     /// Packets counted for verdict `v` so far.
     pub fn counter(&self, v: lb_common::Verdict) -> u64 {
         self.maps()

@@ -436,3 +436,68 @@ fn should_follow_ports_added_and_deleted() {
     );
     assert_eq!(who(w.client_pod(), cluster_ip(&one, 80)), "pod-1");
 }
+
+/// externalTrafficPolicy Local is for clients outside the cluster:
+/// kube-proxy's short-circuit rules ("pod traffic for <svc> external
+/// destinations") send a pod reaching a NodePort to every endpoint, its
+/// address kept. Here every endpoint is on another node (as the
+/// EndpointSlice says): the outside client is dropped, the pod (its address
+/// in `--cluster-cidr`) is served, and the backend sees the pod's address.
+/// (No upstream e2e test asserts this on its own.)
+#[test]
+fn external_traffic_policy_local_applies_to_outside_clients_pods_reach_every_endpoint() {
+    let w = World::new(2);
+    let mut svc = Svc::web(
+        w.backend_ips()
+            .into_iter()
+            .map(|ip| Endpoint::ready(ip).on("node-b"))
+            .collect(),
+    );
+    svc.extra.external_traffic_policy = Some("Local");
+    let config = ConfigFile::new(&yaml(&[svc])).unwrap();
+    let pod_ip = w.topo.pods.last().unwrap().ip;
+    let _agent = Agent::start_with(
+        &w.topo,
+        &config.path,
+        &["--cluster-cidr".into(), format!("{pod_ip}/32")],
+    )
+    .unwrap();
+    let node_port = SocketAddrV4::new(NODE_IP, 30080);
+    let served = served_by(w.client_pod(), node_port, 8);
+    assert!(!served.is_empty());
+    let a = answer(w.client_pod(), node_port);
+    assert_eq!(*a.peer.ip(), pod_ip, "the backend saw {}", a.peer);
+    assert_eq!(
+        refused(&w.topo.client, node_port),
+        Some(std::io::ErrorKind::TimedOut),
+        "a client outside the cluster is dropped: no endpoint on this node"
+    );
+}
+
+/// The node's own sockets are inside the cluster too (kube-proxy: "route
+/// LOCAL traffic for <svc> external destinations"): through the socket
+/// hooks they reach an externalTrafficPolicy Local NodePort whose endpoints
+/// are all elsewhere.
+#[test]
+fn external_traffic_policy_local_lets_the_nodes_own_sockets_reach_every_endpoint() {
+    let w = World::new(2);
+    let mut svc = Svc::web(
+        w.backend_ips()
+            .into_iter()
+            .map(|ip| Endpoint::ready(ip).on("node-b"))
+            .collect(),
+    );
+    svc.extra.external_traffic_policy = Some("Local");
+    let config = ConfigFile::new(&yaml(&[svc])).unwrap();
+    let cg = lb_tests::cgroup::Cgroup::new().unwrap();
+    let _agent = Agent::start_with(
+        &w.topo,
+        &config.path,
+        &["--cgroup".into(), cg.path.display().to_string()],
+    )
+    .unwrap();
+    let node_port = SocketAddrV4::new(NODE_IP, 30080);
+    let out = cg.probe(&w.topo.node, Some(node_port), None).unwrap();
+    assert!(out.contains("PROBE peer 198.18.0.2:30080"), "{out}");
+    assert!(out.contains("PROBE who pod-"), "{out}");
+}

@@ -558,6 +558,62 @@ fn traffic_policy_local_drops_without_a_local_endpoint_and_refuses_without_any()
     }
 }
 
+/// externalTrafficPolicy Local is for clients outside the cluster. A pod
+/// (a source in `lb_cluster_cidrs`: `--cluster-cidr`, the Node's podCIDRs)
+/// reaching the NodePort of such a Service whose endpoints all run on
+/// other nodes gets one of them, its own address kept, as through
+/// kube-proxy's short-circuit rules; a client outside is dropped, and so
+/// is the pod once its range is no longer listed.
+#[test]
+fn traffic_policy_local_is_for_outside_clients_pods_get_every_endpoint() {
+    let mut svc = Svc::web(
+        backends()
+            .into_iter()
+            .map(|ip| Endpoint::ready(ip).on("node-b"))
+            .collect(),
+    );
+    svc.extra.external_traffic_policy = Some("Local");
+    let outside = Ipv4Addr::new(198, 18, 9, 9);
+    let pods: lb_userspace::model::Prefix = format!("{CLIENT}/32").parse().unwrap();
+    for hook in HOOKS {
+        let drop = if hook == Hook::Tc {
+            TC_ACT_SHOT
+        } else {
+            XDP_DROP
+        };
+        let mut fx = Fixture::new(&yaml(&[svc.clone()])).unwrap();
+        fx.maps_mut().set_cluster_cidrs(&[pods]).unwrap();
+        let out = fx
+            .run(hook, &Spec::tcp(outside, 40000, NODE_IP, 30080).build())
+            .unwrap();
+        assert_eq!(out.verdict, drop, "{hook:?}: a client outside");
+        assert_eq!(fx.counter(Verdict::DropNoLocalBackend), 1, "{hook:?}");
+
+        let input = Spec::tcp(CLIENT, 40001, NODE_IP, 30080);
+        let out = fx.run(hook, &input.build()).unwrap();
+        let backend = expected_backend(&backends(), 8080, 40001, 30080, TCP);
+        let want = Spec {
+            daddr: backend,
+            dport: 8080,
+            ..input.clone()
+        }
+        .build();
+        assert_eq!(out.verdict, pass_verdict(hook), "{hook:?}: a pod");
+        assert_eq!(
+            out.frame, want,
+            "{hook:?}: DNAT only, the pod's address kept"
+        );
+        assert_eq!(fx.counter(Verdict::DnatNew), 1, "{hook:?}");
+
+        fx.maps_mut().set_cluster_cidrs(&[]).unwrap();
+        let out = fx
+            .run(hook, &Spec::tcp(CLIENT, 40002, NODE_IP, 30080).build())
+            .unwrap();
+        assert_eq!(out.verdict, drop, "{hook:?}: its range no longer listed");
+        assert_eq!(fx.counter(Verdict::DropNoLocalBackend), 2, "{hook:?}");
+    }
+}
+
 /// The client's affinity entries (one per service it reached), opened on
 /// the fixture's pinned map.
 fn affinity_map(

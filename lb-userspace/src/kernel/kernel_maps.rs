@@ -44,6 +44,7 @@ pub struct KernelMaps {
     pub service_stats: Array<MapData, Counter>,
     pub config: Array<MapData, DatapathConfig>,
     pub source_ranges: LpmTrie<MapData, SourceRange, u32>,
+    pub cluster_cidrs: LpmTrie<MapData, [u8; 4], u32>,
 }
 
 impl KernelMaps {
@@ -57,6 +58,7 @@ impl KernelMaps {
             service_stats: take_map(ebpf, map_names::SERVICE_STATS)?,
             config: take_map(ebpf, map_names::CONFIG)?,
             source_ranges: take_map(ebpf, map_names::SOURCE_RANGES)?,
+            cluster_cidrs: take_map(ebpf, map_names::CLUSTER_CIDRS)?,
         })
     }
 
@@ -68,6 +70,30 @@ impl KernelMaps {
             ..cfg
         };
         self.config.set(0, cfg, 0).context("writing lb_config")
+    }
+
+    /// Makes `lb_cluster_cidrs` hold exactly `cidrs` (sources inside the
+    /// cluster): the new ones are added before the old ones go, so a pod
+    /// covered by both never looks external in between.
+    pub fn set_cluster_cidrs(&mut self, cidrs: &[Prefix]) -> anyhow::Result<()> {
+        let key = |p: &Prefix| Key::new(p.len as u32, p.addr.octets());
+        for p in cidrs {
+            self.cluster_cidrs
+                .insert(&key(p), 1, 0)
+                .with_context(|| format!("writing cluster CIDR {p} to lb_cluster_cidrs"))?;
+        }
+        let held: Vec<Key<[u8; 4]>> = self.cluster_cidrs.keys().filter_map(Result::ok).collect();
+        for k in held {
+            let p = Prefix {
+                addr: std::net::Ipv4Addr::from(k.data()),
+                len: k.prefix_len() as u8,
+            };
+            if !cidrs.contains(&p) {
+                ignore_missing(self.cluster_cidrs.remove(&k))
+                    .with_context(|| format!("removing cluster CIDR {p} from lb_cluster_cidrs"))?;
+            }
+        }
+        Ok(())
     }
 
     /// Packets and bytes per verdict, summed over CPUs.

@@ -175,11 +175,21 @@ pub struct Frontend {
     pub port: u16,
     pub protocol: Protocol,
     pub kind: FrontendKind,
+    /// The in-cluster view of an external frontend whose
+    /// externalTrafficPolicy is Local (`FRONTEND_VIEW_IN_CLUSTER`): pods and
+    /// the node reach it with the internal policy's endpoints, as
+    /// kube-proxy's short-circuit rules do. It belongs to the service port
+    /// of that policy's scope, alongside the ClusterIP.
+    pub in_cluster: bool,
 }
 
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.addr, self.port, self.protocol)
+        write!(f, "{}:{}/{}", self.addr, self.port, self.protocol)?;
+        if self.in_cluster {
+            f.write_str(" (in-cluster)")?;
+        }
+        Ok(())
     }
 }
 

@@ -266,8 +266,8 @@ impl Policies {
         })
     }
 
-    fn scope_of(&self, kind: FrontendKind) -> Scope {
-        if kind.is_external() {
+    fn scope_of(&self, f: &Frontend) -> Scope {
+        if f.kind.is_external() && !f.in_cluster {
             self.external
         } else {
             self.internal
@@ -370,6 +370,7 @@ fn service_ports(
                 port,
                 protocol,
                 kind,
+                in_cluster: false,
             })
         }
         let mut frontends: Vec<Frontend> =
@@ -391,11 +392,25 @@ fn service_ports(
             let np = port_number("nodePort", np).map_err(ServiceError::PortRange)?;
             frontends.extend(at(&node.node_ips, np, protocol, FrontendKind::NodePort));
         }
+        // externalTrafficPolicy Local applies to clients outside the
+        // cluster: pods and the node reach the external frontends through
+        // an in-cluster view with the internal policy's endpoints.
+        if policies.external == Scope::Local {
+            let views: Vec<Frontend> = frontends
+                .iter()
+                .filter(|f| f.kind.is_external())
+                .map(|f| Frontend {
+                    in_cluster: true,
+                    ..*f
+                })
+                .collect();
+            frontends.extend(views);
+        }
         for scope in [Scope::Cluster, Scope::Local] {
             let mut mine: Vec<Frontend> = frontends
                 .iter()
                 .copied()
-                .filter(|f| policies.scope_of(f.kind) == scope)
+                .filter(|f| policies.scope_of(f) == scope)
                 .collect();
             if mine.is_empty() {
                 continue;
@@ -424,10 +439,10 @@ fn service_ports(
         }
     }
     // Two ports of one service may not share a frontend either.
-    let mut all: Vec<(Ipv4Addr, u16, Protocol)> = out
+    let mut all: Vec<(Ipv4Addr, u16, Protocol, bool)> = out
         .iter()
         .flat_map(|p| &p.frontends)
-        .map(|f| (f.addr, f.port, f.protocol))
+        .map(|f| (f.addr, f.port, f.protocol, f.in_cluster))
         .collect();
     all.sort();
     if let Some(w) = all.windows(2).find(|w| w[0] == w[1]) {

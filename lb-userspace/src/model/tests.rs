@@ -258,7 +258,17 @@ fn external_traffic_policy_local_splits_the_port_by_scope() {
     let b = build_yaml(POLICIES);
     assert!(b.rejections.is_empty(), "{:?}", b.rejections);
     let cluster = &b.state.services[&key("shop", "lb", "http", Protocol::Tcp)];
-    assert_eq!(frontends_of(cluster), ["198.19.0.20:80/TCP ClusterIp"]);
+    // With the ClusterIP: the external frontends as pods and the node
+    // reach them (kube-proxy's short-circuit: every endpoint).
+    assert_eq!(
+        frontends_of(cluster),
+        [
+            "198.18.0.2:30100/TCP (in-cluster) NodePort",
+            "198.18.5.1:80/TCP (in-cluster) ExternalIp",
+            "198.18.6.1:80/TCP (in-cluster) LoadBalancer",
+            "198.19.0.20:80/TCP ClusterIp"
+        ]
+    );
     // Every endpoint, local or not (nodeName missing = remote).
     let all: Vec<(String, bool)> = cluster
         .endpoints
@@ -294,7 +304,16 @@ fn external_traffic_policy_local_splits_the_port_by_scope() {
     // Host bits cleared; the IPv6 range is the other family's.
     let ranges: Vec<String> = ext.source_ranges.iter().map(|r| r.to_string()).collect();
     assert_eq!(ranges, ["198.18.0.0/16", "198.18.0.0/24"]);
-    assert!(cluster.source_ranges.is_empty(), "no LB frontend there");
+    let ranges: Vec<String> = cluster
+        .source_ranges
+        .iter()
+        .map(|r| r.to_string())
+        .collect();
+    assert_eq!(
+        ranges,
+        ["198.18.0.0/16", "198.18.0.0/24"],
+        "the LB IP's in-cluster view keeps its source ranges (kube-proxy checks pods too)"
+    );
     assert_eq!(
         ext.key.to_string(),
         "shop/lb:http/TCP/local",

@@ -21,8 +21,8 @@ use std::{
 
 use lb_common::{
     Backend, FrontendKey, MaglevKey, ServiceEntry, BACKEND_F_LOCAL, BACKEND_F_PRESENT,
-    BACKEND_F_TERMINATING, BACKEND_F_USABLE, SERVICE_F_AFFINITY, SERVICE_F_EXTERNAL,
-    SERVICE_F_LOCAL, SERVICE_F_SOURCE_RANGES,
+    BACKEND_F_TERMINATING, BACKEND_F_USABLE, FRONTEND_VIEW_ALL, FRONTEND_VIEW_IN_CLUSTER,
+    SERVICE_F_AFFINITY, SERVICE_F_EXTERNAL, SERVICE_F_LOCAL, SERVICE_F_SOURCE_RANGES,
 };
 
 use super::state::{Record, State, Write};
@@ -404,7 +404,10 @@ pub fn frontend_flags(spec: &ServicePort, f: &Frontend) -> u8 {
     if spec.affinity_timeout_s.is_some() {
         flags |= SERVICE_F_AFFINITY;
     }
-    if f.kind.is_external() {
+    // The in-cluster view is reached like a ClusterIP: no masquerade for
+    // a backend on another node (kube-proxy's short-circuit keeps the pod's
+    // address too).
+    if f.kind.is_external() && !f.in_cluster {
         flags |= SERVICE_F_EXTERNAL;
     }
     // Local with no endpoint anywhere is refused like any service without
@@ -424,6 +427,10 @@ pub fn frontend_key(f: &Frontend) -> FrontendKey {
         addr: f.addr.octets(),
         port: f.port,
         proto: f.protocol.number(),
-        _pad: 0,
+        view: if f.in_cluster {
+            FRONTEND_VIEW_IN_CLUSTER
+        } else {
+            FRONTEND_VIEW_ALL
+        },
     }
 }

@@ -203,13 +203,14 @@ fn policies_become_frontend_and_backend_flags_and_source_ranges() {
     let mut p = Programmer::new(MemoryMaps::default());
     assert!(p.apply(&desired).failed.is_empty());
     let m = p.maps();
-    let flags_of = |addr: [u8; 4], port: u16| {
+    let view_of = |addr: [u8; 4], port: u16, view: u8| {
         m.frontends
             .iter()
-            .find(|(k, _)| k.addr == addr && k.port == port)
+            .find(|(k, _)| k.addr == addr && k.port == port && k.view == view)
             .map(|(_, e)| (e.flags, e.id, e.backend_count))
             .unwrap()
     };
+    let flags_of = |addr: [u8; 4], port: u16| view_of(addr, port, lb_common::FRONTEND_VIEW_ALL);
     let (cip, cluster_id, n) = flags_of([198, 19, 0, 20], 80);
     assert_eq!((cip, n), (0, 3), "ClusterIP: cluster-wide, 3 ready");
     let (np, local_id, n) = flags_of([198, 18, 0, 2], 30100);
@@ -226,18 +227,38 @@ fn policies_become_frontend_and_backend_flags_and_source_ranges() {
         SERVICE_F_EXTERNAL | SERVICE_F_LOCAL,
         "ranges are for LB IPs"
     );
+    // Their in-cluster views lead to the ClusterIP's endpoints, reached
+    // like the ClusterIP (no masquerade); an LB IP's keeps its ranges.
+    let in_cluster = lb_common::FRONTEND_VIEW_IN_CLUSTER;
+    assert_eq!(
+        view_of([198, 18, 0, 2], 30100, in_cluster),
+        (0, cluster_id, 3)
+    );
+    assert_eq!(view_of([198, 18, 5, 1], 80, in_cluster), (0, cluster_id, 3));
+    assert_eq!(
+        view_of([198, 18, 6, 1], 80, in_cluster),
+        (SERVICE_F_SOURCE_RANGES, cluster_id, 3)
+    );
+    assert!(
+        m.frontends.keys().all(|k| k.view == 0
+            || [[198, 18, 0, 2], [198, 18, 5, 1], [198, 18, 6, 1]].contains(&k.addr)),
+        "only external frontends with policy Local have an in-cluster view"
+    );
     let ranges: Vec<String> = m
         .source_ranges
         .iter()
         .map(|(id, r)| format!("{id} {r}"))
         .collect();
-    assert_eq!(
-        ranges,
-        [
-            format!("{local_id} 198.18.0.0/16"),
-            format!("{local_id} 198.18.0.0/24")
-        ]
-    );
+    let mut want = vec![
+        format!("{local_id} 198.18.0.0/16"),
+        format!("{local_id} 198.18.0.0/24"),
+        format!("{cluster_id} 198.18.0.0/16"),
+        format!("{cluster_id} 198.18.0.0/24"),
+    ];
+    want.sort();
+    let mut ranges = ranges;
+    ranges.sort();
+    assert_eq!(ranges, want);
     let local_backends = m
         .backends
         .values()
@@ -250,7 +271,11 @@ fn policies_become_frontend_and_backend_flags_and_source_ranges() {
     let one = include_str!("../testdata/policies.yaml").replace(", \"198.18.7.9/16\"", "");
     let desired = build(&manifest::parse(&one).unwrap().services, &o.slices, &node).state;
     assert!(p.apply(&desired).failed.is_empty());
-    assert_eq!(p.maps().source_ranges.len(), 1);
+    assert_eq!(
+        p.maps().source_ranges.len(),
+        2,
+        "one range left, for both scopes"
+    );
     let log = &p.maps().log;
     let removed = log
         .iter()

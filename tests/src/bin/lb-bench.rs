@@ -66,6 +66,7 @@ fn tcp_service(
             port,
             protocol: Protocol::Tcp,
             kind,
+            in_cluster: false,
         }],
         endpoints: endpoints
             .into_iter()
