@@ -554,6 +554,7 @@ impl Agent {
         if pod_cidrs != self.pod_cidrs {
             info!(node = %self.opts.node.name, cidrs = ?pod_cidrs, "pods of this node (podCIDRs) reach externalTrafficPolicy Local frontends with every endpoint");
             self.pod_cidrs = pod_cidrs;
+            self.write_cluster_cidrs();
         }
         if self.node_ips_given {
             return;

@@ -469,3 +469,51 @@ fn healthz_fails_like_kube_proxys_when_the_api_watch_is_gone_and_recovers() {
     until_status(&w, "/healthz", 200, Duration::from_secs(60));
     assert_eq!(status_get(&w, "/readyz").0, 200);
 }
+
+/// The Node's spec.podCIDRs are inside the cluster: from the API, with no
+/// --cluster-cidr, a pod in them reaches an externalTrafficPolicy Local
+/// NodePort whose endpoints are all on another node (kube-proxy's
+/// short-circuit); once the Node no longer lists that range, the pod is
+/// treated as outside and dropped.
+#[test]
+fn the_nodes_pod_cidrs_make_pods_inside_the_cluster_for_local_policy() {
+    let w = world(3);
+    let node = |cidrs: &str| {
+        format!(
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {NODE_NAME}\n\
+             spec:\n  podCIDRs: [{cidrs}]\n\
+             status:\n  addresses:\n  - {{type: InternalIP, address: \"{NODE_IP}\"}}\n"
+        )
+    };
+    // Pods 1 and 2 serve; pod 3 is the client.
+    let client = w.topo.pods[2].ip;
+    w.api
+        .apply_yaml(&node(&format!("\"{client}/32\", \"fd00:10::/64\"")));
+    let mut svc = Svc::web(vec![
+        Endpoint::ready(pod_ip(1)).on("node-b"),
+        Endpoint::ready(pod_ip(2)).on("node-b"),
+    ]);
+    svc.extra.external_traffic_policy = Some("Local");
+    w.api.apply_yaml(&yaml(&[svc]));
+    let agent = w.agent();
+    let pod = &w.topo.pods[2].ns;
+    let reach = || pod.run(|| tcp_who(node_port())).unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    let served = loop {
+        match reach() {
+            Ok(a) => break a,
+            Err(e) => assert!(Instant::now() < deadline, "the pod is not served: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(*served.peer.ip(), client, "the pod's address is kept");
+    let logs = agent.logs().join("\n");
+    assert!(logs.contains("podCIDRs"), "{logs}");
+
+    w.api.apply_yaml(&node("\"198.18.200.0/24\""));
+    let deadline = Instant::now() + PATIENCE;
+    while reach().is_ok() {
+        assert!(Instant::now() < deadline, "the pod is still served");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
