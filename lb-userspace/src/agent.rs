@@ -556,6 +556,19 @@ impl Agent {
             self.pod_cidrs = pod_cidrs;
             self.write_cluster_cidrs();
         }
+        let zone = node
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(ZONE_LABEL))
+            .filter(|z| !z.is_empty())
+            .cloned();
+        if zone != self.catalog.node().zone {
+            info!(node = %self.opts.node.name, ?zone, "this node's zone (topology hints)");
+            let mut cfg = self.catalog.node().clone();
+            cfg.zone = zone;
+            self.catalog.set_node(cfg);
+        }
         if self.node_ips_given {
             return;
         }
@@ -765,6 +778,9 @@ impl Agent {
         }
     }
 }
+
+/// The Node label EndpointSlice zone hints name.
+const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 /// IPv4 spec.podCIDRs (else spec.podCIDR) of a Node.
 fn pod_cidrs(node: &Node) -> Vec<Prefix> {

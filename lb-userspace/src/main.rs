@@ -222,6 +222,7 @@ fn main() -> ExitCode {
                     service_proxy_name,
                     service_cidrs,
                     external_ips,
+                    zone: None,
                 },
                 pin_dir,
                 cgroup,

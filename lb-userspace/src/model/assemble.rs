@@ -80,7 +80,7 @@ pub fn build_service(svc: &Service, slices: &[ValidSlice], node: &NodeConfig) ->
             let ports = ports
                 .into_iter()
                 .map(|mut port| {
-                    let all = endpoints_for(&port.key, slices, &node.name);
+                    let all = endpoints_for(&port.key, slices, &node.name, node.zone.as_deref());
                     local_ready.extend(all.iter().filter(|e| e.local && e.ready).map(|e| e.addr));
                     port.endpoints = all.clone();
                     port.endpoints_anywhere = !port.usable_endpoints().is_empty();

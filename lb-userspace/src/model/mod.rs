@@ -203,6 +203,64 @@ pub struct Endpoint {
     pub terminating: bool,
     /// On this node (`nodeName` equals `--node-name`).
     pub local: bool,
+    /// What the EndpointSlice's hints say about this node.
+    pub hints: Hints,
+}
+
+/// An endpoint's topology hints (`hints.forNodes`, `hints.forZones`, set by
+/// the EndpointSlice controller for `trafficDistribution: PreferSameNode`
+/// / `PreferClose` and the topology-mode annotation) as seen from this node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Hints {
+    pub node: Hint,
+    pub zone: Hint,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Hint {
+    /// No hint of this kind.
+    #[default]
+    Absent,
+    /// Hinted for this node (or this node's zone).
+    Here,
+    /// Hinted only for others (or this node's zone is not known).
+    Elsewhere,
+}
+
+/// Which hints a service port's cluster-wide endpoints follow, decided as
+/// kube-proxy's `topologyModeFromHints` does: node hints if every ready
+/// endpoint has one and one is for this node, else zone hints likewise,
+/// else none (every ready endpoint).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Topology {
+    SameNode,
+    SameZone,
+    Anywhere,
+}
+
+impl Topology {
+    pub fn of(ready: &[Endpoint]) -> Topology {
+        let follows = |hint: fn(&Endpoint) -> Hint| {
+            !ready.is_empty()
+                && ready.iter().all(|e| hint(e) != Hint::Absent)
+                && ready.iter().any(|e| hint(e) == Hint::Here)
+        };
+        if follows(|e| e.hints.node) {
+            Topology::SameNode
+        } else if follows(|e| e.hints.zone) {
+            Topology::SameZone
+        } else {
+            Topology::Anywhere
+        }
+    }
+
+    fn admits(self, e: &Endpoint) -> bool {
+        match self {
+            Topology::SameNode => e.hints.node == Hint::Here,
+            Topology::SameZone => e.hints.zone == Hint::Here,
+            Topology::Anywhere => true,
+        }
+    }
 }
 
 impl Endpoint {
@@ -233,12 +291,18 @@ pub struct ServicePort {
 }
 
 impl ServicePort {
-    /// Endpoints that take new flows: the ready ones; when none is ready,
-    /// the serving and terminating ones (kube-proxy's fallback, KEP-1669).
+    /// Endpoints that take new flows: the ready ones (for scope Cluster,
+    /// those the topology hints give this node, see `Topology`); when none
+    /// is ready, the serving and terminating ones (kube-proxy's fallback,
+    /// KEP-1669).
     pub fn usable_endpoints(&self) -> Vec<Endpoint> {
         let ready: Vec<Endpoint> = self.endpoints.iter().copied().filter(|e| e.ready).collect();
         if !ready.is_empty() {
-            return ready;
+            if self.key.scope == Scope::Local {
+                return ready;
+            }
+            let topology = Topology::of(&ready);
+            return ready.into_iter().filter(|e| topology.admits(e)).collect();
         }
         self.endpoints
             .iter()
@@ -295,6 +359,9 @@ pub struct NodeConfig {
     pub service_cidrs: Vec<Prefix>,
     /// `--external-ips`: which externalIPs are programmed.
     pub external_ips: ExternalIpPolicy,
+    /// This node's `topology.kubernetes.io/zone` label (from the API), for
+    /// zone hints.
+    pub zone: Option<String>,
 }
 
 /// Which `spec.externalIPs` are programmed. Anyone who may create a

@@ -6,7 +6,8 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::{
-    port_number, Endpoint, ObjectKey, Protocol, Rejection, ServicePortKey, SERVICE_NAME_LABEL,
+    port_number, Endpoint, Hint, Hints, ObjectKey, Protocol, Rejection, ServicePortKey,
+    SERVICE_NAME_LABEL,
 };
 
 fn slice_name(s: &EndpointSlice) -> String {
@@ -25,8 +26,48 @@ pub struct ValidSlice {
     service: String,
     /// (port name, protocol) -> target port.
     ports: BTreeMap<(String, Protocol), u16>,
-    /// Address, conditions, nodeName.
-    endpoints: Vec<(Ipv4Addr, Conditions, Option<String>)>,
+    /// Address, conditions, nodeName, hints.
+    endpoints: Vec<(Ipv4Addr, Conditions, Option<String>, SliceHints)>,
+}
+
+/// `hints.forNodes` and `hints.forZones` of an endpoint (names).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct SliceHints {
+    nodes: Vec<String>,
+    zones: Vec<String>,
+}
+
+impl SliceHints {
+    fn of(e: &k8s_openapi::api::discovery::v1::Endpoint) -> SliceHints {
+        let h = e.hints.as_ref();
+        SliceHints {
+            nodes: h
+                .and_then(|h| h.for_nodes.as_ref())
+                .map(|v| v.iter().map(|n| n.name.clone()).collect())
+                .unwrap_or_default(),
+            zones: h
+                .and_then(|h| h.for_zones.as_ref())
+                .map(|v| v.iter().map(|z| z.name.clone()).collect())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// As seen from `node` in `zone`.
+    fn seen_from(&self, node: &str, zone: Option<&str>) -> Hints {
+        let hint = |names: &[String], here: Option<&str>| {
+            if names.is_empty() {
+                Hint::Absent
+            } else if here.is_some_and(|h| names.iter().any(|n| n == h)) {
+                Hint::Here
+            } else {
+                Hint::Elsewhere
+            }
+        };
+        Hints {
+            node: hint(&self.nodes, Some(node).filter(|n| !n.is_empty())),
+            zone: hint(&self.zones, zone),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,7 +138,7 @@ fn check_slice(slice: &EndpointSlice) -> Result<Option<ValidSlice>, String> {
             let addr: Ipv4Addr = a
                 .parse()
                 .map_err(|_| format!("endpoint address {a:?} is not an IPv4 address"))?;
-            endpoints.push((addr, conditions, e.node_name.clone()));
+            endpoints.push((addr, conditions, e.node_name.clone(), SliceHints::of(e)));
         }
     }
     Ok(Some(ValidSlice {
@@ -117,13 +158,14 @@ pub(super) fn endpoints_for(
     key: &ServicePortKey,
     slices: &[ValidSlice],
     node_name: &str,
+    zone: Option<&str>,
 ) -> Vec<Endpoint> {
     let mut merged: BTreeMap<(Ipv4Addr, u16), Endpoint> = BTreeMap::new();
     for s in slices {
         let Some(&port) = s.ports.get(&(key.port_name.clone(), key.protocol)) else {
             continue;
         };
-        for (addr, c, node) in &s.endpoints {
+        for (addr, c, node, hints) in &s.endpoints {
             let local = !node_name.is_empty() && node.as_deref() == Some(node_name);
             let e = merged.entry((*addr, port)).or_insert(Endpoint {
                 addr: *addr,
@@ -132,6 +174,7 @@ pub(super) fn endpoints_for(
                 serving: c.serving,
                 terminating: c.terminating,
                 local,
+                hints: hints.seen_from(node_name, zone),
             });
             e.ready |= c.ready;
             e.serving |= c.serving;

@@ -518,3 +518,147 @@ fn only_an_endpoints_first_address_is_used_as_kube_proxy_does() {
     let addrs: Vec<String> = http.endpoints.iter().map(|e| e.addr.to_string()).collect();
     assert_eq!(addrs, ["198.18.1.11", "198.18.1.12", "198.18.1.13"]);
 }
+
+/// A ClusterIP Service whose slice lists `endpoints` (address, ready,
+/// zones hinted, nodes hinted), built on node-a in `zone`.
+fn hinted(
+    endpoints: &[(&str, bool, &[&str], &[&str])],
+    zone: Option<&str>,
+    local: bool,
+) -> Vec<String> {
+    let mut yaml = String::from(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: demo}\n\
+         spec:\n  clusterIP: 198.19.0.30\n",
+    );
+    if local {
+        yaml += "  internalTrafficPolicy: Local\n";
+    }
+    yaml += "  trafficDistribution: PreferClose\n  ports: [{protocol: TCP, port: 80, targetPort: 8080}]\n\
+             ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {name: web-1, namespace: demo, labels: {kubernetes.io/service-name: web}}\n\
+             addressType: IPv4\nports: [{protocol: TCP, port: 8080}]\nendpoints:\n";
+    for (addr, ready, zones, nodes) in endpoints {
+        yaml += &format!(
+            "- addresses: [{addr}]\n  nodeName: node-a\n  conditions: {{ready: {ready}}}\n"
+        );
+        if !zones.is_empty() || !nodes.is_empty() {
+            let list = |v: &[&str]| {
+                v.iter()
+                    .map(|n| format!("{{name: {n}}}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            yaml += &format!(
+                "  hints: {{forZones: [{}], forNodes: [{}]}}\n",
+                list(zones),
+                list(nodes)
+            );
+        }
+    }
+    let o = manifest::parse(&yaml).expect("valid YAML");
+    let node = NodeConfig {
+        zone: zone.map(String::from),
+        ..node()
+    };
+    let b = build(&o.services, &o.slices, &node);
+    assert!(b.rejections.is_empty(), "{:?}", b.rejections);
+    let sp = b.state.services.values().next().expect("one service port");
+    sp.usable_endpoints()
+        .iter()
+        .map(|e| e.addr.to_string())
+        .collect()
+}
+
+/// kube-proxy's CategorizeEndpoints / topologyModeFromHints
+/// (pkg/proxy/topology.go), case by case.
+#[test]
+fn topology_hints_choose_endpoints_as_kube_proxy_does() {
+    const A: &str = "198.18.1.1";
+    const B: &str = "198.18.1.2";
+    const C: &str = "198.18.1.3";
+    let z1 = Some("z1");
+    // Every ready endpoint hinted, one for this zone: only those.
+    assert_eq!(
+        hinted(
+            &[
+                (A, true, &["z1"], &[]),
+                (B, true, &["z2"], &[]),
+                (C, true, &["z1"], &[])
+            ],
+            z1,
+            false
+        ),
+        [A, C]
+    );
+    // One ready endpoint without a hint: no topology.
+    assert_eq!(
+        hinted(&[(A, true, &["z1"], &[]), (B, true, &[], &[])], z1, false),
+        [A, B]
+    );
+    // An unready endpoint without a hint does not count.
+    assert_eq!(
+        hinted(
+            &[
+                (A, true, &["z1"], &[]),
+                (B, false, &[], &[]),
+                (C, true, &["z2"], &[])
+            ],
+            z1,
+            false
+        ),
+        [A]
+    );
+    // None for this zone: every endpoint.
+    assert_eq!(
+        hinted(
+            &[(A, true, &["z2"], &[]), (B, true, &["z3"], &[])],
+            z1,
+            false
+        ),
+        [A, B]
+    );
+    // This node's zone unknown (no label): every endpoint.
+    assert_eq!(
+        hinted(
+            &[(A, true, &["z1"], &[]), (B, true, &["z2"], &[])],
+            None,
+            false
+        ),
+        [A, B]
+    );
+    // Node hints (PreferSameNode) come first when every ready endpoint has one.
+    assert_eq!(
+        hinted(
+            &[
+                (A, true, &["z1"], &["node-a"]),
+                (B, true, &["z1"], &["node-b"])
+            ],
+            z1,
+            false
+        ),
+        [A]
+    );
+    // Node hints, none for this node: zone hints decide.
+    assert_eq!(
+        hinted(
+            &[
+                (A, true, &["z2"], &["node-c"]),
+                (B, true, &["z1"], &["node-b"])
+            ],
+            z1,
+            false
+        ),
+        [B]
+    );
+    // No endpoint ready (none serving either): nothing to use.
+    assert!(hinted(&[(A, false, &["z2"], &[])], z1, false).is_empty());
+    // Traffic policy Local: hints do not apply (local endpoints only).
+    assert_eq!(
+        hinted(
+            &[(A, true, &["z2"], &[]), (B, true, &["z1"], &[])],
+            z1,
+            true
+        ),
+        [A, B]
+    );
+}

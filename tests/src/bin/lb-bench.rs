@@ -77,6 +77,7 @@ fn tcp_service(
                 serving: true,
                 terminating: false,
                 local,
+                hints: Default::default(),
             })
             .collect(),
         affinity_timeout_s: None,
