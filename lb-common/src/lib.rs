@@ -33,7 +33,9 @@ pub mod map_names {
     pub const SOCK_REVERSE: &str = "lb_sock_rev";
     /// Sources inside the cluster (pod CIDRs): see `FRONTEND_VIEW_IN_CLUSTER`.
     pub const CLUSTER_CIDRS: &str = "lb_cluster_cidrs";
-    pub const ALL: [&str; 17] = [
+    /// Service-port names, for `lb services` and friends.
+    pub const SERVICE_NAMES: &str = "lb_svc_names";
+    pub const ALL: [&str; 18] = [
         FRONTENDS,
         BACKENDS,
         MAGLEV,
@@ -51,6 +53,7 @@ pub mod map_names {
         SOURCE_RANGES,
         SOCK_REVERSE,
         CLUSTER_CIDRS,
+        SERVICE_NAMES,
     ];
 }
 
@@ -643,6 +646,43 @@ const _: () = {
     assert!(core::mem::size_of::<RejectLimit>() == 16);
 };
 
+/// Value of `lb_svc_names` (HASH keyed by service id, allocated per
+/// entry): a service port's name (`namespace/name:port/PROTO[/local]`),
+/// UTF-8, NUL-padded. The agent writes it so that `lb services` and the
+/// other inspection commands show names from the pins alone, with or
+/// without a running agent; no program reads it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceName {
+    pub bytes: [u8; SERVICE_NAME_LEN],
+}
+
+/// Bytes of a `ServiceName`: a namespace (63) and a name (63) alone could
+/// take more, so a longer name is cut (at a character boundary).
+pub const SERVICE_NAME_LEN: usize = 128;
+
+impl ServiceName {
+    pub fn new(name: &str) -> ServiceName {
+        let mut end = name.len().min(SERVICE_NAME_LEN);
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut bytes = [0; SERVICE_NAME_LEN];
+        bytes[..end].copy_from_slice(&name.as_bytes()[..end]);
+        ServiceName { bytes }
+    }
+
+    /// The name, up to the first NUL (empty if it is not UTF-8).
+    pub fn as_str(&self) -> &str {
+        let end = self
+            .bytes
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(SERVICE_NAME_LEN);
+        core::str::from_utf8(&self.bytes[..end]).unwrap_or("")
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: each type is repr(C), Copy, has explicit padding fields and no
@@ -663,4 +703,5 @@ mod pod {
     unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::FragPorts {}
     unsafe impl aya::Pod for super::RejectLimit {}
+    unsafe impl aya::Pod for super::ServiceName {}
 }

@@ -9,7 +9,7 @@ use lb_common::{
     ct_stat, AffinityEntry, AffinityKey, Backend, ConntrackEntry, Counter, DatapathConfig, FlowKey,
     FragKey, FragPorts, FrontendKey, MaglevKey, RejectLimit, ServiceEntry, SockReverseEntry, SockReverseKey,
     SourceRange, CT_DEFAULT_ENTRIES, MAGLEV_INNER_FLAGS, MAX_AFFINITY, MAX_BACKENDS, MAX_FRAGS,
-    MAX_FRONTENDS, MAX_MAGLEV_TABLES, MAX_SERVICES, MAX_SOCK_REVERSE, MAX_SOURCE_RANGES, MAX_CLUSTER_CIDRS, VERDICT_COUNT,
+    MAX_FRONTENDS, MAX_MAGLEV_TABLES, MAX_SERVICES, MAX_SOCK_REVERSE, MAX_SOURCE_RANGES, MAX_CLUSTER_CIDRS, ServiceName, VERDICT_COUNT,
 };
 
 /// (address, port, protocol) -> service port.
@@ -93,6 +93,12 @@ pub static SOURCE_RANGES: LpmTrie<SourceRange, u32, { MAX_SOURCE_RANGES as usize
 /// Sources inside the cluster: prefix (address as the trie's data) -> 1.
 #[btf_map(name = "lb_cluster_cidrs")]
 pub static CLUSTER_CIDRS: LpmTrie<[u8; 4], u32, { MAX_CLUSTER_CIDRS as usize }> = LpmTrie::new();
+
+/// Service-port names (`lb_common::ServiceName`), written by the agent for
+/// the inspection commands; no program reads it. BPF_F_NO_PREALLOC (1):
+/// memory only for the names in use.
+#[btf_map(name = "lb_svc_names")]
+pub static SERVICE_NAMES: HashMap<u32, ServiceName, { MAX_SERVICES as usize }, 1> = HashMap::new();
 
 /// Sockets the cgroup hooks translated: (cookie, backend) -> frontend.
 #[btf_map(name = "lb_sock_rev")]

@@ -9,7 +9,7 @@
 //! updates touched; the programmer writes the service ports that changed.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::Arc,
@@ -225,6 +225,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         snat_addr: None,
         pod_cidrs: Vec::new(),
         cidrs_written: None,
+        named: HashMap::new(),
+        names_written: false,
         snat_seed: system::random_u32(),
         pending_since: None,
         opts,
@@ -287,6 +289,10 @@ struct Agent {
     pod_cidrs: Vec<Prefix>,
     /// What lb_cluster_cidrs holds, once written.
     cidrs_written: Option<Vec<Prefix>>,
+    /// The names written to lb_svc_names, by service port.
+    named: HashMap<ServicePortKey, u32>,
+    /// lb_svc_names was written in full once.
+    names_written: bool,
     /// This run's secret for the first SNAT port a flow tries.
     snat_seed: u32,
     /// When the oldest update not yet programmed arrived.
@@ -673,6 +679,7 @@ impl Agent {
     /// Logs, metrics and health after the maps were written.
     fn after_apply(&mut self, report: &Report) {
         log_report(&self.programmer, &self.catalog, report);
+        self.write_service_names(report);
         self.mark_caught_up();
         let m = &self.status.metrics;
         m.services.set(self.programmer.service_count() as i64);
@@ -693,6 +700,77 @@ impl Agent {
             if let Some(id) = self.programmer.service_id(key) {
                 names.insert(id, key.clone());
             }
+        }
+    }
+
+    /// `lb_svc_names`: every programmed service port's name, by id. The
+    /// first time in full (a previous agent, perhaps one that wrote no
+    /// names, left the map), then only the service ports the report
+    /// touched, so a sync costs what its change costs. Names are for
+    /// people: a failed write is logged, not retried.
+    fn write_service_names(&mut self, report: &Report) {
+        let keys: Vec<ServicePortKey> = if self.names_written {
+            report
+                .diff
+                .removed
+                .iter()
+                .chain(report.failed.iter().map(|(k, _)| k))
+                .chain(&report.diff.added)
+                .chain(&report.diff.changed)
+                .cloned()
+                .collect()
+        } else {
+            self.programmer
+                .programmed()
+                .map(|(k, _)| k.clone())
+                .collect()
+        };
+        let mut unname: Vec<u32> = Vec::new();
+        let mut name: Vec<(ServicePortKey, u32)> = Vec::new();
+        for key in keys {
+            let now = self.programmer.service_id(&key);
+            let before = self.named.get(&key).copied();
+            if now == before {
+                continue;
+            }
+            if let Some(old) = before {
+                self.named.remove(&key);
+                unname.push(old);
+            }
+            if let Some(id) = now {
+                name.push((key, id));
+            }
+        }
+        if !self.names_written {
+            let programmed: BTreeSet<u32> =
+                self.programmer.programmed().map(|(_, id)| id).collect();
+            unname.extend(
+                self.programmer
+                    .maps()
+                    .named_services()
+                    .into_iter()
+                    .filter(|id| !programmed.contains(id)),
+            );
+            self.names_written = true;
+        }
+        // Removals first: an id freed by one service port may be another's.
+        let maps = self.programmer.maps_mut();
+        let mut failed = None;
+        for id in unname {
+            if let Err(e) = maps.remove_service_name(id) {
+                failed = Some(e);
+            }
+        }
+        for (key, id) in name {
+            match maps.set_service_name(id, &key.to_string()) {
+                Ok(()) => {
+                    self.named.insert(key, id);
+                }
+                Err(e) => failed = Some(e),
+            }
+        }
+        if let Some(e) = failed {
+            warn!("service names for `lb services` may be stale: {e:#}");
         }
     }
 

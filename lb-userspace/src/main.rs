@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use lb_common::{map_names, Counter, Verdict};
 use lb_userspace::{
     agent::{self, parse_node_ip, RunOptions, SourceOptions, DEFAULT_PIN_DIR},
+    inspect::{flows, services, Output},
     kernel::interfaces::XdpIface,
     kernel::probes::TcAttach,
     model::{ExternalIpPolicy, NodeConfig, Prefix},
@@ -162,6 +163,48 @@ enum Command {
         #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf")]
         bpffs: PathBuf,
     },
+    /// List the service ports the maps hold: name, id, usable/all
+    /// backends, Maglev table size, packets, frontends (read from the pins:
+    /// works with or without a running agent).
+    Services {
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// One service port's backends: state (usable, terminating, local) and
+    /// share of its Maglev table. SERVICE: an id, a full name
+    /// (demo/web:http/TCP), or namespace/name for a single-port Service.
+    Backends {
+        service: String,
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// How one service port's Maglev table divides among its backends.
+    Maglev {
+        service: String,
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// The translated flows in the conntrack tables: client, frontend,
+    /// backend, the source the backend sees, TCP state, idle time.
+    Conntrack {
+        /// Only this service: an id, a service port's name, or
+        /// namespace/name (all its ports).
+        #[arg(long)]
+        service: Option<String>,
+        /// Only flows from this client address.
+        #[arg(long)]
+        client: Option<Ipv4Addr>,
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
     /// Print the datapath's packet counters per verdict, from the pinned maps
     /// of a running agent.
     Stats {
@@ -243,6 +286,33 @@ fn main() -> ExitCode {
                 .and_then(|rt| rt.block_on(agent::run(opts)))
         }
         Command::Stats { pin_dir } => print_stats(&pin_dir),
+        Command::Services { pin_dir, output } => services::read(&pin_dir)
+            .and_then(|all| services::render_services(&all, output))
+            .map(|s| print!("{s}")),
+        Command::Backends {
+            service,
+            pin_dir,
+            output,
+        } => services::read(&pin_dir)
+            .and_then(|all| services::find(all, &service))
+            .and_then(|sp| services::with_slots(&pin_dir, sp))
+            .and_then(|sp| services::render_backends(&sp, output))
+            .map(|s| print!("{s}")),
+        Command::Maglev {
+            service,
+            pin_dir,
+            output,
+        } => services::read(&pin_dir)
+            .and_then(|all| services::find(all, &service))
+            .and_then(|sp| services::with_slots(&pin_dir, sp))
+            .and_then(|sp| services::render_maglev(&sp, output))
+            .map(|s| print!("{s}")),
+        Command::Conntrack {
+            service,
+            client,
+            pin_dir,
+            output,
+        } => print_conntrack(&pin_dir, service.as_deref(), client, output),
         Command::Status { pin_dir } => {
             lb_userspace::inspect::status(&pin_dir).map(|report| print!("{report}"))
         }
@@ -273,6 +343,26 @@ fn parse_http_addr(s: &str) -> Result<HttpAddr, String> {
     s.parse()
         .map(|a| HttpAddr(Some(a)))
         .map_err(|_| format!("{s:?} is not an address:port (or \"off\")"))
+}
+
+fn print_conntrack(
+    pin_dir: &std::path::Path,
+    service: Option<&str>,
+    client: Option<Ipv4Addr>,
+    output: Output,
+) -> anyhow::Result<()> {
+    let all = services::read(pin_dir)?;
+    let filter = flows::Filter {
+        services: match service {
+            Some(s) => flows::Filter::services(&all, s)?,
+            None => Default::default(),
+        },
+        client,
+    };
+    let names = all.into_iter().map(|s| (s.id, s.name)).collect();
+    let found = flows::read(pin_dir, &names, &filter)?;
+    print!("{}", flows::render(&found, output)?);
+    Ok(())
 }
 
 fn print_stats(pin_dir: &std::path::Path) -> anyhow::Result<()> {

@@ -219,6 +219,30 @@ impl Agent {
         .expect("lb status")
     }
 
+    /// `lb ARGS --pin-dir <this agent's>` (the inspection commands), its
+    /// standard output; panics if it fails.
+    pub fn inspect(&self, args: &[&str]) -> String {
+        crate::netns::sh(
+            Command::new(lb_bin())
+                .args(args)
+                .arg("--pin-dir")
+                .arg(&self.pin_dir),
+        )
+        .unwrap_or_else(|e| panic!("lb {args:?}: {e:#}"))
+    }
+
+    /// `inspect` expected to fail: its error output.
+    pub fn inspect_fails(&self, args: &[&str]) -> String {
+        let out = Command::new(lb_bin())
+            .args(args)
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .output()
+            .expect("running lb");
+        assert!(!out.status.success(), "lb {args:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
     /// The running agent's process id.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)

@@ -14,8 +14,9 @@ use aya::{
     Ebpf,
 };
 use lb_common::{
-    map_names, Backend, Counter, DatapathConfig, FrontendKey, MaglevKey, ServiceEntry, SourceRange,
-    Verdict, BACKEND_F_PRESENT, LAYOUT_VERSION, MAGLEV_INNER_FLAGS, SOURCE_RANGE_ALLOW,
+    map_names, Backend, Counter, DatapathConfig, FrontendKey, MaglevKey, ServiceEntry, ServiceName,
+    SourceRange, Verdict, BACKEND_F_PRESENT, LAYOUT_VERSION, MAGLEV_INNER_FLAGS,
+    SOURCE_RANGE_ALLOW,
 };
 
 use crate::{
@@ -45,6 +46,7 @@ pub struct KernelMaps {
     pub config: Array<MapData, DatapathConfig>,
     pub source_ranges: LpmTrie<MapData, SourceRange, u32>,
     pub cluster_cidrs: LpmTrie<MapData, [u8; 4], u32>,
+    pub service_names: HashMap<MapData, u32, ServiceName>,
 }
 
 impl KernelMaps {
@@ -59,6 +61,7 @@ impl KernelMaps {
             config: take_map(ebpf, map_names::CONFIG)?,
             source_ranges: take_map(ebpf, map_names::SOURCE_RANGES)?,
             cluster_cidrs: take_map(ebpf, map_names::CLUSTER_CIDRS)?,
+            service_names: take_map(ebpf, map_names::SERVICE_NAMES)?,
         })
     }
 
@@ -94,6 +97,23 @@ impl KernelMaps {
             }
         }
         Ok(())
+    }
+
+    /// Names service id `id` for the inspection commands.
+    pub fn set_service_name(&mut self, id: u32, name: &str) -> anyhow::Result<()> {
+        self.service_names
+            .insert(id, ServiceName::new(name), 0)
+            .with_context(|| format!("writing the name of service {id} to lb_svc_names"))
+    }
+
+    pub fn remove_service_name(&mut self, id: u32) -> anyhow::Result<()> {
+        ignore_missing(self.service_names.remove(&id))
+            .with_context(|| format!("removing the name of service {id} from lb_svc_names"))
+    }
+
+    /// Service ids that have a name.
+    pub fn named_services(&self) -> Vec<u32> {
+        self.service_names.keys().filter_map(Result::ok).collect()
     }
 
     /// Packets and bytes per verdict, summed over CPUs.

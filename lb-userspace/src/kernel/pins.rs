@@ -135,6 +135,22 @@ fn pinned_layout_version(pin_dir: &Path) -> anyhow::Result<u32> {
     Ok(config.get(&0, 0)?.layout_version)
 }
 
+/// The pinned map `name` under `dir`, typed; the error says which agent's
+/// pins were looked for.
+pub fn open_pinned<T>(dir: &Path, name: &str) -> anyhow::Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot open {} ({e}); has an lb agent run with this --pin-dir?",
+            path.display()
+        )
+    })?;
+    Ok(T::try_from(aya::maps::Map::from_map_data(data)?)?)
+}
+
 /// Removes the pinned maps (the kernel frees each once no program uses it).
 pub fn remove_maps(pin_dir: &Path) -> io::Result<()> {
     for name in map_names::ALL {

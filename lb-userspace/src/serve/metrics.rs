@@ -408,8 +408,7 @@ fn open<T>(dir: &Path, name: &str) -> anyhow::Result<T>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
-    let data = MapData::from_pin(dir.join(name))?;
-    Ok(T::try_from(aya::maps::Map::from_map_data(data)?)?)
+    crate::kernel::pins::open_pinned(dir, name)
 }
 
 /// `<prefix>_packets_total` and `<prefix>_bytes_total`, one sample per row.
