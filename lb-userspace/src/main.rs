@@ -101,6 +101,11 @@ enum Command {
         /// does. The Node's podCIDRs are always included (from the API).
         #[arg(long = "cluster-cidr", value_name = "CIDR", value_delimiter = ',')]
         cluster_cidrs: Vec<Prefix>,
+        /// With --cgroup, NodePorts also answer on 127.0.0.1 for the node's
+        /// own sockets (kube-proxy's iptables mode does; its
+        /// --iptables-localhost-nodeports=false is `false` here).
+        #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+        localhost_nodeports: bool,
         /// Which spec.externalIPs to program (CVE-2020-8554): allow (all,
         /// as kube-proxy), restricted (not the node's addresses, the
         /// service CIDRs, loopback, link-local or multicast), deny (none).
@@ -240,6 +245,7 @@ fn main() -> ExitCode {
             service_proxy_name,
             service_cidrs,
             cluster_cidrs,
+            localhost_nodeports,
             external_ips,
             cleanup_on_exit,
             http_addr,
@@ -266,6 +272,7 @@ fn main() -> ExitCode {
                     service_cidrs,
                     external_ips,
                     zone: None,
+                    localhost_nodeports: cgroup.is_some() && localhost_nodeports,
                 },
                 pin_dir,
                 cgroup,

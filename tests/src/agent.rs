@@ -76,6 +76,11 @@ impl Agent {
         self.start_again(args)
     }
 
+    /// The arguments `lb run` was started with.
+    pub fn args(&self) -> Vec<String> {
+        self.args.clone()
+    }
+
     /// Starts a stopped agent again (see `restart`).
     pub fn start_again(&mut self, args: Option<Vec<String>>) -> anyhow::Result<()> {
         anyhow::ensure!(self.child.is_none(), "the agent is still running");

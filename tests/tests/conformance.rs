@@ -501,3 +501,28 @@ fn external_traffic_policy_local_lets_the_nodes_own_sockets_reach_every_endpoint
     assert!(out.contains("PROBE peer 198.18.0.2:30080"), "{out}");
     assert!(out.contains("PROBE who pod-"), "{out}");
 }
+
+/// NodePorts answer on 127.0.0.1 for the node's own sockets (kube-proxy's
+/// iptables mode accepts localhost NodePorts by default; here through the
+/// socket hooks), and not with `--localhost-nodeports false`.
+#[test]
+fn node_ports_answer_on_localhost_for_the_nodes_own_sockets() {
+    let w = World::new(2);
+    let config = ConfigFile::new(&yaml(&[w.web()])).unwrap();
+    let cg = lb_tests::cgroup::Cgroup::new().unwrap();
+    let cgroup = ["--cgroup".to_string(), cg.path.display().to_string()];
+    let localhost = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 30080);
+    let mut agent = Agent::start_with(&w.topo, &config.path, &cgroup).unwrap();
+    let out = cg.probe(&w.topo.node, Some(localhost), None).unwrap();
+    assert!(out.contains("PROBE peer 127.0.0.1:30080"), "{out}");
+    assert!(out.contains("PROBE who pod-"), "{out}");
+
+    let mut off = agent.args();
+    off.extend(["--localhost-nodeports".to_string(), "false".to_string()]);
+    agent.restart(Some(off)).unwrap();
+    let out = cg.probe(&w.topo.node, Some(localhost), None);
+    assert!(
+        out.as_ref().map_or(true, |o| !o.contains("PROBE who pod-")),
+        "{out:?}"
+    );
+}

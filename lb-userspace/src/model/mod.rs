@@ -362,6 +362,9 @@ pub struct NodeConfig {
     /// This node's `topology.kubernetes.io/zone` label (from the API), for
     /// zone hints.
     pub zone: Option<String>,
+    /// NodePorts also answer on 127.0.0.1 (the node's own sockets, through
+    /// the socket hooks: `--cgroup`), as kube-proxy's iptables mode does.
+    pub localhost_nodeports: bool,
 }
 
 /// Which `spec.externalIPs` are programmed. Anyone who may create a

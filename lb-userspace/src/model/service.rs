@@ -391,6 +391,14 @@ fn service_ports(
         if let Some(np) = p.node_port.filter(|_| addrs.node_ports) {
             let np = port_number("nodePort", np).map_err(ServiceError::PortRange)?;
             frontends.extend(at(&node.node_ips, np, protocol, FrontendKind::NodePort));
+            if node.localhost_nodeports {
+                frontends.extend(at(
+                    &[Ipv4Addr::LOCALHOST],
+                    np,
+                    protocol,
+                    FrontendKind::NodePort,
+                ));
+            }
         }
         // externalTrafficPolicy Local applies to clients outside the
         // cluster: pods and the node reach the external frontends through
