@@ -300,18 +300,14 @@ fn main() -> ExitCode {
             service,
             pin_dir,
             output,
-        } => services::read(&pin_dir)
-            .and_then(|all| services::find(all, &service))
-            .and_then(|sp| services::with_slots(&pin_dir, sp))
+        } => services::one(&pin_dir, &service)
             .and_then(|sp| services::render_backends(&sp, output))
             .map(|s| print!("{s}")),
         Command::Maglev {
             service,
             pin_dir,
             output,
-        } => services::read(&pin_dir)
-            .and_then(|all| services::find(all, &service))
-            .and_then(|sp| services::with_slots(&pin_dir, sp))
+        } => services::one(&pin_dir, &service)
             .and_then(|sp| services::render_maglev(&sp, output))
             .map(|s| print!("{s}")),
         Command::Conntrack {

@@ -437,6 +437,20 @@ fn should_follow_ports_added_and_deleted() {
     assert_eq!(who(w.client_pod(), cluster_ip(&one, 80)), "pod-1");
 }
 
+/// `web` with externalTrafficPolicy Local, every endpoint on another node
+/// (as the EndpointSlice says; the pods are this node's, so the datapath
+/// reaches them all the same).
+fn local_policy_endpoints_elsewhere(w: &World) -> Svc {
+    let mut svc = Svc::web(
+        w.backend_ips()
+            .into_iter()
+            .map(|ip| Endpoint::ready(ip).on("node-b"))
+            .collect(),
+    );
+    svc.extra.external_traffic_policy = Some("Local");
+    svc
+}
+
 /// externalTrafficPolicy Local is for clients outside the cluster:
 /// kube-proxy's short-circuit rules ("pod traffic for <svc> external
 /// destinations") send a pod reaching a NodePort to every endpoint, its
@@ -447,14 +461,7 @@ fn should_follow_ports_added_and_deleted() {
 #[test]
 fn external_traffic_policy_local_applies_to_outside_clients_pods_reach_every_endpoint() {
     let w = World::new(2);
-    let mut svc = Svc::web(
-        w.backend_ips()
-            .into_iter()
-            .map(|ip| Endpoint::ready(ip).on("node-b"))
-            .collect(),
-    );
-    svc.extra.external_traffic_policy = Some("Local");
-    let config = ConfigFile::new(&yaml(&[svc])).unwrap();
+    let config = ConfigFile::new(&yaml(&[local_policy_endpoints_elsewhere(&w)])).unwrap();
     let pod_ip = w.topo.pods.last().unwrap().ip;
     let _agent = Agent::start_with(
         &w.topo,
@@ -481,14 +488,7 @@ fn external_traffic_policy_local_applies_to_outside_clients_pods_reach_every_end
 #[test]
 fn external_traffic_policy_local_lets_the_nodes_own_sockets_reach_every_endpoint() {
     let w = World::new(2);
-    let mut svc = Svc::web(
-        w.backend_ips()
-            .into_iter()
-            .map(|ip| Endpoint::ready(ip).on("node-b"))
-            .collect(),
-    );
-    svc.extra.external_traffic_policy = Some("Local");
-    let config = ConfigFile::new(&yaml(&[svc])).unwrap();
+    let config = ConfigFile::new(&yaml(&[local_policy_endpoints_elsewhere(&w)])).unwrap();
     let cg = lb_tests::cgroup::Cgroup::new().unwrap();
     let _agent = Agent::start_with(
         &w.topo,

@@ -152,6 +152,12 @@ fn view(by_id: &mut BTreeMap<u32, ServicePortView>, id: u32) -> &mut ServicePort
     })
 }
 
+/// The service port `which` names (see `find`), with each backend's share
+/// of its Maglev table.
+pub fn one(pin_dir: &Path, which: &str) -> anyhow::Result<ServicePortView> {
+    with_slots(pin_dir, find(read(pin_dir)?, which)?)
+}
+
 /// `sp` with each backend's share of its Maglev table.
 pub fn with_slots(pin_dir: &Path, mut sp: ServicePortView) -> anyhow::Result<ServicePortView> {
     let slots = table(pin_dir, sp.id, sp.table_size)?;
