@@ -526,3 +526,78 @@ fn node_ports_answer_on_localhost_for_the_nodes_own_sockets() {
         "{out:?}"
     );
 }
+
+/// [sig-network] Services should be able to change the type from
+/// ExternalName to ClusterIP, and from ClusterIP to ExternalName (and the
+/// NodePort variants): a Service turned ExternalName stops answering on
+/// its ClusterIP and NodePort (it has no frontend), and answers again once
+/// turned back.
+#[test]
+fn should_be_able_to_change_the_type_between_external_name_and_cluster_ip_or_node_port() {
+    let w = World::new(1);
+    let svc = w.web();
+    let config = ConfigFile::new(&yaml(&[svc.clone()])).unwrap();
+    let mut agent = Agent::start(&w.topo, &config.path).unwrap();
+    let (to, node_port) = (cluster_ip(&svc, 80), SocketAddrV4::new(NODE_IP, 30080));
+    assert_eq!(who(w.client_pod(), to), "pod-1");
+    assert_eq!(who(&w.topo.client, node_port), "pod-1");
+    let mut external_name = svc.clone();
+    external_name.extra.type_ = Some("ExternalName");
+    config.rewrite(&yaml(&[external_name])).unwrap();
+    agent
+        .wait_for_nth_log("applied config", 1, Duration::from_secs(5))
+        .unwrap();
+    assert!(
+        refused(w.client_pod(), to).is_some(),
+        "ExternalName: no ClusterIP"
+    );
+    assert!(refused(&w.topo.client, node_port).is_some(), "nor NodePort");
+    config.rewrite(&yaml(&[svc])).unwrap();
+    agent
+        .wait_for_nth_log("applied config", 2, Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(who(&w.topo.client, node_port), "pod-1", "NodePort again");
+    assert_eq!(who(w.client_pod(), to), "pod-1", "ClusterIP again");
+}
+
+/// [sig-network] Services should be possible to connect to a service via
+/// ExternalIP when the external IP is not assigned to a node: a client
+/// whose route to the address leads to the node reaches the Service.
+#[test]
+fn should_be_possible_to_connect_to_a_service_via_external_ip_not_assigned_to_a_node() {
+    let w = World::new(2);
+    let external = Ipv4Addr::new(198, 19, 200, 10);
+    let mut svc = w.web();
+    svc.extra.external_ips = vec![external];
+    let config = ConfigFile::new(&yaml(&[svc])).unwrap();
+    let _agent = Agent::start(&w.topo, &config.path).unwrap();
+    let to = SocketAddrV4::new(external, 80);
+    let served = served_by(&w.topo.client, to, 20);
+    assert_eq!(served.len(), 2, "{served:?}");
+    assert!(
+        w.topo
+            .node
+            .run(move || std::net::TcpListener::bind(to).is_err())
+            .unwrap(),
+        "not the node's address"
+    );
+}
+
+/// [sig-network] Services should allow pods to hairpin back to themselves
+/// through services: the only endpoint dials its own Service and reaches
+/// itself (masqueraded to the node, so its reply comes back through us).
+#[test]
+fn should_allow_pods_to_hairpin_back_to_themselves_through_services() {
+    lb_tests::require_root();
+    let topo = Topology::new(1).unwrap();
+    let _servers = topo.start_servers(1).unwrap();
+    let pod = &topo.pods[0];
+    let svc = Svc::web(vec![Endpoint::ready(pod.ip)]);
+    let config = ConfigFile::new(&yaml(&[svc.clone()])).unwrap();
+    let _agent = Agent::start(&topo, &config.path).unwrap();
+    for _ in 0..5 {
+        let a = answer(&pod.ns, cluster_ip(&svc, 80));
+        assert_eq!(a.pod, "pod-1");
+        assert_eq!(*a.peer.ip(), NODE_IP, "hairpin is masqueraded: {}", a.peer);
+    }
+}
