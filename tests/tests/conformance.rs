@@ -601,3 +601,112 @@ fn should_allow_pods_to_hairpin_back_to_themselves_through_services() {
         assert_eq!(*a.peer.ip(), NODE_IP, "hairpin is masqueraded: {}", a.peer);
     }
 }
+
+/// Upstream's terminating-endpoint fallbacks (KEP-1669): with no ready
+/// endpoint, a serving and terminating one still takes new connections,
+/// for each traffic policy. `policy` sets one of the two fields; `to` is
+/// what the client dials.
+fn falls_back_to_a_terminating_endpoint(
+    internal: Option<&'static str>,
+    external: Option<&'static str>,
+) {
+    let w = World::new(1);
+    let mut svc = Svc::web(vec![Endpoint::terminating(w.backend_ips()[0])]);
+    svc.extra.internal_traffic_policy = internal;
+    svc.extra.external_traffic_policy = external;
+    let config = ConfigFile::new(&yaml(&[svc.clone()])).unwrap();
+    let _agent = Agent::start(&w.topo, &config.path).unwrap();
+    let (ns, to) = if external.is_some() {
+        (&w.topo.client, SocketAddrV4::new(NODE_IP, 30080))
+    } else {
+        (w.client_pod(), cluster_ip(&svc, 80))
+    };
+    for _ in 0..5 {
+        assert_eq!(who(ns, to), "pod-1");
+    }
+}
+
+/// [sig-network] Services should fallback to terminating endpoints when
+/// there are no ready endpoints with internalTrafficPolicy=Cluster
+#[test]
+fn should_fallback_to_terminating_endpoints_with_internal_traffic_policy_cluster() {
+    falls_back_to_a_terminating_endpoint(Some("Cluster"), None);
+}
+
+/// [sig-network] Services should fallback to local terminating endpoints
+/// when there are no ready endpoints with internalTrafficPolicy=Local
+#[test]
+fn should_fallback_to_local_terminating_endpoints_with_internal_traffic_policy_local() {
+    falls_back_to_a_terminating_endpoint(Some("Local"), None);
+}
+
+/// [sig-network] Services should fallback to terminating endpoints when
+/// there are no ready endpoints with externalTrafficPolicy=Cluster
+#[test]
+fn should_fallback_to_terminating_endpoints_with_external_traffic_policy_cluster() {
+    falls_back_to_a_terminating_endpoint(None, Some("Cluster"));
+}
+
+/// [sig-network] Services should fallback to local terminating endpoints
+/// when there are no ready endpoints with externalTrafficPolicy=Local
+#[test]
+fn should_fallback_to_local_terminating_endpoints_with_external_traffic_policy_local() {
+    falls_back_to_a_terminating_endpoint(None, Some("Local"));
+}
+
+/// [sig-network] Conntrack should be able to preserve UDP traffic when
+/// server pod cycles for a ClusterIP service: one client socket (one
+/// source port, so one conntrack entry) keeps sending while the only
+/// endpoint is replaced by another pod; its datagrams reach the new one
+/// (a flow whose backend left the Service starts again, never blackholed).
+#[test]
+fn should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_cluster_ip_service() {
+    let w = World::new(2);
+    let [one, two] = [w.backend_ips()[0], w.backend_ips()[1]];
+    let dns = |ip| {
+        let mut s = Svc::web(vec![Endpoint::ready(ip)]);
+        s.ports.retain(|p| p.protocol == "UDP");
+        s
+    };
+    let config = ConfigFile::new(&yaml(&[dns(one)])).unwrap();
+    let mut agent = Agent::start(&w.topo, &config.path).unwrap();
+    let to = cluster_ip(&dns(one), 53);
+    let socket = w
+        .client_pod()
+        .run(move || {
+            let s = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+            s.connect(to).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            s
+        })
+        .unwrap();
+    let ask = |s: &std::net::UdpSocket| -> Option<String> {
+        let mut buf = [0u8; 256];
+        s.send(b"WHO").ok()?;
+        let n = s.recv(&mut buf).ok()?;
+        String::from_utf8_lossy(&buf[..n])
+            .split_whitespace()
+            .next()
+            .map(String::from)
+    };
+    let until = |s: &std::net::UdpSocket, pod: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while ask(s).as_deref() != Some(pod) {
+            assert!(std::time::Instant::now() < deadline, "never reached {pod}");
+        }
+    };
+    until(&socket, "pod-1");
+    config.rewrite(&yaml(&[dns(two)])).unwrap();
+    agent
+        .wait_for_nth_log("applied config", 1, Duration::from_secs(5))
+        .unwrap();
+    until(&socket, "pod-2");
+    for _ in 0..5 {
+        assert_eq!(
+            ask(&socket).as_deref(),
+            Some("pod-2"),
+            "the same socket stays"
+        );
+    }
+}
