@@ -102,6 +102,32 @@ fn demo() -> anyhow::Result<bool> {
             .arg("--pin-dir")
             .arg(&agent.pin_dir))?
     );
+    for args in [
+        vec!["services"],
+        vec!["backends", "demo/web:http/TCP"],
+        vec![
+            "conntrack",
+            "--client",
+            "198.18.0.1",
+            "--service",
+            "demo/web:http/TCP",
+        ],
+    ] {
+        println!(
+            "== lb {} --pin-dir {}",
+            args.join(" "),
+            agent.pin_dir.display()
+        );
+        let out = agent.inspect(&args);
+        // The flows, but not all 240 of them.
+        let lines: Vec<&str> = out.lines().collect();
+        for l in lines.iter().take(6) {
+            println!("{l}");
+        }
+        if lines.len() > 6 {
+            println!("... ({} lines in all)", lines.len());
+        }
+    }
     println!(
         "== bpftool map dump pinned {}/lb_frontends",
         agent.pin_dir.display()
