@@ -654,59 +654,125 @@ fn should_fallback_to_local_terminating_endpoints_with_external_traffic_policy_l
     falls_back_to_a_terminating_endpoint(None, Some("Local"));
 }
 
-/// [sig-network] Conntrack should be able to preserve UDP traffic when
-/// server pod cycles for a ClusterIP service: one client socket (one
-/// source port, so one conntrack entry) keeps sending while the only
-/// endpoint is replaced by another pod; its datagrams reach the new one
-/// (a flow whose backend left the Service starts again, never blackholed).
-#[test]
-fn should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_cluster_ip_service() {
-    let w = World::new(2);
-    let [one, two] = [w.backend_ips()[0], w.backend_ips()[1]];
-    let dns = |ip| {
-        let mut s = Svc::web(vec![Endpoint::ready(ip)]);
-        s.ports.retain(|p| p.protocol == "UDP");
-        s
-    };
-    let config = ConfigFile::new(&yaml(&[dns(one)])).unwrap();
-    let mut agent = Agent::start(&w.topo, &config.path).unwrap();
-    let to = cluster_ip(&dns(one), 53);
-    let socket = w
-        .client_pod()
-        .run(move || {
-            let s = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
-            s.connect(to).unwrap();
-            s.set_read_timeout(Some(Duration::from_millis(300)))
-                .unwrap();
-            s
-        })
-        .unwrap();
-    let ask = |s: &std::net::UdpSocket| -> Option<String> {
+/// One UDP socket in `ns` connected to `to`: one source port, so one
+/// conntrack entry for every datagram it sends.
+struct UdpClient(std::net::UdpSocket);
+
+impl UdpClient {
+    fn new(ns: &Netns, to: SocketAddrV4) -> UdpClient {
+        UdpClient(
+            ns.run(move || {
+                let s = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+                s.connect(to).unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(300)))
+                    .unwrap();
+                s
+            })
+            .unwrap(),
+        )
+    }
+
+    /// Who answers one datagram, if anyone does.
+    fn ask(&self) -> Option<String> {
         let mut buf = [0u8; 256];
-        s.send(b"WHO").ok()?;
-        let n = s.recv(&mut buf).ok()?;
+        self.0.send(b"WHO").ok()?;
+        let n = self.0.recv(&mut buf).ok()?;
         String::from_utf8_lossy(&buf[..n])
             .split_whitespace()
             .next()
             .map(String::from)
-    };
-    let until = |s: &std::net::UdpSocket, pod: &str| {
+    }
+
+    /// Sends until `pod` answers (10 s at most), then checks it stays.
+    fn until(&self, pod: &str) {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while ask(s).as_deref() != Some(pod) {
+        while self.ask().as_deref() != Some(pod) {
             assert!(std::time::Instant::now() < deadline, "never reached {pod}");
         }
+        for _ in 0..5 {
+            assert_eq!(self.ask().as_deref(), Some(pod), "the same socket stays");
+        }
+    }
+}
+
+/// The upstream conntrack tests' Service: the UDP port only, on
+/// `endpoints`, with a NodePort, and `internal` as internalTrafficPolicy.
+fn udp_service(endpoints: Vec<Endpoint>, internal: Option<&'static str>) -> Svc {
+    let mut s = Svc::web(endpoints);
+    s.ports.retain(|p| p.protocol == "UDP");
+    s.ports[0].node_port = Some(30053);
+    s.extra.internal_traffic_policy = internal;
+    s
+}
+
+/// Upstream's "preserve UDP traffic when server pod cycles": one client
+/// socket keeps sending while the only endpoint is replaced by another
+/// pod; its datagrams reach the new one (a flow whose backend left the
+/// Service starts again, never blackholed, even though the old pod still
+/// answers).
+fn udp_traffic_follows_a_cycled_server_pod(node_port: bool, internal: Option<&'static str>) {
+    let w = World::new(2);
+    let [one, two] = [w.backend_ips()[0], w.backend_ips()[1]];
+    let svc = |ip| udp_service(vec![Endpoint::ready(ip)], internal);
+    let config = ConfigFile::new(&yaml(&[svc(one)])).unwrap();
+    let mut agent = Agent::start(&w.topo, &config.path).unwrap();
+    let client = if node_port {
+        UdpClient::new(&w.topo.client, SocketAddrV4::new(NODE_IP, 30053))
+    } else {
+        UdpClient::new(w.client_pod(), cluster_ip(&svc(one), 53))
     };
-    until(&socket, "pod-1");
-    config.rewrite(&yaml(&[dns(two)])).unwrap();
+    client.until("pod-1");
+    config.rewrite(&yaml(&[svc(two)])).unwrap();
     agent
         .wait_for_nth_log("applied config", 1, Duration::from_secs(5))
         .unwrap();
-    until(&socket, "pod-2");
-    for _ in 0..5 {
-        assert_eq!(
-            ask(&socket).as_deref(),
-            Some("pod-2"),
-            "the same socket stays"
-        );
+    client.until("pod-2");
+}
+
+/// [sig-network] Conntrack should be able to preserve UDP traffic when
+/// server pod cycles for a NodePort service
+#[test]
+fn should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_node_port_service() {
+    udp_traffic_follows_a_cycled_server_pod(true, None);
+}
+
+/// [sig-network] Conntrack should be able to preserve UDP traffic when
+/// server pod cycles for a ClusterIP service
+#[test]
+fn should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_cluster_ip_service() {
+    udp_traffic_follows_a_cycled_server_pod(false, None);
+}
+
+/// The same for a ClusterIP with internalTrafficPolicy Local (the
+/// variant issue 13 lists; both pods are this node's).
+#[test]
+fn should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_with_internal_traffic_policy_local(
+) {
+    udp_traffic_follows_a_cycled_server_pod(false, Some("Local"));
+}
+
+/// [sig-network] Conntrack should be able to preserve UDP traffic when
+/// initial unready endpoints get ready: the client socket sends while the
+/// only endpoint is not ready (nothing answers), and the same socket
+/// reaches it once it turns ready.
+#[test]
+fn should_be_able_to_preserve_udp_traffic_when_initial_unready_endpoints_get_ready() {
+    let w = World::new(1);
+    let ip = w.backend_ips()[0];
+    let mut unready = Endpoint::ready(ip);
+    unready.ready = false;
+    unready.serving = false;
+    let config = ConfigFile::new(&yaml(&[udp_service(vec![unready], None)])).unwrap();
+    let mut agent = Agent::start(&w.topo, &config.path).unwrap();
+    let client = UdpClient::new(w.client_pod(), cluster_ip(&udp_service(vec![], None), 53));
+    for _ in 0..3 {
+        assert_eq!(client.ask(), None, "no ready endpoint: no answer");
     }
+    config
+        .rewrite(&yaml(&[udp_service(vec![Endpoint::ready(ip)], None)]))
+        .unwrap();
+    agent
+        .wait_for_nth_log("applied config", 1, Duration::from_secs(5))
+        .unwrap();
+    client.until("pod-1");
 }
