@@ -776,3 +776,221 @@ fn should_be_able_to_preserve_udp_traffic_when_initial_unready_endpoints_get_rea
         .unwrap();
     client.until("pod-1");
 }
+
+// ------------------------------------------- networking.go granular checks
+
+/// How a granular check reaches a Service.
+#[derive(Clone, Copy, PartialEq)]
+enum Proto {
+    Http,
+    Udp,
+}
+
+/// The pods answering `n` requests from `ns` to `to` (new connections, or
+/// new UDP sockets), failures counted as "-".
+fn hostnames(
+    ns: &Netns,
+    to: SocketAddrV4,
+    proto: Proto,
+    n: usize,
+) -> std::collections::BTreeSet<String> {
+    (0..n)
+        .map(|_| {
+            ns.run(move || match proto {
+                Proto::Http => tcp_who(to),
+                Proto::Udp => udp_who(to),
+            })
+            .unwrap()
+            .map_or("-".to_string(), |a| a.pod)
+        })
+        .collect()
+}
+
+/// A Service with a TCP (80, NodePort 30080) and a UDP (53, NodePort
+/// 30053) port on the world's backends, `affinity` for ClientIP.
+fn granular_world(affinity: bool) -> (World, Svc, ConfigFile, Agent) {
+    let w = World::new(2);
+    let mut svc = w.web();
+    svc.ports[1].node_port = Some(30053);
+    if affinity {
+        svc.affinity_timeout_s = Some(10_800);
+    }
+    let config = ConfigFile::new(&yaml(&[svc.clone()])).unwrap();
+    let agent = Agent::start(&w.topo, &config.path).unwrap();
+    (w, svc, config, agent)
+}
+
+/// The Service's ClusterIP and NodePort addresses for `proto`.
+fn granular_targets(svc: &Svc, proto: Proto) -> [SocketAddrV4; 2] {
+    match proto {
+        Proto::Http => [cluster_ip(svc, 80), SocketAddrV4::new(NODE_IP, 30080)],
+        Proto::Udp => [cluster_ip(svc, 53), SocketAddrV4::new(NODE_IP, 30053)],
+    }
+}
+
+/// Granular Checks: Services should function for pod-Service: every
+/// endpoint answers a client pod on the ClusterIP and on the NodePort.
+fn pod_service(proto: Proto) {
+    let (w, svc, _config, _agent) = granular_world(false);
+    for to in granular_targets(&svc, proto) {
+        let served = hostnames(w.client_pod(), to, proto, 30);
+        assert_eq!(served, ["pod-1", "pod-2"].map(String::from).into(), "{to}");
+    }
+}
+
+/// [sig-network] Networking Granular Checks: Services should function for
+/// pod-Service: http
+#[test]
+fn granular_checks_should_function_for_pod_service_http() {
+    pod_service(Proto::Http);
+}
+
+/// [sig-network] Networking Granular Checks: Services should function for
+/// pod-Service: udp
+#[test]
+fn granular_checks_should_function_for_pod_service_udp() {
+    pod_service(Proto::Udp);
+}
+
+/// Granular Checks: Services should function for endpoint-Service: an
+/// endpoint reaches every endpoint, itself included (hairpin), on the
+/// ClusterIP and the NodePort.
+fn endpoint_service(proto: Proto) {
+    let (w, svc, _config, _agent) = granular_world(false);
+    let endpoint = &w.topo.pods[0].ns;
+    for to in granular_targets(&svc, proto) {
+        let served = hostnames(endpoint, to, proto, 30);
+        assert_eq!(served, ["pod-1", "pod-2"].map(String::from).into(), "{to}");
+    }
+}
+
+/// [sig-network] Networking Granular Checks: Services should function for
+/// endpoint-Service: http
+#[test]
+fn granular_checks_should_function_for_endpoint_service_http() {
+    endpoint_service(Proto::Http);
+}
+
+/// [sig-network] Networking Granular Checks: Services should function for
+/// endpoint-Service: udp
+#[test]
+fn granular_checks_should_function_for_endpoint_service_udp() {
+    endpoint_service(Proto::Udp);
+}
+
+/// Granular Checks: Services should update endpoints: an endpoint removed
+/// stops being reached on the ClusterIP and the NodePort.
+fn update_endpoints(proto: Proto) {
+    let (w, mut svc, config, mut agent) = granular_world(false);
+    svc.endpoints.truncate(1);
+    config.rewrite(&yaml(&[svc.clone()])).unwrap();
+    agent
+        .wait_for_nth_log("applied config", 1, Duration::from_secs(5))
+        .unwrap();
+    for to in granular_targets(&svc, proto) {
+        let served = hostnames(w.client_pod(), to, proto, 20);
+        assert_eq!(served, ["pod-1"].map(String::from).into(), "{to}");
+    }
+}
+
+/// [sig-network] Networking Granular Checks: Services should update
+/// endpoints: http
+#[test]
+fn granular_checks_should_update_endpoints_http() {
+    update_endpoints(Proto::Http);
+}
+
+/// [sig-network] Networking Granular Checks: Services should update
+/// endpoints: udp
+#[test]
+fn granular_checks_should_update_endpoints_udp() {
+    update_endpoints(Proto::Udp);
+}
+
+/// Granular Checks: Services should function for client IP based session
+/// affinity: every request of one client reaches one endpoint.
+fn client_ip_affinity(proto: Proto) {
+    let (w, svc, _config, _agent) = granular_world(true);
+    for to in granular_targets(&svc, proto) {
+        let served = hostnames(w.client_pod(), to, proto, 20);
+        assert_eq!(served.len(), 1, "{to}: {served:?}");
+        assert!(!served.contains("-"), "{to}: {served:?}");
+    }
+}
+
+/// [sig-network] Networking Granular Checks: Services should function for
+/// client IP based session affinity: http [LinuxOnly]
+#[test]
+fn granular_checks_should_function_for_client_ip_based_session_affinity_http() {
+    client_ip_affinity(Proto::Http);
+}
+
+/// [sig-network] Networking Granular Checks: Services should function for
+/// client IP based session affinity: udp [LinuxOnly]
+#[test]
+fn granular_checks_should_function_for_client_ip_based_session_affinity_udp() {
+    client_ip_affinity(Proto::Udp);
+}
+
+/// [sig-network] Networking Granular Checks: Services should be able to
+/// handle large requests: udp (upstream sends 1,500 bytes and more; here a
+/// 3,000-byte datagram, fragmented on the way, and its 3,000-byte answer,
+/// on the ClusterIP and the NodePort)
+#[test]
+fn granular_checks_should_be_able_to_handle_large_requests_udp() {
+    let (w, svc, _config, _agent) = granular_world(false);
+    for to in granular_targets(&svc, Proto::Udp) {
+        let (answer, len) = w
+            .client_pod()
+            .run(move || lb_tests::servers::udp_big(to, 3000))
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{to}: {e}"));
+        assert!(answer.pod.starts_with("pod-"), "{to}");
+        assert_eq!(len, 3000, "{to}");
+    }
+}
+
+/// [sig-network] Networking Granular Checks: Services should function for
+/// node-Service: http and udp: the node's own processes (through the
+/// socket hooks, `--cgroup`) reach every endpoint on the ClusterIP and on
+/// the NodePort.
+#[test]
+fn granular_checks_should_function_for_node_service_http_and_udp() {
+    let w = World::new(2);
+    let mut svc = w.web();
+    svc.ports[1].node_port = Some(30053);
+    let config = ConfigFile::new(&yaml(&[svc.clone()])).unwrap();
+    let cg = lb_tests::cgroup::Cgroup::new().unwrap();
+    let _agent = Agent::start_with(
+        &w.topo,
+        &config.path,
+        &["--cgroup".into(), cg.path.display().to_string()],
+    )
+    .unwrap();
+    for [http, udp] in [
+        [cluster_ip(&svc, 80), cluster_ip(&svc, 53)],
+        [
+            SocketAddrV4::new(NODE_IP, 30080),
+            SocketAddrV4::new(NODE_IP, 30053),
+        ],
+    ] {
+        let (mut tcp_pods, mut udp_pods) = (
+            std::collections::BTreeSet::new(),
+            std::collections::BTreeSet::new(),
+        );
+        for _ in 0..24 {
+            let out = cg.probe(&w.topo.node, Some(http), Some(udp)).unwrap();
+            for l in out.lines() {
+                if let Some(p) = l.strip_prefix("PROBE who ") {
+                    tcp_pods.insert(p.split_whitespace().next().unwrap_or("").to_string());
+                }
+                if let Some(rest) = l.strip_prefix("PROBE from ") {
+                    udp_pods.insert(rest.split_whitespace().nth(1).unwrap_or("").to_string());
+                }
+            }
+        }
+        let both = ["pod-1", "pod-2"].map(String::from).into();
+        assert_eq!(tcp_pods, both, "{http}");
+        assert_eq!(udp_pods, both, "{udp}");
+    }
+}
