@@ -91,6 +91,10 @@ pub struct RunOptions {
     pub snat_ports: PortRange,
     /// The cluster's NodePort range, reserved for NodePorts on the node.
     pub nodeport_range: PortRange,
+    /// `--nodeport-addresses`: NodePorts answer on the node's addresses in
+    /// these ranges (followed as addresses come and go); None: on the
+    /// node's primary addresses (`--node-ip`, else the Node's).
+    pub nodeport_cidrs: Option<Vec<Prefix>>,
     /// `--cluster-cidr`: sources inside the cluster (pods), besides the
     /// Node's podCIDRs. They reach externalTrafficPolicy Local frontends
     /// with every endpoint, as kube-proxy's short-circuit does.
@@ -225,6 +229,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         snat_addr: None,
         pod_cidrs: Vec::new(),
         cidrs_written: None,
+        addresses_changed: false,
         named: HashMap::new(),
         names_written: false,
         snat_seed: system::random_u32(),
@@ -289,6 +294,8 @@ struct Agent {
     pod_cidrs: Vec<Prefix>,
     /// What lb_cluster_cidrs holds, once written.
     cidrs_written: Option<Vec<Prefix>>,
+    /// An address came or went since they were last listed.
+    addresses_changed: bool,
     /// The names written to lb_svc_names, by service port.
     named: HashMap<ServicePortKey, u32>,
     /// lb_svc_names was written in full once.
@@ -333,6 +340,8 @@ impl Agent {
         while let Ok(e) = links.try_recv() {
             self.take_link(e)?;
         }
+        self.addresses_changed = false;
+        self.nodeport_addresses();
         self.first_sync().await?;
         loop {
             let retry_at = self.programmer.next_retry();
@@ -360,6 +369,9 @@ impl Agent {
                         self.take_link(e)?;
                     }
                     self.follow_interfaces(false)?;
+                    if std::mem::take(&mut self.addresses_changed) && self.nodeport_addresses() {
+                        self.sync().await?;
+                    }
                 }
                 Next::Retry => self.retry(),
                 Next::Stop => return Ok(()),
@@ -370,9 +382,13 @@ impl Agent {
     /// Applies one link event to the interface set (no attach yet).
     fn take_link(&mut self, e: LinkEvent) -> anyhow::Result<()> {
         match e {
-            LinkEvent::All(all) => self.interfaces.set_present(all),
+            LinkEvent::All(all) => {
+                self.interfaces.set_present(all);
+                self.addresses_changed = true;
+            }
             LinkEvent::Changed(link) => self.interfaces.link_changed(link),
             LinkEvent::Removed(index) => self.interfaces.link_removed(index),
+            LinkEvent::Addresses => self.addresses_changed = true,
             LinkEvent::Lost(why) => anyhow::bail!(
                 "{why}: interfaces can no longer be followed; exiting so that the agent is \
                  restarted (the datapath stays in place)"
@@ -836,6 +852,38 @@ impl Agent {
 }
 
 impl Agent {
+    /// With `--nodeport-addresses`: lists the namespace's IPv4 addresses
+    /// and makes NodePorts answer on those in the ranges. True if that
+    /// changed where they answer.
+    fn nodeport_addresses(&mut self) -> bool {
+        let Some(cidrs) = &self.opts.nodeport_cidrs else {
+            return false;
+        };
+        let ips = match local_addresses() {
+            Ok(all) => {
+                let mut ips: Vec<Ipv4Addr> = all
+                    .into_iter()
+                    .filter(|a| cidrs.iter().any(|c| c.contains(*a)))
+                    .collect();
+                ips.sort();
+                ips.dedup();
+                ips
+            }
+            Err(e) => {
+                error!("listing this node's addresses for --nodeport-addresses: {e}");
+                return false;
+            }
+        };
+        if self.catalog.node().nodeport_ips.as_ref() == Some(&ips) {
+            return false;
+        }
+        info!(addresses = ?ips, "NodePorts answer on the node's addresses in --nodeport-addresses");
+        let mut cfg = self.catalog.node().clone();
+        cfg.nodeport_ips = Some(ips);
+        self.catalog.set_node(cfg);
+        true
+    }
+
     /// `lb_cluster_cidrs`: `--cluster-cidr` and the Node's podCIDRs.
     fn write_cluster_cidrs(&mut self) {
         let mut want: Vec<Prefix> = self
@@ -855,6 +903,13 @@ impl Agent {
             Err(e) => error!("writing lb_cluster_cidrs, will retry on the next change: {e:#}"),
         }
     }
+}
+
+/// The IPv4 addresses of this network namespace's interfaces.
+fn local_addresses() -> nix::Result<Vec<Ipv4Addr>> {
+    Ok(nix::ifaddrs::getifaddrs()?
+        .filter_map(|i| i.address?.as_sockaddr_in().map(|a| a.ip()))
+        .collect())
 }
 
 /// The Node label EndpointSlice zone hints name.

@@ -101,6 +101,16 @@ enum Command {
         /// does. The Node's podCIDRs are always included (from the API).
         #[arg(long = "cluster-cidr", value_name = "CIDR", value_delimiter = ',')]
         cluster_cidrs: Vec<Prefix>,
+        /// Where NodePorts answer (kube-proxy's --nodeport-addresses):
+        /// `primary` (default: the node's addresses, --node-ip or the
+        /// Node's), or CIDRs, comma-separated or repeated: every address of
+        /// the node's interfaces in them, followed as addresses come and go.
+        #[arg(
+            long = "nodeport-addresses",
+            value_name = "primary|CIDR",
+            value_delimiter = ','
+        )]
+        nodeport_addresses: Vec<String>,
         /// With --cgroup, NodePorts also answer on 127.0.0.1 for the node's
         /// own sockets (kube-proxy's iptables mode does; its
         /// --iptables-localhost-nodeports=false is `false` here).
@@ -245,6 +255,7 @@ fn main() -> ExitCode {
             service_proxy_name,
             service_cidrs,
             cluster_cidrs,
+            nodeport_addresses,
             localhost_nodeports,
             external_ips,
             cleanup_on_exit,
@@ -255,6 +266,13 @@ fn main() -> ExitCode {
             snat_ports,
             nodeport_range,
         } => {
+            let nodeport_cidrs = match parse_nodeport_addresses(&nodeport_addresses) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("lb: error: --nodeport-addresses: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let source = match config {
                 Some(path) => SourceOptions::File(path),
                 None => SourceOptions::Kubernetes { kubeconfig },
@@ -273,6 +291,7 @@ fn main() -> ExitCode {
                     external_ips,
                     zone: None,
                     localhost_nodeports: cgroup.is_some() && localhost_nodeports,
+                    nodeport_ips: None,
                 },
                 pin_dir,
                 cgroup,
@@ -285,6 +304,7 @@ fn main() -> ExitCode {
                 snat_ports,
                 nodeport_range,
                 cluster_cidrs,
+                nodeport_cidrs,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -333,6 +353,24 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `--nodeport-addresses`: nothing or `primary` (None), else CIDRs.
+fn parse_nodeport_addresses(values: &[String]) -> Result<Option<Vec<Prefix>>, String> {
+    if values.is_empty() || values == ["primary"] {
+        return Ok(None);
+    }
+    values
+        .iter()
+        .map(|v| {
+            if v == "primary" {
+                Err("`primary` cannot be mixed with CIDRs".to_string())
+            } else {
+                v.parse::<Prefix>()
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
 }
 
 /// `--http-addr`: an address, or "off".

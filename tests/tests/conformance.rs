@@ -994,3 +994,74 @@ fn granular_checks_should_function_for_node_service_http_and_udp() {
         assert_eq!(udp_pods, both, "{udp}");
     }
 }
+
+/// `--nodeport-addresses` (kube-proxy's flag): with a CIDR, NodePorts
+/// answer on every address of the node in it, followed as addresses are
+/// added and removed while the agent runs; by default (`primary`) only on
+/// the node's address.
+#[test]
+fn node_port_addresses_follow_the_nodes_addresses_in_the_given_ranges() {
+    let w = World::new(1);
+    let config = ConfigFile::new(&yaml(&[w.web()])).unwrap();
+    let second = Ipv4Addr::new(198, 18, 0, 3);
+    let (primary_np, second_np) = (
+        SocketAddrV4::new(NODE_IP, 30080),
+        SocketAddrV4::new(second, 30080),
+    );
+    // Default: the primary address only.
+    let agent = Agent::start(&w.topo, &config.path).unwrap();
+    w.topo
+        .node
+        .ip(&["addr", "add", "198.18.0.3/24", "dev", "eth0"])
+        .unwrap();
+    assert_eq!(who(&w.topo.client, primary_np), "pod-1");
+    assert!(
+        refused(&w.topo.client, second_np).is_some(),
+        "not on another address"
+    );
+    drop(agent);
+    w.topo
+        .node
+        .ip(&["addr", "del", "198.18.0.3/24", "dev", "eth0"])
+        .unwrap();
+
+    let mut agent = Agent::start_with(
+        &w.topo,
+        &config.path,
+        &["--nodeport-addresses".into(), "198.18.0.0/24".into()],
+    )
+    .unwrap();
+    assert_eq!(who(&w.topo.client, primary_np), "pod-1");
+    assert!(
+        refused(&w.topo.client, second_np).is_some(),
+        "not yet an address"
+    );
+    w.topo
+        .node
+        .ip(&["addr", "add", "198.18.0.3/24", "dev", "eth0"])
+        .unwrap();
+    agent
+        .wait_for_log("--nodeport-addresses", Duration::from_secs(5))
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while refused(&w.topo.client, second_np).is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new address never answered"
+        );
+    }
+    assert_eq!(who(&w.topo.client, second_np), "pod-1");
+    w.topo
+        .node
+        .ip(&["addr", "del", "198.18.0.3/24", "dev", "eth0"])
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while agent.count_logs("--nodeport-addresses") < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the removal was not seen"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(who(&w.topo.client, primary_np), "pod-1");
+}

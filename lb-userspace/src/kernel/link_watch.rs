@@ -3,7 +3,8 @@
 //! deleted (RTM_NEWLINK / RTM_DELLINK on RTNLGRP_LINK), and every link again
 //! whenever the kernel says events were lost (the socket's buffer overran).
 //! The subscription is made before the first listing, so nothing falls
-//! between the two.
+//! between the two. IPv4 addresses added or removed (RTNLGRP_IPV4_IFADDR)
+//! are reported too, without detail: the agent lists them again itself.
 
 use std::time::Duration;
 
@@ -31,6 +32,8 @@ pub enum LinkEvent {
     Changed(Link),
     /// Deleted or moved to another namespace (by index).
     Removed(u32),
+    /// An IPv4 address was added or removed somewhere.
+    Addresses,
     /// The event stream ended: interfaces are no longer followed.
     Lost(String),
 }
@@ -44,7 +47,7 @@ const RECEIVE_BUFFER: usize = 8 << 20;
 /// the first one being `LinkEvent::All`.
 pub async fn watch_links() -> anyhow::Result<UnboundedReceiver<LinkEvent>> {
     let (mut conn, handle, mut messages) =
-        rtnetlink::new_multicast_connection(&[MulticastGroup::Link])
+        rtnetlink::new_multicast_connection(&[MulticastGroup::Link, MulticastGroup::Ipv4Ifaddr])
             .map_err(|e| anyhow::anyhow!("opening an rtnetlink socket for link events: {e}"))?;
     let socket = conn.socket_mut().socket_mut();
     // The tests shrink it to force overruns (a flood of link events).
@@ -93,6 +96,9 @@ async fn forward(
         {
             Some(LinkEvent::Removed(m.header.index))
         }
+        NetlinkPayload::InnerMessage(
+            RouteNetlinkMessage::NewAddress(_) | RouteNetlinkMessage::DelAddress(_),
+        ) => Some(LinkEvent::Addresses),
         NetlinkPayload::Overrun(_) => {
             warn!("link events were lost (the netlink socket's buffer overran): listing every interface again");
             let mut delay = Duration::from_millis(100);

@@ -365,6 +365,16 @@ pub struct NodeConfig {
     /// NodePorts also answer on 127.0.0.1 (the node's own sockets, through
     /// the socket hooks: `--cgroup`), as kube-proxy's iptables mode does.
     pub localhost_nodeports: bool,
+    /// `--nodeport-addresses CIDR,...`: the node's addresses in those
+    /// ranges, where NodePorts answer instead of `node_ips`.
+    pub nodeport_ips: Option<Vec<Ipv4Addr>>,
+}
+
+impl NodeConfig {
+    /// Where NodePorts answer.
+    pub fn nodeport_addresses(&self) -> &[Ipv4Addr] {
+        self.nodeport_ips.as_deref().unwrap_or(&self.node_ips)
+    }
 }
 
 /// Which `spec.externalIPs` are programmed. Anyone who may create a

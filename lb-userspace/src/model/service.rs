@@ -184,7 +184,7 @@ pub fn refuse_external_ip(ip: Ipv4Addr, node: &NodeConfig) -> Option<String> {
                 || ip.is_link_local()
             {
                 Some("not a routable unicast address".into())
-            } else if node.node_ips.contains(&ip) {
+            } else if node.node_ips.contains(&ip) || node.nodeport_addresses().contains(&ip) {
                 Some("it is this node's address (--external-ips allow admits it)".into())
             } else {
                 node.service_cidrs
@@ -390,7 +390,12 @@ fn service_ports(
                 .collect();
         if let Some(np) = p.node_port.filter(|_| addrs.node_ports) {
             let np = port_number("nodePort", np).map_err(ServiceError::PortRange)?;
-            frontends.extend(at(&node.node_ips, np, protocol, FrontendKind::NodePort));
+            frontends.extend(at(
+                node.nodeport_addresses(),
+                np,
+                protocol,
+                FrontendKind::NodePort,
+            ));
             if node.localhost_nodeports {
                 frontends.extend(at(
                     &[Ipv4Addr::LOCALHOST],
