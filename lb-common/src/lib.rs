@@ -388,6 +388,15 @@ pub struct DatapathConfig {
 /// network namespace (pods too, like Cilium's socket LB), not only the
 /// node's own (`--socket-lb-host-only` clears it).
 pub const CONFIG_F_SOCK_ALL_NETNS: u32 = 1 << 0;
+/// `DatapathConfig::flags`: a new flow to a ClusterIP from a source
+/// outside the cluster (not in `lb_cluster_cidrs`, not the node) is
+/// masqueraded to the node address, as kube-proxy does when it knows the
+/// cluster's pod ranges (`--external-cluster-ip masquerade`).
+pub const CONFIG_F_EXTERNAL_CLUSTER_IP_MASQ: u32 = 1 << 1;
+/// `DatapathConfig::flags`: such a flow is dropped (counted
+/// `drop_source_range`), as Cilium does by default
+/// (`--external-cluster-ip drop`).
+pub const CONFIG_F_EXTERNAL_CLUSTER_IP_DROP: u32 = 1 << 2;
 
 /// Bumped whenever a pinned map's key or value changes meaning without
 /// changing size (size changes are caught from the maps themselves).

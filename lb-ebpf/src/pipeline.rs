@@ -9,14 +9,15 @@ use lb_common::{
     ct_closed, hash::flow_hash, Backend, FlowKey, FragKey, FragPorts, FrontendKey, ServiceEntry,
     FRONTEND_VIEW_ALL,
     Verdict, CT_FORWARD, CT_REPLY, CT_S_PICKUP, IPPROTO_ICMP, IPPROTO_TCP, SERVICE_F_AFFINITY,
-    SERVICE_F_LOCAL, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    SERVICE_F_EXTERNAL, SERVICE_F_LOCAL, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    CONFIG_F_EXTERNAL_CLUSTER_IP_DROP, CONFIG_F_EXTERNAL_CLUSTER_IP_MASQ,
 };
 
 use crate::{
     conntrack::{self, flow_key, snat_of, AddrPort, NewFlow, Source},
     maps::FRAGS,
     packet::{parse, Frag, IcmpError, Ipv4Flow, PacketBuf, Parsed},
-    policy::{config, frontend_for, needs_snat, reject_allowed, source_allowed},
+    policy::{config, frontend_for, in_cluster, needs_snat, reject_allowed, source_allowed},
     select::{backend_of, choose},
     stats::{count, count_index, count_service},
 };
@@ -416,6 +417,15 @@ fn start_flow(p: &mut Pending, flow: &Ipv4Flow, svc: &ServiceEntry, len: u32, no
     if start == Start::Invalid {
         return drop(Verdict::DropCtInvalid, len);
     }
+    let cfg = config();
+    // A ClusterIP reached from outside the cluster (routed to this node).
+    let outside = svc.flags & SERVICE_F_EXTERNAL == 0
+        && cfg.flags & (CONFIG_F_EXTERNAL_CLUSTER_IP_MASQ | CONFIG_F_EXTERNAL_CLUSTER_IP_DROP) != 0
+        && flow.saddr != cfg.snat_addr
+        && !in_cluster(flow.saddr);
+    if outside && cfg.flags & CONFIG_F_EXTERNAL_CLUSTER_IP_DROP != 0 {
+        return drop(Verdict::DropSourceRange, len);
+    }
     if svc.backend_count == 0 {
         count_service(svc.id, len);
         // Traffic policy Local with no endpoint here: kube-proxy drops it
@@ -442,7 +452,6 @@ fn start_flow(p: &mut Pending, flow: &Ipv4Flow, svc: &ServiceEntry, len: u32, no
         return drop(Verdict::DropNoBackendEntry, len);
     };
     let b = choice.backend;
-    let cfg = config();
     let pickup = start == Start::Pickup;
     let verdict = if pickup {
         Verdict::DnatPickup
@@ -456,7 +465,8 @@ fn start_flow(p: &mut Pending, flow: &Ipv4Flow, svc: &ServiceEntry, len: u32, no
     // --node-ip, there is nothing to masquerade to; the agent warns at
     // start-up), or to another port of the client's own address when its
     // reply tuple is taken (`Source::Conflict`), or kept.
-    let to = if needs_snat(svc, flow.saddr, &b) && cfg.snat_addr != [0; 4] {
+    let masquerade = outside || needs_snat(svc, flow.saddr, &b);
+    let to = if masquerade && cfg.snat_addr != [0; 4] {
         cfg.snat_addr
     } else {
         let new = NewFlow {

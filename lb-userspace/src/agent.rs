@@ -18,7 +18,10 @@ use std::{
 
 use anyhow::Context;
 use k8s_openapi::api::core::v1::Node;
-use lb_common::{DatapathConfig, CONFIG_F_SOCK_ALL_NETNS};
+use lb_common::{
+    DatapathConfig, CONFIG_F_EXTERNAL_CLUSTER_IP_DROP, CONFIG_F_EXTERNAL_CLUSTER_IP_MASQ,
+    CONFIG_F_SOCK_ALL_NETNS,
+};
 use tokio::{
     signal::unix::{signal, Signal, SignalKind},
     sync::mpsc::UnboundedReceiver,
@@ -95,6 +98,9 @@ pub struct RunOptions {
     /// these ranges (followed as addresses come and go); None: on the
     /// node's primary addresses (`--node-ip`, else the Node's).
     pub nodeport_cidrs: Option<Vec<Prefix>>,
+    /// `--external-cluster-ip`: what a ClusterIP does for a client outside
+    /// the cluster (once its pod ranges are known).
+    pub external_cluster_ip: ExternalClusterIp,
     /// `--cluster-cidr`: sources inside the cluster (pods), besides the
     /// Node's podCIDRs. They reach externalTrafficPolicy Local frontends
     /// with every endpoint, as kube-proxy's short-circuit does.
@@ -288,8 +294,8 @@ struct Agent {
     opts: RunOptions,
     node_ips_given: bool,
     node_missing_logged: bool,
-    /// The SNAT address last written to lb_config.
-    snat_addr: Option<[u8; 4]>,
+    /// The SNAT address and flags last written to lb_config.
+    snat_addr: Option<([u8; 4], u32)>,
     /// This Node's spec.podCIDRs (IPv4).
     pod_cidrs: Vec<Prefix>,
     /// What lb_cluster_cidrs holds, once written.
@@ -819,14 +825,23 @@ impl Agent {
             .node_ips
             .first()
             .map_or([0; 4], |a| a.octets());
-        if self.snat_addr == Some(addr) {
-            return;
-        }
-        let flags = if self.opts.socket_lb_host_only {
+        let mut flags = if self.opts.socket_lb_host_only {
             0
         } else {
             CONFIG_F_SOCK_ALL_NETNS
         };
+        // Outside clients of a ClusterIP can be told apart only once the
+        // cluster's pod ranges are known.
+        if self.cidrs_written.as_ref().is_some_and(|c| !c.is_empty()) {
+            flags |= match self.opts.external_cluster_ip {
+                ExternalClusterIp::Masquerade => CONFIG_F_EXTERNAL_CLUSTER_IP_MASQ,
+                ExternalClusterIp::Drop => CONFIG_F_EXTERNAL_CLUSTER_IP_DROP,
+                ExternalClusterIp::Direct => 0,
+            };
+        }
+        if self.snat_addr == Some((addr, flags)) {
+            return;
+        }
         // Only the socket hooks read the cookie (kernels before 5.14 cannot
         // tell it, and need no socket hooks without --cgroup).
         let cookie = match system::netns_cookie() {
@@ -845,7 +860,7 @@ impl Agent {
             })
         });
         match cfg {
-            Ok(()) => self.snat_addr = Some(addr),
+            Ok(()) => self.snat_addr = Some((addr, flags)),
             Err(e) => error!("writing lb_config, will retry on the next change: {e:#}"),
         }
     }
@@ -899,10 +914,30 @@ impl Agent {
             return;
         }
         match self.programmer.maps_mut().set_cluster_cidrs(&want) {
-            Ok(()) => self.cidrs_written = Some(want),
+            Ok(()) => {
+                self.cidrs_written = Some(want);
+                // The ClusterIP rule for outside clients may apply now.
+                self.write_config();
+            }
             Err(e) => error!("writing lb_cluster_cidrs, will retry on the next change: {e:#}"),
         }
     }
+}
+
+/// `--external-cluster-ip`: new flows to a ClusterIP from outside the
+/// cluster (sources not in `--cluster-cidr` or the Node's podCIDRs, not
+/// the node), once those ranges are known.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExternalClusterIp {
+    /// Masqueraded to the node address, so that a backend on another node
+    /// answers through this one (kube-proxy, with a cluster CIDR).
+    #[default]
+    Masquerade,
+    /// Dropped (Cilium's default), counted `drop_source_range`.
+    Drop,
+    /// Translated like any client: the backend answers the client
+    /// directly, which works only for backends on this node.
+    Direct,
 }
 
 /// The IPv4 addresses of this network namespace's interfaces.

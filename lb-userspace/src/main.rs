@@ -6,7 +6,7 @@ use aya::maps::{MapData, PerCpuArray};
 use clap::{Parser, Subcommand};
 use lb_common::{map_names, Counter, Verdict};
 use lb_userspace::{
-    agent::{self, parse_node_ip, RunOptions, SourceOptions, DEFAULT_PIN_DIR},
+    agent::{self, parse_node_ip, ExternalClusterIp, RunOptions, SourceOptions, DEFAULT_PIN_DIR},
     inspect::{flows, services, Output},
     kernel::interfaces::XdpIface,
     kernel::probes::TcAttach,
@@ -101,6 +101,13 @@ enum Command {
         /// does. The Node's podCIDRs are always included (from the API).
         #[arg(long = "cluster-cidr", value_name = "CIDR", value_delimiter = ',')]
         cluster_cidrs: Vec<Prefix>,
+        /// New flows to a ClusterIP from outside the cluster (sources not in
+        /// --cluster-cidr or the Node's podCIDRs), once those are known:
+        /// masquerade (to the node address, as kube-proxy), drop (as
+        /// Cilium), or direct (translated only; the backend answers the
+        /// client itself).
+        #[arg(long, value_enum, value_name = "MODE", default_value = "masquerade")]
+        external_cluster_ip: ExternalClusterIp,
         /// Where NodePorts answer (kube-proxy's --nodeport-addresses):
         /// `primary` (default: the node's addresses, --node-ip or the
         /// Node's), or CIDRs, comma-separated or repeated: every address of
@@ -255,6 +262,7 @@ fn main() -> ExitCode {
             service_proxy_name,
             service_cidrs,
             cluster_cidrs,
+            external_cluster_ip,
             nodeport_addresses,
             localhost_nodeports,
             external_ips,
@@ -305,6 +313,7 @@ fn main() -> ExitCode {
                 nodeport_range,
                 cluster_cidrs,
                 nodeport_cidrs,
+                external_cluster_ip,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

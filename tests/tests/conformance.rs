@@ -1065,3 +1065,52 @@ fn node_port_addresses_follow_the_nodes_addresses_in_the_given_ranges() {
     }
     assert_eq!(who(&w.topo.client, primary_np), "pod-1");
 }
+
+/// `--external-cluster-ip`: a client outside the cluster (routed to the
+/// node) reaching a ClusterIP, once the pod ranges are known: masqueraded
+/// by default (the backend sees the node, as with kube-proxy), dropped
+/// with `drop` (as Cilium), or translated only with `direct` (the backend
+/// sees the client); pods keep their address in every mode.
+#[test]
+fn a_cluster_ip_reached_from_outside_the_cluster_is_masqueraded_dropped_or_direct() {
+    let w = World::new(1);
+    let svc = w.web();
+    let config = ConfigFile::new(&yaml(&[svc.clone()])).unwrap();
+    let pods = "198.18.1.0/24".to_string();
+    let to = cluster_ip(&svc, 80);
+    let pod_ip = w.topo.pods.last().unwrap().ip;
+    for mode in ["masquerade", "drop", "direct"] {
+        let _agent = Agent::start_with(
+            &w.topo,
+            &config.path,
+            &[
+                "--cluster-cidr".into(),
+                pods.clone(),
+                "--external-cluster-ip".into(),
+                mode.into(),
+            ],
+        )
+        .unwrap();
+        match mode {
+            "drop" => assert_eq!(
+                refused(&w.topo.client, to),
+                Some(std::io::ErrorKind::TimedOut),
+                "{mode}"
+            ),
+            _ => {
+                let seen = *answer(&w.topo.client, to).peer.ip();
+                let want = if mode == "masquerade" {
+                    NODE_IP
+                } else {
+                    lb_tests::topology::CLIENT_IP
+                };
+                assert_eq!(seen, want, "{mode}");
+            }
+        }
+        assert_eq!(
+            *answer(w.client_pod(), to).peer.ip(),
+            pod_ip,
+            "{mode}: a pod"
+        );
+    }
+}

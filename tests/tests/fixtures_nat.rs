@@ -360,3 +360,73 @@ fn a_backends_port_unreachable_comes_from_the_frontend() {
         assert_eq!(out.frame, stranger);
     }
 }
+
+/// A ClusterIP reached from outside the cluster (a source neither in
+/// `lb_cluster_cidrs` nor the node): with the masquerade flag (the agent's
+/// default once the pod ranges are known) the flow to a backend on another
+/// node gets the node's address and a SNAT port, so the reply comes back
+/// through us; with the drop flag it is dropped; a pod (in the ranges) is
+/// only DNATed either way, its address kept.
+#[test]
+fn an_outside_client_of_a_cluster_ip_is_masqueraded_or_dropped_a_pod_is_not() {
+    use lb_common::{CONFIG_F_EXTERNAL_CLUSTER_IP_DROP, CONFIG_F_EXTERNAL_CLUSTER_IP_MASQ};
+    let pods: lb_userspace::model::Prefix = "198.18.5.0/24".parse().unwrap();
+    let pod = Ipv4Addr::new(198, 18, 5, 7);
+    let config = |flags| DatapathConfig {
+        snat_addr: NODE_IP.octets(),
+        snat_port_min: SNAT_PORT_MIN,
+        snat_port_max: SNAT_PORT_MAX,
+        flags,
+        ..Default::default()
+    };
+    for hook in HOOKS {
+        let mut fx = remote_fixture();
+        fx.maps_mut().set_cluster_cidrs(&[pods]).unwrap();
+        fx.maps_mut()
+            .set_config(config(CONFIG_F_EXTERNAL_CLUSTER_IP_MASQ))
+            .unwrap();
+        let syn = Spec::tcp(CLIENT, 41000, CLUSTER_IP, 80);
+        let out = fx.run_on(hook, &syn.build(), fx.nic_ifindex).unwrap();
+        let port = snat_port_of(&out);
+        let want = Spec {
+            src_mac: NODE_MAC,
+            dst_mac: CLIENT_MAC,
+            saddr: NODE_IP,
+            sport: port,
+            daddr: backend_for(&remote(), CLIENT, 41000, 80, TCP),
+            dport: 8080,
+            ttl: 63,
+            ..syn.clone()
+        };
+        assert_eq!(out.verdict, redirect(hook), "{hook:?}: masqueraded");
+        assert_eq!(out.frame, want.build(), "{hook:?}: masqueraded");
+
+        let from_pod = Spec::tcp(pod, 41001, CLUSTER_IP, 80);
+        let out = fx.run_on(hook, &from_pod.build(), fx.pod_ifindex).unwrap();
+        let want = Spec {
+            daddr: backend_for(&remote(), pod, 41001, 80, TCP),
+            dport: 8080,
+            ..from_pod.clone()
+        };
+        assert_eq!(out.frame, want.build(), "{hook:?}: a pod is only DNATed");
+
+        fx.maps_mut()
+            .set_config(config(CONFIG_F_EXTERNAL_CLUSTER_IP_DROP))
+            .unwrap();
+        let before = fx.counter(Verdict::DropSourceRange);
+        let out = fx
+            .run_on(
+                hook,
+                &Spec::tcp(CLIENT, 41002, CLUSTER_IP, 80).build(),
+                fx.nic_ifindex,
+            )
+            .unwrap();
+        let drop = if hook == Hook::Tc {
+            TC_ACT_SHOT
+        } else {
+            XDP_DROP
+        };
+        assert_eq!(out.verdict, drop, "{hook:?}: dropped");
+        assert_eq!(fx.counter(Verdict::DropSourceRange), before + 1, "{hook:?}");
+    }
+}
