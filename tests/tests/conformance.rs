@@ -828,14 +828,19 @@ fn granular_targets(svc: &Svc, proto: Proto) -> [SocketAddrV4; 2] {
     }
 }
 
-/// Granular Checks: Services should function for pod-Service: every
-/// endpoint answers a client pod on the ClusterIP and on the NodePort.
-fn pod_service(proto: Proto) {
+/// Granular Checks: every endpoint answers the client `from` picks, on the
+/// ClusterIP and on the NodePort (pod-Service: a client pod;
+/// endpoint-Service: an endpoint, itself included, by hairpin).
+fn every_endpoint_answers(from: fn(&World) -> &Netns, proto: Proto) {
     let (w, svc, _config, _agent) = granular_world(false);
     for to in granular_targets(&svc, proto) {
-        let served = hostnames(w.client_pod(), to, proto, 30);
+        let served = hostnames(from(&w), to, proto, 30);
         assert_eq!(served, ["pod-1", "pod-2"].map(String::from).into(), "{to}");
     }
+}
+
+fn pod_service(proto: Proto) {
+    every_endpoint_answers(|w| w.client_pod(), proto);
 }
 
 /// [sig-network] Networking Granular Checks: Services should function for
@@ -852,16 +857,8 @@ fn granular_checks_should_function_for_pod_service_udp() {
     pod_service(Proto::Udp);
 }
 
-/// Granular Checks: Services should function for endpoint-Service: an
-/// endpoint reaches every endpoint, itself included (hairpin), on the
-/// ClusterIP and the NodePort.
 fn endpoint_service(proto: Proto) {
-    let (w, svc, _config, _agent) = granular_world(false);
-    let endpoint = &w.topo.pods[0].ns;
-    for to in granular_targets(&svc, proto) {
-        let served = hostnames(endpoint, to, proto, 30);
-        assert_eq!(served, ["pod-1", "pod-2"].map(String::from).into(), "{to}");
-    }
+    every_endpoint_answers(|w| &w.topo.pods[0].ns, proto);
 }
 
 /// [sig-network] Networking Granular Checks: Services should function for
