@@ -54,10 +54,7 @@ pub fn run(pin_base: &std::path::Path) -> anyhow::Result<Report> {
         .into_iter()
         .map(|(by, f)| (by, f.name, f.present()))
         .collect();
-    let tc_mode = match probes::tc_mode(probes::TcAttach::Auto)? {
-        crate::kernel::datapath::TcMode::Tcx => "tcx",
-        crate::kernel::datapath::TcMode::Netlink => "netlink",
-    };
+    let tc_mode = probes::tc_mode(probes::TcAttach::Auto)?.label();
     let dir: PathBuf = pin_base.join(format!("lb-check-{}", std::process::id()));
     crate::system::ensure_bpffs(&dir)?;
     std::fs::create_dir_all(&dir)

@@ -79,6 +79,15 @@ fn refused(ns: &Netns, to: SocketAddrV4) -> Option<std::io::ErrorKind> {
     .unwrap()
 }
 
+/// Rewrites the config file with `services` and waits for the agent's
+/// `nth` "applied config" since it started.
+fn apply(config: &ConfigFile, agent: &mut Agent, services: &[Svc], nth: usize) {
+    config.rewrite(&yaml(services)).unwrap();
+    agent
+        .wait_for_nth_log("applied config", nth, Duration::from_secs(5))
+        .unwrap();
+}
+
 fn cluster_ip(svc: &Svc, port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(svc.cluster_ip, port)
 }
@@ -145,21 +154,18 @@ fn should_serve_a_basic_endpoint_from_pods() {
         served_by(w.client_pod(), to, 10),
         ["pod-1".to_string()].into()
     );
-    config.rewrite(&yaml(&[w.web()])).unwrap();
-    agent
-        .wait_for_nth_log("applied config", 1, Duration::from_secs(5))
-        .unwrap();
+    apply(&config, &mut agent, &[w.web()], 1);
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
         served_by(w.client_pod(), to, 30),
         ["pod-1".to_string(), "pod-2".to_string()].into()
     );
-    config
-        .rewrite(&yaml(&[Svc::web(vec![Endpoint::ready(ips[1])])]))
-        .unwrap();
-    agent
-        .wait_for_nth_log("applied config", 2, Duration::from_secs(5))
-        .unwrap();
+    apply(
+        &config,
+        &mut agent,
+        &[Svc::web(vec![Endpoint::ready(ips[1])])],
+        2,
+    );
     assert_eq!(
         served_by(w.client_pod(), to, 10),
         ["pod-2".to_string()].into()
@@ -239,10 +245,7 @@ fn should_be_able_to_up_and_down_services() {
     let config = ConfigFile::new(&yaml(&[web.clone(), api.clone()])).unwrap();
     let mut agent = Agent::start(&w.topo, &config.path).unwrap();
     assert_eq!(who(w.client_pod(), cluster_ip(&api, 8443)), "pod-2");
-    config.rewrite(&yaml(&[web.clone()])).unwrap();
-    agent
-        .wait_for_nth_log("applied config", 1, Duration::from_secs(5))
-        .unwrap();
+    apply(&config, &mut agent, &[web.clone()], 1);
     assert!(
         refused(w.client_pod(), cluster_ip(&api, 8443)).is_some(),
         "api is down"
@@ -252,10 +255,7 @@ fn should_be_able_to_up_and_down_services() {
         "pod-1",
         "web still up"
     );
-    config.rewrite(&yaml(&[web.clone(), api.clone()])).unwrap();
-    agent
-        .wait_for_nth_log("applied config", 2, Duration::from_secs(5))
-        .unwrap();
+    apply(&config, &mut agent, &[web.clone(), api.clone()], 2);
     assert_eq!(
         who(w.client_pod(), cluster_ip(&api, 8443)),
         "pod-2",
@@ -279,19 +279,13 @@ fn should_be_able_to_switch_session_affinity_for_service_with_type_cluster_ip() 
     );
     let mut sticky = plain.clone();
     sticky.affinity_timeout_s = Some(10_800);
-    config.rewrite(&yaml(&[sticky])).unwrap();
-    agent
-        .wait_for_nth_log("applied config", 1, Duration::from_secs(5))
-        .unwrap();
+    apply(&config, &mut agent, &[sticky], 1);
     assert_eq!(
         served_by(w.client_pod(), to, 30).len(),
         1,
         "ClientIP affinity"
     );
-    config.rewrite(&yaml(&[plain])).unwrap();
-    agent
-        .wait_for_nth_log("applied config", 2, Duration::from_secs(5))
-        .unwrap();
+    apply(&config, &mut agent, &[plain], 2);
     assert!(served_by(w.client_pod(), to, 30).len() > 1, "spread again");
 }
 
@@ -321,10 +315,7 @@ fn should_implement_service_proxy_name_and_headless_labels() {
         );
         assert_eq!(who(w.client_pod(), cluster_ip(&web, 80)), "pod-1");
         labelled.extra.labels.clear();
-        config.rewrite(&yaml(&[web, labelled.clone()])).unwrap();
-        agent
-            .wait_for_nth_log("applied config", 1, Duration::from_secs(5))
-            .unwrap();
+        apply(&config, &mut agent, &[web, labelled.clone()], 1);
         assert_eq!(
             who(w.client_pod(), cluster_ip(&labelled, 8443)),
             "pod-2",
@@ -383,17 +374,9 @@ fn should_work_after_the_service_has_been_recreated() {
     let mut agent = Agent::start(&w.topo, &config.path).unwrap();
     let to = cluster_ip(&svc, 80);
     assert_eq!(who(w.client_pod(), to), "pod-1");
-    config
-        .rewrite(&yaml(&[Svc::api(w.backend_ips()[0])]))
-        .unwrap();
-    agent
-        .wait_for_nth_log("applied config", 1, Duration::from_secs(5))
-        .unwrap();
+    apply(&config, &mut agent, &[Svc::api(w.backend_ips()[0])], 1);
     assert!(refused(w.client_pod(), to).is_some(), "deleted");
-    config.rewrite(&yaml(&[svc])).unwrap();
-    agent
-        .wait_for_nth_log("applied config", 2, Duration::from_secs(5))
-        .unwrap();
+    apply(&config, &mut agent, &[svc], 2);
     assert_eq!(who(w.client_pod(), to), "pod-1", "recreated");
 }
 
@@ -417,20 +400,14 @@ fn should_follow_ports_added_and_deleted() {
     let config = ConfigFile::new(&yaml(&[one.clone()])).unwrap();
     let mut agent = Agent::start(&w.topo, &config.path).unwrap();
     assert!(refused(w.client_pod(), cluster_ip(&one, 81)).is_some());
-    config.rewrite(&yaml(&[two])).unwrap();
-    agent
-        .wait_for_nth_log("applied config", 1, Duration::from_secs(5))
-        .unwrap();
+    apply(&config, &mut agent, &[two], 1);
     assert_eq!(who(w.client_pod(), cluster_ip(&one, 81)), "pod-1-alt");
     assert_eq!(
         who(&w.topo.client, SocketAddrV4::new(NODE_IP, 30081)),
         "pod-1-alt"
     );
     assert_eq!(who(w.client_pod(), cluster_ip(&one, 80)), "pod-1");
-    config.rewrite(&yaml(&[one.clone()])).unwrap();
-    agent
-        .wait_for_nth_log("applied config", 2, Duration::from_secs(5))
-        .unwrap();
+    apply(&config, &mut agent, &[one.clone()], 2);
     assert!(
         refused(w.client_pod(), cluster_ip(&one, 81)).is_some(),
         "port deleted"
@@ -544,19 +521,13 @@ fn should_be_able_to_change_the_type_between_external_name_and_cluster_ip_or_nod
     assert_eq!(who(&w.topo.client, node_port), "pod-1");
     let mut external_name = svc.clone();
     external_name.extra.type_ = Some("ExternalName");
-    config.rewrite(&yaml(&[external_name])).unwrap();
-    agent
-        .wait_for_nth_log("applied config", 1, Duration::from_secs(5))
-        .unwrap();
+    apply(&config, &mut agent, &[external_name], 1);
     assert!(
         refused(w.client_pod(), to).is_some(),
         "ExternalName: no ClusterIP"
     );
     assert!(refused(&w.topo.client, node_port).is_some(), "nor NodePort");
-    config.rewrite(&yaml(&[svc])).unwrap();
-    agent
-        .wait_for_nth_log("applied config", 2, Duration::from_secs(5))
-        .unwrap();
+    apply(&config, &mut agent, &[svc], 2);
     assert_eq!(who(&w.topo.client, node_port), "pod-1", "NodePort again");
     assert_eq!(who(w.client_pod(), to), "pod-1", "ClusterIP again");
 }
@@ -723,10 +694,7 @@ fn udp_traffic_follows_a_cycled_server_pod(node_port: bool, internal: Option<&'s
         UdpClient::new(w.client_pod(), cluster_ip(&svc(one), 53))
     };
     client.until("pod-1");
-    config.rewrite(&yaml(&[svc(two)])).unwrap();
-    agent
-        .wait_for_nth_log("applied config", 1, Duration::from_secs(5))
-        .unwrap();
+    apply(&config, &mut agent, &[svc(two)], 1);
     client.until("pod-2");
 }
 
@@ -769,12 +737,12 @@ fn should_be_able_to_preserve_udp_traffic_when_initial_unready_endpoints_get_rea
     for _ in 0..3 {
         assert_eq!(client.ask(), None, "no ready endpoint: no answer");
     }
-    config
-        .rewrite(&yaml(&[udp_service(vec![Endpoint::ready(ip)], None)]))
-        .unwrap();
-    agent
-        .wait_for_nth_log("applied config", 1, Duration::from_secs(5))
-        .unwrap();
+    apply(
+        &config,
+        &mut agent,
+        &[udp_service(vec![Endpoint::ready(ip)], None)],
+        1,
+    );
     client.until("pod-1");
 }
 
@@ -881,10 +849,7 @@ fn granular_checks_should_function_for_endpoint_service_udp() {
 fn update_endpoints(proto: Proto) {
     let (w, mut svc, config, mut agent) = granular_world(false);
     svc.endpoints.truncate(1);
-    config.rewrite(&yaml(&[svc.clone()])).unwrap();
-    agent
-        .wait_for_nth_log("applied config", 1, Duration::from_secs(5))
-        .unwrap();
+    apply(&config, &mut agent, &[svc.clone()], 1);
     for to in granular_targets(&svc, proto) {
         let served = hostnames(w.client_pod(), to, proto, 20);
         assert_eq!(served, ["pod-1"].map(String::from).into(), "{to}");

@@ -52,12 +52,7 @@ impl Filter {
     pub fn services(all: &[ServicePortView], which: &str) -> anyhow::Result<BTreeSet<u32>> {
         let ids: BTreeSet<u32> = all
             .iter()
-            .filter(|s| {
-                which.parse::<u32>().ok() == Some(s.id)
-                    || s.name == which
-                    || s.name.starts_with(&format!("{which}:"))
-                    || s.name.starts_with(&format!("{which}/"))
-            })
+            .filter(|s| super::services::names(which, s))
             .map(|s| s.id)
             .collect();
         anyhow::ensure!(

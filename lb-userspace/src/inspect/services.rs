@@ -190,23 +190,22 @@ fn table(pin_dir: &Path, id: u32, size: u32) -> anyhow::Result<Vec<u32>> {
         .collect()
 }
 
+/// Whether `which` (an id, a service port's full name, or a Service's
+/// `namespace/name`, all its ports) names `sp`.
+pub fn names(which: &str, sp: &ServicePortView) -> bool {
+    which.parse::<u32>().ok() == Some(sp.id)
+        || sp.name == which
+        || sp.name.starts_with(&format!("{which}:"))
+        || sp.name.starts_with(&format!("{which}/"))
+}
+
 /// The one service port `which` names: its id, its full name, or a
 /// Service (`namespace/name`) with a single port.
 pub fn find(all: Vec<ServicePortView>, which: &str) -> anyhow::Result<ServicePortView> {
-    if let Ok(id) = which.parse::<u32>() {
-        return all
-            .into_iter()
-            .find(|s| s.id == id)
-            .ok_or_else(|| anyhow::anyhow!("no service port with id {id}"));
-    }
     let (exact, partial): (Vec<_>, Vec<_>) = all
         .into_iter()
-        .filter(|s| {
-            s.name == which
-                || s.name.starts_with(&format!("{which}:"))
-                || s.name.starts_with(&format!("{which}/"))
-        })
-        .partition(|s| s.name == which);
+        .filter(|s| names(which, s))
+        .partition(|s| s.name == which || which.parse::<u32>().ok() == Some(s.id));
     if let Some(s) = exact.into_iter().next() {
         return Ok(s);
     }
