@@ -590,7 +590,8 @@ impl Agent {
             .as_ref()
             .and_then(|l| l.get(ZONE_LABEL))
             .filter(|z| !z.is_empty())
-            .cloned();
+            .cloned()
+            .or_else(|| self.opts.node.zone.clone());
         if zone != self.catalog.node().zone {
             info!(node = %self.opts.node.name, ?zone, "this node's zone (topology hints)");
             let mut cfg = self.catalog.node().clone();

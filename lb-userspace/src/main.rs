@@ -69,6 +69,11 @@ enum Command {
         /// This node's name, as in EndpointSlice nodeName.
         #[arg(long, value_name = "NAME", env = "NODE_NAME", default_value = "")]
         node_name: String,
+        /// This node's zone, for EndpointSlice zone hints (`trafficDistribution:
+        /// PreferClose`). From the API: the Node's topology.kubernetes.io/zone
+        /// label, which wins over this when set.
+        #[arg(long, value_name = "ZONE")]
+        zone: Option<String>,
         /// Where maps and links are pinned (on a bpf filesystem).
         #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
@@ -256,6 +261,7 @@ fn main() -> ExitCode {
             tc_attach,
             node_ips,
             node_name,
+            zone,
             pin_dir,
             cgroup,
             socket_lb_host_only,
@@ -297,7 +303,7 @@ fn main() -> ExitCode {
                     service_proxy_name,
                     service_cidrs,
                     external_ips,
-                    zone: None,
+                    zone: zone.filter(|z| !z.is_empty()),
                     localhost_nodeports: cgroup.is_some() && localhost_nodeports,
                     nodeport_ips: None,
                 },

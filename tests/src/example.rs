@@ -20,6 +20,9 @@ pub struct Endpoint {
     pub terminating: bool,
     /// `nodeName`; `None` leaves the field out.
     pub node: Option<String>,
+    /// `hints.forZones` (one zone), as the EndpointSlice controller sets it
+    /// for `trafficDistribution: PreferClose`.
+    pub zone_hint: Option<&'static str>,
 }
 
 impl Endpoint {
@@ -31,6 +34,7 @@ impl Endpoint {
             serving: true,
             terminating: false,
             node: Some(crate::topology::NODE_NAME.into()),
+            zone_hint: None,
         }
     }
     pub fn terminating(ip: Ipv4Addr) -> Endpoint {
@@ -38,6 +42,13 @@ impl Endpoint {
             ready: false,
             terminating: true,
             ..Endpoint::ready(ip)
+        }
+    }
+    /// The same endpoint hinted for `zone`.
+    pub fn hinted_for(self, zone: &'static str) -> Endpoint {
+        Endpoint {
+            zone_hint: Some(zone),
+            ..self
         }
     }
     /// The same endpoint on another node.
@@ -235,5 +246,8 @@ fn slice_yaml(out: &mut String, s: &Svc, name: &str, endpoints: &[&Endpoint]) {
             "    conditions: {{ready: {}, serving: {}, terminating: {}}}",
             e.ready, e.serving, e.terminating
         );
+        if let Some(z) = e.zone_hint {
+            let _ = writeln!(out, "    hints: {{forZones: [{{name: {z}}}]}}");
+        }
     }
 }

@@ -14,6 +14,7 @@ pub mod fuzz;
 pub mod netns;
 pub mod node_bench;
 pub mod packet;
+pub mod raw;
 pub mod servers;
 pub mod topology;
 

@@ -5,6 +5,7 @@
 //! listed in the README with the reason.
 
 use std::{
+    collections::BTreeSet,
     net::{Ipv4Addr, SocketAddrV4},
     time::Duration,
 };
@@ -65,7 +66,7 @@ fn answer(ns: &Netns, to: SocketAddrV4) -> Answer {
 }
 
 /// The pods answering `n` new connections (upstream's "hostnames served").
-fn served_by(ns: &Netns, to: SocketAddrV4, n: usize) -> std::collections::BTreeSet<String> {
+fn served_by(ns: &Netns, to: SocketAddrV4, n: usize) -> BTreeSet<String> {
     (0..n).map(|_| who(ns, to)).collect()
 }
 
@@ -263,30 +264,71 @@ fn should_be_able_to_up_and_down_services() {
     );
 }
 
-/// [sig-network] Services should be able to switch session affinity for
-/// service with type clusterIP [LinuxOnly]: spread without affinity, one
-/// backend with ClientIP, spread again once switched off.
-#[test]
-fn should_be_able_to_switch_session_affinity_for_service_with_type_cluster_ip() {
-    let w = World::new(3);
+/// Upstream `execAffinityTestForNonLBServiceWithTransition`: spread without
+/// affinity, one backend with ClientIP, spread again once switched off.
+fn switches_affinity(w: &World, client: &Netns, to: SocketAddrV4) {
     let plain = w.web();
     let config = ConfigFile::new(&yaml(&[plain.clone()])).unwrap();
     let mut agent = Agent::start(&w.topo, &config.path).unwrap();
-    let to = cluster_ip(&plain, 80);
     assert!(
-        served_by(w.client_pod(), to, 30).len() > 1,
+        served_by(client, to, 30).len() > 1,
         "spread without affinity"
     );
     let mut sticky = plain.clone();
     sticky.affinity_timeout_s = Some(10_800);
     apply(&config, &mut agent, &[sticky], 1);
-    assert_eq!(
-        served_by(w.client_pod(), to, 30).len(),
-        1,
-        "ClientIP affinity"
-    );
+    assert_eq!(served_by(client, to, 30).len(), 1, "ClientIP affinity");
     apply(&config, &mut agent, &[plain], 2);
-    assert!(served_by(w.client_pod(), to, 30).len() > 1, "spread again");
+    assert!(served_by(client, to, 30).len() > 1, "spread again");
+}
+
+/// [sig-network] Services should be able to switch session affinity for
+/// service with type clusterIP [LinuxOnly] [Conformance]
+#[test]
+fn should_be_able_to_switch_session_affinity_for_service_with_type_cluster_ip() {
+    let w = World::new(3);
+    switches_affinity(&w, w.client_pod(), cluster_ip(&w.web(), 80));
+}
+
+/// [sig-network] Services should be able to switch session affinity for
+/// NodePort service [LinuxOnly] [Conformance] (from a client outside the
+/// cluster)
+#[test]
+fn should_be_able_to_switch_session_affinity_for_node_port_service() {
+    let w = World::new(3);
+    switches_affinity(&w, &w.topo.client, SocketAddrV4::new(NODE_IP, 30080));
+}
+
+/// Upstream `execAffinityTestForNonLBService`: with ClientIP affinity,
+/// every one of 15 requests reaches the same backend.
+fn sticks(client: &Netns, to: SocketAddrV4) {
+    let served = served_by(client, to, 15);
+    assert_eq!(served.len(), 1, "{to}: {served:?}");
+}
+
+fn sticky_world() -> (World, ConfigFile, Agent) {
+    let w = World::new(3);
+    let mut svc = w.web();
+    svc.affinity_timeout_s = Some(10_800);
+    let config = ConfigFile::new(&yaml(&[svc])).unwrap();
+    let agent = Agent::start(&w.topo, &config.path).unwrap();
+    (w, config, agent)
+}
+
+/// [sig-network] Services should have session affinity work for service
+/// with type clusterIP [LinuxOnly] [Conformance]
+#[test]
+fn should_have_session_affinity_work_for_service_with_type_cluster_ip() {
+    let (w, _config, _agent) = sticky_world();
+    sticks(w.client_pod(), cluster_ip(&w.web(), 80));
+}
+
+/// [sig-network] Services should have session affinity work for NodePort
+/// service [LinuxOnly] [Conformance]
+#[test]
+fn should_have_session_affinity_work_for_node_port_service() {
+    let (w, _config, _agent) = sticky_world();
+    sticks(&w.topo.client, SocketAddrV4::new(NODE_IP, 30080));
 }
 
 /// [sig-network] Services should implement service.kubernetes.io/service-proxy-name
@@ -759,12 +801,7 @@ enum Proto {
 /// new UDP sockets). Like upstream's checks, which dial up to a number of
 /// tries and want the expected hostnames, a few failed tries are allowed:
 /// at most `MAX_FAILED_TRIES`, each failure's error shown if there are more.
-fn hostnames(
-    ns: &Netns,
-    to: SocketAddrV4,
-    proto: Proto,
-    n: usize,
-) -> std::collections::BTreeSet<String> {
+fn hostnames(ns: &Netns, to: SocketAddrV4, proto: Proto, n: usize) -> BTreeSet<String> {
     let (served, failed): (Vec<_>, Vec<_>) = (0..n)
         .map(|_| {
             ns.run(move || match proto {
@@ -922,14 +959,17 @@ fn granular_checks_should_function_for_client_ip_based_session_affinity_udp() {
 fn granular_checks_should_be_able_to_handle_large_requests_udp() {
     let (w, svc, _config, _agent) = granular_world(false);
     for to in granular_targets(&svc, Proto::Udp) {
-        let (answer, len) = w
-            .client_pod()
-            .run(move || lb_tests::servers::udp_big(to, 3000))
-            .unwrap()
-            .unwrap_or_else(|e| panic!("{to}: {e}"));
-        assert!(answer.pod.starts_with("pod-"), "{to}");
-        assert_eq!(len, 3000, "{to}");
+        large_udp(w.client_pod(), to);
     }
+}
+
+/// A 3,000-byte datagram (fragmented on the way) and its 3,000-byte answer.
+fn large_udp(ns: &Netns, to: SocketAddrV4) {
+    let (_, len) = ns
+        .run(move || lb_tests::servers::udp_big(to, 3000))
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{to}: {e}"));
+    assert_eq!(len, 3000, "{to}");
 }
 
 /// [sig-network] Networking Granular Checks: Services should function for
@@ -956,25 +996,35 @@ fn granular_checks_should_function_for_node_service_http_and_udp() {
             SocketAddrV4::new(NODE_IP, 30053),
         ],
     ] {
-        let (mut tcp_pods, mut udp_pods) = (
-            std::collections::BTreeSet::new(),
-            std::collections::BTreeSet::new(),
-        );
-        for _ in 0..24 {
-            let out = cg.probe(&w.topo.node, Some(http), Some(udp)).unwrap();
-            for l in out.lines() {
-                if let Some(p) = l.strip_prefix("PROBE who ") {
-                    tcp_pods.insert(p.split_whitespace().next().unwrap_or("").to_string());
-                }
-                if let Some(rest) = l.strip_prefix("PROBE from ") {
-                    udp_pods.insert(rest.split_whitespace().nth(1).unwrap_or("").to_string());
-                }
-            }
-        }
+        let (tcp_pods, udp_pods) = node_hostnames(&cg, &w.topo.node, http, udp, 24);
         let both = ["pod-1", "pod-2"].map(String::from).into();
         assert_eq!(tcp_pods, both, "{http}");
         assert_eq!(udp_pods, both, "{udp}");
     }
+}
+
+/// Who answers `n` TCP connections to `http` and `n` UDP requests to `udp`
+/// made by processes in cgroup `cg` (the socket hooks' scope) in `ns`.
+fn node_hostnames(
+    cg: &lb_tests::cgroup::Cgroup,
+    ns: &Netns,
+    http: SocketAddrV4,
+    udp: SocketAddrV4,
+    n: usize,
+) -> (BTreeSet<String>, BTreeSet<String>) {
+    let (mut tcp_pods, mut udp_pods) = (BTreeSet::new(), BTreeSet::new());
+    for _ in 0..n {
+        let out = cg.probe(ns, Some(http), Some(udp)).unwrap();
+        for l in out.lines() {
+            if let Some(p) = l.strip_prefix("PROBE who ") {
+                tcp_pods.insert(p.split_whitespace().next().unwrap_or("").to_string());
+            }
+            if let Some(rest) = l.strip_prefix("PROBE from ") {
+                udp_pods.insert(rest.split_whitespace().nth(1).unwrap_or("").to_string());
+            }
+        }
+    }
+    (tcp_pods, udp_pods)
 }
 
 /// `--nodeport-addresses` (kube-proxy's flag): with a CIDR, NodePorts
@@ -1094,5 +1144,322 @@ fn a_cluster_ip_reached_from_outside_the_cluster_is_masqueraded_dropped_or_direc
             pod_ip,
             "{mode}: a pod"
         );
+    }
+}
+
+/// [sig-network] Services should be able to create a functioning NodePort
+/// service [Conformance]: a client outside the cluster reaches every
+/// endpoint on the node's address and the NodePort, over TCP and UDP.
+#[test]
+fn should_be_able_to_create_a_functioning_node_port_service() {
+    let (w, svc, _config, _agent) = granular_world(false);
+    for proto in [Proto::Http, Proto::Udp] {
+        let [_, node_port] = granular_targets(&svc, proto);
+        let served = hostnames(&w.topo.client, node_port, proto, 30);
+        assert_eq!(
+            served,
+            ["pod-1", "pod-2"].map(String::from).into(),
+            "{node_port}"
+        );
+    }
+}
+
+/// `web` with internalTrafficPolicy Local: pod-1 on this node, pod-2 on
+/// another (as the EndpointSlice says).
+fn internal_local(w: &World) -> Svc {
+    let ips = w.backend_ips();
+    let mut svc = Svc::web(vec![
+        Endpoint::ready(ips[0]),
+        Endpoint::ready(ips[1]).on("node-b"),
+    ]);
+    svc.extra.internal_traffic_policy = Some("Local");
+    svc
+}
+
+/// [sig-network] Services should respect internalTrafficPolicy=Local Pod
+/// to Pod: a pod reaches only its node's endpoint, over TCP and UDP; on a
+/// node without one, its connection is dropped (kube-proxy: "has no local
+/// endpoints", DROP).
+#[test]
+fn should_respect_internal_traffic_policy_local_pod_to_pod() {
+    let w = World::new(2);
+    let mut svc = internal_local(&w);
+    let config = ConfigFile::new(&yaml(&[svc.clone()])).unwrap();
+    let mut agent = Agent::start(&w.topo, &config.path).unwrap();
+    let local: BTreeSet<String> = ["pod-1".to_string()].into();
+    assert_eq!(
+        hostnames(w.client_pod(), cluster_ip(&svc, 80), Proto::Http, 20),
+        local
+    );
+    assert_eq!(
+        hostnames(w.client_pod(), cluster_ip(&svc, 53), Proto::Udp, 20),
+        local
+    );
+    svc.endpoints[0] = svc.endpoints[0].clone().on("node-b");
+    apply(&config, &mut agent, &[svc.clone()], 1);
+    assert_eq!(
+        refused(w.client_pod(), cluster_ip(&svc, 80)),
+        Some(std::io::ErrorKind::TimedOut),
+        "no local endpoint: dropped"
+    );
+}
+
+/// [sig-network] Services should respect internalTrafficPolicy=Local Pod
+/// (hostNetwork: true) to Pod: the node's own processes (socket hooks,
+/// `--cgroup`) reach only the node's endpoint.
+#[test]
+fn should_respect_internal_traffic_policy_local_pod_host_network_to_pod() {
+    let w = World::new(2);
+    let svc = internal_local(&w);
+    let config = ConfigFile::new(&yaml(&[svc.clone()])).unwrap();
+    let cg = lb_tests::cgroup::Cgroup::new().unwrap();
+    let _agent = Agent::start_with(
+        &w.topo,
+        &config.path,
+        &["--cgroup".into(), cg.path.display().to_string()],
+    )
+    .unwrap();
+    let local: BTreeSet<String> = ["pod-1".to_string()].into();
+    let (tcp, udp) = node_hostnames(
+        &cg,
+        &w.topo.node,
+        cluster_ip(&svc, 80),
+        cluster_ip(&svc, 53),
+        12,
+    );
+    assert_eq!((tcp, udp), (local.clone(), local));
+}
+
+/// [sig-network] Services should respect internalTrafficPolicy=Local Pod
+/// and Node, to Pod (hostNetwork: true): the local endpoint is a server in
+/// the node's own namespace (the slice's address is the node's); a pod and
+/// the node reach it and never the endpoint on the other node.
+#[test]
+fn should_respect_internal_traffic_policy_local_pod_and_node_to_pod_host_network() {
+    let w = World::new(1);
+    let _host = PodServer::start_on(&w.topo.node, "host", NODE_IP, 8080, 5353).unwrap();
+    let mut svc = Svc::web(vec![
+        Endpoint::ready(NODE_IP),
+        Endpoint::ready(w.backend_ips()[0]).on("node-b"),
+    ]);
+    svc.extra.internal_traffic_policy = Some("Local");
+    let config = ConfigFile::new(&yaml(&[svc.clone()])).unwrap();
+    let cg = lb_tests::cgroup::Cgroup::new().unwrap();
+    let _agent = Agent::start_with(
+        &w.topo,
+        &config.path,
+        &["--cgroup".into(), cg.path.display().to_string()],
+    )
+    .unwrap();
+    let host: BTreeSet<String> = ["host".to_string()].into();
+    let (http, udp) = (cluster_ip(&svc, 80), cluster_ip(&svc, 53));
+    assert_eq!(
+        hostnames(w.client_pod(), http, Proto::Http, 10),
+        host,
+        "pod"
+    );
+    assert_eq!(hostnames(w.client_pod(), udp, Proto::Udp, 10), host, "pod");
+    let node = node_hostnames(&cg, &w.topo.node, http, udp, 6);
+    assert_eq!(node, (host.clone(), host), "node");
+}
+
+/// Upstream's large HTTP request ("42" 1,000 times, 2,000 bytes) and a
+/// 64 KiB one, echoed back whole over one connection.
+fn large_http_echo(ns: &Netns, to: SocketAddrV4) {
+    ns.run(move || -> anyhow::Result<()> {
+        let (_, mut s) = lb_tests::servers::tcp_echo_open(to)?;
+        for line in ["42".repeat(1000), "42".repeat(32 * 1024)] {
+            lb_tests::servers::tcp_echo(&mut s, &line)?;
+        }
+        Ok(())
+    })
+    .unwrap()
+    .unwrap_or_else(|e| panic!("{to}: {e:#}"));
+}
+
+/// [sig-network] Networking Granular Checks: Services should be able to
+/// handle large requests: http (on the ClusterIP and the NodePort)
+#[test]
+fn granular_checks_should_be_able_to_handle_large_requests_http() {
+    let (w, svc, _config, _agent) = granular_world(false);
+    for to in granular_targets(&svc, Proto::Http) {
+        large_http_echo(w.client_pod(), to);
+    }
+}
+
+/// [sig-network] Networking Granular Checks: Services should function for
+/// service endpoints using hostNetwork: the endpoint is a server in the
+/// node's own namespace; a pod reaches it on the ClusterIP and the
+/// NodePort over http and udp, the node too (socket hooks), and large
+/// requests pass both ways.
+#[test]
+fn granular_checks_should_function_for_service_endpoints_using_host_network() {
+    let w = World::new(0);
+    let _host = PodServer::start_on(&w.topo.node, "host", NODE_IP, 8080, 5353).unwrap();
+    let mut svc = Svc::web(vec![Endpoint::ready(NODE_IP)]);
+    svc.ports[1].node_port = Some(30053);
+    let config = ConfigFile::new(&yaml(&[svc.clone()])).unwrap();
+    let cg = lb_tests::cgroup::Cgroup::new().unwrap();
+    let _agent = Agent::start_with(
+        &w.topo,
+        &config.path,
+        &["--cgroup".into(), cg.path.display().to_string()],
+    )
+    .unwrap();
+    let host: BTreeSet<String> = ["host".to_string()].into();
+    for proto in [Proto::Http, Proto::Udp] {
+        for to in granular_targets(&svc, proto) {
+            assert_eq!(
+                hostnames(w.client_pod(), to, proto, 10),
+                host,
+                "pod to {to}"
+            );
+        }
+    }
+    let [http, udp] = [Proto::Http, Proto::Udp].map(|p| granular_targets(&svc, p));
+    for (h, u) in http.into_iter().zip(udp) {
+        let node = node_hostnames(&cg, &w.topo.node, h, u, 6);
+        assert_eq!(node, (host.clone(), host.clone()), "node to {h} and {u}");
+    }
+    for to in http {
+        large_http_echo(w.client_pod(), to);
+    }
+    for to in udp {
+        large_udp(w.client_pod(), to);
+    }
+}
+
+/// [sig-network] Conntrack proxy implementation should not be vulnerable
+/// to the invalid conntrack state bug [Privileged]: upstream's "boom"
+/// server sends its client a segment far outside the TCP window. Under
+/// kube-proxy, netfilter marks it INVALID and, unless dropped, it reaches
+/// the client un-NATed (from the pod's address); the client answers with a
+/// RST that kills the connection. Our flow table keeps no TCP window: the
+/// segment is translated like every reply, so the client sees it from the
+/// ClusterIP, no RST reaches the server, and the connection lives on.
+#[test]
+fn proxy_implementation_should_not_be_vulnerable_to_the_invalid_conntrack_state_bug() {
+    use lb_tests::{
+        packet::{Spec, TCP_ACK},
+        raw::{send_ipv4, TcpWatch},
+    };
+    let w = World::new(1);
+    let svc = w.web();
+    let config = ConfigFile::new(&yaml(&[svc.clone()])).unwrap();
+    let _agent = Agent::start(&w.topo, &config.path).unwrap();
+    let to = cluster_ip(&svc, 80);
+    let (server, client) = (&w.topo.pods[0], w.topo.pods.last().unwrap());
+    let (name, mut stream) = client
+        .ns
+        .run(move || lb_tests::servers::tcp_echo_open(to))
+        .unwrap()
+        .unwrap();
+    let Ok(std::net::SocketAddr::V4(local)) = stream.local_addr() else {
+        panic!("an IPv4 client socket");
+    };
+    let at_client = client.ns.run(TcpWatch::open).unwrap().unwrap();
+    let at_server = server.ns.run(TcpWatch::open).unwrap().unwrap();
+    // From the server's address and port: sequence 1000, out of window
+    // (the connection's sequence numbers start at random).
+    let mut boom = Spec::tcp(server.ip, 8080, client.ip, local.port());
+    boom.tcp_flags = TCP_ACK | 0x08; // PSH
+    boom.payload = b"boom".to_vec();
+    let frame = boom.build();
+    server
+        .ns
+        .run(move || send_ipv4(&frame[14..]))
+        .unwrap()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        lb_tests::servers::tcp_echo(&mut stream, "still here").unwrap(),
+        name,
+        "the connection lives on"
+    );
+    let (client_saw, server_saw) = (
+        at_client.collect(Duration::from_millis(300)),
+        at_server.collect(Duration::from_millis(300)),
+    );
+    assert!(
+        client_saw
+            .iter()
+            .any(|s| s.src == to && s.dst == local && s.seq == 1000),
+        "the boom reached the client translated: {client_saw:?}"
+    );
+    assert!(
+        client_saw.iter().all(|s| *s.src.ip() != server.ip),
+        "nothing reached the client from the pod's own address: {client_saw:?}"
+    );
+    assert!(
+        server_saw.iter().all(|s| s.flags & 0x04 == 0),
+        "no RST reached the server: {server_saw:?}"
+    );
+}
+
+/// `web` on three endpoints hinted by zone (pod-1 and pod-2 for zone-a,
+/// pod-3 for zone-b), as the EndpointSlice controller hints them for
+/// `trafficDistribution: PreferClose`.
+fn zoned_world() -> (World, Svc, ConfigFile) {
+    let w = World::new(3);
+    let ips = w.backend_ips();
+    let svc = Svc::web(vec![
+        Endpoint::ready(ips[0]).hinted_for("zone-a"),
+        Endpoint::ready(ips[1]).hinted_for("zone-a"),
+        Endpoint::ready(ips[2]).hinted_for("zone-b"),
+    ]);
+    let config = ConfigFile::new(&yaml(&[svc.clone()])).unwrap();
+    (w, svc, config)
+}
+
+/// Who a pod of this node reaches on `svc`'s ClusterIP, over TCP and UDP
+/// (the same set both ways, else the test fails).
+fn zone_served(w: &World, svc: &Svc) -> BTreeSet<String> {
+    let tcp = hostnames(w.client_pod(), cluster_ip(svc, 80), Proto::Http, 30);
+    let udp = hostnames(w.client_pod(), cluster_ip(svc, 53), Proto::Udp, 30);
+    assert_eq!(tcp, udp, "TCP and UDP follow the same hints");
+    tcp
+}
+
+fn pods(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|n| n.to_string()).collect()
+}
+
+/// [sig-network] Traffic Distribution when Service has
+/// trafficDistribution=PreferClose should route traffic to an endpoint
+/// that is close to the client: on a node in zone-a (`--zone`; from the
+/// API, the Node's topology.kubernetes.io/zone label: kubernetes.rs) a pod
+/// reaches only the zone-a endpoints; on a node whose zone is not known,
+/// every endpoint (kube-proxy ignores zone hints then).
+#[test]
+fn traffic_distribution_prefer_close_should_route_traffic_to_an_endpoint_close_to_the_client() {
+    let (w, svc, config) = zoned_world();
+    let mut agent = Agent::start(&w.topo, &config.path).unwrap();
+    assert_eq!(zone_served(&w, &svc), pods(&["pod-1", "pod-2", "pod-3"]));
+    let mut args = agent.args();
+    args.extend(["--zone".into(), "zone-a".into()]);
+    agent.restart(Some(args)).unwrap();
+    assert_eq!(zone_served(&w, &svc), pods(&["pod-1", "pod-2"]));
+}
+
+/// [sig-network] Feature:Topology Hints should distribute endpoints evenly:
+/// the proxy's half (the other half is the EndpointSlice controller's):
+/// each zone's node sends its pods to the endpoints hinted for its zone,
+/// and a node in a zone no endpoint is hinted for uses them all
+/// (kube-proxy's topologyModeFromHints).
+#[test]
+fn topology_hints_each_zones_node_reaches_its_zones_endpoints() {
+    let (w, svc, config) = zoned_world();
+    let mut agent =
+        Agent::start_with(&w.topo, &config.path, &["--zone".into(), "zone-b".into()]).unwrap();
+    assert_eq!(zone_served(&w, &svc), pods(&["pod-3"]));
+    for (z, want) in [
+        ("zone-a", pods(&["pod-1", "pod-2"])),
+        ("zone-c", pods(&["pod-1", "pod-2", "pod-3"])),
+    ] {
+        let mut args = agent.args();
+        let at = args.iter().position(|a| a == "--zone").unwrap();
+        args[at + 1] = z.to_string();
+        agent.restart(Some(args)).unwrap();
+        assert_eq!(zone_served(&w, &svc), want, "{z}");
     }
 }
