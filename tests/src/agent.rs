@@ -22,6 +22,11 @@ use crate::{
 };
 
 /// The `lb` binary under test: `$LB_BIN` (set by `cargo xtask test`).
+/// Whether agents' log lines are echoed to stderr as they come (they are
+/// kept for `wait_for_log` either way). Benchmarks turn it off: 10,000
+/// Services make 10,000 lines.
+pub static ECHO_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
 pub fn lb_bin() -> PathBuf {
     match std::env::var_os("LB_BIN") {
         Some(p) => PathBuf::from(p),
@@ -131,7 +136,9 @@ impl Agent {
         let tag = netns_name.to_string();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[lb {tag}] {line}");
+                if ECHO_LOGS.load(std::sync::atomic::Ordering::Relaxed) {
+                    eprintln!("[lb {tag}] {line}");
+                }
                 sink.lock().unwrap().push(line);
             }
         });
@@ -155,6 +162,18 @@ impl Agent {
         extra: &[String],
         env: &[(&str, &str)],
     ) -> anyhow::Result<Agent> {
+        Self::start_within(topo, config, extra, env, Duration::from_secs(20))
+    }
+
+    /// `start_with_env`, waiting up to `within` for the datapath (a
+    /// benchmark's tens of thousands of Services take longer).
+    pub fn start_within(
+        topo: &Topology,
+        config: &Path,
+        extra: &[String],
+        env: &[(&str, &str)],
+        within: Duration,
+    ) -> anyhow::Result<Agent> {
         let mut args = vec![
             "--config".to_string(),
             config.display().to_string(),
@@ -168,7 +187,7 @@ impl Agent {
         args.extend_from_slice(extra);
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("lbtest")));
         let mut agent = Agent::spawn_with_env(&topo.node, &pin_dir, &args, env)?;
-        agent.wait_for_log("datapath ready", Duration::from_secs(20))?;
+        agent.wait_for_log("datapath ready", within)?;
         Ok(agent)
     }
 

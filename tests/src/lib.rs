@@ -6,6 +6,7 @@ pub mod agent;
 pub mod apiserver;
 pub mod cgroup;
 pub mod cluster;
+pub mod compare_bench;
 pub mod control_bench;
 pub mod deploy;
 pub mod example;

@@ -49,8 +49,22 @@ enum Cmd {
         #[arg(long, default_value_t = 25)]
         limit_minutes: u64,
     },
-    /// Run the benchmarks (ns/packet via BPF_PROG_TEST_RUN, Maglev build).
-    Bench,
+    /// Run the benchmarks (ns/packet via BPF_PROG_TEST_RUN, Maglev build,
+    /// control plane, node). With --compare: lb against kube-proxy's
+    /// iptables (legacy and nft) and nftables modes, side by side.
+    Bench {
+        /// Measure lb against kube-proxy's modes instead (installs
+        /// iptables, nftables and conntrack).
+        #[arg(long)]
+        compare: bool,
+        /// --compare: rounds per mode (each a slice between two baseline
+        /// slices).
+        #[arg(long, default_value_t = 12, requires = "compare")]
+        rounds: usize,
+        /// --compare: the service counts, comma-separated.
+        #[arg(long, default_value = "1,1000,10000", requires = "compare")]
+        services: String,
+    },
     /// Run the datapath fuzzer long: generated and mutated packets through
     /// the TC and XDP programs against the reference model (a short run is
     /// part of `test`).
@@ -128,11 +142,20 @@ fn main() -> anyhow::Result<()> {
             .env("LB_FUZZ_SEED", seed.to_string());
             run(&mut cmd)
         }
-        Cmd::Bench => {
+        Cmd::Bench {
+            compare,
+            rounds,
+            services,
+        } => {
             prereqs::ensure_all()?;
+            let mut cmd = Command::new(root.join("target/release/lb-bench"));
+            if compare {
+                prereqs::ensure_kube_proxy_tools()?;
+                cmd.args(["compare", "--rounds", &rounds.to_string()])
+                    .args(["--services", &services]);
+            }
             build_all(&root)?;
-            run(Command::new(root.join("target/release/lb-bench"))
-                .env("LB_BIN", root.join("target/release/lb")))
+            run(cmd.env("LB_BIN", root.join("target/release/lb")))
         }
     }
 }

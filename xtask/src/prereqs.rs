@@ -36,6 +36,17 @@ pub fn ensure_kernel_tools() -> anyhow::Result<()> {
     ])
 }
 
+/// What `bench --compare` programs kube-proxy's rules with: both
+/// iptables backends (Debian's iptables package carries both), nft, and
+/// conntrack to empty netfilter's table between slices.
+pub fn ensure_kube_proxy_tools() -> anyhow::Result<()> {
+    ensure_packages(&[
+        ("iptables", "iptables-legacy-restore"),
+        ("nftables", "nft"),
+        ("conntrack", "conntrack"),
+    ])
+}
+
 fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.output().ok()?;
     out.status

@@ -206,6 +206,7 @@ fn main() -> anyhow::Result<()> {
     match std::env::args().nth(1).as_deref() {
         Some("control") => return control_plane(),
         Some("node") => return node(),
+        Some("compare") => return compare(std::env::args().skip(2).collect()),
         _ => {}
     }
     println!("lb datapath benchmark: ns per packet, BPF_PROG_TEST_RUN (kernel-timed), {REPEAT} repeats (median of 5),");
@@ -279,6 +280,57 @@ fn main() -> anyhow::Result<()> {
     println!("(The Maglev paper reports 1.8 ms for 1,000 backends at M = 65,537.)");
     control_plane()?;
     node()
+}
+
+/// `lb-bench compare [--rounds N] [--services N,N,...] [--slice-ms MS]
+/// [--modes KEY,KEY,...] [--json PATH]`: see `lb_tests::compare_bench`
+/// (mode keys: iptables-legacy, iptables-nft, nftables, lb-tc, lb-xdp,
+/// xdp-pass, xdp-drop).
+fn compare(args: Vec<String>) -> anyhow::Result<()> {
+    use lb_tests::compare_bench::{self, Options};
+    let mut opts = Options {
+        services: vec![1, 1_000, 10_000],
+        modes: compare_bench::Mode::MEASURED.to_vec(),
+        rounds: 12,
+        slice: Duration::from_millis(500),
+        cpu: 0,
+    };
+    let mut json = std::path::PathBuf::from("target/compare-bench.json");
+    let mut it = args.into_iter();
+    while let Some(flag) = it.next() {
+        let value = it
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--rounds" => opts.rounds = value.parse()?,
+            "--slice-ms" => opts.slice = Duration::from_millis(value.parse()?),
+            "--services" => {
+                opts.services = value.split(',').map(str::parse).collect::<Result<_, _>>()?
+            }
+            "--json" => json = value.into(),
+            "--modes" => {
+                opts.modes = value
+                    .split(',')
+                    .map(|k| {
+                        compare_bench::Mode::from_key(k)
+                            .ok_or_else(|| anyhow::anyhow!("no mode {k}"))
+                    })
+                    .collect::<anyhow::Result<_>>()?
+            }
+            _ => anyhow::bail!("unknown flag {flag}"),
+        }
+    }
+    println!(
+        "lb against kube-proxy's modes: 60-byte UDP frames, {} rounds of {} ms slices per mode, each between two direct-routing slices; sender pinned to CPU {}\n",
+        opts.rounds,
+        opts.slice.as_millis(),
+        opts.cpu
+    );
+    let report = compare_bench::run(&opts)?;
+    println!("{}", report.markdown());
+    std::fs::write(&json, serde_json::to_string_pretty(&report.json(&opts))?)?;
+    println!("every round's figures: {}", json.display());
+    Ok(())
 }
 
 fn node() -> anyhow::Result<()> {
