@@ -206,6 +206,10 @@ fn main() -> anyhow::Result<()> {
     match std::env::args().nth(1).as_deref() {
         Some("control") => return control_plane(),
         Some("node") => return node(),
+        Some("maglev") => {
+            maglev();
+            return Ok(());
+        }
         Some("compare") => return compare(std::env::args().skip(2).collect()),
         _ => {}
     }
@@ -255,29 +259,7 @@ fn main() -> anyhow::Result<()> {
         );
     }
 
-    println!("\nMaglev table build (userspace), median of 21:");
-    for (backends, m) in [
-        (1000usize, 65_537u32),
-        (1000, table_size_for(1000)),
-        (100, table_size_for(100)),
-        (3, table_size_for(3)),
-    ] {
-        let set: Vec<(Ipv4Addr, u16)> = (0..backends as u32)
-            .map(|i| (Ipv4Addr::from(0xc612_8000 + i), 8080))
-            .collect();
-        let times: Vec<f64> = (0..21)
-            .map(|_| {
-                let t = Instant::now();
-                std::hint::black_box(MaglevTable::build(&set, m));
-                t.elapsed().as_secs_f64() * 1e3
-            })
-            .collect();
-        println!(
-            "| {backends} backends | M = {m} | {:.2} ms |",
-            median(times)
-        );
-    }
-    println!("(The Maglev paper reports 1.8 ms for 1,000 backends at M = 65,537.)");
+    maglev();
     control_plane()?;
     node()
 }
@@ -331,6 +313,33 @@ fn compare(args: Vec<String>) -> anyhow::Result<()> {
     std::fs::write(&json, serde_json::to_string_pretty(&report.json(&opts))?)?;
     println!("every round's figures: {}", json.display());
     Ok(())
+}
+
+/// The Maglev table build times (`lb-bench maglev` alone).
+fn maglev() {
+    println!("\nMaglev table build (userspace), median of 21:");
+    for (backends, m) in [
+        (1000usize, 65_537u32),
+        (1000, table_size_for(1000)),
+        (100, table_size_for(100)),
+        (3, table_size_for(3)),
+    ] {
+        let set: Vec<(Ipv4Addr, u16)> = (0..backends as u32)
+            .map(|i| (Ipv4Addr::from(0xc612_8000 + i), 8080))
+            .collect();
+        let times: Vec<f64> = (0..21)
+            .map(|_| {
+                let t = Instant::now();
+                std::hint::black_box(MaglevTable::build(&set, m));
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        println!(
+            "| {backends} backends | M = {m} | {:.2} ms |",
+            median(times)
+        );
+    }
+    println!("(The Maglev paper reports 1.8 ms for 1,000 backends at M = 65,537.)");
 }
 
 fn node() -> anyhow::Result<()> {
