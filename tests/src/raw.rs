@@ -18,6 +18,27 @@ fn raw_socket(protocol: libc::c_int) -> anyhow::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// setsockopt(SOL_SOCKET, `name`) with `value` (its C type: the option
+/// decides which), for the options std does not offer.
+pub fn set_option<T>(fd: std::os::fd::RawFd, name: libc::c_int, value: &T) -> anyhow::Result<()> {
+    // SAFETY: `value` is read for its size only, during the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            name,
+            std::ptr::from_ref(value).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+    anyhow::ensure!(
+        rc == 0,
+        "setsockopt {name}: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(())
+}
+
 /// Sends `packet` (a whole IPv4 packet, header included, as built by
 /// `packet::Spec::build` without its Ethernet header) from the calling
 /// thread's namespace, routed by its destination.
@@ -75,17 +96,7 @@ impl TcpWatch {
             tv_sec: 0,
             tv_usec: 100_000,
         };
-        // SAFETY: a valid timeval for SO_RCVTIMEO, its size given.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                std::ptr::addr_of!(tv).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        anyhow::ensure!(rc == 0, "SO_RCVTIMEO: {}", std::io::Error::last_os_error());
+        set_option(fd.as_raw_fd(), libc::SO_RCVTIMEO, &tv)?;
         Ok(TcpWatch { fd })
     }
 

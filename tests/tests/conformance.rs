@@ -114,10 +114,11 @@ fn affinity_times_out(ns: &Netns, to: SocketAddrV4) {
 /// The upstream tests' `timeoutSeconds`.
 const AFFINITY_TIMEOUT_S: u32 = 2;
 
-fn affinity_world() -> (World, ConfigFile, Agent) {
+/// Three backends behind `web` with ClientIP affinity for `timeout_s`.
+fn affinity_world(timeout_s: u32) -> (World, ConfigFile, Agent) {
     let w = World::new(3);
     let mut svc = w.web();
-    svc.affinity_timeout_s = Some(AFFINITY_TIMEOUT_S);
+    svc.affinity_timeout_s = Some(timeout_s);
     let config = ConfigFile::new(&yaml(&[svc])).unwrap();
     let agent = Agent::start(&w.topo, &config.path).unwrap();
     (w, config, agent)
@@ -127,7 +128,7 @@ fn affinity_world() -> (World, ConfigFile, Agent) {
 /// service with type clusterIP [LinuxOnly]
 #[test]
 fn should_have_session_affinity_timeout_work_for_service_with_type_cluster_ip() {
-    let (w, _config, _agent) = affinity_world();
+    let (w, _config, _agent) = affinity_world(AFFINITY_TIMEOUT_S);
     let cluster_ip = SocketAddrV4::new(w.web().cluster_ip, 80);
     affinity_times_out(w.client_pod(), cluster_ip);
 }
@@ -136,7 +137,7 @@ fn should_have_session_affinity_timeout_work_for_service_with_type_cluster_ip() 
 /// NodePort service [LinuxOnly]
 #[test]
 fn should_have_session_affinity_timeout_work_for_node_port_service() {
-    let (w, _config, _agent) = affinity_world();
+    let (w, _config, _agent) = affinity_world(AFFINITY_TIMEOUT_S);
     affinity_times_out(&w.topo.client, SocketAddrV4::new(NODE_IP, 30080));
 }
 
@@ -306,20 +307,11 @@ fn sticks(client: &Netns, to: SocketAddrV4) {
     assert_eq!(served.len(), 1, "{to}: {served:?}");
 }
 
-fn sticky_world() -> (World, ConfigFile, Agent) {
-    let w = World::new(3);
-    let mut svc = w.web();
-    svc.affinity_timeout_s = Some(10_800);
-    let config = ConfigFile::new(&yaml(&[svc])).unwrap();
-    let agent = Agent::start(&w.topo, &config.path).unwrap();
-    (w, config, agent)
-}
-
 /// [sig-network] Services should have session affinity work for service
 /// with type clusterIP [LinuxOnly] [Conformance]
 #[test]
 fn should_have_session_affinity_work_for_service_with_type_cluster_ip() {
-    let (w, _config, _agent) = sticky_world();
+    let (w, _config, _agent) = affinity_world(10_800);
     sticks(w.client_pod(), cluster_ip(&w.web(), 80));
 }
 
@@ -327,7 +319,7 @@ fn should_have_session_affinity_work_for_service_with_type_cluster_ip() {
 /// service [LinuxOnly] [Conformance]
 #[test]
 fn should_have_session_affinity_work_for_node_port_service() {
-    let (w, _config, _agent) = sticky_world();
+    let (w, _config, _agent) = affinity_world(10_800);
     sticks(&w.topo.client, SocketAddrV4::new(NODE_IP, 30080));
 }
 
@@ -508,14 +500,7 @@ fn external_traffic_policy_local_applies_to_outside_clients_pods_reach_every_end
 #[test]
 fn external_traffic_policy_local_lets_the_nodes_own_sockets_reach_every_endpoint() {
     let w = World::new(2);
-    let config = ConfigFile::new(&yaml(&[local_policy_endpoints_elsewhere(&w)])).unwrap();
-    let cg = lb_tests::cgroup::Cgroup::new().unwrap();
-    let _agent = Agent::start_with(
-        &w.topo,
-        &config.path,
-        &["--cgroup".into(), cg.path.display().to_string()],
-    )
-    .unwrap();
+    let (_config, cg, _agent) = with_socket_lb(&w, &[local_policy_endpoints_elsewhere(&w)]);
     let node_port = SocketAddrV4::new(NODE_IP, 30080);
     let out = cg.probe(&w.topo.node, Some(node_port), None).unwrap();
     assert!(out.contains("PROBE peer 198.18.0.2:30080"), "{out}");
@@ -981,14 +966,7 @@ fn granular_checks_should_function_for_node_service_http_and_udp() {
     let w = World::new(2);
     let mut svc = w.web();
     svc.ports[1].node_port = Some(30053);
-    let config = ConfigFile::new(&yaml(&[svc.clone()])).unwrap();
-    let cg = lb_tests::cgroup::Cgroup::new().unwrap();
-    let _agent = Agent::start_with(
-        &w.topo,
-        &config.path,
-        &["--cgroup".into(), cg.path.display().to_string()],
-    )
-    .unwrap();
+    let (_config, cg, _agent) = with_socket_lb(&w, &[svc.clone()]);
     for [http, udp] in [
         [cluster_ip(&svc, 80), cluster_ip(&svc, 53)],
         [
@@ -1001,6 +979,21 @@ fn granular_checks_should_function_for_node_service_http_and_udp() {
         assert_eq!(tcp_pods, both, "{http}");
         assert_eq!(udp_pods, both, "{udp}");
     }
+}
+
+/// An agent for `services` with the socket hooks on a cgroup of their own
+/// (`--cgroup`): what a process of the node started in that cgroup does
+/// goes through them.
+fn with_socket_lb(w: &World, services: &[Svc]) -> (ConfigFile, lb_tests::cgroup::Cgroup, Agent) {
+    let config = ConfigFile::new(&yaml(services)).unwrap();
+    let cg = lb_tests::cgroup::Cgroup::new().unwrap();
+    let agent = Agent::start_with(
+        &w.topo,
+        &config.path,
+        &["--cgroup".into(), cg.path.display().to_string()],
+    )
+    .unwrap();
+    (config, cg, agent)
 }
 
 /// Who answers `n` TCP connections to `http` and `n` UDP requests to `udp`
@@ -1211,14 +1204,7 @@ fn should_respect_internal_traffic_policy_local_pod_to_pod() {
 fn should_respect_internal_traffic_policy_local_pod_host_network_to_pod() {
     let w = World::new(2);
     let svc = internal_local(&w);
-    let config = ConfigFile::new(&yaml(&[svc.clone()])).unwrap();
-    let cg = lb_tests::cgroup::Cgroup::new().unwrap();
-    let _agent = Agent::start_with(
-        &w.topo,
-        &config.path,
-        &["--cgroup".into(), cg.path.display().to_string()],
-    )
-    .unwrap();
+    let (_config, cg, _agent) = with_socket_lb(&w, &[svc.clone()]);
     let local: BTreeSet<String> = ["pod-1".to_string()].into();
     let (tcp, udp) = node_hostnames(
         &cg,
@@ -1243,14 +1229,7 @@ fn should_respect_internal_traffic_policy_local_pod_and_node_to_pod_host_network
         Endpoint::ready(w.backend_ips()[0]).on("node-b"),
     ]);
     svc.extra.internal_traffic_policy = Some("Local");
-    let config = ConfigFile::new(&yaml(&[svc.clone()])).unwrap();
-    let cg = lb_tests::cgroup::Cgroup::new().unwrap();
-    let _agent = Agent::start_with(
-        &w.topo,
-        &config.path,
-        &["--cgroup".into(), cg.path.display().to_string()],
-    )
-    .unwrap();
+    let (_config, cg, _agent) = with_socket_lb(&w, &[svc.clone()]);
     let host: BTreeSet<String> = ["host".to_string()].into();
     let (http, udp) = (cluster_ip(&svc, 80), cluster_ip(&svc, 53));
     assert_eq!(
@@ -1298,14 +1277,7 @@ fn granular_checks_should_function_for_service_endpoints_using_host_network() {
     let _host = PodServer::start_on(&w.topo.node, "host", NODE_IP, 8080, 5353).unwrap();
     let mut svc = Svc::web(vec![Endpoint::ready(NODE_IP)]);
     svc.ports[1].node_port = Some(30053);
-    let config = ConfigFile::new(&yaml(&[svc.clone()])).unwrap();
-    let cg = lb_tests::cgroup::Cgroup::new().unwrap();
-    let _agent = Agent::start_with(
-        &w.topo,
-        &config.path,
-        &["--cgroup".into(), cg.path.display().to_string()],
-    )
-    .unwrap();
+    let (_config, cg, _agent) = with_socket_lb(&w, &[svc.clone()]);
     let host: BTreeSet<String> = ["host".to_string()].into();
     for proto in [Proto::Http, Proto::Udp] {
         for to in granular_targets(&svc, proto) {

@@ -175,17 +175,8 @@ pub fn connect_for(
                 l_onoff: 1,
                 l_linger: 0,
             };
-            // SAFETY: a linger struct of its size (std's set_linger is
-            // unstable): the close resets the connection.
-            unsafe {
-                libc::setsockopt(
-                    s.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_LINGER,
-                    std::ptr::addr_of!(linger).cast(),
-                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
-                )
-            };
+            // std's set_linger is unstable: the close resets the connection.
+            crate::raw::set_option(s.as_raw_fd(), libc::SO_LINGER, &linger)?;
             made += 1;
         }
         Ok((start.elapsed(), made))
@@ -271,18 +262,8 @@ pub fn rx_packets(ns: &Netns, iface: &str) -> anyhow::Result<u64> {
 pub fn sink(ns: &Netns, port: u16) -> anyhow::Result<std::net::UdpSocket> {
     ns.run(move || -> anyhow::Result<std::net::UdpSocket> {
         let s = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))?;
-        let size: libc::c_int = 1;
-        // SAFETY: an int option of its size; the kernel clamps it to its
-        // minimum.
-        unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUF,
-                std::ptr::addr_of!(size).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
+        // The kernel raises it to its minimum.
+        crate::raw::set_option(s.as_raw_fd(), libc::SO_RCVBUF, &(1 as libc::c_int))?;
         Ok(s)
     })?
 }
