@@ -219,18 +219,19 @@ fn lb_yaml(services: &[BenchService]) -> String {
     out
 }
 
-/// One mode's node, programmed and ready for traffic.
+/// One mode's node, programmed and ready for traffic. (Fields drop in
+/// order: the agent, the XDP link and the sinks go before the namespaces.)
 struct Bed {
+    _agent: Option<(Agent, ConfigFile)>,
+    _xdp: Option<xdp::Attached>,
+    _sinks: (Vec<std::net::UdpSocket>, Vec<traffic::TcpSink>),
     mode: Mode,
-    topo: Topology,
     sender: Sender,
     target: SocketAddrV4,
     tcp_target: SocketAddrV4,
-    _sinks: (Vec<std::net::UdpSocket>, Vec<traffic::TcpSink>),
-    _agent: Option<(Agent, ConfigFile)>,
-    _xdp: Option<xdp::Attached>,
     /// How long programming the Services took.
     programmed: Option<Duration>,
+    topo: Topology,
 }
 
 impl Bed {
