@@ -11,6 +11,9 @@
 //! - `nftables`: kube-proxy's nftables-mode table (`rules::nftables`);
 //! - `lb-tc`, `lb-xdp`: the real `lb run` with the same Services (XDP on
 //!   the node's client-facing veth for the second, TC elsewhere);
+//! - `lb-socket`: `lb run --cgroup`, the senders in that cgroup (the
+//!   client namespace stands in for a pod: the hooks serve every
+//!   namespace); measured with the socket senders only;
 //! - `xdp-pass`, `xdp-drop`: two-instruction XDP programs on that veth,
 //!   plain routing behind: what XDP on a veth costs by itself (the veth
 //!   copies each packet into a page), and the ceiling (dropped at once).
@@ -18,7 +21,10 @@
 //! The client sends 60-byte UDP frames with a raw socket pinned to one
 //! CPU, which also does all of each packet's forwarding (veths hand
 //! packets on in the sender's softirq): one flow throughout (established),
-//! or a never-seen source address and port per packet (new flows).
+//! or a never-seen source address and port per packet (new flows). Then,
+//! as applications send (`lb-probe`, pinned the same way, in a cgroup of
+//! the mode's own): datagrams on one connected UDP socket, one UDP socket
+//! per datagram, and TCP connections (connect, reset).
 //! Delivered packets are counted at the pods (the drop ceiling: at the
 //! node's veth). A slice is `slice` long; every mode's slice sits between
 //! two `direct` slices, and its cost is its ns per delivered packet minus
@@ -56,6 +62,7 @@ pub enum Mode {
     Nftables,
     LbTc,
     LbXdp,
+    LbSocket,
     XdpPass,
     XdpDrop,
 }
@@ -69,6 +76,7 @@ impl Mode {
             Mode::Nftables => "kube-proxy nftables mode",
             Mode::LbTc => "lb TC",
             Mode::LbXdp => "lb XDP",
+            Mode::LbSocket => "lb socket LB (cgroup hooks)",
             Mode::XdpPass => "XDP_PASS alone",
             Mode::XdpDrop => "XDP_DROP ceiling",
         }
@@ -82,18 +90,20 @@ impl Mode {
             Mode::Nftables => "nftables",
             Mode::LbTc => "lb-tc",
             Mode::LbXdp => "lb-xdp",
+            Mode::LbSocket => "lb-socket",
             Mode::XdpPass => "xdp-pass",
             Mode::XdpDrop => "xdp-drop",
         }
     }
 
     /// The modes measured against `direct`, in table order.
-    pub const MEASURED: [Mode; 7] = [
+    pub const MEASURED: [Mode; 8] = [
         Mode::IptablesLegacy,
         Mode::IptablesNft,
         Mode::Nftables,
         Mode::LbTc,
         Mode::LbXdp,
+        Mode::LbSocket,
         Mode::XdpPass,
         Mode::XdpDrop,
     ];
@@ -111,12 +121,29 @@ impl Mode {
     }
 
     fn has_services(self) -> bool {
-        self.uses_conntrack() || matches!(self, Mode::LbTc | Mode::LbXdp)
+        self.uses_conntrack() || matches!(self, Mode::LbTc | Mode::LbXdp | Mode::LbSocket)
+    }
+
+    /// Whether this mode's figure for `flows` means anything: nothing gets
+    /// through the drop ceiling to a socket, and the raw sender's packets
+    /// never meet socket hooks (they would measure lb's TC programs).
+    fn measures(self, flows: Flows) -> bool {
+        match self {
+            Mode::XdpDrop => !flows.from_sockets(),
+            Mode::LbSocket => flows.from_sockets(),
+            _ => true,
+        }
     }
 }
 
 /// What each pass measures, in order.
-const FLOWS: [Flows; 3] = [Flows::Established, Flows::New, Flows::Connect];
+const FLOWS: [Flows; 5] = [
+    Flows::Established,
+    Flows::New,
+    Flows::SocketSend,
+    Flows::SocketNew,
+    Flows::Connect,
+];
 
 pub struct Options {
     /// Service counts, each measured in its own pass.
@@ -225,6 +252,8 @@ struct Bed {
     _agent: Option<(Agent, ConfigFile)>,
     _xdp: Option<xdp::Attached>,
     _sinks: (Vec<std::net::UdpSocket>, Vec<traffic::TcpSink>),
+    /// Where `lb-probe` runs (for `lb-socket`, the cgroup of its hooks).
+    cgroup: crate::cgroup::Cgroup,
     mode: Mode,
     sender: Sender,
     target: SocketAddrV4,
@@ -266,6 +295,7 @@ impl Bed {
             "nud",
             "permanent",
         ])?;
+        let cgroup = crate::cgroup::Cgroup::new()?;
         let started = Instant::now();
         let (mut agent, mut attached) = (None, None);
         match mode {
@@ -281,12 +311,12 @@ impl Bed {
                 &rules::iptables(services),
             )?,
             Mode::Nftables => restore(&topo.node, "nft", &rules::nftables(services))?,
-            Mode::LbTc | Mode::LbXdp => {
+            Mode::LbTc | Mode::LbXdp | Mode::LbSocket => {
                 let config = ConfigFile::new(&lb_yaml(services))?;
-                let extra: Vec<String> = if mode == Mode::LbXdp {
-                    vec!["--xdp-iface".into(), topo.nic.clone()]
-                } else {
-                    Vec::new()
+                let extra: Vec<String> = match mode {
+                    Mode::LbXdp => vec!["--xdp-iface".into(), topo.nic.clone()],
+                    Mode::LbSocket => vec!["--cgroup".into(), cgroup.path.display().to_string()],
+                    _ => Vec::new(),
                 };
 
                 let a = Agent::start_within(
@@ -330,6 +360,7 @@ impl Bed {
             target,
             tcp_target,
             _sinks: (sinks, tcp_sinks),
+            cgroup,
             _agent: agent,
             _xdp: attached,
             programmed,
@@ -351,19 +382,19 @@ impl Bed {
 
     /// One slice: ns per delivered packet (per connection for `Connect`).
     fn slice(&self, flows: Flows, next_flow: &mut u64, opts: &Options) -> anyhow::Result<f64> {
-        let slice = opts.slice;
-        if flows == Flows::Connect {
-            let (took, made) =
-                traffic::connect_for(&self.topo.client, opts.cpu, self.tcp_target, slice)
-                    .with_context(|| {
-                        format!("{}: connecting to {}", self.mode.label(), self.tcp_target)
-                    })?;
-            return Ok(took.as_nanos() as f64 / made as f64);
-        }
         let before = self.delivered()?;
-        let (took, sent) = self
-            .sender
-            .send_for(CLIENT, self.target, flows, next_flow, slice);
+        let (took, sent) = if flows.from_sockets() {
+            let (took, count) = self
+                .probe(flows, opts)
+                .with_context(|| format!("{}: {} slice", self.mode.label(), flows.label()))?;
+            if flows == Flows::Connect {
+                return Ok(took.as_nanos() as f64 / count as f64);
+            }
+            (took, count)
+        } else {
+            self.sender
+                .send_for(CLIENT, self.target, flows, next_flow, opts.slice)
+        };
         // Let the last packets through the veths' queues.
         std::thread::sleep(Duration::from_millis(20));
         let delivered = self.delivered()? - before;
@@ -378,6 +409,45 @@ impl Bed {
             self.topo.node.exec("conntrack", &["-F"])?;
         }
         Ok(took.as_nanos() as f64 / delivered as f64)
+    }
+}
+
+impl Bed {
+    /// One slice of `lb-probe` in the client's namespace and this bed's
+    /// cgroup: the time it took and what it sent (datagrams or
+    /// connections).
+    fn probe(&self, flows: Flows, opts: &Options) -> anyhow::Result<(Duration, u64)> {
+        let (cpu, ms) = (opts.cpu.to_string(), opts.slice.as_millis().to_string());
+        let (udp, tcp) = (self.target.to_string(), self.tcp_target.to_string());
+        let mut env = vec![
+            ("LB_PROBE_CPU", cpu.as_str()),
+            ("LB_PROBE_FOR_MS", ms.as_str()),
+        ];
+        match flows {
+            Flows::SocketSend => env.push(("LB_PROBE_UDP_SEND", &udp)),
+            Flows::SocketNew => env.extend([
+                ("LB_PROBE_UDP_SEND", udp.as_str()),
+                ("LB_PROBE_NEW_SOCKETS", "1"),
+            ]),
+            _ => env.push(("LB_PROBE_CONNECT_RESET", &tcp)),
+        }
+        let probe = crate::agent::lb_bin().with_file_name("lb-probe");
+        let out = self.cgroup.run(&self.topo.client, &probe, &[], &env)?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        anyhow::ensure!(
+            out.status.success(),
+            "lb-probe: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with("PROBE sent ") || l.starts_with("PROBE connects "))
+            .with_context(|| format!("lb-probe printed {stdout:?}"))?;
+        let mut words = line.split_whitespace().skip(2);
+        let count: u64 = words.next().context("count")?.parse()?;
+        let nanos: u64 = words.next().context("time")?.parse()?;
+        anyhow::ensure!(count > 0, "lb-probe sent nothing");
+        Ok((Duration::from_nanos(nanos), count))
     }
 }
 
@@ -457,8 +527,8 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
                 let mut before = direct.slice(flows, &mut next_flow, opts)?;
                 for k in 0..beds.len() {
                     let bed = &beds[(k + round) % beds.len()];
-                    if flows == Flows::Connect && bed.mode == Mode::XdpDrop {
-                        continue; // nothing gets through to connect to
+                    if !bed.mode.measures(flows) {
+                        continue;
                     }
                     let ns = bed.slice(flows, &mut next_flow, opts)?;
                     let after = direct.slice(flows, &mut next_flow, opts)?;
@@ -515,6 +585,9 @@ impl Report {
         let modes = self.modes();
         let mut out = String::new();
         let fmt = |v: &[f64]| {
+            if v.is_empty() {
+                return "-".to_string();
+            }
             let (m, lo, hi) = spread(v);
             format!("{m:.0} ({lo:.0} to {hi:.0})")
         };
@@ -563,36 +636,38 @@ impl Report {
             }
             out.push('\n');
         }
-        for flows in FLOWS.into_iter().filter(|_| modes.contains(&Mode::LbTc)) {
-            let _ = writeln!(
-                out,
-                "\n{}: lb TC's extra cost over each mode's, per round, median (min to max)\n",
-                flows.label()
-            );
-            header(&mut out, "lb TC / ...");
-            for mode in [Mode::IptablesLegacy, Mode::IptablesNft, Mode::Nftables]
+        for flows in FLOWS {
+            for lb in [Mode::LbTc, Mode::LbSocket]
                 .into_iter()
-                .filter(|m| modes.contains(m))
+                .filter(|m| modes.contains(m) && m.measures(flows))
             {
-                let _ = write!(out, "| {} |", mode.label());
+                let _ = writeln!(
+                    out,
+                    "\n{}: {}'s extra cost over each mode's, per round, median (min to max)\n",
+                    flows.label(),
+                    lb.label()
+                );
+                header(&mut out, &format!("{} / ...", lb.label()));
+                for mode in [Mode::IptablesLegacy, Mode::IptablesNft, Mode::Nftables]
+                    .into_iter()
+                    .filter(|m| modes.contains(m))
+                {
+                    let _ = write!(out, "| {} |", mode.label());
+                    for &n in &counts {
+                        let r = ratios(self.extra(n, flows, lb), self.extra(n, flows, mode));
+                        let (m, lo, hi) = spread(&r);
+                        let _ = write!(out, " {m:.2} ({lo:.2} to {hi:.2}) |");
+                    }
+                    out.push('\n');
+                }
+                let first = counts.first().copied().unwrap_or(0);
+                let _ = write!(out, "| at N / at {first} services (medians) |");
                 for &n in &counts {
-                    let r = ratios(self.extra(n, flows, Mode::LbTc), self.extra(n, flows, mode));
-                    let (m, lo, hi) = spread(&r);
-                    let _ = write!(out, " {m:.2} ({lo:.2} to {hi:.2}) |");
+                    let at = |n| spread(self.extra(n, flows, lb)).0;
+                    let _ = write!(out, " {:.2} |", at(n) / at(first));
                 }
                 out.push('\n');
             }
-            let first = counts.first().copied();
-            let _ = write!(
-                out,
-                "| lb TC at N / lb TC at {} services (medians) |",
-                first.unwrap_or(0)
-            );
-            for &n in &counts {
-                let at = |n| spread(self.extra(n, flows, Mode::LbTc)).0;
-                let _ = write!(out, " {:.2} |", at(n) / at(first.unwrap_or(n)));
-            }
-            out.push('\n');
         }
         if !self.programmed.is_empty() {
             out.push_str(

@@ -20,16 +20,29 @@ pub enum Flows {
     /// A 5-tuple never sent before for every packet: every packet is a new
     /// flow's first (conntrack entries, backend choice, NAT set-up).
     New,
+    /// Datagrams on one connected UDP socket (`lb-probe`): what an
+    /// application's established flow costs, socket hooks included.
+    SocketSend,
+    /// A new UDP socket per datagram (socket, connect, send, close): a new
+    /// flow per datagram as an application makes it.
+    SocketNew,
     /// TCP connections: connect (SYN, SYN-ACK, ACK), then reset (SO_LINGER
-    /// 0: no TIME_WAIT to run out of ports with); one a time.
+    /// 0: no TIME_WAIT to run out of ports with); one at a time.
     Connect,
 }
 
 impl Flows {
+    /// Sent by an application's sockets (`lb-probe`), not the raw sender.
+    pub fn from_sockets(self) -> bool {
+        matches!(self, Flows::SocketSend | Flows::SocketNew | Flows::Connect)
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             Flows::Established => "established",
             Flows::New => "new flow",
+            Flows::SocketSend => "UDP socket, connected",
+            Flows::SocketNew => "UDP socket per datagram",
             Flows::Connect => "TCP connection",
         }
     }
@@ -156,31 +169,24 @@ pub fn udp_packet(from: SocketAddrV4, to: SocketAddrV4) -> [u8; 20 + 8 + PAYLOAD
     p
 }
 
-/// TCP connections to `to` made one after the other from a thread in
-/// `client` pinned to `cpu`, each reset at once, until `slice` has passed:
-/// the time it took and the connections made.
-pub fn connect_for(
-    client: &Netns,
-    cpu: usize,
-    to: SocketAddrV4,
-    slice: Duration,
-) -> anyhow::Result<(Duration, u64)> {
-    client.run(move || -> anyhow::Result<(Duration, u64)> {
-        pin_to(Some(cpu))?;
-        let start = Instant::now();
-        let mut made = 0u64;
-        while start.elapsed() < slice {
-            let s = std::net::TcpStream::connect_timeout(&to.into(), Duration::from_secs(1))?;
-            let linger = libc::linger {
-                l_onoff: 1,
-                l_linger: 0,
-            };
-            // std's set_linger is unstable: the close resets the connection.
-            crate::raw::set_option(s.as_raw_fd(), libc::SO_LINGER, &linger)?;
-            made += 1;
-        }
-        Ok((start.elapsed(), made))
-    })?
+/// TCP connections to `to` made one after the other, each reset at once
+/// (SO_LINGER 0), until `slice` has passed: the connections made and the
+/// time it took. (Run by `lb-probe`, in the client's namespace and, for
+/// socket LB, the hooked cgroup.)
+pub fn connect_reset_loop(to: SocketAddrV4, slice: Duration) -> anyhow::Result<(u64, Duration)> {
+    let start = Instant::now();
+    let mut made = 0u64;
+    while start.elapsed() < slice {
+        let s = std::net::TcpStream::connect_timeout(&to.into(), Duration::from_secs(1))?;
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // std's set_linger is unstable: the close resets the connection.
+        crate::raw::set_option(s.as_raw_fd(), libc::SO_LINGER, &linger)?;
+        made += 1;
+    }
+    Ok((made, start.elapsed()))
 }
 
 /// A TCP listener on `port` in a pod that accepts and drops every
