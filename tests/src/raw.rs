@@ -1,16 +1,19 @@
 //! Raw IPv4 sockets, for tests that inject a packet the way a misbehaving
 //! peer would (upstream's "boom" server sends an out-of-window segment)
-//! and watch what arrives in a namespace. Written on libc because std has
+//! and watch what arrives in a namespace, and for the comparison
+//! benchmark's sender (`compare_bench::traffic`). Written on libc because std has
 //! no raw sockets and one send and one receive call do not justify a crate.
 //! Both need CAP_NET_RAW (the tests run as root).
 
+use anyhow::Context;
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     time::{Duration, Instant},
 };
 
-fn raw_socket(protocol: libc::c_int) -> anyhow::Result<OwnedFd> {
+/// A raw IPv4 socket for `protocol` in the calling thread's namespace.
+pub fn raw_socket(protocol: libc::c_int) -> anyhow::Result<OwnedFd> {
     // SAFETY: socket(2) with constant arguments; the descriptor is owned.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, protocol) };
     anyhow::ensure!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
@@ -46,6 +49,11 @@ pub fn send_ipv4(packet: &[u8]) -> anyhow::Result<()> {
     anyhow::ensure!(packet.len() >= 20, "not an IPv4 packet");
     let fd = raw_socket(libc::IPPROTO_RAW)?;
     let dst = Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
+    send_to(&fd, packet, dst).with_context(|| format!("sendto {dst}"))
+}
+
+/// One whole IPv4 packet out of raw socket `fd`, routed to `dst`.
+pub fn send_to(fd: &OwnedFd, packet: &[u8], dst: Ipv4Addr) -> std::io::Result<()> {
     let addr = libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: 0,
@@ -65,12 +73,11 @@ pub fn send_ipv4(packet: &[u8]) -> anyhow::Result<()> {
             std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
         )
     };
-    anyhow::ensure!(
-        n == packet.len() as isize,
-        "sendto {dst}: {}",
-        std::io::Error::last_os_error()
-    );
-    Ok(())
+    if n == packet.len() as isize {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// A TCP segment seen arriving in a namespace.

@@ -5,7 +5,7 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, OwnedFd},
     time::{Duration, Instant},
 };
 
@@ -64,21 +64,8 @@ const PAYLOAD: usize = 18;
 impl Sender {
     /// Opens the socket inside `client`.
     pub fn open(client: &Netns) -> anyhow::Result<Sender> {
-        client.run(|| {
-            // SAFETY: socket(2) with constant arguments.
-            let fd = unsafe {
-                libc::socket(
-                    libc::AF_INET,
-                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                    libc::IPPROTO_RAW,
-                )
-            };
-            anyhow::ensure!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
-            // SAFETY: just returned by socket(2), owned by no one else.
-            Ok(Sender {
-                fd: unsafe { OwnedFd::from_raw_fd(fd) },
-            })
-        })?
+        let fd = client.run(|| crate::raw::raw_socket(libc::IPPROTO_RAW))??;
+        Ok(Sender { fd })
     }
 
     /// Sends to `to` from `from` (established) or from ever new sources
@@ -92,14 +79,6 @@ impl Sender {
         next_flow: &mut u64,
         slice: Duration,
     ) -> (Duration, u64) {
-        let addr = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: 0,
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(*to.ip()).to_be(),
-            },
-            sin_zero: [0; 8],
-        };
         let mut packet = udp_packet(from, to);
         let start = Instant::now();
         let mut sent = 0u64;
@@ -113,18 +92,7 @@ impl Sender {
                     let port = 1024 + (k % u64::from(PORTS_PER_SOURCE)) as u16;
                     packet = udp_packet(SocketAddrV4::new(Ipv4Addr::from(src), port), to);
                 }
-                // SAFETY: the packet and the address outlive the call.
-                let n = unsafe {
-                    libc::sendto(
-                        self.fd.as_raw_fd(),
-                        packet.as_ptr().cast(),
-                        packet.len(),
-                        0,
-                        std::ptr::addr_of!(addr).cast(),
-                        std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-                    )
-                };
-                if n > 0 {
+                if crate::raw::send_to(&self.fd, &packet, *to.ip()).is_ok() {
                     sent += 1;
                 }
             }
