@@ -268,7 +268,14 @@ pub fn tcp_who_client_closes(to: SocketAddrV4) -> anyhow::Result<Answer> {
 
 /// One UDP exchange from a fresh socket (a new flow each time).
 pub fn udp_who(to: SocketAddrV4) -> anyhow::Result<Answer> {
-    let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    udp_who_from(0, to)
+}
+
+/// `udp_who` from source port `local` (0: the kernel picks one, and may
+/// pick one an earlier flow used, whose conntrack entry still names its
+/// backend).
+pub fn udp_who_from(local: u16, to: SocketAddrV4) -> anyhow::Result<Answer> {
+    let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, local))?;
     s.connect(to)?;
     s.set_read_timeout(Some(Duration::from_millis(500)))?;
     let mut buf = [0u8; 256];

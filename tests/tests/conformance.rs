@@ -791,7 +791,7 @@ fn hostnames(ns: &Netns, to: SocketAddrV4, proto: Proto, n: usize) -> BTreeSet<S
         .map(|_| {
             ns.run(move || match proto {
                 Proto::Http => tcp_who(to),
-                Proto::Udp => udp_who(to),
+                Proto::Udp => lb_tests::servers::udp_who_from(fresh_udp_port(), to),
             })
             .unwrap()
         })
@@ -811,6 +811,16 @@ fn hostnames(ns: &Netns, to: SocketAddrV4, proto: Proto, n: usize) -> BTreeSet<S
         .filter_map(Result::ok)
         .map(|a| a.pod)
         .collect()
+}
+
+/// A source port no earlier request of this test binary used: each UDP
+/// request is a new flow, as upstream's checks mean it. (A port the kernel
+/// picks can be one an earlier request used, and its flow still names the
+/// backend it had: a zone test once saw a backend of the zone before.)
+/// Below the ephemeral range, so no other socket takes it.
+fn fresh_udp_port() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(20_000);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Tries of a granular check that may fail (a full `cargo xtask test` run
