@@ -57,6 +57,22 @@ fn redirect(hook: Hook) -> u32 {
     }
 }
 
+/// `p` as the node sends it on after translating its source to the node
+/// (`sport`) and its destination to `daddr:dport`: routed by us, so out of
+/// the NIC with the node's MAC and the TTL one lower.
+fn routed_from_node(p: &Spec, sport: u16, daddr: Ipv4Addr, dport: u16) -> Spec {
+    Spec {
+        src_mac: NODE_MAC,
+        dst_mac: CLIENT_MAC,
+        saddr: NODE_IP,
+        sport,
+        daddr,
+        dport,
+        ttl: p.ttl - 1,
+        ..p.clone()
+    }
+}
+
 #[test]
 fn node_port_to_a_remote_backend_is_snatted_and_the_reply_reversed() {
     for hook in HOOKS {
@@ -67,16 +83,7 @@ fn node_port_to_a_remote_backend_is_snatted_and_the_reply_reversed() {
         let port = snat_port_of(&first);
         // Source becomes the node and a SNAT port, destination the backend;
         // routed by us (TTL - 1) to the next hop towards node B.
-        let want = Spec {
-            src_mac: NODE_MAC,
-            dst_mac: CLIENT_MAC,
-            saddr: NODE_IP,
-            sport: port,
-            daddr: backend,
-            dport: 8080,
-            ttl: 63,
-            ..syn.clone()
-        };
+        let want = routed_from_node(&syn, port, backend, 8080);
         for (i, flags) in [TCP_SYN, TCP_ACK].into_iter().enumerate() {
             let input = Spec {
                 tcp_flags: flags,
@@ -102,16 +109,7 @@ fn node_port_to_a_remote_backend_is_snatted_and_the_reply_reversed() {
             ..Spec::tcp(backend, 8080, NODE_IP, port)
         };
         let out = fx.run_on(hook, &reply.build(), fx.nic_ifindex).unwrap();
-        let want = Spec {
-            src_mac: NODE_MAC,
-            dst_mac: CLIENT_MAC,
-            saddr: NODE_IP,
-            sport: 30080,
-            daddr: CLIENT,
-            dport: 40000,
-            ttl: 63,
-            ..reply
-        };
+        let want = routed_from_node(&reply, 30080, CLIENT, 40000);
         assert_eq!(out.verdict, redirect(hook), "{hook:?}");
         assert_eq!(out.frame, want.build(), "{hook:?} reply");
         assert_eq!(fx.counter(Verdict::ReplyNat), 1);
@@ -388,16 +386,12 @@ fn an_outside_client_of_a_cluster_ip_is_masqueraded_or_dropped_a_pod_is_not() {
         let syn = Spec::tcp(CLIENT, 41000, CLUSTER_IP, 80);
         let out = fx.run_on(hook, &syn.build(), fx.nic_ifindex).unwrap();
         let port = snat_port_of(&out);
-        let want = Spec {
-            src_mac: NODE_MAC,
-            dst_mac: CLIENT_MAC,
-            saddr: NODE_IP,
-            sport: port,
-            daddr: backend_for(&remote(), CLIENT, 41000, 80, TCP),
-            dport: 8080,
-            ttl: 63,
-            ..syn.clone()
-        };
+        let want = routed_from_node(
+            &syn,
+            port,
+            backend_for(&remote(), CLIENT, 41000, 80, TCP),
+            8080,
+        );
         assert_eq!(out.verdict, redirect(hook), "{hook:?}: masqueraded");
         assert_eq!(out.frame, want.build(), "{hook:?}: masqueraded");
 

@@ -124,11 +124,12 @@ pub fn udp_packet(from: SocketAddrV4, to: SocketAddrV4) -> [u8; 20 + 8 + PAYLOAD
     p[28..].copy_from_slice(b"lb-compare-bench!!");
     // The checksum over the pseudo-header (addresses, protocol, length)
     // and the UDP header and payload.
-    let mut pseudo = Vec::with_capacity(12 + 8 + PAYLOAD);
-    pseudo.extend_from_slice(&p[12..20]);
-    pseudo.extend_from_slice(&[0, libc::IPPROTO_UDP as u8]);
-    pseudo.extend_from_slice(&(total - 20).to_be_bytes());
-    pseudo.extend_from_slice(&p[20..]);
+    // (On the stack: the new-flow sender builds one packet per send.)
+    let mut pseudo = [0u8; 12 + 8 + PAYLOAD];
+    pseudo[..8].copy_from_slice(&p[12..20]);
+    pseudo[9] = libc::IPPROTO_UDP as u8;
+    pseudo[10..12].copy_from_slice(&(total - 20).to_be_bytes());
+    pseudo[12..].copy_from_slice(&p[20..]);
     let sum = match crate::packet::checksum(&pseudo) {
         0 => 0xffff,
         s => s,
