@@ -244,6 +244,25 @@ pub struct MaglevKey {
     pub table_size: u32,
 }
 
+/// One element of an inner Maglev array: the same slot of the table's two
+/// halves, A (`[0]`) and B (`[1]`). The agent rewrites the half no
+/// frontend reads and then flips the frontends (`SERVICE_F_TABLE_B`), so an
+/// endpoint change needs no new inner map and no map-in-map update (the
+/// kernel waits an RCU grace period, ~7 ms, after each of those).
+///
+/// Element 0 is the header: each half's generation, 0 while the agent
+/// writes that half. Elements `1..=M` are the slots. A reader checks its
+/// half's generation before and after reading its slot (a seqlock): a slot
+/// read while its half was rewritten is never used. Interleaving the halves
+/// costs no memory: the kernel stores array elements at an 8-byte stride,
+/// so a lone `u32` slot took 8 bytes too.
+pub type MaglevSlots = [u32; 2];
+
+/// Elements of the inner array of a table of size `m`.
+pub const fn maglev_elements(m: u32) -> u32 {
+    m + 1
+}
+
 /// Entries of `lb_maglev`: two per service, for the moment a table changes
 /// size.
 pub const MAX_MAGLEV_TABLES: u32 = 2 * MAX_SERVICES;
@@ -280,6 +299,9 @@ pub const SERVICE_F_LOCAL: u8 = 1 << 2;
 /// `ServiceEntry::flags`: a load-balancer ingress IP with
 /// loadBalancerSourceRanges; sources outside `lb_src_ranges` are dropped.
 pub const SERVICE_F_SOURCE_RANGES: u8 = 1 << 3;
+/// `ServiceEntry::flags`: new flows read half B of the Maglev table (see
+/// `MaglevSlots`); without it, half A.
+pub const SERVICE_F_TABLE_B: u8 = 1 << 4;
 
 /// Value of `lb_backends` (ARRAY indexed by backend id): one endpoint of one
 /// service port. Ids are per service port so a conntrack or affinity entry
@@ -400,7 +422,8 @@ pub const CONFIG_F_EXTERNAL_CLUSTER_IP_DROP: u32 = 1 << 2;
 
 /// Bumped whenever a pinned map's key or value changes meaning without
 /// changing size (size changes are caught from the maps themselves).
-pub const LAYOUT_VERSION: u32 = 2;
+/// 3: Maglev inner arrays hold two halves and a header (`MaglevSlots`).
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Default SNAT port range: above Linux's default ephemeral range
 /// (32768-60999), so translated flows never take a 4-tuple a local socket

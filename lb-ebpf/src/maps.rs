@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     ct_stat, AffinityEntry, AffinityKey, Backend, ConntrackEntry, Counter, DatapathConfig, FlowKey,
-    FragKey, FragPorts, FrontendKey, MaglevKey, RejectLimit, ServiceEntry, SockReverseEntry, SockReverseKey,
+    FragKey, FragPorts, FrontendKey, MaglevKey, MaglevSlots, RejectLimit, ServiceEntry, SockReverseEntry, SockReverseKey,
     SourceRange, CT_DEFAULT_ENTRIES, MAGLEV_INNER_FLAGS, MAX_AFFINITY, MAX_BACKENDS, MAX_FRAGS,
     MAX_FRONTENDS, MAX_MAGLEV_TABLES, MAX_SERVICES, MAX_SOCK_REVERSE, MAX_SOURCE_RANGES, MAX_CLUSTER_CIDRS, ServiceName, VERDICT_COUNT,
 };
@@ -21,11 +21,12 @@ pub static FRONTENDS: HashMap<FrontendKey, ServiceEntry, { MAX_FRONTENDS as usiz
 #[btf_map(name = "lb_backends")]
 pub static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
 
-/// Maglev tables: (service id, M) -> inner ARRAY[M] of backend ids. The agent
-/// builds a new inner array and swaps it in with one update, so a lookup
-/// never sees a half-written table. `BPF_F_INNER_MAP` lets M differ per
-/// service (the template's size of 1 is not used).
-pub type MaglevTable = Array<u32, 1, { MAGLEV_INNER_FLAGS as usize }>;
+/// Maglev tables: (service id, M) -> inner ARRAY[M + 1] of `MaglevSlots`
+/// (a header, then slot i of halves A and B). The agent rewrites the half
+/// the frontends do not name, then flips them; `select::table_slot` never
+/// uses a slot of a half being rewritten. `BPF_F_INNER_MAP` lets M differ
+/// per service (the template's size of 1 is not used).
+pub type MaglevTable = Array<MaglevSlots, 1, { MAGLEV_INNER_FLAGS as usize }>;
 #[btf_map(name = "lb_maglev")]
 pub static MAGLEV: HashOfMaps<MaglevKey, MaglevTable, { MAX_MAGLEV_TABLES as usize }> =
     HashOfMaps::new();

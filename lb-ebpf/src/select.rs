@@ -1,10 +1,12 @@
 //! Backend choice for a new flow: sessionAffinity first, then Maglev.
 
 use aya_ebpf::bindings::BPF_ANY;
+use core::ptr::read_volatile;
+
 use lb_common::{
     hash::affinity_rehash,
     AffinityEntry, AffinityKey, Backend, MaglevKey, ServiceEntry, BACKEND_F_PRESENT, BACKEND_F_USABLE,
-    SERVICE_F_AFFINITY,
+    SERVICE_F_AFFINITY, SERVICE_F_TABLE_B,
 };
 
 use crate::maps::{AFFINITY, BACKENDS, MAGLEV};
@@ -65,12 +67,7 @@ pub fn choose(client: [u8; 4], hash: u64, svc: &ServiceEntry, now: u64) -> Optio
         return None;
     }
     let slot = (hash % svc.table_size as u64) as u32;
-    let table = MaglevKey {
-        service_id: svc.id,
-        table_size: svc.table_size,
-    };
-    // SAFETY: the inner map is an ARRAY: its slots are never freed under us.
-    let backend_id = unsafe { *MAGLEV.get_value(&table, &slot)? };
+    let backend_id = table_slot(svc, slot)?;
     let backend = backend_of(svc.id, backend_id)?;
     if affinity {
         let entry = AffinityEntry {
@@ -85,4 +82,41 @@ pub fn choose(client: [u8; 4], hash: u64, svc: &ServiceEntry, now: u64) -> Optio
         backend,
         from_affinity: false,
     })
+}
+
+/// The backend id in slot `slot` of the Maglev table of `svc`, read from
+/// the half its frontend names; if the agent is rewriting that half this
+/// very moment (the frontend entry was read just before a flip), from the
+/// other half, which is then the live one. A half counts only if its
+/// generation is set and unchanged across the slot's read (a seqlock; see
+/// `lb_common::MaglevSlots`), so no slot of a half-written table is used.
+/// `None` if neither half reads cleanly (two rewrites during one packet).
+///
+/// The volatile reads keep the three loads in program order; x86-64 does
+/// not reorder loads with loads, which is what the check relies on.
+#[inline(always)]
+fn table_slot(svc: &ServiceEntry, slot: u32) -> Option<u32> {
+    let key = MaglevKey {
+        service_id: svc.id,
+        table_size: svc.table_size,
+    };
+    // SAFETY: the inner map is an ARRAY held by the outer entry for the
+    // whole program run (RCU): its elements are never freed under us.
+    let table = unsafe { MAGLEV.get(&key)? };
+    let header = table.get_ptr(0)?;
+    let cell = table.get_ptr(slot.checked_add(1)?)?;
+    let first = usize::from(svc.flags & SERVICE_F_TABLE_B != 0);
+    for half in [first, first ^ 1] {
+        let half = half & 1;
+        // SAFETY: both pointers come from successful lookups of this array.
+        let (before, backend_id, after) = unsafe {
+            let before = read_volatile(&(*header)[half]);
+            let backend_id = read_volatile(&(*cell)[half]);
+            (before, backend_id, read_volatile(&(*header)[half]))
+        };
+        if before != 0 && before == after {
+            return Some(backend_id);
+        }
+    }
+    None
 }

@@ -268,15 +268,7 @@ fn established_flow_keeps_its_backend_when_the_table_changes() {
             first
         );
 
-        let objects = lb_userspace::source::manifest::parse(&config(&more)).unwrap();
-        let node = lb_userspace::model::NodeConfig {
-            name: "node-a".into(),
-            node_ips: vec![NODE_IP],
-            service_proxy_name: None,
-            ..Default::default()
-        };
-        let state = lb_userspace::model::build(&objects.services, &objects.slices, &node).state;
-        assert!(fx.programmer.apply(&state).failed.is_empty());
+        reprogram(&mut fx, &more);
 
         let ack = Spec {
             tcp_flags: TCP_ACK,
@@ -301,6 +293,94 @@ fn established_flow_keeps_its_backend_when_the_table_changes() {
             decode(&out.frame).daddr,
             expected_backend(&more, 8080, sport + 1000, 80, TCP)
         );
+    }
+}
+
+/// Programs the web service with `eps` (and the empty one) on `fx`.
+fn reprogram(fx: &mut Fixture, eps: &[Ipv4Addr]) {
+    let objects = lb_userspace::source::manifest::parse(&config(eps)).unwrap();
+    let node = lb_userspace::model::NodeConfig {
+        name: "node-a".into(),
+        node_ips: vec![NODE_IP],
+        service_proxy_name: None,
+        ..Default::default()
+    };
+    let state = lb_userspace::model::build(&objects.services, &objects.slices, &node).state;
+    assert!(fx.programmer.apply(&state).failed.is_empty());
+}
+
+/// An endpoint change rewrites the Maglev half no frontend reads, in place,
+/// and flips the frontends to it (`lb_common::MaglevSlots`). A new flow
+/// whose frontend entry names a half being rewritten (its generation
+/// cleared) takes the other half; with neither readable it gets no backend
+/// and is dropped: it never takes a slot of a half-written table.
+#[test]
+fn a_new_flow_never_uses_a_maglev_half_being_rewritten() {
+    use aya::maps::{Array, Map};
+    use lb_common::{FrontendKey, MaglevSlots, FRONTEND_VIEW_ALL, SERVICE_F_TABLE_B};
+    for hook in HOOKS {
+        let mut fx = fixture();
+        let mut more = backends();
+        more.push(Ipv4Addr::new(198, 18, 1, 14));
+        let key = FrontendKey {
+            addr: CLUSTER_IP.octets(),
+            port: 80,
+            proto: TCP,
+            view: FRONTEND_VIEW_ALL,
+        };
+        let entry = |fx: &Fixture| fx.maps().frontends.get(&key, 0).unwrap();
+        let first = entry(&fx);
+        assert_eq!(first.flags & SERVICE_F_TABLE_B, 0, "a fresh table is read from half A");
+
+        reprogram(&mut fx, &more);
+        let second = entry(&fx);
+        assert_eq!(
+            (second.id, second.table_size, second.flags & SERVICE_F_TABLE_B),
+            (first.id, first.table_size, SERVICE_F_TABLE_B),
+            "same array, now read from half B"
+        );
+        // Flows whose backend differs between the old table (half A) and
+        // the new one (half B), each used once: every packet is a new flow.
+        let mut moved = (40000..50000u16).filter(|&p| {
+            expected_backend(&backends(), 8080, p, 80, TCP) != expected_backend(&more, 8080, p, 80, TCP)
+        });
+        let send = |fx: &Fixture, sport: u16| {
+            let out = fx.run(hook, &Spec::tcp(CLIENT, sport, CLUSTER_IP, 80).build()).unwrap();
+            (out.verdict, decode(&out.frame).daddr)
+        };
+        for sport in moved.by_ref().take(4) {
+            let want = expected_backend(&more, 8080, sport, 80, TCP);
+            assert_eq!(send(&fx, sport).1, want, "{hook:?}: the new table");
+        }
+
+        let inner = fx
+            .maps()
+            .maglev
+            .get(&lb_common::MaglevKey { service_id: second.id, table_size: second.table_size }, 0)
+            .unwrap();
+        let mut inner: Array<_, MaglevSlots> = Array::try_from(Map::Array(inner)).unwrap();
+        let header = inner.get(&0, 0).unwrap();
+        assert!(header[0] != 0 && header[1] != 0, "both halves complete: {header:?}");
+
+        // Half B being rewritten: new flows read half A, the old table.
+        inner.set(0, [header[0], 0], 0).unwrap();
+        for sport in moved.by_ref().take(4) {
+            let want = expected_backend(&backends(), 8080, sport, 80, TCP);
+            assert_eq!(send(&fx, sport).1, want, "{hook:?}: half B unreadable");
+        }
+        // Neither half readable: dropped, counted, not forwarded.
+        inner.set(0, [0, 0], 0).unwrap();
+        let dropped = fx.counter(Verdict::DropNoBackendEntry);
+        let sport = moved.next().unwrap();
+        let verdict = send(&fx, sport).0;
+        assert_eq!(verdict, if hook == Hook::Tc { TC_ACT_SHOT } else { XDP_DROP });
+        assert_eq!(fx.counter(Verdict::DropNoBackendEntry), dropped + 1);
+        // Half B complete again, with a new generation: read again.
+        inner.set(0, [0, header[1] + 1], 0).unwrap();
+        for sport in moved.by_ref().take(4) {
+            let want = expected_backend(&more, 8080, sport, 80, TCP);
+            assert_eq!(send(&fx, sport).1, want, "{hook:?}: half B back");
+        }
     }
 }
 

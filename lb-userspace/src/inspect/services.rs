@@ -7,10 +7,10 @@ use std::{collections::BTreeMap, fmt::Write, net::Ipv4Addr, path::Path};
 
 use aya::maps::{Array, HashMap, HashOfMaps, MapData};
 use lb_common::{
-    map_names, Backend, Counter, FrontendKey, MaglevKey, ServiceEntry, ServiceName,
+    map_names, Backend, Counter, FrontendKey, MaglevKey, MaglevSlots, ServiceEntry, ServiceName,
     BACKEND_F_LOCAL, BACKEND_F_PRESENT, BACKEND_F_TERMINATING, BACKEND_F_USABLE,
     FRONTEND_VIEW_IN_CLUSTER, IPPROTO_TCP, MAX_BACKENDS, SERVICE_F_AFFINITY, SERVICE_F_EXTERNAL,
-    SERVICE_F_LOCAL, SERVICE_F_SOURCE_RANGES,
+    SERVICE_F_LOCAL, SERVICE_F_SOURCE_RANGES, SERVICE_F_TABLE_B,
 };
 use serde::Serialize;
 
@@ -27,6 +27,9 @@ pub struct ServicePortView {
     /// Maglev table size M (0: no usable backend, new flows are refused or
     /// dropped).
     pub table_size: u32,
+    /// The half of the table new flows read ("A" or "B"; see
+    /// `lb_common::MaglevSlots`).
+    pub table_half: &'static str,
     pub usable_backends: u32,
     pub affinity_timeout_s: Option<u32>,
     pub backends: Vec<BackendView>,
@@ -85,6 +88,7 @@ pub fn read(pin_dir: &Path) -> anyhow::Result<Vec<ServicePortView>> {
         let (k, e) = item?;
         let v = view(&mut by_id, e.id);
         v.table_size = e.table_size;
+        v.table_half = if e.flags & SERVICE_F_TABLE_B != 0 { "B" } else { "A" };
         v.usable_backends = e.backend_count;
         if e.flags & SERVICE_F_AFFINITY != 0 {
             v.affinity_timeout_s = Some(e.affinity_timeout_s);
@@ -144,6 +148,7 @@ fn view(by_id: &mut BTreeMap<u32, ServicePortView>, id: u32) -> &mut ServicePort
         name: String::new(),
         frontends: Vec::new(),
         table_size: 0,
+        table_half: "A",
         usable_backends: 0,
         affinity_timeout_s: None,
         backends: Vec::new(),
@@ -160,7 +165,7 @@ pub fn one(pin_dir: &Path, which: &str) -> anyhow::Result<ServicePortView> {
 
 /// `sp` with each backend's share of its Maglev table.
 pub fn with_slots(pin_dir: &Path, mut sp: ServicePortView) -> anyhow::Result<ServicePortView> {
-    let slots = table(pin_dir, sp.id, sp.table_size)?;
+    let slots = table(pin_dir, sp.id, sp.table_size, usize::from(sp.table_half == "B"))?;
     let mut count: BTreeMap<u32, u32> = BTreeMap::new();
     for id in slots {
         *count.entry(id).or_default() += 1;
@@ -171,8 +176,9 @@ pub fn with_slots(pin_dir: &Path, mut sp: ServicePortView) -> anyhow::Result<Ser
     Ok(sp)
 }
 
-/// The Maglev table of service `id` with `size` slots (none for size 0).
-fn table(pin_dir: &Path, id: u32, size: u32) -> anyhow::Result<Vec<u32>> {
+/// Half `half` of the Maglev table of service `id` with `size` slots (none
+/// for size 0).
+fn table(pin_dir: &Path, id: u32, size: u32, half: usize) -> anyhow::Result<Vec<u32>> {
     if size == 0 {
         return Ok(Vec::new());
     }
@@ -184,9 +190,10 @@ fn table(pin_dir: &Path, id: u32, size: u32) -> anyhow::Result<Vec<u32>> {
     let inner = outer
         .get(&key, 0)
         .map_err(|e| anyhow::anyhow!("no Maglev table of {size} slots for service {id}: {e}"))?;
-    let inner: Array<MapData, u32> = Array::try_from(aya::maps::Map::Array(inner))?;
-    (0..size)
-        .map(|i| inner.get(&i, 0).map_err(anyhow::Error::from))
+    let inner: Array<MapData, MaglevSlots> = Array::try_from(aya::maps::Map::Array(inner))?;
+    // Element 0 is the header; slot i is element i + 1.
+    (1..=size)
+        .map(|i| -> anyhow::Result<u32> { Ok(inner.get(&i, 0)?[half]) })
         .collect()
 }
 

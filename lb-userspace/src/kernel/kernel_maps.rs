@@ -6,6 +6,7 @@
 use std::{
     os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
+    sync::atomic::{fence, AtomicU32, Ordering},
 };
 
 use anyhow::Context;
@@ -14,14 +15,14 @@ use aya::{
     Ebpf,
 };
 use lb_common::{
-    map_names, Backend, Counter, DatapathConfig, FrontendKey, MaglevKey, ServiceEntry, ServiceName,
-    SourceRange, Verdict, BACKEND_F_PRESENT, LAYOUT_VERSION, MAGLEV_INNER_FLAGS,
-    SOURCE_RANGE_ALLOW,
+    maglev_elements, map_names, Backend, Counter, DatapathConfig, FrontendKey, MaglevKey,
+    MaglevSlots, ServiceEntry, ServiceName, SourceRange, Verdict, BACKEND_F_PRESENT,
+    LAYOUT_VERSION, MAGLEV_INNER_FLAGS, SOURCE_RANGE_ALLOW,
 };
 
 use crate::{
     model::Prefix,
-    plan::{DatapathMaps, Snapshot},
+    plan::{DatapathMaps, Snapshot, TableTarget, TableWrite},
 };
 
 /// Takes map `name` out of the loaded object as a typed handle.
@@ -134,6 +135,44 @@ impl KernelMaps {
     pub fn service_counter(&self, service_id: u32) -> anyhow::Result<Counter> {
         Ok(self.service_stats.get(&service_id, 0)?)
     }
+
+    /// Fresh tables swapped in and tables removed: map-in-map updates, each
+    /// of which waits an RCU grace period (milliseconds) in the kernel.
+    /// Waits from different threads overlap, so a batch is spread over
+    /// workers, each with its own handle on the pinned map.
+    fn swap_tables(&mut self, tables: &[TableWrite]) -> Vec<anyhow::Result<()>> {
+        if tables.len() <= 2 {
+            return tables
+                .iter()
+                .map(|&(key, write)| swap_one(&mut self.maglev, key, write.map(|w| w.0)))
+                .collect();
+        }
+        let chunk = tables.len().div_ceil(MAGLEV_WRITERS);
+        let mut results: Vec<anyhow::Result<()>> = Vec::with_capacity(tables.len());
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = tables
+                .chunks(chunk)
+                .map(|part| {
+                    let pin = &self.maglev_pin;
+                    scope.spawn(move || match open_maglev(pin) {
+                        Ok(mut map) => part
+                            .iter()
+                            .map(|&(key, write)| swap_one(&mut map, key, write.map(|w| w.0)))
+                            .collect(),
+                        Err(e) => part
+                            .iter()
+                            .map(|_| Err(anyhow::anyhow!("opening {}: {e}", pin.display())))
+                            .collect(),
+                    })
+                })
+                .collect();
+            for w in workers {
+                let part: Vec<anyhow::Result<()>> = w.join().expect("Maglev writer panicked");
+                results.extend(part);
+            }
+        });
+        results
+    }
 }
 
 impl DatapathMaps for KernelMaps {
@@ -149,41 +188,44 @@ impl DatapathMaps for KernelMaps {
             .with_context(|| format!("clearing backend {id}"))
     }
 
-    fn write_maglev(&mut self, tables: &[(MaglevKey, Option<&[u32]>)]) -> Vec<anyhow::Result<()>> {
-        if tables.len() <= 2 {
-            return tables
-                .iter()
-                .map(|&(id, slots)| write_maglev_one(&mut self.maglev, id, slots))
-                .collect();
-        }
-        // Each map-in-map update waits for an RCU grace period (milliseconds)
-        // in the kernel; waits from different threads overlap, so a batch is
-        // spread over workers, each with its own handle on the pinned map.
-        let chunk = tables.len().div_ceil(MAGLEV_WRITERS);
-        let mut results: Vec<anyhow::Result<()>> = Vec::with_capacity(tables.len());
-        std::thread::scope(|scope| {
-            let workers: Vec<_> = tables
-                .chunks(chunk)
-                .map(|part| {
-                    let pin = &self.maglev_pin;
-                    scope.spawn(move || match open_maglev(pin) {
-                        Ok(mut map) => part
-                            .iter()
-                            .map(|&(id, slots)| write_maglev_one(&mut map, id, slots))
-                            .collect(),
-                        Err(e) => part
-                            .iter()
-                            .map(|_| Err(anyhow::anyhow!("opening {}: {e}", pin.display())))
-                            .collect(),
-                    })
-                })
-                .collect();
-            for w in workers {
-                let part: Vec<anyhow::Result<()>> = w.join().expect("Maglev writer panicked");
-                results.extend(part);
+    fn write_maglev(&mut self, tables: &[TableWrite]) -> Vec<anyhow::Result<()>> {
+        let mut results: Vec<Option<anyhow::Result<()>>> = tables.iter().map(|_| None).collect();
+        // Halves rewritten in place first: no map-in-map update, no wait.
+        let mut swaps: Vec<usize> = Vec::new();
+        for (i, &(key, write)) in tables.iter().enumerate() {
+            if let Some((slots, TableTarget::Half(half))) = write {
+                match self.maglev.get(&key, 0) {
+                    Ok(inner) => {
+                        results[i] = Some(write_half(&inner, slots, half).with_context(|| {
+                            format!(
+                                "rewriting half {} of Maglev table {}/{}",
+                                HALF_NAMES[half & 1],
+                                key.service_id,
+                                key.table_size
+                            )
+                        }));
+                        continue;
+                    }
+                    // Not there (someone removed it): written fresh.
+                    Err(aya::maps::MapError::KeyNotFound) => {}
+                    Err(e) => {
+                        results[i] = Some(Err(e).with_context(|| {
+                            format!("finding Maglev table {}/{}", key.service_id, key.table_size)
+                        }));
+                        continue;
+                    }
+                }
             }
-        });
+            swaps.push(i);
+        }
+        let swapped = self.swap_tables(&swaps.iter().map(|&i| tables[i]).collect::<Vec<_>>());
+        for (i, r) in swaps.into_iter().zip(swapped) {
+            results[i] = Some(r);
+        }
         results
+            .into_iter()
+            .map(|r| r.expect("every table has a result"))
+            .collect()
     }
 
     fn set_frontend(&mut self, key: FrontendKey, entry: ServiceEntry) -> anyhow::Result<()> {
@@ -276,7 +318,9 @@ fn open_maglev(pin: &Path) -> anyhow::Result<HashOfMaps<MapData, MaglevKey, MapD
     Ok(HashOfMaps::try_from(aya::maps::Map::HashOfMaps(data))?)
 }
 
-fn write_maglev_one(
+/// Swaps in a fresh array holding `slots` in both halves, or removes the
+/// table (`None`).
+fn swap_one(
     map: &mut HashOfMaps<MapData, MaglevKey, MapData>,
     key: MaglevKey,
     slots: Option<&[u32]>,
@@ -309,42 +353,119 @@ fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::M
     }
 }
 
-/// A new inner Maglev array holding `slots`, filled through mmap: one copy
-/// instead of one syscall per slot (65,537 slots would take ~65k syscalls).
+/// "A", "B": half names for messages.
+const HALF_NAMES: [&str; 2] = ["A", "B"];
+
+/// A new inner Maglev array holding `slots` in both halves, so a frontend
+/// reading either finds it.
 fn new_maglev_array(slots: &[u32]) -> anyhow::Result<MapData> {
     let obj = aya_obj::Map::new_from_params(
         aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_ARRAY as u32,
         4,
-        4,
-        slots.len() as u32,
+        std::mem::size_of::<MaglevSlots>() as u32,
+        maglev_elements(slots.len() as u32),
         MAGLEV_INNER_FLAGS,
     );
     let map = MapData::create(obj, "lb_maglev_tbl", None)?;
-    // The kernel stores array elements at an 8-byte stride
-    // (elem_size = round_up(value_size, 8)), and the mmap exposes exactly
-    // that layout: each u32 slot sits in its own u64, little-endian low half.
-    let len = slots.len() * std::mem::size_of::<u64>();
-    let fd = map.fd().as_fd().as_raw_fd();
-    // SAFETY: mapping a BPF_F_MMAPABLE array of `slots.len()` elements of
-    // 8 bytes; we write exactly `len` bytes, then unmap before the map is
-    // used anywhere.
-    unsafe {
-        let ptr = libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd,
-            0,
+    let mut cells = Cells::map(&map, slots.len())?;
+    cells.write(0, slots);
+    cells.write(1, slots);
+    Ok(map)
+}
+
+/// Rewrites half `half` of the held array `inner` with `slots`. The
+/// datapath reads a half only while its generation is set and unchanged
+/// (`lb_common::MaglevSlots`): the generation is cleared, the slots
+/// written, then a new generation set.
+fn write_half(inner: &MapData, slots: &[u32], half: usize) -> anyhow::Result<()> {
+    let mut cells = Cells::map(inner, slots.len())?;
+    cells.write(half & 1, slots);
+    Ok(())
+}
+
+/// A Maglev inner array mapped into memory (arrays are created
+/// BPF_F_MMAPABLE): one copy per table instead of one syscall per slot
+/// (65,537 slots would take ~65k syscalls). Unmapped on drop.
+struct Cells {
+    ptr: *mut MaglevSlots,
+    /// Elements: the header and the slots.
+    len: usize,
+}
+
+impl Cells {
+    /// Maps `map`, which must be an array of `maglev_elements(slots)`
+    /// `MaglevSlots` (checked: a wrong size would write out of bounds).
+    fn map(map: &MapData, slots: usize) -> anyhow::Result<Cells> {
+        let len = maglev_elements(slots as u32) as usize;
+        let info = map.info().context("reading a Maglev array's info")?;
+        anyhow::ensure!(
+            info.max_entries() as usize == len
+                && info.value_size() as usize == std::mem::size_of::<MaglevSlots>(),
+            "the Maglev array holds {} elements of {} bytes, not {len} of {}",
+            info.max_entries(),
+            info.value_size(),
+            std::mem::size_of::<MaglevSlots>()
         );
+        let bytes = len * std::mem::size_of::<MaglevSlots>();
+        let fd = map.fd().as_fd().as_raw_fd();
+        // SAFETY: a shared mapping of exactly the array's `bytes` (8-byte
+        // elements, the kernel's stride for an 8-byte value).
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
         if ptr == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error()).context("mmap of a Maglev array");
         }
-        let elems = std::slice::from_raw_parts_mut(ptr.cast::<u64>(), slots.len());
-        for (e, &s) in elems.iter_mut().zip(slots) {
-            *e = u64::from(s).to_le();
-        }
-        libc::munmap(ptr, len);
+        Ok(Cells {
+            ptr: ptr.cast(),
+            len,
+        })
     }
-    Ok(map)
+
+    /// The u32 of half `half` in element `i`, as an atomic: the datapath
+    /// reads these words while we write them.
+    fn word(&self, i: usize, half: usize) -> &AtomicU32 {
+        assert!(i < self.len && half < 2);
+        // SAFETY: in bounds (checked above); the mapping is 4-byte aligned
+        // and lives as long as `self`; all our accesses are atomic.
+        unsafe { AtomicU32::from_ptr(self.ptr.add(i).cast::<u32>().add(half)) }
+    }
+
+    /// Writes `slots` into half `half`, bracketed by its generation.
+    fn write(&mut self, half: usize, slots: &[u32]) {
+        let header = self.word(0, half);
+        let old = header.load(Ordering::Relaxed);
+        header.store(0, Ordering::Relaxed);
+        // The cleared generation is visible before any slot changes.
+        fence(Ordering::Release);
+        for (i, &s) in slots.iter().enumerate() {
+            self.word(i + 1, half).store(s, Ordering::Relaxed);
+        }
+        // Every slot is visible before the new generation, which differs
+        // from the one a reader may have seen before the rewrite.
+        let generation = match old.wrapping_add(1) {
+            0 => 1,
+            g => g,
+        };
+        self.word(0, half).store(generation, Ordering::Release);
+    }
+}
+
+impl Drop for Cells {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`, unmapped once.
+        unsafe {
+            libc::munmap(
+                self.ptr.cast(),
+                self.len * std::mem::size_of::<MaglevSlots>(),
+            );
+        }
+    }
 }

@@ -23,9 +23,10 @@ use lb_common::{
     Backend, FrontendKey, MaglevKey, ServiceEntry, BACKEND_F_LOCAL, BACKEND_F_PRESENT,
     BACKEND_F_TERMINATING, BACKEND_F_USABLE, FRONTEND_VIEW_ALL, FRONTEND_VIEW_IN_CLUSTER,
     SERVICE_F_AFFINITY, SERVICE_F_EXTERNAL, SERVICE_F_LOCAL, SERVICE_F_SOURCE_RANGES,
+    SERVICE_F_TABLE_B,
 };
 
-use super::state::{Record, State, Write};
+use super::state::{half_after, Record, State, TableTarget, Write};
 use crate::{
     model::{DesiredState, Frontend, FrontendKind, Scope, ServicePort, ServicePortKey},
     plan::maglev::{table_size_for, MaglevTable},
@@ -296,6 +297,8 @@ fn plan_port(
         }
     }
 
+    // The half of the table the frontends are to read.
+    let mut half = 0;
     let (table_size, count) = if usable.is_empty() {
         (0, 0)
     } else {
@@ -308,12 +311,20 @@ fn plan_port(
             .collect();
         let size = slots.len() as u32;
         let digest = digest(&slots);
-        if held.tables.get(&size) != Some(&digest) {
-            let key = MaglevKey {
-                service_id: id,
-                table_size: size,
-            };
-            step(Phase::Tables, Write::SetTable(key, slots, digest));
+        let key = MaglevKey {
+            service_id: id,
+            table_size: size,
+        };
+        match held.tables.get(&size) {
+            Some(t) if t.digest == digest => half = t.live.unwrap_or(0),
+            held_table => {
+                let target = match held_table {
+                    Some(t) => t.target(state.halves_read(key)),
+                    None => TableTarget::Fresh,
+                };
+                half = half_after(target);
+                step(Phase::Tables, Write::SetTable(key, slots, digest, target));
+            }
         }
         (size, addrs.len() as u32)
     };
@@ -328,7 +339,7 @@ fn plan_port(
             table_size,
             backend_count: count,
             affinity_timeout_s: spec.affinity_timeout_s.unwrap_or(0),
-            flags: frontend_flags(spec, f),
+            flags: frontend_flags(spec, f) | if half == 1 { SERVICE_F_TABLE_B } else { 0 },
             _pad: [0; 3],
         };
         let key = frontend_key(f);

@@ -7,11 +7,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::MaglevKey;
-
 use super::{
     compute::{Owner, Plan, Step},
-    maps::DatapathMaps,
+    maps::{DatapathMaps, TableWrite},
     state::{State, Write},
 };
 
@@ -72,10 +70,10 @@ fn run_tables<M: DatapathMaps>(
     if steps.is_empty() {
         return;
     }
-    let batch: Vec<(MaglevKey, Option<&[u32]>)> = steps
+    let batch: Vec<TableWrite> = steps
         .iter()
         .map(|s| match &s.write {
-            Write::SetTable(key, slots, _) => (*key, Some(slots.as_slice())),
+            Write::SetTable(key, slots, _, target) => (*key, Some((slots.as_slice(), *target))),
             Write::RemoveTable(key) => (*key, None),
             _ => unreachable!("partitioned"),
         })

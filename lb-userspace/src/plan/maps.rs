@@ -4,18 +4,22 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use lb_common::{Backend, FrontendKey, MaglevKey, ServiceEntry};
+use lb_common::{Backend, FrontendKey, MaglevKey, ServiceEntry, SERVICE_F_TABLE_B};
+
+use super::state::TableTarget;
 
 use crate::model::Prefix;
 
 pub trait DatapathMaps {
     fn set_backend(&mut self, id: u32, backend: Backend) -> anyhow::Result<()>;
     fn clear_backend(&mut self, id: u32) -> anyhow::Result<()>;
-    /// For each table: writes it whole in one step (`Some`, slots are
-    /// backend ids) or removes it (`None`). One result per entry, in order.
+    /// For each table: writes it (`Some`, slots are backend ids) where the
+    /// target says, or removes it (`None`). One result per entry, in order.
     /// A batch, because the kernel waits an RCU grace period after every
-    /// map-in-map update, and an implementation can overlap those waits.
-    fn write_maglev(&mut self, tables: &[(MaglevKey, Option<&[u32]>)]) -> Vec<anyhow::Result<()>>;
+    /// map-in-map update (a fresh table, a removal), and an implementation
+    /// can overlap those waits. A half written in place whose array is not
+    /// there is written fresh instead.
+    fn write_maglev(&mut self, tables: &[TableWrite]) -> Vec<anyhow::Result<()>>;
     fn set_frontend(&mut self, key: FrontendKey, entry: ServiceEntry) -> anyhow::Result<()>;
     fn remove_frontend(&mut self, key: FrontendKey) -> anyhow::Result<()>;
     /// Admits `range` to the load-balancer frontends of `service_id`.
@@ -24,6 +28,9 @@ pub trait DatapathMaps {
     /// Reads back everything written (see `Programmer::adopt`).
     fn snapshot(&self) -> anyhow::Result<Snapshot>;
 }
+
+/// One entry of a `write_maglev` batch.
+pub type TableWrite<'a> = (MaglevKey, Option<(&'a [u32], TableTarget)>);
 
 /// What the maps hold, read back: how a restarted agent learns what the
 /// previous one programmed (the maps are the only record that survives).
@@ -39,7 +46,8 @@ pub struct Snapshot {
 #[derive(Debug, Default, Clone)]
 pub struct MemoryMaps {
     pub backends: HashMap<u32, Backend>,
-    pub maglev: HashMap<MaglevKey, Vec<u32>>,
+    /// Halves A and B of each table.
+    pub maglev: HashMap<MaglevKey, [Vec<u32>; 2]>,
     pub frontends: HashMap<FrontendKey, ServiceEntry>,
     pub source_ranges: BTreeSet<(u32, Prefix)>,
     /// Every write, in order, for tests that check ordering.
@@ -47,19 +55,31 @@ pub struct MemoryMaps {
 }
 
 impl MemoryMaps {
-    /// The table a frontend entry leads to (what the datapath looks up).
+    /// The table a frontend entry leads to (what the datapath looks up):
+    /// the half its flags name.
     pub fn table_for(&self, e: &ServiceEntry) -> Option<&Vec<u32>> {
-        self.maglev.get(&MaglevKey {
+        let halves = self.maglev.get(&MaglevKey {
             service_id: e.id,
             table_size: e.table_size,
-        })
+        })?;
+        Some(&halves[usize::from(e.flags & SERVICE_F_TABLE_B != 0)])
     }
 
-    /// The tables of one service id (normally one).
+    /// The tables of one service id (normally one), each as its frontends
+    /// read it (half A if none does).
     pub fn tables_of(&self, id: u32) -> Vec<&Vec<u32>> {
         let mut keys: Vec<&MaglevKey> = self.maglev.keys().filter(|k| k.service_id == id).collect();
         keys.sort();
-        keys.into_iter().map(|k| &self.maglev[k]).collect()
+        keys.into_iter()
+            .map(|k| {
+                let half = self
+                    .frontends
+                    .values()
+                    .find(|e| e.id == id && e.table_size == k.table_size)
+                    .map_or(0, |e| usize::from(e.flags & SERVICE_F_TABLE_B != 0));
+                &self.maglev[k][half]
+            })
+            .collect()
     }
 }
 
@@ -74,15 +94,20 @@ impl DatapathMaps for MemoryMaps {
         self.backends.remove(&id);
         Ok(())
     }
-    fn write_maglev(&mut self, tables: &[(MaglevKey, Option<&[u32]>)]) -> Vec<anyhow::Result<()>> {
+    fn write_maglev(&mut self, tables: &[TableWrite]) -> Vec<anyhow::Result<()>> {
         tables
             .iter()
-            .map(|&(key, slots)| {
+            .map(|&(key, write)| {
                 let (id, size) = (key.service_id, key.table_size);
-                match slots {
-                    Some(slots) => {
-                        self.log.push(format!("set_maglev {id}/{size}"));
-                        self.maglev.insert(key, slots.to_vec());
+                match write {
+                    Some((slots, target)) => {
+                        self.log.push(format!("set_maglev {id}/{size} {target:?}"));
+                        match (target, self.maglev.get_mut(&key)) {
+                            (TableTarget::Half(h), Some(halves)) => halves[h] = slots.to_vec(),
+                            _ => {
+                                self.maglev.insert(key, [slots.to_vec(), slots.to_vec()]);
+                            }
+                        }
                     }
                     None => {
                         self.log.push(format!("remove_maglev {id}/{size}"));

@@ -23,8 +23,8 @@ use std::{
 pub use compute::{diff, frontend_flags, frontend_key, plan, Diff, Owner, Phase, Plan, Step};
 pub use execute::execute;
 pub use ids::IdPool;
-pub use maps::{DatapathMaps, MemoryMaps, Snapshot};
-pub use state::{Held, Record, State, Write};
+pub use maps::{DatapathMaps, MemoryMaps, Snapshot, TableWrite};
+pub use state::{Held, HeldTable, Record, State, TableTarget, Write};
 
 use crate::model::{DesiredState, ServicePortKey};
 

@@ -11,7 +11,9 @@ use std::{
     net::Ipv4Addr,
 };
 
-use lb_common::{Backend, FrontendKey, MaglevKey, ServiceEntry, MAX_BACKENDS, MAX_SERVICES};
+use lb_common::{
+    Backend, FrontendKey, MaglevKey, ServiceEntry, MAX_BACKENDS, MAX_SERVICES, SERVICE_F_TABLE_B,
+};
 
 use super::{ids::IdPool, maps::Snapshot};
 use crate::model::{Prefix, ServicePort, ServicePortKey};
@@ -22,7 +24,7 @@ pub enum Write {
     SetBackend(u32, Backend),
     ClearBackend(u32),
     /// A whole table; `u64` is a digest of its slots.
-    SetTable(MaglevKey, Vec<u32>, u64),
+    SetTable(MaglevKey, Vec<u32>, u64, TableTarget),
     RemoveTable(MaglevKey),
     SetFrontend(FrontendKey, ServiceEntry),
     RemoveFrontend(FrontendKey),
@@ -30,12 +32,63 @@ pub enum Write {
     RemoveRange(u32, Prefix),
 }
 
+/// Where a table is written (see `lb_common::MaglevSlots`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TableTarget {
+    /// A new inner array, both halves holding the table, swapped in with
+    /// one map-in-map update (which waits an RCU grace period): for a new
+    /// size, or when no half is known to be unread.
+    Fresh,
+    /// In place, into half 0 (A) or 1 (B) of the array the maps hold,
+    /// which no frontend reads; the frontends then flip to it. No wait.
+    Half(usize),
+}
+
+/// One table the maps hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeldTable {
+    /// Digest of its current slots (0: not known).
+    pub digest: u64,
+    /// The half holding them; `None`: both do (a fresh array), or not
+    /// known.
+    pub live: Option<usize>,
+}
+
+impl HeldTable {
+    /// What a write of a table of this size should target, given the
+    /// halves the applied frontends read (bit 0: A, bit 1: B): the half
+    /// that is not live, unless a frontend still reads it.
+    pub fn target(&self, read: u8) -> TableTarget {
+        let half = match self.live {
+            Some(h) => h ^ 1,
+            None => 1,
+        };
+        if read & (1 << half) == 0 {
+            TableTarget::Half(half)
+        } else if read & (1 << (half ^ 1)) == 0 {
+            // Both halves hold the table and every frontend reads B.
+            TableTarget::Half(half ^ 1)
+        } else {
+            TableTarget::Fresh
+        }
+    }
+}
+
+/// The half the frontends should read after a write to `target` (after a
+/// fresh array, either would do: A).
+pub fn half_after(target: TableTarget) -> usize {
+    match target {
+        TableTarget::Fresh => 0,
+        TableTarget::Half(h) => h,
+    }
+}
+
 /// What the maps hold for one service id.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Held {
     pub frontends: BTreeSet<FrontendKey>,
-    /// Table size -> digest of its slots.
-    pub tables: BTreeMap<u32, u64>,
+    /// Table size -> what is known of it.
+    pub tables: BTreeMap<u32, HeldTable>,
     pub ranges: BTreeSet<Prefix>,
     pub backends: BTreeSet<u32>,
 }
@@ -106,8 +159,15 @@ impl State {
         }
         for key in snap.tables {
             // The digest of a table we did not write is unknown: 0 never
-            // matches a real one, so it is rewritten.
-            s.applied(&Write::SetTable(key, Vec::new(), 0));
+            // matches a real one, so it is rewritten. Its live half is the
+            // one its frontends read, if they agree.
+            let read = s.halves_read(key);
+            let live = match read {
+                0b01 => TableTarget::Half(0),
+                0b10 => TableTarget::Half(1),
+                _ => TableTarget::Fresh,
+            };
+            s.applied(&Write::SetTable(key, Vec::new(), 0, live));
         }
         for (id, range) in snap.source_ranges {
             s.applied(&Write::SetRange(id, range));
@@ -120,6 +180,21 @@ impl State {
 
     pub fn held(&self, id: u32) -> Option<&Held> {
         self.held.get(&id)
+    }
+
+    /// The halves of table `key` that applied frontend entries read: bit 0
+    /// for A, bit 1 for B.
+    pub fn halves_read(&self, key: MaglevKey) -> u8 {
+        let Some(held) = self.held.get(&key.service_id) else {
+            return 0;
+        };
+        held.frontends
+            .iter()
+            .filter_map(|f| self.frontends.get(f))
+            .filter(|e| e.table_size == key.table_size)
+            .fold(0, |read, e| {
+                read | if e.flags & SERVICE_F_TABLE_B != 0 { 0b10 } else { 0b01 }
+            })
     }
 
     /// Records what a successful write changed in the maps.
@@ -141,10 +216,14 @@ impl State {
                 }
                 self.settle_backend(bid);
             }
-            Write::SetTable(key, _, digest) => {
+            Write::SetTable(key, _, digest, target) => {
+                let live = match target {
+                    TableTarget::Fresh => None,
+                    TableTarget::Half(h) => Some(h),
+                };
                 self.held_mut(key.service_id)
                     .tables
-                    .insert(key.table_size, digest);
+                    .insert(key.table_size, HeldTable { digest, live });
                 self.settle_service(key.service_id);
             }
             Write::RemoveTable(key) => {
