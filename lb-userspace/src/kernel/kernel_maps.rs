@@ -155,10 +155,7 @@ impl KernelMaps {
                 .map(|part| {
                     let pin = &self.maglev_pin;
                     scope.spawn(move || match open_maglev(pin) {
-                        Ok(mut map) => part
-                            .iter()
-                            .map(|&(key, write)| swap_one(&mut map, key, write.map(|w| w.0)))
-                            .collect(),
+                        Ok((mut map, fd)) => swap_part(&mut map, fd, part),
                         Err(e) => part
                             .iter()
                             .map(|_| Err(anyhow::anyhow!("opening {}: {e}", pin.display())))
@@ -313,9 +310,98 @@ fn source_range_key(service_id: u32, range: Prefix) -> Key<SourceRange> {
 /// kernel's RCU waits, so this is not bounded by the CPU count).
 const MAGLEV_WRITERS: usize = 64;
 
-fn open_maglev(pin: &Path) -> anyhow::Result<HashOfMaps<MapData, MaglevKey, MapData>> {
+/// The pinned outer map, and its descriptor (owned by the map) for the
+/// batch call aya does not offer.
+fn open_maglev(
+    pin: &Path,
+) -> anyhow::Result<(HashOfMaps<MapData, MaglevKey, MapData>, std::os::fd::RawFd)> {
     let data = MapData::from_pin(pin)?;
-    Ok(HashOfMaps::try_from(aya::maps::Map::HashOfMaps(data))?)
+    let fd = data.fd().as_fd().as_raw_fd();
+    Ok((HashOfMaps::try_from(aya::maps::Map::HashOfMaps(data))?, fd))
+}
+
+/// One worker's share of `swap_tables`. The fresh arrays are built first
+/// and swapped in with one BPF_MAP_UPDATE_BATCH: since Linux 6.8 the
+/// kernel waits one grace period per batch instead of one per element
+/// (commit "bpf: Call maybe_wait_bpf_programs() only once for
+/// generic_map_update_batch()"). What a batch did not do (refused before
+/// Linux 5.14, which added batches to hash-of-maps, or stopped part-way)
+/// goes one by one, as do removals.
+fn swap_part(
+    map: &mut HashOfMaps<MapData, MaglevKey, MapData>,
+    fd: std::os::fd::RawFd,
+    part: &[TableWrite],
+) -> Vec<anyhow::Result<()>> {
+    let mut results: Vec<Option<anyhow::Result<()>>> = part.iter().map(|_| None).collect();
+    let mut fresh: Vec<(usize, MaglevKey, MapData)> = Vec::new();
+    for (i, &(key, write)) in part.iter().enumerate() {
+        match write {
+            Some((slots, _)) => match new_maglev_array(slots) {
+                Ok(array) => fresh.push((i, key, array)),
+                Err(e) => results[i] = Some(Err(e.context("building a Maglev table"))),
+            },
+            None => results[i] = Some(swap_one(map, key, None)),
+        }
+    }
+    let keys: Vec<MaglevKey> = fresh.iter().map(|f| f.1).collect();
+    let fds: Vec<u32> = fresh
+        .iter()
+        .map(|f| f.2.fd().as_fd().as_raw_fd() as u32)
+        .collect();
+    let done = update_batch(fd, &keys, &fds);
+    for (n, (i, key, array)) in fresh.into_iter().enumerate() {
+        results[i] = Some(if n < done {
+            Ok(())
+        } else {
+            map.insert(key, &array, 0).with_context(|| {
+                format!("swapping in Maglev table {}/{}", key.service_id, key.table_size)
+            })
+        });
+    }
+    results
+        .into_iter()
+        .map(|r| r.expect("every table has a result"))
+        .collect()
+}
+
+/// BPF_MAP_UPDATE_BATCH of `values` under `keys` into map `fd`; returns
+/// how many were written (all, or those before an error). Written by hand:
+/// aya 0.14 has no batch operations.
+fn update_batch(fd: std::os::fd::RawFd, keys: &[MaglevKey], values: &[u32]) -> usize {
+    use aya_obj::generated::{bpf_attr, bpf_cmd};
+    if keys.is_empty() {
+        return 0;
+    }
+    // SAFETY: bpf_attr is plain data; all-zero is its "unset" value.
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    // The batch member of the union, the one this command reads; the key
+    // and value arrays outlive the call and hold `count` elements.
+    attr.batch.keys = keys.as_ptr() as u64;
+    attr.batch.values = values.as_ptr() as u64;
+    attr.batch.count = keys.len() as u32;
+    attr.batch.map_fd = fd as u32;
+    // SAFETY: a bpf(2) call with an attr of the size we pass.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            bpf_cmd::BPF_MAP_UPDATE_BATCH as libc::c_long,
+            &mut attr as *mut bpf_attr,
+            std::mem::size_of::<bpf_attr>(),
+        )
+    };
+    if r == 0 {
+        return keys.len();
+    }
+    // On an error part-way the kernel sets `count` to the elements it
+    // wrote; a refused command leaves it as we set it, so a full count
+    // after an error means none.
+    // SAFETY: reading back the member we wrote.
+    let count = unsafe { attr.batch.count } as usize;
+    if count >= keys.len() {
+        0
+    } else {
+        count
+    }
 }
 
 /// Swaps in a fresh array holding `slots` in both halves, or removes the
