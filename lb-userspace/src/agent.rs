@@ -226,6 +226,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         health: HealthServers::new(status.clone()),
         status,
         watches_down: BTreeSet::new(),
+        listing: BTreeSet::new(),
         dp,
         interfaces: Interfaces::new(selection),
         skip_logged: BTreeMap::new(),
@@ -312,6 +313,8 @@ struct Agent {
     pending_since: Option<Instant>,
     /// API watches that failed and are not back: changes may be missing.
     watches_down: BTreeSet<&'static str>,
+    /// Kinds whose list is in progress: no sync until it is complete.
+    listing: BTreeSet<&'static str>,
 }
 
 enum Next {
@@ -367,7 +370,11 @@ impl Agent {
                     while let Ok(u) = updates.try_recv() {
                         self.take(u);
                     }
-                    self.sync().await?;
+                    // A relist is applied whole, as one change, once its
+                    // last part is in.
+                    if self.listing.is_empty() {
+                        self.sync().await?;
+                    }
                 }
                 Next::Link(e) => {
                     self.take_link(e)?;
@@ -530,8 +537,14 @@ impl Agent {
             What::Services(change) => match change {
                 Change::Applied(s) => self.catalog.apply_service(s),
                 Change::Deleted(s) => self.catalog.delete_service(&s),
-                Change::Listed(all) => {
-                    self.catalog.replace_services(all);
+                Change::ListBegins => {
+                    self.listing.insert("Services");
+                    self.catalog.begin_services_list();
+                }
+                Change::Listing(part) => self.catalog.list_services(part, false),
+                Change::Listed(part) => {
+                    self.catalog.list_services(part, true);
+                    self.listing.remove("Services");
                     self.needs.missing.remove("Services");
                     self.watches_down.remove("Services");
                 }
@@ -543,10 +556,17 @@ impl Agent {
                         self.catalog.delete_slice(&s);
                         Vec::new()
                     }
-                    Change::Listed(all) => {
+                    Change::ListBegins => {
+                        self.listing.insert("EndpointSlices");
+                        self.catalog.begin_slices_list();
+                        Vec::new()
+                    }
+                    Change::Listing(part) => self.catalog.list_slices(&part, false),
+                    Change::Listed(part) => {
+                        self.listing.remove("EndpointSlices");
                         self.needs.missing.remove("EndpointSlices");
                         self.watches_down.remove("EndpointSlices");
-                        self.catalog.replace_slices(&all)
+                        self.catalog.list_slices(&part, true)
                     }
                 };
                 for r in rejections {
@@ -557,6 +577,8 @@ impl Agent {
                 let node = match change {
                     Change::Applied(n) => Some(n),
                     Change::Deleted(_) => None,
+                    // One Node is watched: its list is one part.
+                    Change::ListBegins | Change::Listing(_) => return,
                     Change::Listed(all) => {
                         self.needs.missing.remove("Node");
                         self.watches_down.remove("Node");

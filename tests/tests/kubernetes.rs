@@ -299,6 +299,44 @@ fn dropped_watch_connections_resume_and_a_410_mid_watch_relists() {
     agent.wait_for_log("relisted", PATIENCE).unwrap();
 }
 
+/// Lists come in pages (500 objects) and reach the agent part by part, so
+/// a list never sits in memory whole. A relist is still one change: what
+/// no part named goes, and what an early part named stays.
+#[test]
+fn a_relist_of_many_pages_removes_only_what_went_away() {
+    const FILLERS: usize = 1_200;
+    let w = world(2);
+    w.api.apply_yaml(&web(&[1]));
+    for i in 0..FILLERS {
+        let ip = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(198, 19, 16, 0)) + i as u32);
+        w.api.apply_value(serde_json::json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": format!("filler-{i}"), "namespace": "fill"},
+            "spec": {"type": "ClusterIP", "clusterIP": ip.to_string(), "clusterIPs": [ip.to_string()],
+                     "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}}));
+    }
+    let mut agent = w.agent();
+    w.until_served_by(&["pod-1"]);
+    let programmed = |agent: &mut Agent| agent.logs().iter().filter(|l| l.contains("programmed")).count();
+    assert!(programmed(&mut agent) > FILLERS, "every filler programmed");
+
+    // Gone while the API is down: one filler from the first page, one
+    // from the last; pod-2 replaces pod-1. History compacted: a relist.
+    w.api.stop();
+    w.api.delete("Service", "fill", "filler-3");
+    w.api.delete("Service", "fill", &format!("filler-{}", FILLERS - 2));
+    w.api.apply_yaml(&web(&[2]));
+    w.api.compact();
+    w.api.restart().unwrap();
+    w.until_served_by(&["pod-2"]);
+    agent.wait_for_log("relisted", PATIENCE).unwrap();
+    agent.wait_for_log("fill/filler-3:http/TCP}: removed", PATIENCE).unwrap();
+    let logs = agent.logs();
+    let removed: Vec<&String> = logs.iter().filter(|l| l.ends_with("removed")).collect();
+    assert_eq!(removed.len(), 2, "exactly the two deleted fillers: {removed:#?}");
+    assert!(removed.iter().any(|l| l.contains("fill/filler-3:")));
+    assert!(removed.iter().any(|l| l.contains(&format!("fill/filler-{}:", FILLERS - 2))));
+}
+
 #[test]
 fn a_kubernetes_fed_agent_restarts_without_cutting_a_stream_even_when_backends_change() {
     let w = world(3);

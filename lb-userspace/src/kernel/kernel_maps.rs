@@ -135,41 +135,6 @@ impl KernelMaps {
     pub fn service_counter(&self, service_id: u32) -> anyhow::Result<Counter> {
         Ok(self.service_stats.get(&service_id, 0)?)
     }
-
-    /// Fresh tables swapped in and tables removed: map-in-map updates, each
-    /// of which waits an RCU grace period (milliseconds) in the kernel.
-    /// Waits from different threads overlap, so a batch is spread over
-    /// workers, each with its own handle on the pinned map.
-    fn swap_tables(&mut self, tables: &[TableWrite]) -> Vec<anyhow::Result<()>> {
-        if tables.len() <= 2 {
-            return tables
-                .iter()
-                .map(|&(key, write)| swap_one(&mut self.maglev, key, write.map(|w| w.0)))
-                .collect();
-        }
-        let chunk = tables.len().div_ceil(MAGLEV_WRITERS);
-        let mut results: Vec<anyhow::Result<()>> = Vec::with_capacity(tables.len());
-        std::thread::scope(|scope| {
-            let workers: Vec<_> = tables
-                .chunks(chunk)
-                .map(|part| {
-                    let pin = &self.maglev_pin;
-                    scope.spawn(move || match open_maglev(pin) {
-                        Ok((mut map, fd)) => swap_part(&mut map, fd, part),
-                        Err(e) => part
-                            .iter()
-                            .map(|_| Err(anyhow::anyhow!("opening {}: {e}", pin.display())))
-                            .collect(),
-                    })
-                })
-                .collect();
-            for w in workers {
-                let part: Vec<anyhow::Result<()>> = w.join().expect("Maglev writer panicked");
-                results.extend(part);
-            }
-        });
-        results
-    }
 }
 
 impl DatapathMaps for KernelMaps {
@@ -186,43 +151,27 @@ impl DatapathMaps for KernelMaps {
     }
 
     fn write_maglev(&mut self, tables: &[TableWrite]) -> Vec<anyhow::Result<()>> {
-        let mut results: Vec<Option<anyhow::Result<()>>> = tables.iter().map(|_| None).collect();
-        // Halves rewritten in place first: no map-in-map update, no wait.
-        let mut swaps: Vec<usize> = Vec::new();
-        for (i, &(key, write)) in tables.iter().enumerate() {
-            if let Some((slots, TableTarget::Half(half))) = write {
-                match self.maglev.get(&key, 0) {
-                    Ok(inner) => {
-                        results[i] = Some(write_half(&inner, slots, half).with_context(|| {
-                            format!(
-                                "rewriting half {} of Maglev table {}/{}",
-                                HALF_NAMES[half & 1],
-                                key.service_id,
-                                key.table_size
-                            )
-                        }));
-                        continue;
-                    }
-                    // Not there (someone removed it): written fresh.
-                    Err(aya::maps::MapError::KeyNotFound) => {}
-                    Err(e) => {
-                        results[i] = Some(Err(e).with_context(|| {
-                            format!("finding Maglev table {}/{}", key.service_id, key.table_size)
-                        }));
-                        continue;
-                    }
-                }
+        if tables.len() <= 2 {
+            return write_part(&self.maglev_pin, tables);
+        }
+        // Tables are built here, in the workers (CPU), and fresh ones wait
+        // for the kernel's RCU grace period (sleep): waits from different
+        // threads overlap.
+        let chunk = tables.len().div_ceil(MAGLEV_WRITERS);
+        let mut results: Vec<anyhow::Result<()>> = Vec::with_capacity(tables.len());
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = tables
+                .chunks(chunk)
+                .map(|part| {
+                    let pin = &self.maglev_pin;
+                    scope.spawn(move || write_part(pin, part))
+                })
+                .collect();
+            for w in workers {
+                results.extend(w.join().expect("Maglev writer panicked"));
             }
-            swaps.push(i);
-        }
-        let swapped = self.swap_tables(&swaps.iter().map(|&i| tables[i]).collect::<Vec<_>>());
-        for (i, r) in swaps.into_iter().zip(swapped) {
-            results[i] = Some(r);
-        }
+        });
         results
-            .into_iter()
-            .map(|r| r.expect("every table has a result"))
-            .collect()
     }
 
     fn set_frontend(&mut self, key: FrontendKey, entry: ServiceEntry) -> anyhow::Result<()> {
@@ -320,27 +269,52 @@ fn open_maglev(
     Ok((HashOfMaps::try_from(aya::maps::Map::HashOfMaps(data))?, fd))
 }
 
-/// One worker's share of `swap_tables`. The fresh arrays are built first
-/// and swapped in with one BPF_MAP_UPDATE_BATCH: since Linux 6.8 the
-/// kernel waits one grace period per batch instead of one per element
-/// (commit "bpf: Call maybe_wait_bpf_programs() only once for
-/// generic_map_update_batch()"). What a batch did not do (refused before
-/// Linux 5.14, which added batches to hash-of-maps, or stopped part-way)
-/// goes one by one, as do removals.
-fn swap_part(
-    map: &mut HashOfMaps<MapData, MaglevKey, MapData>,
-    fd: std::os::fd::RawFd,
-    part: &[TableWrite],
-) -> Vec<anyhow::Result<()>> {
+/// One worker's share of `write_maglev`, on its own handle on the pinned
+/// map. Halves are rewritten in place (no map-in-map update, no wait). The
+/// fresh arrays are built next and swapped in with one
+/// BPF_MAP_UPDATE_BATCH: since Linux 6.8 the kernel waits one grace period
+/// per batch instead of one per element (commit "bpf: Call
+/// maybe_wait_bpf_programs() only once for generic_map_update_batch()").
+/// What a batch did not do (refused before Linux 5.14, which added batches
+/// to hash-of-maps, or stopped part-way) goes one by one, as do removals.
+fn write_part(pin: &Path, part: &[TableWrite]) -> Vec<anyhow::Result<()>> {
+    let (mut map, fd) = match open_maglev(pin) {
+        Ok(m) => m,
+        Err(e) => {
+            return part
+                .iter()
+                .map(|_| Err(anyhow::anyhow!("opening {}: {e}", pin.display())))
+                .collect()
+        }
+    };
+    let name = |key: MaglevKey| format!("Maglev table {}/{}", key.service_id, key.table_size);
     let mut results: Vec<Option<anyhow::Result<()>>> = part.iter().map(|_| None).collect();
     let mut fresh: Vec<(usize, MaglevKey, MapData)> = Vec::new();
     for (i, &(key, write)) in part.iter().enumerate() {
-        match write {
-            Some((slots, _)) => match new_maglev_array(slots) {
-                Ok(array) => fresh.push((i, key, array)),
-                Err(e) => results[i] = Some(Err(e.context("building a Maglev table"))),
-            },
-            None => results[i] = Some(swap_one(map, key, None)),
+        let Some((spec, target)) = write else {
+            results[i] = Some(remove_table(&mut map, key));
+            continue;
+        };
+        let slots = spec.slots();
+        if let TableTarget::Half(half) = target {
+            match map.get(&key, 0) {
+                Ok(inner) => {
+                    results[i] = Some(write_half(&inner, &slots, half).with_context(|| {
+                        format!("rewriting half {} of {}", HALF_NAMES[half & 1], name(key))
+                    }));
+                    continue;
+                }
+                // Not there (someone removed it): written fresh.
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => {
+                    results[i] = Some(Err(e).with_context(|| format!("finding {}", name(key))));
+                    continue;
+                }
+            }
+        }
+        match new_maglev_array(&slots) {
+            Ok(array) => fresh.push((i, key, array)),
+            Err(e) => results[i] = Some(Err(e.context("building a Maglev table"))),
         }
     }
     let keys: Vec<MaglevKey> = fresh.iter().map(|f| f.1).collect();
@@ -353,9 +327,8 @@ fn swap_part(
         results[i] = Some(if n < done {
             Ok(())
         } else {
-            map.insert(key, &array, 0).with_context(|| {
-                format!("swapping in Maglev table {}/{}", key.service_id, key.table_size)
-            })
+            map.insert(key, &array, 0)
+                .with_context(|| format!("swapping in {}", name(key)))
         });
     }
     results
@@ -404,25 +377,17 @@ fn update_batch(fd: std::os::fd::RawFd, keys: &[MaglevKey], values: &[u32]) -> u
     }
 }
 
-/// Swaps in a fresh array holding `slots` in both halves, or removes the
-/// table (`None`).
-fn swap_one(
+/// Removes a table (a map-in-map update: the kernel waits a grace period).
+fn remove_table(
     map: &mut HashOfMaps<MapData, MaglevKey, MapData>,
     key: MaglevKey,
-    slots: Option<&[u32]>,
 ) -> anyhow::Result<()> {
-    let (id, size) = (key.service_id, key.table_size);
-    match slots {
-        Some(slots) => {
-            let table = new_maglev_array(slots).context("building a Maglev table")?;
-            // One update swaps the whole table in; the kernel frees the old
-            // array once no program holds it.
-            map.insert(key, &table, 0)
-                .with_context(|| format!("swapping in Maglev table {id}/{size}"))
-        }
-        None => ignore_missing(map.remove(&key))
-            .with_context(|| format!("removing Maglev table {id}/{size}")),
-    }
+    ignore_missing(map.remove(&key)).with_context(|| {
+        format!(
+            "removing Maglev table {}/{}",
+            key.service_id, key.table_size
+        )
+    })
 }
 
 /// Deleting what is already gone is success (aya reports it either as

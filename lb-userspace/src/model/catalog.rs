@@ -42,6 +42,9 @@ pub struct Catalog {
     dirty: BTreeSet<ObjectKey>,
     /// Problems already reported, by object: each is logged once per cause.
     reported: BTreeMap<String, String>,
+    /// Services and slices named so far by a list in progress.
+    listing_services: Option<BTreeSet<ObjectKey>>,
+    listing_slices: Option<BTreeSet<ObjectKey>>,
 }
 
 /// What a `rebuild` changed.
@@ -106,11 +109,33 @@ impl Catalog {
     /// Replaces every Service (a relist, or a reread file): Services gone
     /// from `all` are deleted.
     pub fn replace_services(&mut self, all: Vec<Service>) {
-        let mut stale: BTreeSet<ObjectKey> = self.services.keys().cloned().collect();
-        for svc in all {
-            stale.remove(&object_key(&svc.metadata));
+        self.begin_services_list();
+        self.list_services(all, true);
+    }
+
+    /// A list of every Service begins; it comes in parts (`list_services`).
+    pub fn begin_services_list(&mut self) {
+        self.listing_services = Some(BTreeSet::new());
+    }
+
+    /// One part of the list of every Service; after the `last` one, the
+    /// Services no part named are deleted.
+    pub fn list_services(&mut self, part: Vec<Service>, last: bool) {
+        let mut seen = self.listing_services.take().unwrap_or_default();
+        for svc in part {
+            seen.insert(object_key(&svc.metadata));
             self.apply_service(svc);
         }
+        if !last {
+            self.listing_services = Some(seen);
+            return;
+        }
+        let stale: Vec<ObjectKey> = self
+            .services
+            .keys()
+            .filter(|k| !seen.contains(*k))
+            .cloned()
+            .collect();
         for key in stale {
             self.services.remove(&key);
             self.dirty.insert(key);
@@ -142,12 +167,35 @@ impl Catalog {
     /// Replaces every slice (a relist, or a reread file); returns the
     /// rejections not reported before.
     pub fn replace_slices(&mut self, all: &[EndpointSlice]) -> Vec<Rejection> {
-        let mut stale: BTreeSet<ObjectKey> = self.slices.keys().cloned().collect();
+        self.begin_slices_list();
+        self.list_slices(all, true)
+    }
+
+    /// A list of every EndpointSlice begins; it comes in parts
+    /// (`list_slices`).
+    pub fn begin_slices_list(&mut self) {
+        self.listing_slices = Some(BTreeSet::new());
+    }
+
+    /// One part of the list of every EndpointSlice; after the `last` one,
+    /// the slices no part named are forgotten. Returns the rejections.
+    pub fn list_slices(&mut self, part: &[EndpointSlice], last: bool) -> Vec<Rejection> {
+        let mut seen = self.listing_slices.take().unwrap_or_default();
         let mut rejections = Vec::new();
-        for slice in all {
-            stale.remove(&object_key(&slice.metadata));
+        for slice in part {
+            seen.insert(object_key(&slice.metadata));
             rejections.extend(self.apply_slice(slice));
         }
+        if !last {
+            self.listing_slices = Some(seen);
+            return rejections;
+        }
+        let stale: Vec<ObjectKey> = self
+            .slices
+            .keys()
+            .filter(|k| !seen.contains(*k))
+            .cloned()
+            .collect();
         for key in stale {
             self.forget_slice(key);
         }

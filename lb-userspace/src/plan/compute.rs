@@ -15,7 +15,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    hash::{Hash, Hasher},
+    hash::Hash,
     net::Ipv4Addr,
 };
 
@@ -29,7 +29,7 @@ use lb_common::{
 use super::state::{half_after, Record, State, TableTarget, Write};
 use crate::{
     model::{DesiredState, Frontend, FrontendKind, Scope, ServicePort, ServicePortKey},
-    plan::maglev::{table_size_for, MaglevTable},
+    plan::maglev::{table_size_for, TableSpec},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -302,14 +302,13 @@ fn plan_port(
     let (table_size, count) = if usable.is_empty() {
         (0, 0)
     } else {
-        let addrs: Vec<(Ipv4Addr, u16)> = usable.iter().copied().collect();
-        let table = MaglevTable::build(&addrs, table_size_for(addrs.len()));
-        // Each backend's id once, then slot by slot by index (a map lookup
-        // per slot was a third of a cold start's CPU time).
-        let ids: Vec<u32> = table.backends.iter().map(|b| backend_ids[b]).collect();
-        let slots: Vec<u32> = table.slots.iter().map(|&i| ids[i as usize]).collect();
-        let size = slots.len() as u32;
-        let digest = digest(&slots);
+        let size = table_size_for(usable.len());
+        let table = TableSpec::new(
+            usable.iter().map(|t| (*t, backend_ids[t])).collect(),
+            size,
+        );
+        let digest = table.digest();
+        let count = table.backends.len() as u32;
         let key = MaglevKey {
             service_id: id,
             table_size: size,
@@ -322,10 +321,10 @@ fn plan_port(
                     None => TableTarget::Fresh,
                 };
                 half = half_after(target);
-                step(Phase::Tables, Write::SetTable(key, slots, digest, target));
+                step(Phase::Tables, Write::SetTable(key, table, digest, target));
             }
         }
-        (size, addrs.len() as u32)
+        (size, count)
     };
 
     let wanted: BTreeSet<FrontendKey> = spec.frontends.iter().map(frontend_key).collect();
@@ -398,14 +397,6 @@ fn remove_held(state: &State, id: u32) -> Vec<(Phase, Write)> {
         step(Phase::Cleanup, Write::ClearBackend(bid));
     }
     steps
-}
-
-/// Tells tables apart without keeping their slots (65,537 per service).
-fn digest(slots: &[u32]) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    slots.hash(&mut h);
-    // Never 0: that is the digest of a table we did not write.
-    h.finish() | 1
 }
 
 /// `SERVICE_F_*` of one frontend of a service port.

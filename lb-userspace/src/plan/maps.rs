@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use lb_common::{Backend, FrontendKey, MaglevKey, ServiceEntry, SERVICE_F_TABLE_B};
 
-use super::state::TableTarget;
+use super::{maglev::TableSpec, state::TableTarget};
 
 use crate::model::Prefix;
 
@@ -30,7 +30,7 @@ pub trait DatapathMaps {
 }
 
 /// One entry of a `write_maglev` batch.
-pub type TableWrite<'a> = (MaglevKey, Option<(&'a [u32], TableTarget)>);
+pub type TableWrite<'a> = (MaglevKey, Option<(&'a TableSpec, TableTarget)>);
 
 /// What the maps hold, read back: how a restarted agent learns what the
 /// previous one programmed (the maps are the only record that survives).
@@ -100,12 +100,13 @@ impl DatapathMaps for MemoryMaps {
             .map(|&(key, write)| {
                 let (id, size) = (key.service_id, key.table_size);
                 match write {
-                    Some((slots, target)) => {
+                    Some((spec, target)) => {
                         self.log.push(format!("set_maglev {id}/{size} {target:?}"));
+                        let slots = spec.slots();
                         match (target, self.maglev.get_mut(&key)) {
-                            (TableTarget::Half(h), Some(halves)) => halves[h] = slots.to_vec(),
+                            (TableTarget::Half(h), Some(halves)) => halves[h] = slots,
                             _ => {
-                                self.maglev.insert(key, [slots.to_vec(), slots.to_vec()]);
+                                self.maglev.insert(key, [slots.clone(), slots]);
                             }
                         }
                     }

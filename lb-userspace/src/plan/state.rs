@@ -15,7 +15,7 @@ use lb_common::{
     Backend, FrontendKey, MaglevKey, ServiceEntry, MAX_BACKENDS, MAX_SERVICES, SERVICE_F_TABLE_B,
 };
 
-use super::{ids::IdPool, maps::Snapshot};
+use super::{ids::IdPool, maglev::TableSpec, maps::Snapshot};
 use crate::model::{Prefix, ServicePort, ServicePortKey};
 
 /// One map write.
@@ -23,8 +23,8 @@ use crate::model::{Prefix, ServicePort, ServicePortKey};
 pub enum Write {
     SetBackend(u32, Backend),
     ClearBackend(u32),
-    /// A whole table; `u64` is a digest of its slots.
-    SetTable(MaglevKey, Vec<u32>, u64, TableTarget),
+    /// A whole table; `u64` is the spec's digest.
+    SetTable(MaglevKey, TableSpec, u64, TableTarget),
     RemoveTable(MaglevKey),
     SetFrontend(FrontendKey, ServiceEntry),
     RemoveFrontend(FrontendKey),
@@ -167,7 +167,7 @@ impl State {
                 0b10 => TableTarget::Half(1),
                 _ => TableTarget::Fresh,
             };
-            s.applied(&Write::SetTable(key, Vec::new(), 0, live));
+            s.applied(&Write::SetTable(key, TableSpec::default(), 0, live));
         }
         for (id, range) in snap.source_ranges {
             s.applied(&Write::SetRange(id, range));

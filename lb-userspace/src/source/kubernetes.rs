@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 use tracing::{info, warn};
 
-use super::{send, Change, Update, Updates, What};
+use super::{send, Change, Update, Updates, What, LIST_PART};
 
 /// A client for the API server: `kubeconfig` if given, else the in-cluster
 /// service account, else KUBECONFIG or ~/.kube/config.
@@ -93,8 +93,10 @@ fn spawn_watch<K>(
 {
     tokio::spawn(async move {
         let mut stream = watcher(api, config).default_backoff().boxed();
-        // Objects of a list in progress (Init .. InitDone).
-        let mut listing: Option<Vec<K>> = None;
+        // Objects of a list in progress (Init .. InitDone) not sent yet,
+        // and how many were.
+        let mut listing: Vec<K> = Vec::new();
+        let mut listed = 0;
         // The error last logged: each cause is logged once, not per retry.
         let mut failing: Option<String> = None;
         let mut listed_once = false;
@@ -142,22 +144,28 @@ fn spawn_watch<K>(
             };
             let change = match change {
                 watcher::Event::Init => {
-                    listing = Some(Vec::new());
-                    continue;
+                    listing.clear();
+                    listed = 0;
+                    Change::ListBegins
                 }
                 watcher::Event::InitApply(obj) => {
-                    listing.get_or_insert_with(Vec::new).push(obj);
-                    continue;
+                    listing.push(obj);
+                    if listing.len() < LIST_PART {
+                        continue;
+                    }
+                    listed += listing.len();
+                    Change::Listing(std::mem::take(&mut listing))
                 }
                 watcher::Event::InitDone => {
-                    let all = listing.take().unwrap_or_default();
+                    let count = listed + listing.len();
+                    listed = 0;
                     if listed_once {
-                        info!(resource = kind, count = all.len(), "relisted");
+                        info!(resource = kind, count, "relisted");
                     } else {
-                        info!(resource = kind, count = all.len(), "listed");
+                        info!(resource = kind, count, "listed");
                         listed_once = true;
                     }
-                    Change::Listed(all)
+                    Change::Listed(std::mem::take(&mut listing))
                 }
                 watcher::Event::Apply(obj) => Change::Applied(obj),
                 watcher::Event::Delete(obj) => Change::Deleted(obj),

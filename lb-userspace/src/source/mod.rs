@@ -51,10 +51,19 @@ pub enum What {
 pub enum Change<K> {
     Applied(K),
     Deleted(K),
-    /// A complete list (at start, and after a lost watch): whatever is not
-    /// in it is gone.
+    /// A list begins (at start, and after a lost watch); a list that began
+    /// before and did not end is abandoned.
+    ListBegins,
+    /// Part of the list in progress (kube-runtime lists in pages), sent as
+    /// it arrives so a list of 10,000 objects never sits in memory whole.
+    Listing(Vec<K>),
+    /// The last part of a list (at start, and after a lost watch): whatever
+    /// was in no part of it is gone.
     Listed(Vec<K>),
 }
+
+/// Objects per `Change::Listing` part: kube-runtime's page size.
+pub const LIST_PART: usize = 500;
 
 pub type Updates = UnboundedReceiver<Update>;
 
