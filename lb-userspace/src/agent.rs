@@ -161,6 +161,18 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         // Kernels since 5.11 charge BPF memory to the cgroup instead.
         info!("could not raise RLIMIT_MEMLOCK ({e}); fine on kernels that account BPF memory by cgroup");
     }
+    // Each Maglev writer thread holds up to `FRESH_PER_BATCH` new arrays
+    // (descriptors) at once: the soft descriptor limit is raised to the
+    // hard one, as the Go runtime does for its programs.
+    if let Ok((soft, hard)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = nix::sys::resource::setrlimit(
+                nix::sys::resource::Resource::RLIMIT_NOFILE,
+                hard,
+                hard,
+            );
+        }
+    }
     let status = Status::new(Metrics::new(&opts.pin_dir), opts.health_timeout);
     if let Some(addr) = opts.http_addr {
         status::serve_health(addr, status.clone()).await?;

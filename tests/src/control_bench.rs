@@ -30,6 +30,7 @@ use crate::{
 
 pub struct Results {
     pub services: usize,
+    pub ports_each: usize,
     pub endpoints_each: usize,
     pub cold: Duration,
     pub peak_rss_kib: u64,
@@ -46,15 +47,27 @@ fn endpoint_ip(i: usize, j: usize) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 0)) + ((i * 10 + j) % 32_000) as u32)
 }
 
-fn service(i: usize) -> Value {
+/// Port `k` of a Service: 80 named http, then 81, 82, ...
+fn port_name(k: usize) -> String {
+    if k == 0 {
+        "http".into()
+    } else {
+        format!("p{k}")
+    }
+}
+
+fn service(i: usize, ports: usize) -> Value {
+    let ports: Vec<Value> = (0..ports)
+        .map(|k| json!({"name": port_name(k), "port": 80 + k, "targetPort": 8080 + k, "protocol": "TCP"}))
+        .collect();
     json!({"apiVersion": "v1", "kind": "Service",
         "metadata": {"name": format!("svc-{i}"), "namespace": "bench"},
         "spec": {"type": "ClusterIP", "clusterIP": cluster_ip(i).to_string(),
                  "clusterIPs": [cluster_ip(i).to_string()],
-                 "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}})
+                 "ports": ports}})
 }
 
-fn slice(i: usize, endpoints: usize, unready: Option<usize>) -> Value {
+fn slice(i: usize, ports: usize, endpoints: usize, unready: Option<usize>) -> Value {
     let eps: Vec<Value> = (0..endpoints)
         .map(|j| {
             json!({"addresses": [endpoint_ip(i, j).to_string()],
@@ -66,7 +79,9 @@ fn slice(i: usize, endpoints: usize, unready: Option<usize>) -> Value {
         "metadata": {"name": format!("svc-{i}-1"), "namespace": "bench",
                      "labels": {"kubernetes.io/service-name": format!("svc-{i}")}},
         "addressType": "IPv4",
-        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "ports": (0..ports)
+            .map(|k| json!({"name": port_name(k), "port": 8080 + k, "protocol": "TCP"}))
+            .collect::<Vec<Value>>(),
         "endpoints": eps})
 }
 
@@ -79,7 +94,9 @@ fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
     Ok(line.trim().trim_end_matches("kB").trim().parse()?)
 }
 
-pub fn run(services: usize, endpoints: usize, changes: usize) -> anyhow::Result<Results> {
+/// `services` Services of `ports` ports each (service ports = services x
+/// ports), `endpoints` endpoints each; `changes` endpoint flips.
+pub fn run(services: usize, ports: usize, endpoints: usize, changes: usize) -> anyhow::Result<Results> {
     let topo = Topology::new(0)?;
     let api = ApiServer::start(&topo.node, "127.0.0.1:6443".parse::<SocketAddr>()?)?;
     api.apply_value(
@@ -87,8 +104,8 @@ pub fn run(services: usize, endpoints: usize, changes: usize) -> anyhow::Result<
         "status": {"addresses": [{"type": "InternalIP", "address": NODE_IP.to_string()}]}}),
     );
     for i in 0..services {
-        api.apply_value(service(i));
-        api.apply_value(slice(i, endpoints, None));
+        api.apply_value(service(i, ports));
+        api.apply_value(slice(i, ports, endpoints, None));
     }
     let dir = std::env::temp_dir().join(unique("lb-bench-"));
     std::fs::create_dir_all(&dir)?;
@@ -139,7 +156,7 @@ pub fn run(services: usize, endpoints: usize, changes: usize) -> anyhow::Result<
             }
         };
         let t = Instant::now();
-        api.apply_value(slice(i, endpoints, unready));
+        api.apply_value(slice(i, ports, endpoints, unready));
         loop {
             if frontends.get(&key, 0).ok().map(|e| e.backend_count) == Some(want) {
                 break;
@@ -157,6 +174,7 @@ pub fn run(services: usize, endpoints: usize, changes: usize) -> anyhow::Result<
         |p: f64| samples[((samples.len() as f64 * p).ceil() as usize).clamp(1, samples.len()) - 1];
     let out = Results {
         services,
+        ports_each: ports,
         endpoints_each: endpoints,
         cold,
         peak_rss_kib: peak_rss,

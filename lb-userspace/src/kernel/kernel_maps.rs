@@ -255,6 +255,11 @@ fn source_range_key(service_id: u32, range: Prefix) -> Key<SourceRange> {
     )
 }
 
+/// Fresh arrays a writer thread swaps in per batch: bounds the descriptors
+/// it holds open (64 writers x 128) while a batch still waits one grace
+/// period for many tables.
+const FRESH_PER_BATCH: usize = 128;
+
 /// Threads that swap Maglev tables in parallel (they mostly sleep in the
 /// kernel's RCU waits, so this is not bounded by the CPU count).
 const MAGLEV_WRITERS: usize = 64;
@@ -316,25 +321,40 @@ fn write_part(pin: &Path, part: &[TableWrite]) -> Vec<anyhow::Result<()>> {
             Ok(array) => fresh.push((i, key, array)),
             Err(e) => results[i] = Some(Err(e.context("building a Maglev table"))),
         }
+        if fresh.len() == FRESH_PER_BATCH {
+            swap_fresh(&mut map, fd, &mut fresh, &mut results);
+        }
     }
+    swap_fresh(&mut map, fd, &mut fresh, &mut results);
+    results
+        .into_iter()
+        .map(|r| r.expect("every table has a result"))
+        .collect()
+}
+
+/// Swaps in the fresh arrays built so far (`(index in the part, key,
+/// array)`), recording each one's result, and closes their descriptors.
+fn swap_fresh(
+    map: &mut HashOfMaps<MapData, MaglevKey, MapData>,
+    fd: std::os::fd::RawFd,
+    fresh: &mut Vec<(usize, MaglevKey, MapData)>,
+    results: &mut [Option<anyhow::Result<()>>],
+) {
     let keys: Vec<MaglevKey> = fresh.iter().map(|f| f.1).collect();
     let fds: Vec<u32> = fresh
         .iter()
         .map(|f| f.2.fd().as_fd().as_raw_fd() as u32)
         .collect();
     let done = update_batch(fd, &keys, &fds);
-    for (n, (i, key, array)) in fresh.into_iter().enumerate() {
+    for (n, (i, key, array)) in fresh.drain(..).enumerate() {
         results[i] = Some(if n < done {
             Ok(())
         } else {
-            map.insert(key, &array, 0)
-                .with_context(|| format!("swapping in {}", name(key)))
+            map.insert(key, &array, 0).with_context(|| {
+                format!("swapping in Maglev table {}/{}", key.service_id, key.table_size)
+            })
         });
     }
-    results
-        .into_iter()
-        .map(|r| r.expect("every table has a result"))
-        .collect()
 }
 
 /// BPF_MAP_UPDATE_BATCH of `values` under `keys` into map `fd`; returns

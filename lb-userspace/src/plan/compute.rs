@@ -321,7 +321,7 @@ fn plan_port(
                     None => TableTarget::Fresh,
                 };
                 half = half_after(target);
-                step(Phase::Tables, Write::SetTable(key, table, digest, target));
+                step(Phase::Tables, Write::SetTable(key, Box::new(table), digest, target));
             }
         }
         (size, count)

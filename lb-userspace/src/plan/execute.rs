@@ -73,7 +73,7 @@ fn run_tables<M: DatapathMaps>(
     let batch: Vec<TableWrite> = steps
         .iter()
         .map(|s| match &s.write {
-            Write::SetTable(key, spec, _, target) => (*key, Some((spec, *target))),
+            Write::SetTable(key, spec, _, target) => (*key, Some((&**spec, *target))),
             Write::RemoveTable(key) => (*key, None),
             _ => unreachable!("partitioned"),
         })

@@ -33,6 +33,9 @@ use crate::model::{DesiredState, ServicePortKey};
 pub const RETRY_FIRST: Duration = Duration::from_millis(100);
 pub const RETRY_MAX: Duration = Duration::from_secs(30);
 
+/// Service ports a first apply plans at a time (see `Programmer::apply`).
+const FIRST_APPLY_CHUNK: usize = 1_000;
+
 /// Outcome of one apply, for the logs.
 #[derive(Debug, Default)]
 pub struct Report {
@@ -147,7 +150,28 @@ impl<M: DatapathMaps> Programmer<M> {
 
     /// Makes the maps equal to `desired`, touching only what differs.
     pub fn apply(&mut self, desired: &DesiredState) -> Report {
-        self.run(desired, None, Instant::now())
+        let fresh = !self.adopting && self.state.records.is_empty() && self.state.held.is_empty();
+        if !fresh || desired.services.len() <= FIRST_APPLY_CHUNK {
+            return self.run(desired, None, Instant::now());
+        }
+        // Nothing programmed and nothing to adopt: the first apply goes a
+        // chunk of service ports at a time, so a plan of 10,000 services
+        // (a write per backend and frontend) never sits in memory whole.
+        // Each chunk is a complete plan of its own ports; with nothing held
+        // there is nothing another chunk's writes could depend on.
+        let keys: Vec<&ServicePortKey> = desired.services.keys().collect();
+        let mut report = Report::default();
+        for chunk in keys.chunks(FIRST_APPLY_CHUNK) {
+            let chunk: BTreeSet<ServicePortKey> = chunk.iter().map(|&k| k.clone()).collect();
+            let r = self.run(desired, Some(chunk), Instant::now());
+            report.diff.added.extend(r.diff.added);
+            report.diff.changed.extend(r.diff.changed);
+            report.diff.removed.extend(r.diff.removed);
+            report.failed.extend(r.failed);
+            report.adopted += r.adopted;
+            report.stale_removed += r.stale_removed;
+        }
+        report
     }
 
     /// `apply`, looking only at the service ports in `keys` (the ones an

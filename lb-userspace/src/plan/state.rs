@@ -23,8 +23,9 @@ use crate::model::{Prefix, ServicePort, ServicePortKey};
 pub enum Write {
     SetBackend(u32, Backend),
     ClearBackend(u32),
-    /// A whole table; `u64` is the spec's digest.
-    SetTable(MaglevKey, TableSpec, u64, TableTarget),
+    /// A whole table; `u64` is the spec's digest. Boxed: the largest
+    /// variant sets the size of every write a plan holds.
+    SetTable(MaglevKey, Box<TableSpec>, u64, TableTarget),
     RemoveTable(MaglevKey),
     SetFrontend(FrontendKey, ServiceEntry),
     RemoveFrontend(FrontendKey),
@@ -167,7 +168,7 @@ impl State {
                 0b10 => TableTarget::Half(1),
                 _ => TableTarget::Fresh,
             };
-            s.applied(&Write::SetTable(key, TableSpec::default(), 0, live));
+            s.applied(&Write::SetTable(key, Box::default(), 0, live));
         }
         for (id, range) in snap.source_ranges {
             s.applied(&Write::SetRange(id, range));

@@ -388,7 +388,7 @@ fn node() -> anyhow::Result<()> {
 
 fn control_plane() -> anyhow::Result<()> {
     println!("\nControl plane: the real agent fed by the test API server over HTTP");
-    let r = lb_tests::control_bench::run(10_000, 10, 400)?;
+    let r = lb_tests::control_bench::run(10_000, 1, 10, 400)?;
     println!(
         "| cold start, {} services x {} endpoints | {:.2} s to datapath ready | peak agent RSS {:.1} MiB |",
         r.services,
@@ -404,5 +404,20 @@ fn control_plane() -> anyhow::Result<()> {
         r.changes
     );
     println!("(For scale: Kubernetes reported ~5-13 s p50 network programming latency for iptables kube-proxy at 5,000 nodes.)");
+    // 100,000 service ports: 50,000 Services of 2 ports (the bench's
+    // ClusterIPs come from 198.19.0.0/16), 5 endpoints each: 500,000
+    // backends, near `lb_backends`' 524,287 (ids are per service port).
+    let r = lb_tests::control_bench::run(50_000, 2, 5, 100)?;
+    println!(
+        "| cold start, {} services x {} ports x {} endpoints ({} service ports) | {:.2} s to datapath ready | peak agent RSS {:.1} MiB | one-endpoint change p50 {:.2} ms, p99 {:.2} ms |",
+        r.services,
+        r.ports_each,
+        r.endpoints_each,
+        r.services * r.ports_each,
+        r.cold.as_secs_f64(),
+        r.peak_rss_kib as f64 / 1024.0,
+        r.change_p50.as_secs_f64() * 1e3,
+        r.change_p99.as_secs_f64() * 1e3,
+    );
     Ok(())
 }
