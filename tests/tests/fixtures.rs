@@ -26,6 +26,11 @@ fn backends() -> Vec<Ipv4Addr> {
     (11..=13).map(|i| Ipv4Addr::new(198, 18, 1, i)).collect()
 }
 
+/// `backends()` and a fourth that joins.
+fn four_backends() -> Vec<Ipv4Addr> {
+    (11..=14).map(|i| Ipv4Addr::new(198, 18, 1, i)).collect()
+}
+
 fn empty_svc() -> Svc {
     let mut svc = Svc {
         name: "empty",
@@ -253,8 +258,7 @@ fn established_flow_keeps_its_backend_when_the_table_changes() {
         let mut fx = fixture();
         // Find a flow whose Maglev choice changes when a fourth backend
         // joins; conntrack must keep it on its first backend.
-        let mut more = backends();
-        more.push(Ipv4Addr::new(198, 18, 1, 14));
+        let more = four_backends();
         let sport = (40000..41000)
             .find(|&p| {
                 expected_backend(&backends(), 8080, p, 80, TCP)
@@ -320,8 +324,7 @@ fn a_new_flow_never_uses_a_maglev_half_being_rewritten() {
     use lb_common::{FrontendKey, MaglevSlots, FRONTEND_VIEW_ALL, SERVICE_F_TABLE_B};
     for hook in HOOKS {
         let mut fx = fixture();
-        let mut more = backends();
-        more.push(Ipv4Addr::new(198, 18, 1, 14));
+        let more = four_backends();
         let key = FrontendKey {
             addr: CLUSTER_IP.octets(),
             port: 80,

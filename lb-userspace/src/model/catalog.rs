@@ -61,6 +61,11 @@ pub struct Rebuilt {
     pub services: usize,
 }
 
+/// The keys of `held` a completed list did not name.
+fn unseen<V>(held: &BTreeMap<ObjectKey, V>, seen: &BTreeSet<ObjectKey>) -> Vec<ObjectKey> {
+    held.keys().filter(|k| !seen.contains(*k)).cloned().collect()
+}
+
 impl Catalog {
     pub fn new(node: NodeConfig) -> Catalog {
         Catalog {
@@ -130,13 +135,7 @@ impl Catalog {
             self.listing_services = Some(seen);
             return;
         }
-        let stale: Vec<ObjectKey> = self
-            .services
-            .keys()
-            .filter(|k| !seen.contains(*k))
-            .cloned()
-            .collect();
-        for key in stale {
+        for key in unseen(&self.services, &seen) {
             self.services.remove(&key);
             self.dirty.insert(key);
         }
@@ -190,13 +189,7 @@ impl Catalog {
             self.listing_slices = Some(seen);
             return rejections;
         }
-        let stale: Vec<ObjectKey> = self
-            .slices
-            .keys()
-            .filter(|k| !seen.contains(*k))
-            .cloned()
-            .collect();
-        for key in stale {
+        for key in unseen(&self.slices, &seen) {
             self.forget_slice(key);
         }
         rejections
