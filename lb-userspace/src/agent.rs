@@ -238,7 +238,6 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         health: HealthServers::new(status.clone()),
         status,
         watches_down: BTreeSet::new(),
-        listing: BTreeSet::new(),
         dp,
         interfaces: Interfaces::new(selection),
         skip_logged: BTreeMap::new(),
@@ -325,8 +324,6 @@ struct Agent {
     pending_since: Option<Instant>,
     /// API watches that failed and are not back: changes may be missing.
     watches_down: BTreeSet<&'static str>,
-    /// Kinds whose list is in progress: no sync until it is complete.
-    listing: BTreeSet<&'static str>,
 }
 
 enum Next {
@@ -382,11 +379,7 @@ impl Agent {
                     while let Ok(u) = updates.try_recv() {
                         self.take(u);
                     }
-                    // A relist is applied whole, as one change, once its
-                    // last part is in.
-                    if self.listing.is_empty() {
-                        self.sync().await?;
-                    }
+                    self.sync().await?;
                 }
                 Next::Link(e) => {
                     self.take_link(e)?;
@@ -549,14 +542,10 @@ impl Agent {
             What::Services(change) => match change {
                 Change::Applied(s) => self.catalog.apply_service(s),
                 Change::Deleted(s) => self.catalog.delete_service(&s),
-                Change::ListBegins => {
-                    self.listing.insert("Services");
-                    self.catalog.begin_services_list();
-                }
+                Change::ListBegins => self.catalog.begin_services_list(),
                 Change::Listing(part) => self.catalog.list_services(part, false),
                 Change::Listed(part) => {
                     self.catalog.list_services(part, true);
-                    self.listing.remove("Services");
                     self.needs.missing.remove("Services");
                     self.watches_down.remove("Services");
                 }
@@ -569,13 +558,11 @@ impl Agent {
                         Vec::new()
                     }
                     Change::ListBegins => {
-                        self.listing.insert("EndpointSlices");
                         self.catalog.begin_slices_list();
                         Vec::new()
                     }
                     Change::Listing(part) => self.catalog.list_slices(&part, false),
                     Change::Listed(part) => {
-                        self.listing.remove("EndpointSlices");
                         self.needs.missing.remove("EndpointSlices");
                         self.watches_down.remove("EndpointSlices");
                         self.catalog.list_slices(&part, true)

@@ -42,10 +42,14 @@ pub struct Catalog {
     dirty: BTreeSet<ObjectKey>,
     /// Problems already reported, by object: each is logged once per cause.
     reported: BTreeMap<String, String>,
-    /// Services and slices named so far by a list in progress.
-    listing_services: Option<BTreeSet<ObjectKey>>,
-    listing_slices: Option<BTreeSet<ObjectKey>>,
+    /// The parts so far of a list in progress.
+    listing_services: Option<Vec<Service>>,
+    listing_slices: Option<Vec<(ObjectKey, Checked)>>,
 }
+
+/// A slice as validation left it: valid (`None`: not ours to program) or
+/// rejected.
+type Checked = Result<Option<ValidSlice>, Rejection>;
 
 /// What a `rebuild` changed.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -118,22 +122,24 @@ impl Catalog {
         self.list_services(all, true);
     }
 
-    /// A list of every Service begins; it comes in parts (`list_services`).
+    /// A list of every Service begins; it comes in parts (`list_services`)
+    /// and is applied whole, as one change, with its last part.
     pub fn begin_services_list(&mut self) {
-        self.listing_services = Some(BTreeSet::new());
+        self.listing_services = Some(Vec::new());
     }
 
-    /// One part of the list of every Service; after the `last` one, the
-    /// Services no part named are deleted.
+    /// One part of the list of every Service. With the `last` one the list
+    /// is applied: the Services no part named are deleted.
     pub fn list_services(&mut self, part: Vec<Service>, last: bool) {
-        let mut seen = self.listing_services.take().unwrap_or_default();
-        for svc in part {
-            seen.insert(object_key(&svc.metadata));
-            self.apply_service(svc);
-        }
+        let mut all = self.listing_services.take().unwrap_or_default();
+        all.extend(part);
         if !last {
-            self.listing_services = Some(seen);
+            self.listing_services = Some(all);
             return;
+        }
+        let seen: BTreeSet<ObjectKey> = all.iter().map(|s| object_key(&s.metadata)).collect();
+        for svc in all {
+            self.apply_service(svc);
         }
         for key in unseen(&self.services, &seen) {
             self.services.remove(&key);
@@ -144,8 +150,13 @@ impl Catalog {
     /// Adds or updates a slice. An invalid one is rejected (returned for
     /// the log) and treated as deleted: its endpoints leave the Service.
     pub fn apply_slice(&mut self, slice: &EndpointSlice) -> Option<Rejection> {
-        let key = object_key(&slice.metadata);
-        let (valid, rejection) = match validate_slice(slice) {
+        self.put_checked(object_key(&slice.metadata), validate_slice(slice))
+    }
+
+    /// Puts a validated slice (an invalid one is forgotten); returns its
+    /// rejection if not reported before.
+    fn put_checked(&mut self, key: ObjectKey, checked: Checked) -> Option<Rejection> {
+        let (valid, rejection) = match checked {
             Ok(v) => (v, None),
             Err(r) => (None, Some(r)),
         };
@@ -171,23 +182,30 @@ impl Catalog {
     }
 
     /// A list of every EndpointSlice begins; it comes in parts
-    /// (`list_slices`).
+    /// (`list_slices`) and is applied whole, as one change, with its last
+    /// part.
     pub fn begin_slices_list(&mut self) {
-        self.listing_slices = Some(BTreeSet::new());
+        self.listing_slices = Some(Vec::new());
     }
 
-    /// One part of the list of every EndpointSlice; after the `last` one,
-    /// the slices no part named are forgotten. Returns the rejections.
+    /// One part of the list of every EndpointSlice, kept validated (a few
+    /// bytes an endpoint, not the API's objects). With the `last` one the
+    /// list is applied: the slices no part named are forgotten. Returns
+    /// the rejections not reported before.
     pub fn list_slices(&mut self, part: &[EndpointSlice], last: bool) -> Vec<Rejection> {
-        let mut seen = self.listing_slices.take().unwrap_or_default();
-        let mut rejections = Vec::new();
-        for slice in part {
-            seen.insert(object_key(&slice.metadata));
-            rejections.extend(self.apply_slice(slice));
-        }
+        let mut all = self.listing_slices.take().unwrap_or_default();
+        all.extend(
+            part.iter()
+                .map(|slice| (object_key(&slice.metadata), validate_slice(slice))),
+        );
         if !last {
-            self.listing_slices = Some(seen);
-            return rejections;
+            self.listing_slices = Some(all);
+            return Vec::new();
+        }
+        let seen: BTreeSet<ObjectKey> = all.iter().map(|(key, _)| key.clone()).collect();
+        let mut rejections = Vec::new();
+        for (key, checked) in all {
+            rejections.extend(self.put_checked(key, checked));
         }
         for key in unseen(&self.slices, &seen) {
             self.forget_slice(key);

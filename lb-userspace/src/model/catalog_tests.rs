@@ -160,3 +160,30 @@ fn an_endpoint_change_keeps_a_lost_frontend_out() {
     assert!(r.partial.is_empty(), "reported once: {:?}", r.partial);
     assert_eq!(c.state(), &full(&(base + &slice("198.18.1.2"))));
 }
+
+#[test]
+fn a_list_in_parts_changes_nothing_until_its_last_part_then_equals_a_full_build() {
+    let both = BASIC.to_string() + "---\n" + POLICIES;
+    let mut c = loaded(&both);
+    let before = c.state().clone();
+    // A relist of BASIC alone, one object per part; an abandoned list
+    // first, whose parts must not count.
+    let (services, slices) = objects(BASIC);
+    let (policy_services, _) = objects(POLICIES);
+    c.begin_services_list();
+    c.list_services(policy_services, false);
+    c.begin_services_list();
+    c.begin_slices_list();
+    for s in &services {
+        c.list_services(vec![s.clone()], false);
+    }
+    for s in &slices {
+        assert!(c.list_slices(std::slice::from_ref(s), false).is_empty());
+    }
+    c.rebuild();
+    assert_eq!(c.state(), &before, "parts alone change nothing");
+    c.list_services(Vec::new(), true);
+    assert!(c.list_slices(&[], true).is_empty());
+    c.rebuild();
+    assert_eq!(c.state(), &full(BASIC));
+}
