@@ -299,9 +299,9 @@ fn dropped_watch_connections_resume_and_a_410_mid_watch_relists() {
     agent.wait_for_log("relisted", PATIENCE).unwrap();
 }
 
-/// Lists come in pages (500 objects) and reach the agent part by part, so
-/// a list never sits in memory whole. A relist is still one change: what
-/// no part named goes, and what an early part named stays.
+/// Lists come in pages (500 objects) and reach the agent part by part
+/// (see `Change::Listing`). A relist is still one change: what no part
+/// named goes, and what an early part named stays.
 #[test]
 fn a_relist_of_many_pages_removes_only_what_went_away() {
     const FILLERS: usize = 1_200;
