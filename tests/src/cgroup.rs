@@ -22,7 +22,7 @@ pub struct Cgroup {
 
 /// Where cgroup v2 is mounted (`/sys/fs/cgroup` on unified hosts,
 /// `/sys/fs/cgroup/unified` on hybrid ones); mounted under /run if nowhere.
-fn cgroup2_root() -> anyhow::Result<PathBuf> {
+pub(crate) fn cgroup2_root() -> anyhow::Result<PathBuf> {
     let info = std::fs::read_to_string("/proc/self/mountinfo")?;
     for line in info.lines() {
         let (left, right) = line.split_once(" - ").unwrap_or((line, ""));

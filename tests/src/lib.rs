@@ -12,6 +12,7 @@ pub mod deploy;
 pub mod example;
 pub mod fixture;
 pub mod fuzz;
+pub mod leftovers;
 pub mod netns;
 pub mod node_bench;
 pub mod packet;
@@ -37,4 +38,6 @@ pub fn require_root() {
         nix::unistd::geteuid().is_root(),
         "these tests create network namespaces and load eBPF programs: run them as root via `cargo xtask test`"
     );
+    static SWEEP: std::sync::Once = std::sync::Once::new();
+    SWEEP.call_once(leftovers::sweep);
 }
