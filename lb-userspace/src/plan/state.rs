@@ -48,7 +48,7 @@ pub enum TableTarget {
 /// One table the maps hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HeldTable {
-    /// Digest of its current slots (0: not known).
+    /// Digest of the spec its live half holds (0: not known).
     pub digest: u64,
     /// The half holding them; `None`: both do (a fresh array), or not
     /// known.
@@ -67,7 +67,9 @@ impl HeldTable {
         if read & (1 << half) == 0 {
             TableTarget::Half(half)
         } else if read & (1 << (half ^ 1)) == 0 {
-            // Both halves hold the table and every frontend reads B.
+            // Every frontend reads the preferred half and none the other:
+            // both halves hold the table (a fresh array), or the last flip
+            // did not reach every frontend.
             TableTarget::Half(half ^ 1)
         } else {
             TableTarget::Fresh

@@ -853,3 +853,26 @@ fn key(name: &str) -> ServicePortKey {
         ..http()
     }
 }
+
+#[test]
+fn a_table_write_targets_a_half_no_frontend_reads_else_a_fresh_array() {
+    use crate::plan::{HeldTable, TableTarget::*};
+    let held = |live| HeldTable { digest: 1, live };
+    // (live half, halves read: bit 0 A, bit 1 B) -> target
+    for (live, read, want) in [
+        (Some(0), 0b01, Half(1)),
+        (Some(1), 0b10, Half(0)),
+        (Some(0), 0b00, Half(1)),
+        // A flip that did not reach every frontend: the live half is
+        // unread, the other still read.
+        (Some(0), 0b10, Half(0)),
+        (None, 0b01, Half(1)),
+        (None, 0b10, Half(0)),
+        (None, 0b00, Half(1)),
+        // Both halves read: nothing can be rewritten in place.
+        (Some(0), 0b11, Fresh),
+        (None, 0b11, Fresh),
+    ] {
+        assert_eq!(held(live).target(read), want, "live {live:?}, read {read:#b}");
+    }
+}
