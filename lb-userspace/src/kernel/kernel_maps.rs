@@ -260,8 +260,9 @@ fn source_range_key(service_id: u32, range: Prefix) -> Key<SourceRange> {
 /// period for many tables.
 const FRESH_PER_BATCH: usize = 128;
 
-/// Threads that swap Maglev tables in parallel (they mostly sleep in the
-/// kernel's RCU waits, so this is not bounded by the CPU count).
+/// Threads that write Maglev tables in parallel: they build the tables
+/// (CPU) and wait in the kernel's RCU grace periods for the fresh ones
+/// (sleep), so this is not bounded by the CPU count.
 const MAGLEV_WRITERS: usize = 64;
 
 /// The pinned outer map, and its descriptor (owned by the map) for the
