@@ -533,19 +533,19 @@ impl Agent {
                 for r in &rejections {
                     warn!(object = %r.object, "rejected: {}", r.reason);
                 }
-                self.catalog.replace_services(services);
+                self.catalog.replace_services(&services);
                 for r in self.catalog.replace_slices(&slices) {
                     warn!(object = %r.object, "rejected: {}", r.reason);
                 }
                 self.needs.missing.remove("file");
             }
             What::Services(change) => match change {
-                Change::Applied(s) => self.catalog.apply_service(s),
+                Change::Applied(s) => self.catalog.apply_service(&s),
                 Change::Deleted(s) => self.catalog.delete_service(&s),
                 Change::ListBegins => self.catalog.begin_services_list(),
-                Change::Listing(part) => self.catalog.list_services(part, false),
+                Change::Listing(part) => self.catalog.list_services(&part, false),
                 Change::Listed(part) => {
-                    self.catalog.list_services(part, true);
+                    self.catalog.list_services(&part, true);
                     self.needs.missing.remove("Services");
                     self.watches_down.remove("Services");
                 }

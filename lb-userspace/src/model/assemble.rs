@@ -6,11 +6,8 @@ use std::{
     net::Ipv4Addr,
 };
 
-use k8s_openapi::api::core::v1::Service;
-
 use super::{
-    object_key,
-    service::{validate_service, ServiceVerdict},
+    service::{validate_service, ServiceInput, ServiceVerdict},
     slice::endpoints_for,
     Build, FrontendKind, HealthCheck, NodeConfig, ObjectKey, Protocol, Rejection, Scope,
     ServicePort, ValidSlice,
@@ -63,17 +60,14 @@ impl ServiceBuild {
 }
 
 /// Builds one Service from its (validated) slices.
-pub fn build_service(svc: &Service, slices: &[ValidSlice], node: &NodeConfig) -> ServiceBuild {
-    let object = service_name(svc);
-    let (ns, name) = object_key(&svc.metadata);
-    let order = (
-        svc.metadata
-            .creation_timestamp
-            .as_ref()
-            .map(|t| t.0.as_second()),
-        ns.clone(),
-        name.clone(),
-    );
+pub fn build_service(
+    svc: &ServiceInput,
+    slices: &[&ValidSlice],
+    node: &NodeConfig,
+) -> ServiceBuild {
+    let object = svc.object();
+    let (ns, name) = (svc.namespace.clone(), svc.name.clone().unwrap_or_default());
+    let order = (svc.created, ns.clone(), name.clone());
     let outcome = match validate_service(svc, node) {
         Ok(ServiceVerdict::Program { ports, notes }) => {
             let mut local_ready = BTreeSet::new();
@@ -91,7 +85,7 @@ pub fn build_service(svc: &Service, slices: &[ValidSlice], node: &NodeConfig) ->
                     port
                 })
                 .collect();
-            let health_check = health_check_port(svc).map(|port| {
+            let health_check = svc.health_check_port().map(|port| {
                 (
                     port,
                     HealthCheck {
@@ -220,24 +214,3 @@ pub fn partial_reason(
     (!parts.is_empty()).then(|| parts.join("; "))
 }
 
-/// healthCheckNodePort of a LoadBalancer Service with
-/// externalTrafficPolicy Local (validated with the service).
-fn health_check_port(svc: &Service) -> Option<u16> {
-    let spec = svc.spec.as_ref()?;
-    if spec.type_.as_deref() != Some("LoadBalancer")
-        || spec.external_traffic_policy.as_deref() != Some("Local")
-    {
-        return None;
-    }
-    u16::try_from(spec.health_check_node_port?)
-        .ok()
-        .filter(|p| *p != 0)
-}
-
-fn service_name(s: &Service) -> String {
-    format!(
-        "Service {}/{}",
-        s.metadata.namespace.as_deref().unwrap_or("default"),
-        s.metadata.name.as_deref().unwrap_or("<unnamed>")
-    )
-}

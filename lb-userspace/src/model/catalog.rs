@@ -21,17 +21,22 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 use super::{
     assemble, build_service, object_key, partial_reason, trim, validate_slice, DesiredState,
-    FrontendId, NodeConfig, ObjectKey, Outcome, Rejection, ServiceBuild, ServicePortKey,
-    ValidSlice,
+    FrontendId, NodeConfig, NodeNames, ObjectKey, Outcome, Rejection, ServiceBuild,
+    ServiceInput, ServicePortKey, ValidSlice,
 };
 
 #[derive(Debug, Default)]
 pub struct Catalog {
     node: NodeConfig,
-    services: BTreeMap<ObjectKey, Service>,
+    /// Services as the model reads them (not the API objects: see
+    /// `ServiceInput`).
+    services: BTreeMap<ObjectKey, ServiceInput>,
     /// Valid slices by slice key, with the Service each belongs to.
     slices: BTreeMap<ObjectKey, ValidSlice>,
-    slices_of: BTreeMap<ObjectKey, BTreeSet<ObjectKey>>,
+    /// (Service, slice) for each slice: one set for all Services, since a
+    /// set per Service costs a node of ~500 bytes for its first slice.
+    slices_of: BTreeSet<(ObjectKey, ObjectKey)>,
+    node_names: NodeNames,
     builds: BTreeMap<ObjectKey, ServiceBuild>,
     /// Services whose ports are in `state`.
     programmed: BTreeSet<ObjectKey>,
@@ -43,7 +48,7 @@ pub struct Catalog {
     /// Problems already reported, by object: each is logged once per cause.
     reported: BTreeMap<String, String>,
     /// The parts so far of a list in progress.
-    listing_services: Option<Vec<Service>>,
+    listing_services: Option<Vec<(ObjectKey, ServiceInput)>>,
     listing_slices: Option<Vec<(ObjectKey, Checked)>>,
 }
 
@@ -100,8 +105,11 @@ impl Catalog {
         self.dirty.extend(self.services.keys().cloned());
     }
 
-    pub fn apply_service(&mut self, svc: Service) {
-        let key = object_key(&svc.metadata);
+    pub fn apply_service(&mut self, svc: &Service) {
+        self.put_service(object_key(&svc.metadata), ServiceInput::of(svc));
+    }
+
+    fn put_service(&mut self, key: ObjectKey, svc: ServiceInput) {
         if self.services.get(&key) != Some(&svc) {
             self.services.insert(key.clone(), svc);
             self.dirty.insert(key);
@@ -117,7 +125,7 @@ impl Catalog {
 
     /// Replaces every Service (a relist, or a reread file): Services gone
     /// from `all` are deleted.
-    pub fn replace_services(&mut self, all: Vec<Service>) {
+    pub fn replace_services(&mut self, all: &[Service]) {
         self.begin_services_list();
         self.list_services(all, true);
     }
@@ -130,16 +138,19 @@ impl Catalog {
 
     /// One part of the list of every Service. With the `last` one the list
     /// is applied: the Services no part named are deleted.
-    pub fn list_services(&mut self, part: Vec<Service>, last: bool) {
+    pub fn list_services(&mut self, part: &[Service], last: bool) {
         let mut all = self.listing_services.take().unwrap_or_default();
-        all.extend(part);
+        all.extend(
+            part.iter()
+                .map(|svc| (object_key(&svc.metadata), ServiceInput::of(svc))),
+        );
         if !last {
             self.listing_services = Some(all);
             return;
         }
-        let seen: BTreeSet<ObjectKey> = all.iter().map(|s| object_key(&s.metadata)).collect();
-        for svc in all {
-            self.apply_service(svc);
+        let seen: BTreeSet<ObjectKey> = all.iter().map(|(key, _)| key.clone()).collect();
+        for (key, svc) in all {
+            self.put_service(key, svc);
         }
         for key in unseen(&self.services, &seen) {
             self.services.remove(&key);
@@ -150,7 +161,8 @@ impl Catalog {
     /// Adds or updates a slice. An invalid one is rejected (returned for
     /// the log) and treated as deleted: its endpoints leave the Service.
     pub fn apply_slice(&mut self, slice: &EndpointSlice) -> Option<Rejection> {
-        self.put_checked(object_key(&slice.metadata), validate_slice(slice))
+        let checked = validate_slice(slice, &mut self.node_names);
+        self.put_checked(object_key(&slice.metadata), checked)
     }
 
     /// Puts a validated slice (an invalid one is forgotten); returns its
@@ -194,9 +206,10 @@ impl Catalog {
     /// the rejections not reported before.
     pub fn list_slices(&mut self, part: &[EndpointSlice], last: bool) -> Vec<Rejection> {
         let mut all = self.listing_slices.take().unwrap_or_default();
+        let names = &mut self.node_names;
         all.extend(
             part.iter()
-                .map(|slice| (object_key(&slice.metadata), validate_slice(slice))),
+                .map(|slice| (object_key(&slice.metadata), validate_slice(slice, names))),
         );
         if !last {
             self.listing_slices = Some(all);
@@ -220,10 +233,7 @@ impl Catalog {
                     return;
                 }
                 let owner = v.service_key();
-                self.slices_of
-                    .entry(owner.clone())
-                    .or_default()
-                    .insert(key.clone());
+                self.slices_of.insert((owner.clone(), key.clone()));
                 self.dirty.insert(owner);
                 self.slices.insert(key.clone(), v)
             }
@@ -234,12 +244,7 @@ impl Catalog {
             let owner = old.service_key();
             let still = self.slices.get(&key).map(ValidSlice::service_key);
             if still.as_ref() != Some(&owner) {
-                if let Some(set) = self.slices_of.get_mut(&owner) {
-                    set.remove(&key);
-                    if set.is_empty() {
-                        self.slices_of.remove(&owner);
-                    }
-                }
+                self.slices_of.remove(&(owner.clone(), key.clone()));
             }
             self.dirty.insert(owner);
         }
@@ -262,12 +267,11 @@ impl Catalog {
         for key in &dirty {
             let old = self.builds.remove(key);
             let new = self.services.get(key).map(|svc| {
-                let slices: Vec<ValidSlice> = self
+                let slices: Vec<&ValidSlice> = self
                     .slices_of
-                    .get(key)
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|s| self.slices.get(s).cloned())
+                    .range((key.clone(), Default::default())..)
+                    .take_while(|(owner, _)| owner == key)
+                    .filter_map(|(_, s)| self.slices.get(s))
                     .collect();
                 build_service(svc, &slices, &self.node)
             });

@@ -32,7 +32,7 @@ fn objects(yaml: &str) -> (Vec<Service>, Vec<EndpointSlice>) {
 fn loaded(yaml: &str) -> Catalog {
     let (services, slices) = objects(yaml);
     let mut c = Catalog::new(node());
-    c.replace_services(services);
+    c.replace_services(&services);
     c.replace_slices(&slices);
     c.rebuild();
     c
@@ -79,7 +79,7 @@ fn deleting_and_relisting_remove_what_is_gone() {
     let mut c = loaded(&both);
     let (services, slices) = objects(BASIC);
     // A relist that no longer has the POLICIES objects.
-    c.replace_services(services.clone());
+    c.replace_services(&services);
     c.replace_slices(&slices);
     let r = c.rebuild();
     assert_eq!(r.keys, None, "services left: ownership is worked out again");
@@ -116,13 +116,13 @@ fn a_service_that_loses_a_frontend_conflict_is_rejected_once_and_wins_when_the_o
     let yaml = BASIC.to_string() + clash;
     let (services, slices) = objects(&yaml);
     let mut c = Catalog::new(node());
-    c.replace_services(services.clone());
+    c.replace_services(&services);
     c.replace_slices(&slices);
     let r = c.rebuild();
     assert_eq!(r.rejections.len(), 1, "{:?}", r.rejections);
     assert!(r.rejections[0].object.contains("shop/late"));
     // Rebuilding again does not report it again.
-    c.replace_services(services.clone());
+    c.replace_services(&services);
     c.set_node(node());
     assert!(c.rebuild().rejections.is_empty());
     // The owner goes: the late one takes the address.
@@ -148,7 +148,7 @@ fn an_endpoint_change_keeps_a_lost_frontend_out() {
         svc("old", 1, "198.19.0.1", "198.18.50.1") + &svc("new", 2, "198.19.0.2", "198.18.50.1");
     let (services, slices) = objects(&(base.clone() + &slice("198.18.1.1")));
     let mut c = Catalog::new(node());
-    c.replace_services(services);
+    c.replace_services(&services);
     c.replace_slices(&slices);
     let first = c.rebuild();
     assert_eq!(first.partial.len(), 1, "{:?}", first.partial);
@@ -171,18 +171,18 @@ fn a_list_in_parts_changes_nothing_until_its_last_part_then_equals_a_full_build(
     let (services, slices) = objects(BASIC);
     let (policy_services, _) = objects(POLICIES);
     c.begin_services_list();
-    c.list_services(policy_services, false);
+    c.list_services(&policy_services, false);
     c.begin_services_list();
     c.begin_slices_list();
     for s in &services {
-        c.list_services(vec![s.clone()], false);
+        c.list_services(&[s.clone()], false);
     }
     for s in &slices {
         assert!(c.list_slices(std::slice::from_ref(s), false).is_empty());
     }
     c.rebuild();
     assert_eq!(c.state(), &before, "parts alone change nothing");
-    c.list_services(Vec::new(), true);
+    c.list_services(&[], true);
     assert!(c.list_slices(&[], true).is_empty());
     c.rebuild();
     assert_eq!(c.state(), &full(BASIC));

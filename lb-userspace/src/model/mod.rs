@@ -26,8 +26,8 @@ mod tests;
 pub use assemble::{
     assemble, build_service, partial_reason, trim, FrontendId, Outcome, ServiceBuild,
 };
-pub use service::{refuse_external_ip, ServiceError};
-pub use slice::{validate_slice, ValidSlice};
+pub use service::{refuse_external_ip, ServiceError, ServiceInput};
+pub use slice::{validate_slice, NodeNames, ValidSlice};
 
 /// Label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -421,8 +421,9 @@ pub struct Build {
 pub fn build(services: &[Service], slices: &[EndpointSlice], node: &NodeConfig) -> Build {
     let mut out = Build::default();
     let mut slices_by_service: BTreeMap<ObjectKey, Vec<ValidSlice>> = BTreeMap::new();
+    let mut names = NodeNames::default();
     for slice in slices {
-        match validate_slice(slice) {
+        match validate_slice(slice, &mut names) {
             Ok(Some(v)) => slices_by_service
                 .entry(v.service_key())
                 .or_default()
@@ -434,11 +435,12 @@ pub fn build(services: &[Service], slices: &[EndpointSlice], node: &NodeConfig) 
     let built: Vec<ServiceBuild> = services
         .iter()
         .map(|svc| {
-            let slices = slices_by_service
+            let slices: Vec<&ValidSlice> = slices_by_service
                 .get(&object_key(&svc.metadata))
-                .map(Vec::as_slice)
-                .unwrap_or(&[]);
-            build_service(svc, slices, node)
+                .into_iter()
+                .flatten()
+                .collect();
+            build_service(&ServiceInput::of(svc), &slices, node)
         })
         .collect();
     let mut ordered: Vec<&ServiceBuild> = built.iter().collect();

@@ -59,68 +59,185 @@ pub enum ServiceVerdict {
     Skip(String),
 }
 
-pub fn validate_service(svc: &Service, node: &NodeConfig) -> Result<ServiceVerdict, ServiceError> {
-    let name = svc.metadata.name.as_deref().filter(|n| !n.is_empty());
-    let name = name.ok_or(ServiceError::NoName)?;
-    let namespace = svc
-        .metadata
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "default".into());
-    if let Some(skip) = not_ours(svc, node) {
-        return Ok(ServiceVerdict::Skip(skip));
+/// What the model reads of a Service, taken from the API object when it
+/// arrives (`ServiceInput::of`). The catalog keeps this instead of the
+/// object: 10,000 Service objects took ~20 MB of the agent's memory (the
+/// object alone is 824 bytes before any string), this takes a few hundred
+/// bytes each. Everything here is independent of the node; what depends on
+/// it (the proxy name, the externalIP policy, the NodePort addresses) is
+/// decided when the Service is built (`validate_service`), again whenever
+/// the node changes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceInput {
+    pub namespace: String,
+    /// `None`: metadata.name is missing.
+    pub name: Option<String>,
+    /// creationTimestamp in seconds: of two Services asking for one
+    /// frontend, the older keeps it.
+    pub created: Option<i64>,
+    headless_label: bool,
+    proxy_name: Option<String>,
+    read: Result<Read, ServiceError>,
+}
+
+/// The Service's spec as read: skipped whatever the node, or what to serve.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Read {
+    Skip(String),
+    Serve(Box<Spec>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Spec {
+    addresses: Addresses,
+    policies: Policies,
+    /// TCP and UDP ports, in the Service's order.
+    ports: Vec<PortSpec>,
+    /// Ports left out (SCTP), for the log.
+    notes: Vec<String>,
+    /// healthCheckNodePort of a LoadBalancer with externalTrafficPolicy
+    /// Local.
+    health_check: Option<u16>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct PortSpec {
+    name: String,
+    protocol: Protocol,
+    port: u16,
+    /// Only for NodePort and LoadBalancer Services.
+    node_port: Option<u16>,
+}
+
+impl ServiceInput {
+    pub fn of(svc: &Service) -> ServiceInput {
+        let labels = svc.metadata.labels.as_ref();
+        ServiceInput {
+            namespace: svc
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into()),
+            name: svc.metadata.name.clone().filter(|n| !n.is_empty()),
+            created: svc
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.as_second()),
+            headless_label: labels.is_some_and(|l| l.contains_key(HEADLESS_LABEL)),
+            proxy_name: labels.and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL)).cloned(),
+            read: read_spec(svc),
+        }
     }
+
+    /// "Service namespace/name", for log lines.
+    pub fn object(&self) -> String {
+        format!(
+            "Service {}/{}",
+            self.namespace,
+            self.name.as_deref().unwrap_or("<unnamed>")
+        )
+    }
+
+    /// The health-check port, if the Service is served and has one.
+    pub fn health_check_port(&self) -> Option<u16> {
+        match &self.read {
+            Ok(Read::Serve(spec)) => spec.health_check,
+            _ => None,
+        }
+    }
+}
+
+/// The node-independent checks, in the order `validate_service` reports
+/// them.
+fn read_spec(svc: &Service) -> Result<Read, ServiceError> {
     let spec = svc.spec.as_ref().ok_or(ServiceError::NoSpec)?;
     let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
     if svc_type == "ExternalName" {
-        return Ok(ServiceVerdict::Skip(
-            "ExternalName services have no frontend".into(),
-        ));
+        return Ok(Read::Skip("ExternalName services have no frontend".into()));
     }
     if spec.cluster_ip.as_deref() == Some("None") {
-        return Ok(ServiceVerdict::Skip("headless (clusterIP: None)".into()));
+        return Ok(Read::Skip("headless (clusterIP: None)".into()));
     }
-    let cluster_ips = cluster_ips(spec)?;
-    if cluster_ips.is_empty() {
-        return Ok(ServiceVerdict::Skip(
+    let cluster = cluster_ips(spec)?;
+    if cluster.is_empty() {
+        return Ok(Read::Skip(
             "no IPv4 clusterIP (IPv6 is not supported yet)".into(),
         ));
     }
     if spec.ports.as_ref().is_none_or(|p| p.is_empty()) {
-        return Ok(ServiceVerdict::Skip("no ports".into()));
+        return Ok(Read::Skip("no ports".into()));
     }
-    let mut notes = Vec::new();
-    let external_ips = external_ips(spec, node, &mut notes)?;
-    let lb_ips = if svc_type == "LoadBalancer" {
+    let external = parse_ipv4_list("externalIPs", spec.external_ips.iter().flatten())?;
+    let load_balancer = if svc_type == "LoadBalancer" {
         load_balancer_ips(svc)?
     } else {
         Vec::new()
     };
     let policies = Policies::of(spec, svc_type)?;
-    let addresses = Addresses {
-        cluster: cluster_ips,
-        external: external_ips,
-        load_balancer: lb_ips,
-        node_ports: matches!(svc_type, "NodePort" | "LoadBalancer"),
+    let node_ports = matches!(svc_type, "NodePort" | "LoadBalancer");
+    let mut notes = Vec::new();
+    let ports = port_specs(spec, node_ports, &mut notes)?;
+    let health_check = (svc_type == "LoadBalancer" && policies.external == Scope::Local)
+        .then_some(spec.health_check_node_port)
+        .flatten()
+        .and_then(|p| u16::try_from(p).ok())
+        .filter(|p| *p != 0);
+    Ok(Read::Serve(Box::new(Spec {
+        addresses: Addresses {
+            cluster,
+            external,
+            load_balancer,
+            node_ports,
+        },
+        policies,
+        ports,
+        notes,
+        health_check,
+    })))
+}
+
+pub fn validate_service(
+    svc: &ServiceInput,
+    node: &NodeConfig,
+) -> Result<ServiceVerdict, ServiceError> {
+    let name = svc.name.as_deref().ok_or(ServiceError::NoName)?;
+    if let Some(skip) = not_ours(svc, node) {
+        return Ok(ServiceVerdict::Skip(skip));
+    }
+    let spec = match svc.read.as_ref().map_err(Clone::clone)? {
+        Read::Skip(reason) => return Ok(ServiceVerdict::Skip(reason.clone())),
+        Read::Serve(spec) => spec,
     };
-    let ports = service_ports(
-        spec, &namespace, name, &addresses, &policies, node, &mut notes,
-    )?;
-    if ports.is_empty() {
+    let mut notes = Vec::new();
+    let external = admitted_external_ips(&spec.addresses.external, node, &mut notes);
+    notes.extend(spec.notes.iter().cloned());
+    if spec.ports.is_empty() {
         notes.push("no port left to program".into());
         return Ok(ServiceVerdict::Skip(notes.join("; ")));
     }
+    let addresses = Addresses {
+        external,
+        ..spec.addresses.clone()
+    };
+    let ports = service_ports(
+        &spec.ports,
+        &svc.namespace,
+        name,
+        &addresses,
+        &spec.policies,
+        node,
+    )?;
     Ok(ServiceVerdict::Program { ports, notes })
 }
 
 /// A reason to leave the Service to someone else, if any.
-fn not_ours(svc: &Service, node: &NodeConfig) -> Option<String> {
-    let labels = svc.metadata.labels.as_ref();
-    if labels.is_some_and(|l| l.contains_key(HEADLESS_LABEL)) {
+fn not_ours(svc: &ServiceInput, node: &NodeConfig) -> Option<String> {
+    if svc.headless_label {
         return Some(format!("labelled {HEADLESS_LABEL}"));
     }
-    let proxy = labels.and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL))?;
-    (node.service_proxy_name.as_deref() != Some(proxy.as_str())).then(|| {
+    let proxy = svc.proxy_name.as_deref()?;
+    (node.service_proxy_name.as_deref() != Some(proxy)).then(|| {
         format!(
             "{SERVICE_PROXY_NAME_LABEL}={proxy} is another proxy's (this one is {})",
             node.service_proxy_name
@@ -132,6 +249,7 @@ fn not_ours(svc: &Service, node: &NodeConfig) -> Option<String> {
 
 // ------------------------------------------------------------ addresses
 
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Addresses {
     cluster: Vec<Ipv4Addr>,
     external: Vec<Ipv4Addr>,
@@ -155,20 +273,19 @@ fn cluster_ips(spec: &ServiceSpec) -> Result<Vec<Ipv4Addr>, ServiceError> {
 /// externalIPs the node's policy admits; the others are noted and left out
 /// (CVE-2020-8554: whoever may create a Service could otherwise take
 /// traffic meant for the node or for another Service).
-fn external_ips(
-    spec: &ServiceSpec,
+fn admitted_external_ips(
+    all: &[Ipv4Addr],
     node: &NodeConfig,
     notes: &mut Vec<String>,
-) -> Result<Vec<Ipv4Addr>, ServiceError> {
-    let all = parse_ipv4_list("externalIPs", spec.external_ips.iter().flatten())?;
+) -> Vec<Ipv4Addr> {
     let mut out = Vec::new();
-    for ip in all {
+    for &ip in all {
         match refuse_external_ip(ip, node) {
             None => out.push(ip),
             Some(why) => notes.push(format!("externalIP {ip} left out: {why}")),
         }
     }
-    Ok(out)
+    out
 }
 
 /// Why the policy refuses `ip` as an externalIP, if it does.
@@ -239,6 +356,7 @@ fn parse_ipv4_list<'a>(
 
 // ------------------------------------------------------------- policies
 
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Policies {
     affinity_timeout_s: Option<u32>,
     internal: Scope,
@@ -322,16 +440,12 @@ fn source_ranges(spec: &ServiceSpec) -> Result<Vec<Prefix>, ServiceError> {
 
 // ---------------------------------------------------------------- ports
 
-/// One service port per port and scope its frontends use.
-fn service_ports(
+/// The TCP and UDP ports, checked; SCTP ports are noted and left out.
+fn port_specs(
     spec: &ServiceSpec,
-    namespace: &str,
-    name: &str,
-    addrs: &Addresses,
-    policies: &Policies,
-    node: &NodeConfig,
+    node_ports: bool,
     notes: &mut Vec<String>,
-) -> Result<Vec<ServicePort>, ServiceError> {
+) -> Result<Vec<PortSpec>, ServiceError> {
     let mut seen = BTreeSet::new();
     let mut out = Vec::new();
     for p in spec.ports.as_deref().unwrap_or(&[]) {
@@ -359,6 +473,32 @@ fn service_ports(
             });
         }
         let port = port_number("port", p.port).map_err(ServiceError::PortRange)?;
+        let node_port = match p.node_port.filter(|_| node_ports) {
+            Some(np) => Some(port_number("nodePort", np).map_err(ServiceError::PortRange)?),
+            None => None,
+        };
+        out.push(PortSpec {
+            name: port_name,
+            protocol,
+            port,
+            node_port,
+        });
+    }
+    Ok(out)
+}
+
+/// One service port per port and scope its frontends use.
+fn service_ports(
+    specs: &[PortSpec],
+    namespace: &str,
+    name: &str,
+    addrs: &Addresses,
+    policies: &Policies,
+    node: &NodeConfig,
+) -> Result<Vec<ServicePort>, ServiceError> {
+    let mut out = Vec::new();
+    for p in specs {
+        let (port_name, protocol, port) = (&p.name, p.protocol, p.port);
         fn at(
             addrs: &[Ipv4Addr],
             port: u16,
@@ -388,8 +528,7 @@ fn service_ports(
                     FrontendKind::LoadBalancer,
                 ))
                 .collect();
-        if let Some(np) = p.node_port.filter(|_| addrs.node_ports) {
-            let np = port_number("nodePort", np).map_err(ServiceError::PortRange)?;
+        if let Some(np) = p.node_port {
             frontends.extend(at(
                 node.nodeport_addresses(),
                 np,

@@ -1,7 +1,11 @@
 //! EndpointSlices checked and reduced to what the model uses, and merged
 //! per service port.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::Ipv4Addr,
+    sync::Arc,
+};
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
@@ -18,16 +22,52 @@ fn slice_name(s: &EndpointSlice) -> String {
     )
 }
 
-/// What a valid slice contributes.
-/// An EndpointSlice checked and reduced to what the model uses.
+/// An EndpointSlice checked and reduced to what the model uses. The
+/// catalog holds one per slice in the cluster (10,000 slices of 10
+/// endpoints: 100,000 endpoints), so it is kept small: ports in a short
+/// list rather than a map (a map's first node alone is ~400 bytes), node
+/// names shared, hints boxed since most endpoints have none.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ValidSlice {
     namespace: String,
     service: String,
-    /// (port name, protocol) -> target port.
-    ports: BTreeMap<(String, Protocol), u16>,
-    /// Address, conditions, nodeName, hints.
-    endpoints: Vec<(Ipv4Addr, Conditions, Option<String>, SliceHints)>,
+    /// (port name, protocol, target port), each (name, protocol) once.
+    ports: Vec<(String, Protocol, u16)>,
+    endpoints: Vec<SliceEndpoint>,
+}
+
+/// One endpoint of a slice: 32 bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct SliceEndpoint {
+    addr: Ipv4Addr,
+    conditions: Conditions,
+    node: Option<Arc<str>>,
+    hints: Option<Box<SliceHints>>,
+}
+
+/// The node names endpoints name, one copy each: a node's name is shared
+/// by every endpoint on it. Names no endpoint uses any more (nodes gone)
+/// are dropped whenever the set has doubled since the last such pass, so
+/// the passes cost O(1) per name added.
+#[derive(Debug, Default)]
+pub struct NodeNames {
+    names: HashSet<Arc<str>>,
+    after_prune: usize,
+}
+
+impl NodeNames {
+    fn get(&mut self, name: &str) -> Arc<str> {
+        if let Some(n) = self.names.get(name) {
+            return n.clone();
+        }
+        if self.names.len() >= 2 * self.after_prune.max(64) {
+            self.names.retain(|n| Arc::strong_count(n) > 1);
+            self.after_prune = self.names.len();
+        }
+        let n: Arc<str> = name.into();
+        self.names.insert(n.clone());
+        n
+    }
 }
 
 /// `hints.forNodes` and `hints.forZones` of an endpoint (names).
@@ -38,9 +78,10 @@ struct SliceHints {
 }
 
 impl SliceHints {
-    fn of(e: &k8s_openapi::api::discovery::v1::Endpoint) -> SliceHints {
+    /// The endpoint's hints; `None` when it has none.
+    fn of(e: &k8s_openapi::api::discovery::v1::Endpoint) -> Option<Box<SliceHints>> {
         let h = e.hints.as_ref();
-        SliceHints {
+        let hints = SliceHints {
             nodes: h
                 .and_then(|h| h.for_nodes.as_ref())
                 .map(|v| v.iter().map(|n| n.name.clone()).collect())
@@ -49,11 +90,14 @@ impl SliceHints {
                 .and_then(|h| h.for_zones.as_ref())
                 .map(|v| v.iter().map(|z| z.name.clone()).collect())
                 .unwrap_or_default(),
-        }
+        };
+        (hints != SliceHints::default()).then(|| Box::new(hints))
     }
 
     /// As seen from `node` in `zone`.
-    fn seen_from(&self, node: &str, zone: Option<&str>) -> Hints {
+    fn seen_from(hints: Option<&SliceHints>, node: &str, zone: Option<&str>) -> Hints {
+        let none = SliceHints::default();
+        let hints = hints.unwrap_or(&none);
         let hint = |names: &[String], here: Option<&str>| {
             if names.is_empty() {
                 Hint::Absent
@@ -64,8 +108,8 @@ impl SliceHints {
             }
         };
         Hints {
-            node: hint(&self.nodes, Some(node).filter(|n| !n.is_empty())),
-            zone: hint(&self.zones, zone),
+            node: hint(&hints.nodes, Some(node).filter(|n| !n.is_empty())),
+            zone: hint(&hints.zones, zone),
         }
     }
 }
@@ -86,15 +130,19 @@ impl ValidSlice {
 }
 
 /// Checks a slice: `Ok(None)` for slices the model ignores (not IPv4, or
-/// not for a Service), a rejection naming it if it is invalid.
-pub fn validate_slice(slice: &EndpointSlice) -> Result<Option<ValidSlice>, Rejection> {
-    check_slice(slice).map_err(|reason| Rejection {
+/// not for a Service), a rejection naming it if it is invalid. Node names
+/// come from (and go into) `names`.
+pub fn validate_slice(
+    slice: &EndpointSlice,
+    names: &mut NodeNames,
+) -> Result<Option<ValidSlice>, Rejection> {
+    check_slice(slice, names).map_err(|reason| Rejection {
         object: slice_name(slice),
         reason,
     })
 }
 
-fn check_slice(slice: &EndpointSlice) -> Result<Option<ValidSlice>, String> {
+fn check_slice(slice: &EndpointSlice, names: &mut NodeNames) -> Result<Option<ValidSlice>, String> {
     let labels = slice.metadata.labels.as_ref();
     let Some(service) = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
         return Ok(None);
@@ -107,7 +155,7 @@ fn check_slice(slice: &EndpointSlice) -> Result<Option<ValidSlice>, String> {
         .namespace
         .clone()
         .unwrap_or_else(|| "default".into());
-    let mut ports = BTreeMap::new();
+    let mut ports: Vec<(String, Protocol, u16)> = Vec::new();
     for p in slice.ports.iter().flatten() {
         let name = p.name.clone().unwrap_or_default();
         // Ports of other protocols (SCTP) back no service port of ours.
@@ -119,8 +167,14 @@ fn check_slice(slice: &EndpointSlice) -> Result<Option<ValidSlice>, String> {
         // A nil port means "all ports" to some consumers; it gives no
         // target port, so it cannot back a Service port.
         let Some(n) = p.port else { continue };
-        ports.insert((name, protocol), port_number("port", n)?);
+        let n = port_number("port", n)?;
+        // A repeated (name, protocol): the last one counts.
+        match ports.iter_mut().find(|(m, q, _)| *m == name && *q == protocol) {
+            Some(p) => p.2 = n,
+            None => ports.push((name, protocol, n)),
+        }
     }
+    ports.shrink_to_fit();
     // Exactly as long as needed: 10,000 slices are held at once.
     let mut endpoints = Vec::with_capacity(slice.endpoints.len());
     for e in &slice.endpoints {
@@ -139,7 +193,12 @@ fn check_slice(slice: &EndpointSlice) -> Result<Option<ValidSlice>, String> {
             let addr: Ipv4Addr = a
                 .parse()
                 .map_err(|_| format!("endpoint address {a:?} is not an IPv4 address"))?;
-            endpoints.push((addr, conditions, e.node_name.clone(), SliceHints::of(e)));
+            endpoints.push(SliceEndpoint {
+                addr,
+                conditions,
+                node: e.node_name.as_deref().map(|n| names.get(n)),
+                hints: SliceHints::of(e),
+            });
         }
     }
     Ok(Some(ValidSlice {
@@ -157,25 +216,30 @@ fn check_slice(slice: &EndpointSlice) -> Result<Option<ValidSlice>, String> {
 /// right wherever it runs).
 pub(super) fn endpoints_for(
     key: &ServicePortKey,
-    slices: &[ValidSlice],
+    slices: &[&ValidSlice],
     node_name: &str,
     zone: Option<&str>,
 ) -> Vec<Endpoint> {
     let mut merged: BTreeMap<(Ipv4Addr, u16), Endpoint> = BTreeMap::new();
     for s in slices {
-        let Some(&port) = s.ports.get(&(key.port_name.clone(), key.protocol)) else {
+        let Some(&(_, _, port)) = s
+            .ports
+            .iter()
+            .find(|(name, protocol, _)| *name == key.port_name && *protocol == key.protocol)
+        else {
             continue;
         };
-        for (addr, c, node, hints) in &s.endpoints {
-            let local = !node_name.is_empty() && node.as_deref() == Some(node_name);
-            let e = merged.entry((*addr, port)).or_insert(Endpoint {
-                addr: *addr,
+        for se in &s.endpoints {
+            let c = &se.conditions;
+            let local = !node_name.is_empty() && se.node.as_deref() == Some(node_name);
+            let e = merged.entry((se.addr, port)).or_insert(Endpoint {
+                addr: se.addr,
                 port,
                 ready: c.ready,
                 serving: c.serving,
                 terminating: c.terminating,
                 local,
-                hints: hints.seen_from(node_name, zone),
+                hints: SliceHints::seen_from(se.hints.as_deref(), node_name, zone),
             });
             e.ready |= c.ready;
             e.serving |= c.serving;
