@@ -4,12 +4,13 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use super::{
     service::{validate_service, ServiceInput, ServiceVerdict},
     slice::endpoints_for,
-    Build, FrontendKind, HealthCheck, NodeConfig, ObjectKey, Protocol, Rejection, Scope,
+    Build, Frontend, FrontendKind, HealthCheck, NodeConfig, ObjectKey, Protocol, Rejection, Scope,
     ServicePort, ValidSlice,
 };
 
@@ -28,7 +29,9 @@ pub struct ServiceBuild {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
     Program {
-        ports: Vec<ServicePort>,
+        /// Shared with the desired state and the planner's records: one
+        /// copy of each service port however many hold it.
+        ports: Vec<Arc<ServicePort>>,
         health_check: Option<(u16, HealthCheck)>,
         /// Parts left out by validation (an SCTP port, a refused
         /// externalIP), for the log.
@@ -82,7 +85,7 @@ pub fn build_service(
                         Scope::Cluster => all,
                         Scope::Local => all.into_iter().filter(|e| e.local).collect(),
                     };
-                    port
+                    Arc::new(port)
                 })
                 .collect();
             let health_check = svc.health_check_port().map(|port| {
@@ -184,18 +187,19 @@ pub fn assemble<'a>(ordered: impl IntoIterator<Item = &'a ServiceBuild>) -> Buil
 /// `ports` without the frontends another Service holds; ports left with
 /// no frontend are dropped.
 pub fn trim(
-    ports: &[ServicePort],
+    ports: &[Arc<ServicePort>],
     lost: Option<&BTreeMap<FrontendId, String>>,
-) -> Vec<ServicePort> {
+) -> Vec<Arc<ServicePort>> {
+    let is_lost = |f: &Frontend| lost.is_some_and(|l| l.contains_key(&(f.addr, f.port, f.protocol)));
     ports
         .iter()
         .filter_map(|p| {
-            let mut p = p.clone();
-            if let Some(lost) = lost {
-                p.frontends
-                    .retain(|f| !lost.contains_key(&(f.addr, f.port, f.protocol)));
+            if !p.frontends.iter().any(is_lost) {
+                return Some(p.clone());
             }
-            (!p.frontends.is_empty()).then_some(p)
+            let mut p = ServicePort::clone(p);
+            p.frontends.retain(|f| !is_lost(f));
+            (!p.frontends.is_empty()).then(|| Arc::new(p))
         })
         .collect()
 }

@@ -175,7 +175,7 @@ fn a_list_in_parts_changes_nothing_until_its_last_part_then_equals_a_full_build(
     c.begin_services_list();
     c.begin_slices_list();
     for s in &services {
-        c.list_services(&[s.clone()], false);
+        c.list_services(std::slice::from_ref(s), false);
     }
     for s in &slices {
         assert!(c.list_slices(std::slice::from_ref(s), false).is_empty());

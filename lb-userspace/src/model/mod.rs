@@ -10,7 +10,7 @@
 //! externalTrafficPolicy Local) get their own table of this node's
 //! endpoints only.
 
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr, sync::Arc};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
@@ -314,7 +314,8 @@ impl ServicePort {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
-    pub services: BTreeMap<ServicePortKey, ServicePort>,
+    /// Each `Arc` shared with the Service's build and the planner's record.
+    pub services: BTreeMap<ServicePortKey, Arc<ServicePort>>,
     /// healthCheckNodePort -> what the agent answers on it.
     pub health_checks: BTreeMap<u16, HealthCheck>,
 }

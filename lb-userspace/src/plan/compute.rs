@@ -17,6 +17,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     hash::Hash,
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use lb_common::{
@@ -82,7 +83,7 @@ impl Diff {
 }
 
 /// The diff of `new` against a map of programmed specs.
-pub fn diff(old: &BTreeMap<ServicePortKey, ServicePort>, new: &DesiredState) -> Diff {
+pub fn diff(old: &BTreeMap<ServicePortKey, Arc<ServicePort>>, new: &DesiredState) -> Diff {
     let mut d = Diff::default();
     for (k, v) in &new.services {
         match old.get(k) {
@@ -246,7 +247,7 @@ fn take_over(state: &State, spec: &ServicePort, taken: &BTreeSet<u32>) -> Option
 /// The writes for one desired service port, and its new record.
 fn plan_port(
     state: &State,
-    spec: &ServicePort,
+    spec: &Arc<ServicePort>,
     old: Record,
     fresh_backends: &mut impl Iterator<Item = u32>,
 ) -> Result<(Record, Vec<(Phase, Write)>), String> {
@@ -328,7 +329,7 @@ fn plan_port(
     };
 
     let wanted: BTreeSet<FrontendKey> = spec.frontends.iter().map(frontend_key).collect();
-    for &f in held.frontends.difference(&wanted) {
+    for &f in held.frontends.iter().filter(|f| !wanted.contains(f)) {
         step(Phase::Unhook, Write::RemoveFrontend(f));
     }
     for f in &spec.frontends {
@@ -361,7 +362,7 @@ fn plan_port(
         step(Phase::Cleanup, Write::RemoveRange(id, *r));
     }
     let kept: BTreeSet<u32> = backend_ids.values().copied().collect();
-    for &bid in held.backends.difference(&kept) {
+    for &bid in held.backends.iter().filter(|b| !kept.contains(b)) {
         step(Phase::Cleanup, Write::ClearBackend(bid));
     }
     let record = Record {

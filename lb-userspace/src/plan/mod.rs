@@ -11,6 +11,7 @@ mod execute;
 mod ids;
 pub mod maglev;
 mod maps;
+mod sorted;
 mod state;
 #[cfg(test)]
 mod tests;

@@ -9,13 +9,19 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use lb_common::{
     Backend, FrontendKey, MaglevKey, ServiceEntry, MAX_BACKENDS, MAX_SERVICES, SERVICE_F_TABLE_B,
 };
 
-use super::{ids::IdPool, maglev::TableSpec, maps::Snapshot};
+use super::{
+    ids::IdPool,
+    maglev::TableSpec,
+    maps::Snapshot,
+    sorted::{SortedMap, SortedSet},
+};
 use crate::model::{Prefix, ServicePort, ServicePortKey};
 
 /// One map write.
@@ -89,11 +95,11 @@ pub fn half_after(target: TableTarget) -> usize {
 /// What the maps hold for one service id.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Held {
-    pub frontends: BTreeSet<FrontendKey>,
+    pub frontends: SortedSet<FrontendKey>,
     /// Table size -> what is known of it.
-    pub tables: BTreeMap<u32, HeldTable>,
-    pub ranges: BTreeSet<Prefix>,
-    pub backends: BTreeSet<u32>,
+    pub tables: SortedMap<u32, HeldTable>,
+    pub ranges: SortedSet<Prefix>,
+    pub backends: SortedSet<u32>,
 }
 
 impl Held {
@@ -111,7 +117,7 @@ pub struct Record {
     pub id: u32,
     /// The spec last programmed completely; `None` when unknown (adopted
     /// from a previous agent, or its writes failed): it is rewritten.
-    pub spec: Option<ServicePort>,
+    pub spec: Option<Arc<ServicePort>>,
     pub backend_ids: BTreeMap<(Ipv4Addr, u16), u32>,
 }
 

@@ -106,7 +106,7 @@ fn services(n: u32) -> DesiredState {
             [(backend, 80)],
             true,
         );
-        state.services.insert(sp.key.clone(), sp);
+        state.services.insert(sp.key.clone(), sp.into());
     }
     let sp = tcp_service(
         "snat".into(),
@@ -114,7 +114,7 @@ fn services(n: u32) -> DesiredState {
         (10..74).map(|i| (Ipv4Addr::new(198, 18, 2, i), 8080)),
         false,
     );
-    state.services.insert(sp.key.clone(), sp);
+    state.services.insert(sp.key.clone(), sp.into());
     state
 }
 
