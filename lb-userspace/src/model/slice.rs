@@ -249,3 +249,52 @@ pub(super) fn endpoints_for(
     }
     merged.into_values().collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slice(name: &str, nodes: &[String]) -> EndpointSlice {
+        let endpoints: Vec<serde_json::Value> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| serde_json::json!({"addresses": [format!("198.18.1.{}", i + 1)], "nodeName": n}))
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": name, "namespace": "shop",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": endpoints}))
+        .expect("a valid EndpointSlice")
+    }
+
+    /// Endpoints on one node share one copy of its name, across slices;
+    /// names no endpoint holds any more are dropped as new ones come.
+    #[test]
+    fn node_names_are_shared_and_the_unused_ones_dropped() {
+        let mut names = NodeNames::default();
+        let a = validate_slice(&slice("a", &["n1".into(), "n1".into()]), &mut names)
+            .unwrap()
+            .unwrap();
+        let b = validate_slice(&slice("b", &["n1".into()]), &mut names)
+            .unwrap()
+            .unwrap();
+        let n = |s: &ValidSlice, i: usize| s.endpoints[i].node.clone().unwrap();
+        assert!(Arc::ptr_eq(&n(&a, 0), &n(&a, 1)));
+        assert!(Arc::ptr_eq(&n(&a, 0), &n(&b, 0)));
+
+        // 1,000 nodes come and go (their slices dropped); "n1" stays.
+        for i in 0..1000 {
+            let s = validate_slice(&slice("c", &[format!("gone-{i}")]), &mut names);
+            drop(s);
+        }
+        assert!(names.names.len() < 200, "{} names held", names.names.len());
+        assert!(names.names.contains("n1"));
+        let again = validate_slice(&slice("d", &["n1".into()]), &mut names)
+            .unwrap()
+            .unwrap();
+        assert!(Arc::ptr_eq(&n(&a, 0), &n(&again, 0)));
+    }
+}
