@@ -359,10 +359,36 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.print_datapath_state();
+        }
         if self.child.is_some() {
             let _ = self.stop_with(Signal::SIGTERM);
         }
         let _ = lb_userspace::kernel::pins::remove_all(&self.pin_dir);
+    }
+}
+
+impl Agent {
+    /// For a failed test: the datapath's counters and flows as the pins
+    /// hold them, beside the agent's log, so a failure seen once can be
+    /// read afterwards.
+    fn print_datapath_state(&self) {
+        for what in ["stats", "conntrack"] {
+            let out = lb_in_named(&self.netns)
+                .arg(what)
+                .arg("--pin-dir")
+                .arg(&self.pin_dir)
+                .output();
+            match out {
+                Ok(o) => eprintln!(
+                    "[lb {what} at the failure]\n{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                ),
+                Err(e) => eprintln!("[lb {what} at the failure] could not run: {e}"),
+            }
+        }
     }
 }
 
