@@ -193,12 +193,17 @@ pub const CT_SNAT_TIME_WAIT_NS: u64 = 60 * SECOND_NS;
 /// alive, or closed within `CT_SNAT_TIME_WAIT_NS`.
 pub const fn snat_entry_kept(last_seen_ns: u64, now: u64, proto: u8, state: u8) -> bool {
     ct_live(last_seen_ns, now, proto, state)
-        || (ct_closed(state) && now.wrapping_sub(last_seen_ns) < CT_SNAT_TIME_WAIT_NS)
+        || (ct_closed(state) && now.saturating_sub(last_seen_ns) < CT_SNAT_TIME_WAIT_NS)
 }
 
 /// Whether an entry last seen at `last_seen_ns` is still alive at `now`.
+/// An entry stamped after `now` was read is alive: another CPU refreshed
+/// it meanwhile, or the agent's sweep read its clock before walking the
+/// table and a flow began during the walk. (Subtracting with wraparound
+/// made such a brand-new flow look ages old, and the sweep deleted it: a
+/// connection opened just as a sweep ran lost its state mid-handshake.)
 pub const fn ct_live(last_seen_ns: u64, now: u64, proto: u8, state: u8) -> bool {
-    now.wrapping_sub(last_seen_ns) < ct_timeout_ns(proto, state)
+    now.saturating_sub(last_seen_ns) < ct_timeout_ns(proto, state)
 }
 
 /// A conntrack entry's `last_seen_ns` is refreshed at most this often, so

@@ -459,7 +459,7 @@ fn claim(w: &Work, now: u64, recent_ok: bool) -> bool {
     let mine = ends(&w.rkey, &old) == w.me;
     let live = ct_live(old.last_seen_ns, now, w.rkey.proto, old.state);
     let closed = ct_closed(old.state);
-    let recent = closed && now.wrapping_sub(old.last_seen_ns) < CT_SNAT_TIME_WAIT_NS;
+    let recent = closed && now.saturating_sub(old.last_seen_ns) < CT_SNAT_TIME_WAIT_NS;
     let free = mine || ((!live || closed) && (recent_ok || !recent));
     free && put(Table::Snat, &w.rkey, &w.rev, false)
 }
@@ -518,7 +518,7 @@ fn remove_if_mine(t: Table, k: &FlowKey, me: &Ends) {
 pub fn observe(k: &FlowKey, h: &Hit, tcp_flags: u8, now: u64) {
     let e = &h.e;
     let state = ct_next_state(e.state, tcp_flags, e.direction == CT_REPLY);
-    if state == e.state && now.wrapping_sub(e.last_seen_ns) < CT_REFRESH_NS {
+    if state == e.state && now.saturating_sub(e.last_seen_ns) < CT_REFRESH_NS {
         return;
     }
     update(k, h, state, now);

@@ -93,7 +93,7 @@ pub fn reject_allowed(now: u64) -> bool {
     // extra refusals through, which is harmless.
     let mut rl = unsafe { *p };
     let cap = REJECT_BURST * REJECT_COST_NS;
-    let credit = rl.credit_ns.saturating_add(now.wrapping_sub(rl.last_ns));
+    let credit = rl.credit_ns.saturating_add(now.saturating_sub(rl.last_ns));
     rl.credit_ns = if credit > cap { cap } else { credit };
     rl.last_ns = now;
     let allowed = rl.credit_ns >= REJECT_COST_NS;

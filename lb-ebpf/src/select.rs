@@ -42,7 +42,7 @@ pub fn choose(client: [u8; 4], hash: u64, svc: &ServiceEntry, now: u64) -> Optio
             // SAFETY: copied out at once; a torn read fails the checks below.
             let a = unsafe { *p };
             let timeout_ns = svc.affinity_timeout_s as u64 * 1_000_000_000;
-            if now.wrapping_sub(a.last_used_ns) <= timeout_ns {
+            if now.saturating_sub(a.last_used_ns) <= timeout_ns {
                 if let Some(b) = backend_of(svc.id, a.backend_id) {
                     // Like kube-proxy, affinity only leads to endpoints that
                     // take new connections.

@@ -237,6 +237,32 @@ fn a_closed_flow_expires_after_10_s_an_established_one_stays() {
     assert_eq!(fx.counter(Verdict::DnatEstablished), 2);
 }
 
+/// The agent's sweep reads the clock, then walks the tables: a flow that
+/// begins during the walk is stamped after that clock. It is alive, not
+/// ancient: its handshake still completes through the datapath. (Found as
+/// a rare e2e failure: the first connection after an agent started lost
+/// its state mid-handshake when the first sweep ran at that moment.)
+#[test]
+fn a_flow_that_begins_while_a_sweep_walks_the_tables_is_kept() {
+    for hook in HOOKS {
+        let fx = local_fixture();
+        let sweep_clock = monotonic_ns();
+        fx.run(hook, &Spec::tcp(CLIENT, 40000, CLUSTER_IP, 80).build())
+            .unwrap();
+        assert_eq!(entries(&fx, map_names::CT_SYN), 2, "{hook:?}: the SYN's flow");
+        let s = sweep(fx.pin_dir(), sweep_clock).unwrap();
+        assert_eq!(s[map_names::CT_SYN].expired, 0, "{hook:?}");
+        assert_eq!(entries(&fx, map_names::CT_SYN), 2, "{hook:?}");
+        let reply = Spec {
+            tcp_flags: TCP_SYN | TCP_ACK,
+            ..Spec::tcp(maglev(&local(), 8080, 40000, 80, TCP), 8080, CLIENT, 40000)
+        };
+        fx.run_on(hook, &reply.build(), fx.pod_ifindex).unwrap();
+        assert_eq!(fx.counter(Verdict::ReplyNat), 1, "{hook:?}: the SYN-ACK");
+        assert_eq!(entries(&fx, map_names::CT_TCP), 2, "{hook:?}: established");
+    }
+}
+
 #[test]
 fn floods_of_syns_and_udp_flows_evict_no_established_flow_nor_a_snat_port() {
     for hook in HOOKS {
