@@ -188,7 +188,6 @@ fn read_spec(svc: &Service) -> Result<Read, ServiceError> {
             cluster,
             external,
             load_balancer,
-            node_ports,
         },
         policies,
         ports,
@@ -254,8 +253,6 @@ struct Addresses {
     cluster: Vec<Ipv4Addr>,
     external: Vec<Ipv4Addr>,
     load_balancer: Vec<Ipv4Addr>,
-    /// NodePort or LoadBalancer: nodePorts answer on the node addresses.
-    node_ports: bool,
 }
 
 /// The IPv4 clusterIPs (`clusterIPs`, else `clusterIP`).

@@ -35,7 +35,7 @@ impl<T: Ord> SortedSet<T> {
         match self.0.binary_search(t) {
             Ok(i) => {
                 self.0.remove(i);
-                self.shrink();
+                shrink(&mut self.0);
                 true
             }
             Err(_) => false,
@@ -53,12 +53,12 @@ impl<T: Ord> SortedSet<T> {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+}
 
-    /// A set that shrank a lot gives its memory back.
-    fn shrink(&mut self) {
-        if self.0.capacity() > 2 * self.0.len() + 4 {
-            self.0.shrink_to_fit();
-        }
+/// A set or map that shrank a lot gives its memory back.
+fn shrink<T>(v: &mut Vec<T>) {
+    if v.capacity() > 2 * v.len() + 4 {
+        v.shrink_to_fit();
     }
 }
 
@@ -103,9 +103,7 @@ impl<K: Ord, V> SortedMap<K, V> {
     pub fn remove(&mut self, k: &K) -> Option<V> {
         let i = self.find(k).ok()?;
         let (_, v) = self.0.remove(i);
-        if self.0.capacity() > 2 * self.0.len() + 4 {
-            self.0.shrink_to_fit();
-        }
+        shrink(&mut self.0);
         Some(v)
     }
 
