@@ -3,11 +3,15 @@
 //! Every map key and value lives here, once, as a `#[repr(C)]` struct with
 //! explicit padding, so `bpftool map dump` shows the same field names the
 //! code uses. Conventions, chosen so dumps read naturally:
-//! - IPv4 addresses are `[u8; 4]` in wire order (bpftool prints the octets).
+//! - Addresses are `Addr`, 16 bytes in wire order for both families
+//!   (bpftool prints the octets; IPv4 as `::ffff:a.b.c.d`).
 //! - Ports are `u16` in host byte order (bpftool prints the number).
 #![no_std]
 
+pub mod addr;
 pub mod hash;
+
+pub use addr::{Addr, ADDR_UNSPECIFIED};
 
 /// Map names. The pinned files under the pin directory carry these names.
 /// Kernel map names are limited to 15 characters.
@@ -68,7 +72,21 @@ pub mod program_names {
     pub const SOCK_SENDMSG4: &str = "lb_sock_sendmsg4";
     pub const SOCK_RECVMSG4: &str = "lb_sock_recvmsg4";
     pub const SOCK_PEER4: &str = "lb_sock_peer4";
-    pub const SOCK_ALL: [&str; 4] = [SOCK_CONNECT4, SOCK_SENDMSG4, SOCK_RECVMSG4, SOCK_PEER4];
+    /// The same for IPv6 sockets.
+    pub const SOCK_CONNECT6: &str = "lb_sock_connect6";
+    pub const SOCK_SENDMSG6: &str = "lb_sock_sendmsg6";
+    pub const SOCK_RECVMSG6: &str = "lb_sock_recvmsg6";
+    pub const SOCK_PEER6: &str = "lb_sock_peer6";
+    pub const SOCK_ALL: [&str; 8] = [
+        SOCK_CONNECT4,
+        SOCK_SENDMSG4,
+        SOCK_RECVMSG4,
+        SOCK_PEER4,
+        SOCK_CONNECT6,
+        SOCK_SENDMSG6,
+        SOCK_RECVMSG6,
+        SOCK_PEER6,
+    ];
 }
 
 /// Map capacities. The agent rejects desired states that would not fit.
@@ -100,6 +118,7 @@ pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 pub const MAGLEV_INNER_FLAGS: u32 = BPF_F_INNER_MAP | BPF_F_MMAPABLE;
 
 pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_ICMPV6: u8 = 58;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
@@ -212,10 +231,10 @@ pub const CT_REFRESH_NS: u64 = 1_000_000_000;
 
 /// Key of `lb_frontends` (HASH): an address, port and protocol a Service
 /// answers on (ClusterIP, or NodePort on a node address), and for whom.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FrontendKey {
-    pub addr: [u8; 4],
+    pub addr: Addr,
     pub port: u16,
     /// IPPROTO_TCP or IPPROTO_UDP.
     pub proto: u8,
@@ -311,10 +330,10 @@ pub const SERVICE_F_TABLE_B: u8 = 1 << 4;
 /// Value of `lb_backends` (ARRAY indexed by backend id): one endpoint of one
 /// service port. Ids are per service port so a conntrack or affinity entry
 /// can check its backend still belongs to the service that chose it.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Backend {
-    pub addr: [u8; 4],
+    pub addr: Addr,
     pub port: u16,
     /// `BACKEND_F_*` bits; 0 means the slot is free.
     pub flags: u8,
@@ -338,11 +357,11 @@ pub const BACKEND_F_LOCAL: u8 = 1 << 3;
 /// flow has two entries: the client's direction (client -> frontend) and
 /// the backend's reply direction (backend -> client, or backend -> the
 /// translated source when `CT_F_SNAT`; that one lives in `lb_snat`).
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FlowKey {
-    pub src_addr: [u8; 4],
-    pub dst_addr: [u8; 4],
+    pub src_addr: Addr,
+    pub dst_addr: Addr,
     pub src_port: u16,
     pub dst_port: u16,
     pub proto: u8,
@@ -362,7 +381,7 @@ pub struct ConntrackEntry {
     pub last_seen_ns: u64,
     /// `CT_FORWARD`: the backend to send to. `CT_REPLY`: the frontend to
     /// restore as the source.
-    pub nat_addr: [u8; 4],
+    pub nat_addr: Addr,
     pub nat_port: u16,
     /// `CT_FORWARD` or `CT_REPLY`.
     pub direction: u8,
@@ -371,7 +390,7 @@ pub struct ConntrackEntry {
     /// With `CT_F_SNAT`. `CT_FORWARD`: the node address and port to write
     /// as the source. `CT_REPLY`: the client address and port to restore as
     /// the destination.
-    pub snat_addr: [u8; 4],
+    pub snat_addr: Addr,
     pub snat_port: u16,
     /// `CT_S_*` bits: what the flow has seen (TCP handshake and close).
     pub state: u8,
@@ -389,18 +408,21 @@ pub const CT_F_SNAT: u8 = 1 << 0;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct DatapathConfig {
-    /// The node address SNAT and hairpin masquerade use (the first
-    /// `--node-ip`); 0.0.0.0 disables SNAT.
-    pub snat_addr: [u8; 4],
+    /// The node's IPv4 address SNAT and hairpin masquerade use for IPv4
+    /// flows (the first IPv4 `--node-ip`, or the Node's); all zero: none,
+    /// IPv4 flows are not masqueraded.
+    pub snat_addr4: Addr,
+    /// The same for IPv6 flows.
+    pub snat_addr6: Addr,
     /// SNAT source ports are taken from `snat_port_min..=snat_port_max`.
     pub snat_port_min: u16,
     pub snat_port_max: u16,
-    /// Network namespace cookie of the node. 0 until the agent wrote the
-    /// config: the socket hooks translate nothing before that.
-    pub netns_cookie: u64,
     /// `LAYOUT_VERSION` of the agent that wrote this: a later agent finding
     /// another version recreates the maps instead of adopting them.
     pub layout_version: u32,
+    /// Network namespace cookie of the node. 0 until the agent wrote the
+    /// config: the socket hooks translate nothing before that.
+    pub netns_cookie: u64,
     /// `CONFIG_F_*` bits. (Agents before these flags wrote 0 here, which
     /// means what they did: socket hooks for the node's namespace only.)
     pub flags: u32,
@@ -408,7 +430,15 @@ pub struct DatapathConfig {
     /// agent start): a client's retried SYN gets the same port back, and
     /// nobody outside can aim at the ports a client will get.
     pub snat_seed: u32,
-    pub _pad: u32,
+}
+
+impl DatapathConfig {
+    /// The node address a flow from `client` is masqueraded to: the one of
+    /// the client's family (all zero if the node has none).
+    #[inline(always)]
+    pub fn snat_addr_for(&self, client: &Addr) -> Addr {
+        addr::select(addr::v4_mask(client), &self.snat_addr4, &self.snat_addr6)
+    }
 }
 
 /// `DatapathConfig::flags`: the socket hooks translate sockets of every
@@ -428,7 +458,8 @@ pub const CONFIG_F_EXTERNAL_CLUSTER_IP_DROP: u32 = 1 << 2;
 /// Bumped whenever a pinned map's key or value changes meaning without
 /// changing size (size changes are caught from the maps themselves).
 /// 3: Maglev inner arrays hold two halves and a header (`MaglevSlots`).
-pub const LAYOUT_VERSION: u32 = 3;
+/// 4: addresses are 16 bytes (`Addr`), IPv4 mapped.
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Default SNAT port range: above Linux's default ephemeral range
 /// (32768-60999), so translated flows never take a 4-tuple a local socket
@@ -441,15 +472,16 @@ pub const SNAT_PORT_TRIES: u32 = 32;
 
 /// Key of `lb_frags` (LRU_HASH): one fragmented datagram, as the IP
 /// header names it.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FragKey {
-    pub src_addr: [u8; 4],
-    pub dst_addr: [u8; 4],
-    /// IP identification, host order.
-    pub id: u16,
+    pub src_addr: Addr,
+    pub dst_addr: Addr,
+    /// IP identification (IPv4: 16 bits; IPv6: the fragment header's 32),
+    /// host order.
+    pub id: u32,
     pub proto: u8,
-    pub _pad: u8,
+    pub _pad: [u8; 3],
 }
 
 /// Value of `lb_frags`: the ports of the datagram's first fragment, so the
@@ -496,12 +528,12 @@ pub mod ct_stat {
 /// this): service id then source prefix. The prefix length counts the 32
 /// bits of `service_id` (always matched whole) plus the address prefix.
 /// Value: `SOURCE_RANGE_ALLOW`.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SourceRange {
     /// Big-endian, so the trie compares it byte by byte as a whole.
     pub service_id: [u8; 4],
-    pub addr: [u8; 4],
+    pub addr: Addr,
 }
 
 pub const SOURCE_RANGE_ALLOW: u32 = 1;
@@ -512,25 +544,25 @@ pub const SOURCE_RANGE_ALLOW: u32 = 1;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SockReverseKey {
     pub cookie: u64,
-    pub backend_addr: [u8; 4],
+    pub backend_addr: Addr,
     pub backend_port: u16,
-    pub _pad: u16,
+    pub _pad: [u8; 6],
 }
 
 /// Value of `lb_sock_rev`: the frontend the socket asked for.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SockReverseEntry {
-    pub frontend_addr: [u8; 4],
+    pub frontend_addr: Addr,
     pub frontend_port: u16,
     pub _pad: u16,
 }
 
 /// Key of `lb_affinity` (LRU_HASH): sessionAffinity ClientIP state.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct AffinityKey {
-    pub client_addr: [u8; 4],
+    pub client_addr: Addr,
     pub service_id: u32,
 }
 
@@ -557,11 +589,11 @@ pub struct Counter {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
-    /// IPv4 TCP/UDP, not for a frontend, not a reply: untouched.
+    /// TCP/UDP, not for a frontend, not a reply: untouched.
     PassNotService = 0,
-    /// Not IPv4: untouched.
-    PassNotIpv4 = 1,
-    /// IPv4 but neither TCP/UDP nor an ICMP error: untouched.
+    /// Neither IPv4 nor IPv6: untouched.
+    PassNotIp = 1,
+    /// IP but neither TCP/UDP nor an ICMP error: untouched.
     PassOtherProtocol = 2,
     /// A later fragment of a datagram whose first fragment was not seen
     /// (or not translated): untouched.
@@ -614,7 +646,7 @@ pub const VERDICT_COUNT: u32 = 21;
 impl Verdict {
     pub const ALL: [Verdict; VERDICT_COUNT as usize] = [
         Verdict::PassNotService,
-        Verdict::PassNotIpv4,
+        Verdict::PassNotIp,
         Verdict::PassOtherProtocol,
         Verdict::PassFragment,
         Verdict::DnatNew,
@@ -639,7 +671,7 @@ impl Verdict {
     pub const fn name(self) -> &'static str {
         match self {
             Verdict::PassNotService => "pass_not_service",
-            Verdict::PassNotIpv4 => "pass_not_ipv4",
+            Verdict::PassNotIp => "pass_not_ip",
             Verdict::PassOtherProtocol => "pass_other_protocol",
             Verdict::PassFragment => "pass_fragment",
             Verdict::DnatNew => "dnat_new",
@@ -665,20 +697,20 @@ impl Verdict {
 
 // Layouts are part of the pinned-map contract: catch accidental changes.
 const _: () = {
-    assert!(core::mem::size_of::<FrontendKey>() == 8);
+    assert!(core::mem::size_of::<FrontendKey>() == 20);
     assert!(core::mem::size_of::<ServiceEntry>() == 20);
-    assert!(core::mem::size_of::<Backend>() == 12);
-    assert!(core::mem::size_of::<FlowKey>() == 16);
-    assert!(core::mem::size_of::<ConntrackEntry>() == 32);
-    assert!(core::mem::size_of::<DatapathConfig>() == 32);
-    assert!(core::mem::size_of::<SourceRange>() == 8);
-    assert!(core::mem::size_of::<SockReverseKey>() == 16);
-    assert!(core::mem::size_of::<SockReverseEntry>() == 8);
+    assert!(core::mem::size_of::<Backend>() == 24);
+    assert!(core::mem::size_of::<FlowKey>() == 40);
+    assert!(core::mem::size_of::<ConntrackEntry>() == 56);
+    assert!(core::mem::size_of::<DatapathConfig>() == 56);
+    assert!(core::mem::size_of::<SourceRange>() == 20);
+    assert!(core::mem::size_of::<SockReverseKey>() == 32);
+    assert!(core::mem::size_of::<SockReverseEntry>() == 20);
     assert!(core::mem::align_of::<ConntrackEntry>() == 8);
-    assert!(core::mem::size_of::<AffinityKey>() == 8);
+    assert!(core::mem::size_of::<AffinityKey>() == 20);
     assert!(core::mem::size_of::<AffinityEntry>() == 16);
     assert!(core::mem::size_of::<Counter>() == 16);
-    assert!(core::mem::size_of::<FragKey>() == 12);
+    assert!(core::mem::size_of::<FragKey>() == 40);
     assert!(core::mem::size_of::<FragPorts>() == 4);
     assert!(core::mem::size_of::<RejectLimit>() == 16);
 };
@@ -724,6 +756,7 @@ impl ServiceName {
 mod pod {
     // SAFETY: each type is repr(C), Copy, has explicit padding fields and no
     // implicit padding (sizes asserted above), so every bit pattern is valid.
+    unsafe impl aya::Pod for super::Addr {}
     unsafe impl aya::Pod for super::FrontendKey {}
     unsafe impl aya::Pod for super::ServiceEntry {}
     unsafe impl aya::Pod for super::MaglevKey {}

@@ -24,26 +24,26 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    ct_closed, ct_live, ct_next_state, ct_stat, hash::flow_hash, ConntrackEntry, DatapathConfig,
+    ct_closed, ct_live, ct_next_state, ct_stat, hash::flow_hash, Addr, ConntrackEntry, DatapathConfig,
     FlowKey, CT_FORWARD, CT_F_SNAT, CT_REFRESH_NS, CT_REPLY, CT_SNAT_TIME_WAIT_NS, CT_S_REPLIED,
     IPPROTO_TCP, SNAT_PORT_TRIES,
 };
 
 use crate::{
     maps::{CT_STATS, CT_SYN, CT_TCP, CT_UDP, SNAT},
-    packet::Ipv4Flow,
+    packet::Flow,
 };
 
 /// An address and a port (host order).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct AddrPort {
-    pub addr: [u8; 4],
+    pub addr: Addr,
     pub port: u16,
 }
 
 impl AddrPort {
     #[inline(always)]
-    pub const fn new(addr: [u8; 4], port: u16) -> AddrPort {
+    pub const fn new(addr: Addr, port: u16) -> AddrPort {
         AddrPort { addr, port }
     }
 }
@@ -87,7 +87,7 @@ fn work() -> Option<&'static mut Work> {
 }
 
 #[inline(always)]
-pub fn flow_key(f: &Ipv4Flow) -> FlowKey {
+pub fn flow_key(f: &Flow) -> FlowKey {
     key(
         AddrPort::new(f.saddr, f.sport),
         AddrPort::new(f.daddr, f.dport),
@@ -259,6 +259,27 @@ fn ends(k: &FlowKey, e: &ConntrackEntry) -> Ends {
     }
 }
 
+/// Whether the entry `e` keyed `k` belongs to flow `me`: `ends(k, e) ==
+/// *me`, compared field by field without building the ends on the stack
+/// (with 16-byte addresses, four `AddrPort`s are 80 bytes, and the SNAT
+/// port search's frame must fit the 512-byte stack).
+#[inline(always)]
+fn same_flow(k: &FlowKey, e: &ConntrackEntry, me: &Ends) -> bool {
+    let (src, dst, nat, other) = if e.direction == CT_FORWARD {
+        (&me.client, &me.frontend, &me.backend, &me.seen_as)
+    } else {
+        (&me.backend, &me.seen_as, &me.frontend, &me.client)
+    };
+    k.src_port == src.port
+        && k.dst_port == dst.port
+        && e.nat_port == nat.port
+        && e.snat_port == other.port
+        && k.src_addr == src.addr
+        && k.dst_addr == dst.addr
+        && e.nat_addr == nat.addr
+        && e.snat_addr == other.addr
+}
+
 /// Fills `w` with both entries of the flow `w.me`.
 #[inline(always)]
 fn entries(w: &mut Work, proto: u8, now: u64, state: u8, service_id: u32, backend_id: u32) {
@@ -369,7 +390,7 @@ pub fn record(f: &NewFlow, cfg: &DatapathConfig) -> Source {
     };
     f.fill(w, AddrPort::new(f.client.src_addr, f.client.src_port));
     if let Some(h) = lookup_reply(&w.rkey, f.now, cfg) {
-        if !ct_closed(h.e.state) && ends(&w.rkey, &h.e) != w.me {
+        if !ct_closed(h.e.state) && !same_flow(&w.rkey, &h.e, &w.me) {
             return Source::Conflict;
         }
         // A closed flow's tuple is free again: its reply entry goes, or it
@@ -390,7 +411,7 @@ pub fn record(f: &NewFlow, cfg: &DatapathConfig) -> Source {
 /// entry with BPF_NOEXIST, atomic between CPUs; an entry whose flow closed
 /// or expired is taken over. `Exhausted`: every port tried is taken.
 #[inline(always)]
-pub fn record_snat(f: &NewFlow, addr: [u8; 4], cfg: &DatapathConfig, out: &mut AddrPort) -> Source {
+pub fn record_snat(f: &NewFlow, addr: Addr, cfg: &DatapathConfig, out: &mut AddrPort) -> Source {
     let Some(w) = work() else {
         return Source::Exhausted;
     };
@@ -409,11 +430,20 @@ pub fn record_snat(f: &NewFlow, addr: [u8; 4], cfg: &DatapathConfig, out: &mut A
     // first one, the client's RST has cleared it), then random ports: a
     // client whose first choice is taken is not stuck behind it.
     let keyed = (flow_hash(
-        f.client.src_addr,
+        &f.client.src_addr,
         f.client.src_port,
         f.client.dst_port,
         f.client.proto,
     ) ^ cfg.snat_seed as u64) as u32;
+    // Both entries once, with a placeholder port (never the client's, so
+    // the entries are marked translated); each try sets its port below.
+    f.fill(
+        w,
+        AddrPort {
+            addr,
+            port: f.client.src_port ^ 1,
+        },
+    );
     for i in 0..SNAT_PORT_TRIES {
         let r = if i == 0 {
             keyed
@@ -422,7 +452,16 @@ pub fn record_snat(f: &NewFlow, addr: [u8; 4], cfg: &DatapathConfig, out: &mut A
             unsafe { bpf_get_prandom_u32() }
         };
         let port = (cfg.snat_port_min as u32 + r % range) as u16;
-        f.fill(w, AddrPort { addr, port });
+        if remap && port == f.client.src_port {
+            // The client's own tuple: not a translation.
+            continue;
+        }
+        // Only the translated port differs between tries: three stores,
+        // where refilling both entries and keys took dozens (the verifier
+        // walks each try on every path into it).
+        w.me.seen_as.port = port;
+        w.fwd.snat_port = port;
+        w.rkey.dst_port = port;
         // A remapped client port must not be one the client really uses
         // towards this backend in another, untranslated flow.
         if remap {
@@ -454,12 +493,14 @@ fn claim(w: &Work, now: u64, recent_ok: bool) -> bool {
     let Some(p) = SNAT.get_ptr_mut(&w.rkey) else {
         return false;
     };
-    // SAFETY: copied out at once.
-    let old = unsafe { *p };
-    let mine = ends(&w.rkey, &old) == w.me;
-    let live = ct_live(old.last_seen_ns, now, w.rkey.proto, old.state);
-    let closed = ct_closed(old.state);
-    let recent = closed && now.saturating_sub(old.last_seen_ns) < CT_SNAT_TIME_WAIT_NS;
+    // SAFETY: read in place (a copy would cost the port search's frame 56
+    // bytes); a concurrent writer can at worst make this try fail.
+    let old = unsafe { &*p };
+    let mine = same_flow(&w.rkey, old, &w.me);
+    let (last_seen, state) = (old.last_seen_ns, old.state);
+    let live = ct_live(last_seen, now, w.rkey.proto, state);
+    let closed = ct_closed(state);
+    let recent = closed && now.saturating_sub(last_seen) < CT_SNAT_TIME_WAIT_NS;
     let free = mine || ((!live || closed) && (recent_ok || !recent));
     free && put(Table::Snat, &w.rkey, &w.rev, false)
 }
@@ -475,12 +516,12 @@ pub fn owns_reply(k: &FlowKey, h: &Hit, now: u64) -> bool {
     if h.e.flags & CT_F_SNAT != 0 {
         return match SNAT.get_ptr_mut(&rkey) {
             // SAFETY: copied out at once.
-            Some(p) => ends(&rkey, unsafe { &*p }) == me,
+            Some(p) => same_flow(&rkey, unsafe { &*p }, &me),
             None => false,
         };
     }
     match lookup_plain_reply(&rkey, now) {
-        Some(r) => ends(&rkey, &r.e) == me,
+        Some(r) => same_flow(&rkey, &r.e, &me),
         None => true,
     }
 }
@@ -502,7 +543,7 @@ pub fn forget(k: &FlowKey, h: &Hit) {
 fn remove_if_mine(t: Table, k: &FlowKey, me: &Ends) {
     if let Some(p) = get_ptr(t, k) {
         // SAFETY: read through a map value pointer, at once.
-        if ends(k, unsafe { &*p }) == *me {
+        if same_flow(k, unsafe { &*p }, me) {
             remove(t, k);
         }
     }
@@ -559,7 +600,7 @@ fn update(k: &FlowKey, h: &Hit, state: u8, now: u64) {
     match get_ptr(ptable, pkey) {
         Some(p) => {
             // SAFETY: as above; identity checked on a copy first.
-            if ends(pkey, unsafe { &*p }) == w.me {
+            if same_flow(pkey, unsafe { &*p }, &w.me) {
                 unsafe {
                     (*p).state = state;
                     (*p).last_seen_ns = now;
@@ -589,7 +630,7 @@ fn promote(w: &Work, snat: bool) {
     if snat {
         if let Some(p) = SNAT.get_ptr_mut(&w.rkey) {
             // SAFETY: plain stores; identity checked on a copy first.
-            if ends(&w.rkey, unsafe { &*p }) == w.me {
+            if same_flow(&w.rkey, unsafe { &*p }, &w.me) {
                 unsafe {
                     (*p).state = w.rev.state;
                     (*p).last_seen_ns = w.rev.last_seen_ns;

@@ -43,3 +43,18 @@ pub fn sum_bytes<const N: usize>(bytes: &[u8; N], mut acc: u32) -> u32 {
     }
     acc
 }
+
+/// The same for a 16-byte address (an IPv6 address in a pseudo-header or
+/// a quoted header), as eight 16-bit words.
+#[inline(always)]
+pub fn update_addr(check: u16, old: &lb_common::Addr, new: &lb_common::Addr) -> u16 {
+    let (o, n) = (lb_common::addr::words(old), lb_common::addr::words(new));
+    let mut sum = !check as u32;
+    let mut i = 0;
+    while i < 4 {
+        sum += (!(o[i] as u16) as u32) + (!((o[i] >> 16) as u16) as u32);
+        sum += (n[i] as u16) as u32 + ((n[i] >> 16) as u16) as u32;
+        i += 1;
+    }
+    !fold(sum)
+}

@@ -50,25 +50,46 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 /// The node's own sockets: translated at connect() (see `sock`).
 #[cgroup_sock_addr(connect4)]
 pub fn lb_sock_connect4(ctx: SockAddrContext) -> i32 {
-    sock::translate(&ctx)
+    sock::translate(&ctx, false)
 }
 
 /// Unconnected UDP sends of the node's own sockets.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn lb_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sock::translate(&ctx)
+    sock::translate(&ctx, false)
 }
 
 /// UDP datagrams from a backend appear to come from the frontend.
 #[cgroup_sock_addr(recvmsg4)]
 pub fn lb_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
-    sock::reverse(&ctx)
+    sock::reverse(&ctx, false)
 }
 
 /// getpeername() of a translated socket shows the frontend.
 #[cgroup_sock_addr(getpeername4)]
 pub fn lb_sock_peer4(ctx: SockAddrContext) -> i32 {
-    sock::reverse(&ctx)
+    sock::reverse(&ctx, false)
+}
+
+/// The same four for IPv6 sockets (IPv4-mapped destinations included).
+#[cgroup_sock_addr(connect6)]
+pub fn lb_sock_connect6(ctx: SockAddrContext) -> i32 {
+    sock::translate(&ctx, true)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn lb_sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock::translate(&ctx, true)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn lb_sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx, true)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn lb_sock_peer6(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx, true)
 }
 
 #[cfg(not(test))]

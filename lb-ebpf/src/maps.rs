@@ -6,7 +6,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    ct_stat, AffinityEntry, AffinityKey, Backend, ConntrackEntry, Counter, DatapathConfig, FlowKey,
+    ct_stat, Addr, AffinityEntry, AffinityKey, Backend, ConntrackEntry, Counter, DatapathConfig, FlowKey,
     FragKey, FragPorts, FrontendKey, MaglevKey, MaglevSlots, RejectLimit, ServiceEntry, SockReverseEntry, SockReverseKey,
     SourceRange, CT_DEFAULT_ENTRIES, MAGLEV_INNER_FLAGS, MAX_AFFINITY, MAX_BACKENDS, MAX_FRAGS,
     MAX_FRONTENDS, MAX_MAGLEV_TABLES, MAX_SERVICES, MAX_SOCK_REVERSE, MAX_SOURCE_RANGES, MAX_CLUSTER_CIDRS, ServiceName, VERDICT_COUNT,
@@ -93,7 +93,7 @@ pub static SOURCE_RANGES: LpmTrie<SourceRange, u32, { MAX_SOURCE_RANGES as usize
 
 /// Sources inside the cluster: prefix (address as the trie's data) -> 1.
 #[btf_map(name = "lb_cluster_cidrs")]
-pub static CLUSTER_CIDRS: LpmTrie<[u8; 4], u32, { MAX_CLUSTER_CIDRS as usize }> = LpmTrie::new();
+pub static CLUSTER_CIDRS: LpmTrie<Addr, u32, { MAX_CLUSTER_CIDRS as usize }> = LpmTrie::new();
 
 /// Service-port names (`lb_common::ServiceName`), written by the agent for
 /// the inspection commands; no program reads it. BPF_F_NO_PREALLOC (1):

@@ -6,9 +6,9 @@ use aya_ebpf::{
     bindings::BPF_ANY, btf_maps::PerCpuArray, helpers::bpf_ktime_get_ns, macros::btf_map,
 };
 use lb_common::{
-    ct_closed, hash::flow_hash, Backend, FlowKey, FragKey, FragPorts, FrontendKey, ServiceEntry,
+    ct_closed, hash::flow_hash, Addr, FlowKey, FragKey, FragPorts, FrontendKey, ServiceEntry, ADDR_UNSPECIFIED,
     FRONTEND_VIEW_ALL,
-    Verdict, CT_FORWARD, CT_REPLY, CT_S_PICKUP, IPPROTO_ICMP, IPPROTO_TCP, SERVICE_F_AFFINITY,
+    Verdict, CT_FORWARD, CT_REPLY, CT_S_PICKUP, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, SERVICE_F_AFFINITY,
     SERVICE_F_EXTERNAL, SERVICE_F_LOCAL, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
     CONFIG_F_EXTERNAL_CLUSTER_IP_DROP, CONFIG_F_EXTERNAL_CLUSTER_IP_MASQ,
 };
@@ -16,7 +16,7 @@ use lb_common::{
 use crate::{
     conntrack::{self, flow_key, snat_of, AddrPort, NewFlow, Source},
     maps::FRAGS,
-    packet::{parse, Frag, IcmpError, Ipv4Flow, PacketBuf, Parsed},
+    packet::{parse, Frag, IcmpError, Flow, PacketBuf, Parsed},
     policy::{config, frontend_for, in_cluster, needs_snat, reject_allowed, source_allowed},
     select::{backend_of, choose},
     stats::{count, count_index, count_service},
@@ -33,15 +33,14 @@ pub enum Action {
     /// routing would drop it as a martian (its source is now a node or
     /// frontend address).
     Nat {
-        flow: Ipv4Flow,
+        flow: &'static Flow,
         src: Option<AddrPort>,
         dst: Option<AddrPort>,
         route: bool,
     },
-    /// Answer with ICMP port unreachable.
-    Reject {
-        flow: Ipv4Flow,
-    },
+    /// Answer with ICMP (ICMPv6) port unreachable (a stage of its own,
+    /// reading the flow from `lb_pending`).
+    Reject,
     /// A packet to a frontend no tracked flow covers: `new_flow` decides
     /// (a new flow, or why not).
     NewFlow,
@@ -51,7 +50,7 @@ pub enum Action {
     /// Translate an ICMP error about a translated flow; with `route`, then
     /// send it to its next hop directly (as for `Nat`).
     IcmpNat {
-        icmp: IcmpError,
+        icmp: &'static IcmpError,
         to: IcmpRewrite,
         route: bool,
     },
@@ -59,9 +58,10 @@ pub enum Action {
 
 /// What the FIB lookup needs about a packet the datapath routes itself.
 pub struct Route {
+    pub v6: bool,
     pub proto: u8,
-    pub saddr: [u8; 4],
-    pub daddr: [u8; 4],
+    pub saddr: Addr,
+    pub daddr: Addr,
     pub sport: u16,
     pub dport: u16,
 }
@@ -69,10 +69,11 @@ pub struct Route {
 impl Route {
     /// A TCP/UDP packet after `Action::Nat` rewrote `src` and/or `dst`.
     #[inline(always)]
-    pub fn after_nat(f: &Ipv4Flow, src: Option<AddrPort>, dst: Option<AddrPort>) -> Route {
+    pub fn after_nat(f: &Flow, src: Option<AddrPort>, dst: Option<AddrPort>) -> Route {
         let s = src.unwrap_or(AddrPort::new(f.saddr, f.sport));
         let d = dst.unwrap_or(AddrPort::new(f.daddr, f.dport));
         Route {
+            v6: f.v6,
             proto: f.proto,
             saddr: s.addr,
             daddr: d.addr,
@@ -83,9 +84,10 @@ impl Route {
 
     /// An ICMP error after `Action::IcmpNat`.
     #[inline(always)]
-    pub fn after_icmp_nat(to: &IcmpRewrite) -> Route {
+    pub fn after_icmp_nat(icmp: &IcmpError, to: &IcmpRewrite) -> Route {
         Route {
-            proto: IPPROTO_ICMP,
+            v6: icmp.v6,
+            proto: if icmp.v6 { IPPROTO_ICMPV6 } else { IPPROTO_ICMP },
             saddr: to.saddr,
             daddr: to.daddr,
             sport: 0,
@@ -98,8 +100,8 @@ impl Route {
 /// packet). Fields equal to the packet's are left alone.
 #[derive(Clone, Copy)]
 pub struct IcmpRewrite {
-    pub saddr: [u8; 4],
-    pub daddr: [u8; 4],
+    pub saddr: Addr,
+    pub daddr: Addr,
     pub inner_src: AddrPort,
     pub inner_dst: AddrPort,
 }
@@ -136,28 +138,25 @@ pub enum Stage {
     Icmp,
 }
 
-/// Everything a stage needs from `classify`, per CPU.
-#[derive(Clone, Copy)]
+/// Everything a stage needs from `classify`, per CPU. Stages work on
+/// references into it, never on copies: with 16-byte addresses a flow and
+/// its conntrack entries no longer fit the 512-byte stack twice over.
 pub struct Pending {
-    flow: Ipv4Flow,
+    flow: Flow,
     svc: ServiceEntry,
     icmp: IcmpError,
     len: u32,
     ingress: bool,
-    /// What `new_flow` decided for `snat_flow`.
-    snat: SnatRequest,
-}
-
-/// A new flow whose source needs a translated port (`Action::Snat`): the
-/// backend chosen, the address to translate to, and what to count.
-#[derive(Clone, Copy)]
-struct SnatRequest {
-    backend: Backend,
-    backend_id: u32,
-    to: [u8; 4],
-    verdict: u32,
-    ct_state: u8,
-    now: u64,
+    /// The new flow `new_flow` decided on, for `conntrack::record` and,
+    /// when its source is translated, for `snat_flow`.
+    new: NewFlow,
+    /// For `snat_flow`: the address to translate to, and what to count.
+    snat_to: Addr,
+    snat_verdict: u32,
+    /// The translation `snat_flow` decided, for `stashed_nat`.
+    nat_src: AddrPort,
+    nat_dst: AddrPort,
+    nat_route: bool,
 }
 
 #[inline(always)]
@@ -165,6 +164,40 @@ fn pending() -> Option<&'static mut Pending> {
     // SAFETY: this CPU's slot; a program runs to completion on its CPU, and
     // every stage reads what `classify` wrote during the same run.
     PENDING.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+/// Keeps the translation of a new SNAT flow for a stage of its own
+/// (`stashed_nat`): the port search leaves its loop from each of its 32
+/// tries in another state, and the verifier walked the translation and
+/// the FIB lookup after every one of them.
+#[inline(always)]
+pub fn stash_nat(src: AddrPort, dst: AddrPort, route: bool) {
+    if let Some(p) = pending() {
+        p.nat_src = src;
+        p.nat_dst = dst;
+        p.nat_route = route;
+    }
+}
+
+/// What `stash_nat` kept: the flow, its new source and destination.
+#[inline(always)]
+pub fn stashed_nat() -> Option<(&'static Flow, AddrPort, AddrPort, bool)> {
+    let p = pending()?;
+    let Pending {
+        flow,
+        nat_src,
+        nat_dst,
+        nat_route,
+        ..
+    } = p;
+    Some((flow, *nat_src, *nat_dst, *nat_route))
+}
+
+/// The packet `classify` parsed, for a stage that needs only it (the
+/// refusal).
+#[inline(always)]
+pub fn pending_flow() -> Option<&'static Flow> {
+    pending().map(|p| &p.flow)
 }
 
 #[inline(never)]
@@ -176,18 +209,14 @@ pub fn classify<C: PacketBuf>(ctx: &C, dir: Direction) -> Stage {
     };
     p.len = len;
     p.ingress = ingress;
-    let flow = match parse(ctx) {
-        Parsed::Flow(f) => f,
-        Parsed::IcmpError(icmp) => {
-            p.icmp = icmp;
-            return Stage::Icmp;
-        }
+    match parse(ctx, &mut p.flow, &mut p.icmp) {
+        Parsed::Flow => {}
+        Parsed::IcmpError => return Stage::Icmp,
         _ if !ingress => return Stage::Pass,
-        Parsed::NotIpv4 => return pass_stage(Verdict::PassNotIpv4, len),
+        Parsed::NotIp => return pass_stage(Verdict::PassNotIp, len),
         Parsed::OtherProtocol => return pass_stage(Verdict::PassOtherProtocol, len),
         Parsed::Malformed => return pass_stage(Verdict::PassMalformed, len),
-    };
-    p.flow = flow;
+    }
     if !fragment_ports(&mut p.flow) {
         return if ingress {
             pass_stage(Verdict::PassFragment, len)
@@ -202,7 +231,7 @@ pub fn classify<C: PacketBuf>(ctx: &C, dir: Direction) -> Stage {
             proto: p.flow.proto,
             view: FRONTEND_VIEW_ALL,
         };
-        if let Some(svc) = frontend_for(fkey, Some(p.flow.saddr)) {
+        if let Some(svc) = frontend_for(fkey, Some(&p.flow.saddr)) {
             p.svc = svc;
             return Stage::Forward;
         }
@@ -222,15 +251,20 @@ pub fn reply() -> Action {
     let Some(p) = pending() else {
         return Action::Pass;
     };
-    let flow = p.flow;
-    let (len, ingress) = (p.len, p.ingress);
+    let Pending {
+        flow, len, ingress, ..
+    } = p;
+    let (len, ingress) = (*len, *ingress);
+    let Some(cfg) = config() else {
+        return Action::Pass;
+    };
     // SAFETY: a helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let key = flow_key(&flow);
-    match conntrack::lookup_reply(&key, now, &config()) {
+    let key = flow_key(flow);
+    match conntrack::lookup_reply(&key, now, cfg) {
         Some(h) => {
             conntrack::observe(&key, &h, flow.tcp_flags, now);
-            count(translated(&flow, Verdict::ReplyNat), len);
+            count(translated(flow, Verdict::ReplyNat), len);
             count_service(h.e.service_id, len);
             Action::Nat {
                 flow,
@@ -250,10 +284,12 @@ pub fn icmp() -> Action {
     let Some(p) = pending() else {
         return Action::Pass;
     };
-    let (len, ingress) = (p.len, p.ingress);
-    match icmp_error(p.icmp, len, ingress) {
+    let Pending {
+        icmp, len, ingress, ..
+    } = p;
+    match icmp_error(icmp, *len, *ingress) {
         Some(a) => a,
-        None if ingress => pass(Verdict::PassNotService, len),
+        None if *ingress => pass(Verdict::PassNotService, *len),
         None => Action::Pass,
     }
 }
@@ -262,13 +298,13 @@ pub fn icmp() -> Action {
 /// which carry no L4 header and take the ports from here. False for a
 /// later fragment whose first fragment was not seen (it passes untouched).
 #[inline(always)]
-fn fragment_ports(flow: &mut Ipv4Flow) -> bool {
+fn fragment_ports(flow: &mut Flow) -> bool {
     let fkey = FragKey {
         src_addr: flow.saddr,
         dst_addr: flow.daddr,
         id: flow.ip_id,
         proto: flow.proto,
-        _pad: 0,
+        _pad: [0; 3],
     };
     match flow.frag {
         Frag::Whole => true,
@@ -295,7 +331,7 @@ fn fragment_ports(flow: &mut Ipv4Flow) -> bool {
 
 /// The verdict a translated packet counts as: later fragments apart.
 #[inline(always)]
-fn translated(flow: &Ipv4Flow, v: Verdict) -> Verdict {
+fn translated(flow: &Flow, v: Verdict) -> Verdict {
     if flow.frag == Frag::Later {
         Verdict::FragmentNat
     } else {
@@ -332,7 +368,7 @@ enum Start {
 }
 
 #[inline(always)]
-fn start_of(flow: &Ipv4Flow) -> Start {
+fn start_of(flow: &Flow) -> Start {
     if flow.proto != IPPROTO_TCP {
         return Start::New;
     }
@@ -357,16 +393,15 @@ pub fn forward() -> Action {
     let Some(p) = pending() else {
         return Action::Drop;
     };
-    let flow = p.flow;
-    let svc = &p.svc;
-    let len = p.len;
-    if !source_allowed(svc, flow.saddr) {
+    let Pending { flow, svc, len, .. } = p;
+    let (flow, svc, len): (&'static Flow, _, _) = (flow, svc, *len);
+    if !source_allowed(svc, &flow.saddr) {
         return drop(Verdict::DropSourceRange, len);
     }
     // SAFETY: a helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let key = flow_key(&flow);
-    let start = start_of(&flow);
+    let key = flow_key(flow);
+    let start = start_of(flow);
     if let Some(h) = conntrack::lookup_forward(&key, now) {
         if start == Start::New && ct_closed(h.e.state) {
             // The client reuses the tuple of a closed flow: a new flow.
@@ -382,9 +417,9 @@ pub fn forward() -> Action {
                         return drop(Verdict::DropCtInvalid, len);
                     }
                     conntrack::observe(&key, &h, flow.tcp_flags, now);
-                    count(translated(&flow, Verdict::DnatEstablished), len);
+                    count(translated(flow, Verdict::DnatEstablished), len);
                     count_service(svc.id, len);
-                    return to_backend(flow, &b, snat);
+                    return to_backend(flow, AddrPort::new(b.addr, b.port), snat);
                 }
             }
         }
@@ -396,33 +431,38 @@ pub fn forward() -> Action {
     Action::NewFlow
 }
 
-/// A packet to a frontend no tracked flow covers (`Action::NewFlow`).
+/// A packet to a frontend no tracked flow covers (`Action::NewFlow`):
+/// a new flow, unless the packet cannot start one.
 #[inline(always)]
 pub fn new_flow() -> Action {
     let Some(p) = pending() else {
         return Action::Drop;
     };
+    let Some(cfg) = config() else {
+        return Action::Drop;
+    };
     // SAFETY: a helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let (flow, svc, len) = (p.flow, p.svc, p.len);
-    start_flow(p, &flow, &svc, len, now)
-}
-
-/// A new flow, unless the packet cannot start one.
-#[inline(always)]
-fn start_flow(p: &mut Pending, flow: &Ipv4Flow, svc: &ServiceEntry, len: u32, now: u64) -> Action {
-    let flow = *flow;
-    let key = flow_key(&flow);
-    let start = start_of(&flow);
+    let Pending {
+        flow,
+        svc,
+        len,
+        new,
+        snat_to,
+        snat_verdict,
+        ..
+    } = p;
+    let (flow, svc, len): (&'static Flow, &ServiceEntry, u32) = (flow, svc, *len);
+    let start = start_of(flow);
     if start == Start::Invalid {
         return drop(Verdict::DropCtInvalid, len);
     }
-    let cfg = config();
     // A ClusterIP reached from outside the cluster (routed to this node).
+    let node = cfg.snat_addr_for(&flow.saddr);
     let outside = svc.flags & SERVICE_F_EXTERNAL == 0
         && cfg.flags & (CONFIG_F_EXTERNAL_CLUSTER_IP_MASQ | CONFIG_F_EXTERNAL_CLUSTER_IP_DROP) != 0
-        && flow.saddr != cfg.snat_addr
-        && !in_cluster(flow.saddr);
+        && flow.saddr != node
+        && !in_cluster(&flow.saddr);
     if outside && cfg.flags & CONFIG_F_EXTERNAL_CLUSTER_IP_DROP != 0 {
         return drop(Verdict::DropSourceRange, len);
     }
@@ -437,7 +477,7 @@ fn start_flow(p: &mut Pending, flow: &Ipv4Flow, svc: &ServiceEntry, len: u32, no
             return drop(Verdict::DropRejectLimited, len);
         }
         count(Verdict::RejectNoBackend, len);
-        return Action::Reject { flow };
+        return Action::Reject;
     }
     // With sessionAffinity ClientIP the source port is left out of the
     // hash, so every node picks the same backend for a client without
@@ -447,8 +487,8 @@ fn start_flow(p: &mut Pending, flow: &Ipv4Flow, svc: &ServiceEntry, len: u32, no
     } else {
         flow.sport
     };
-    let hash = flow_hash(flow.saddr, sport, flow.dport, flow.proto);
-    let Some(choice) = choose(flow.saddr, hash, svc, now) else {
+    let hash = flow_hash(&flow.saddr, sport, flow.dport, flow.proto);
+    let Some(choice) = choose(&flow.saddr, hash, svc, now) else {
         return drop(Verdict::DropNoBackendEntry, len);
     };
     let b = choice.backend;
@@ -460,41 +500,33 @@ fn start_flow(p: &mut Pending, flow: &Ipv4Flow, svc: &ServiceEntry, len: u32, no
     } else {
         Verdict::DnatNew
     };
-    let ct_state = if pickup { CT_S_PICKUP } else { 0 };
+    *new = NewFlow {
+        client: flow_key(flow),
+        now,
+        service_id: svc.id,
+        backend_id: choice.backend_id,
+        backend: AddrPort::new(b.addr, b.port),
+        state: if pickup { CT_S_PICKUP } else { 0 },
+    };
     // The source is translated to the node's address (without one, no
     // --node-ip, there is nothing to masquerade to; the agent warns at
     // start-up), or to another port of the client's own address when its
     // reply tuple is taken (`Source::Conflict`), or kept.
-    let masquerade = outside || needs_snat(svc, flow.saddr, &b);
-    let to = if masquerade && cfg.snat_addr != [0; 4] {
-        cfg.snat_addr
+    let masquerade = outside || needs_snat(svc, &flow.saddr, &b);
+    *snat_to = if masquerade && node != ADDR_UNSPECIFIED {
+        node
     } else {
-        let new = NewFlow {
-            client: key,
-            now,
-            service_id: svc.id,
-            backend_id: choice.backend_id,
-            backend: AddrPort::new(b.addr, b.port),
-            state: ct_state,
-        };
-        match conntrack::record(&new, &cfg) {
+        match conntrack::record(new, cfg) {
             Source::Kept => {
                 count(verdict, len);
                 count_service(svc.id, len);
-                return to_backend(flow, &b, None);
+                return to_backend(flow, new.backend, None);
             }
             Source::Conflict => flow.saddr,
             _ => return drop(Verdict::DropSnatExhausted, len),
         }
     };
-    p.snat = SnatRequest {
-        backend: b,
-        backend_id: choice.backend_id,
-        to,
-        verdict: verdict as u32,
-        ct_state,
-        now,
-    };
+    *snat_verdict = verdict as u32;
     Action::Snat
 }
 
@@ -509,33 +541,35 @@ pub fn snat_flow() -> Action {
     let Some(p) = pending() else {
         return Action::Drop;
     };
-    let (flow, svc_id, len, r) = (p.flow, p.svc.id, p.len, p.snat);
-    let cfg = config();
-    let new = NewFlow {
-        client: flow_key(&flow),
-        now: r.now,
-        service_id: svc_id,
-        backend_id: r.backend_id,
-        backend: AddrPort::new(r.backend.addr, r.backend.port),
-        state: r.ct_state,
+    let Some(cfg) = config() else {
+        return Action::Drop;
     };
-    let mut out = AddrPort::new([0; 4], 0);
-    if conntrack::record_snat(&new, r.to, &cfg, &mut out) != Source::Translated {
-        return drop(Verdict::DropSnatExhausted, len);
+    let Pending {
+        flow,
+        len,
+        new,
+        snat_to,
+        snat_verdict,
+        ..
+    } = p;
+    let flow: &'static Flow = flow;
+    let mut out = AddrPort::new(ADDR_UNSPECIFIED, 0);
+    if conntrack::record_snat(new, *snat_to, cfg, &mut out) != Source::Translated {
+        return drop(Verdict::DropSnatExhausted, *len);
     }
-    count_index(r.verdict, len);
-    count_service(svc_id, len);
-    to_backend(flow, &r.backend, Some(out))
+    count_index(*snat_verdict, *len);
+    count_service(new.service_id, *len);
+    to_backend(flow, new.backend, Some(out))
 }
 
 /// A packet of `flow` sent to backend `b`, its source translated to `snat`
 /// if given (then the datapath routes it: the stack would not).
 #[inline(always)]
-fn to_backend(flow: Ipv4Flow, b: &Backend, snat: Option<AddrPort>) -> Action {
+fn to_backend(flow: &'static Flow, backend: AddrPort, snat: Option<AddrPort>) -> Action {
     Action::Nat {
         flow,
         src: snat,
-        dst: Some(AddrPort::new(b.addr, b.port)),
+        dst: Some(backend),
         // A remapped client port keeps the client's address: the stack
         // routes it as before.
         route: matches!(snat, Some(s) if s.addr != flow.saddr),
@@ -556,7 +590,7 @@ fn to_backend(flow: Ipv4Flow, b: &Backend, snat: Option<AddrPort>) -> Action {
 ///
 /// Path MTU discovery through a smaller-MTU link depends on this.
 #[inline(always)]
-fn icmp_error(icmp: IcmpError, len: u32, route: bool) -> Option<Action> {
+fn icmp_error(icmp: &'static IcmpError, len: u32, route: bool) -> Option<Action> {
     // The quoted packet reversed: the direction the flow's entry is keyed by.
     let key = FlowKey {
         src_addr: icmp.inner_daddr,
@@ -569,7 +603,7 @@ fn icmp_error(icmp: IcmpError, len: u32, route: bool) -> Option<Action> {
     // SAFETY: a helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     // The entry's direction says which way the quote went.
-    let e = conntrack::lookup_any(&key, now, &config())?;
+    let e = conntrack::lookup_any(&key, now, config()?)?;
     let quoted_src = AddrPort::new(icmp.inner_saddr, icmp.inner_sport);
     let quoted_dst = AddrPort::new(icmp.inner_daddr, icmp.inner_dport);
     // (what the quote's source becomes, what its destination becomes)

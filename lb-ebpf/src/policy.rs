@@ -4,7 +4,7 @@
 
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use lb_common::{
-    Backend, DatapathConfig, FrontendKey, ServiceEntry, SourceRange, FRONTEND_VIEW_IN_CLUSTER, BACKEND_F_LOCAL, REJECT_BURST,
+    Addr, Backend, DatapathConfig, FrontendKey, ServiceEntry, SourceRange, FRONTEND_VIEW_IN_CLUSTER, BACKEND_F_LOCAL, REJECT_BURST,
     REJECT_COST_NS, SERVICE_F_EXTERNAL, SERVICE_F_LOCAL, SERVICE_F_SOURCE_RANGES,
 };
 
@@ -12,15 +12,15 @@ use crate::maps::{CLUSTER_CIDRS, CONFIG, FRONTENDS, REJECT_LIMIT, SOURCE_RANGES}
 
 /// Whether `saddr` may use this frontend (always, without source ranges).
 #[inline(always)]
-pub fn source_allowed(svc: &ServiceEntry, saddr: [u8; 4]) -> bool {
+pub fn source_allowed(svc: &ServiceEntry, saddr: &Addr) -> bool {
     if svc.flags & SERVICE_F_SOURCE_RANGES == 0 {
         return true;
     }
     let key = Key::new(
-        64,
+        32 + 128,
         SourceRange {
             service_id: svc.id.to_be_bytes(),
-            addr: saddr,
+            addr: *saddr,
         },
     );
     SOURCE_RANGES.get(&key).is_some()
@@ -30,8 +30,8 @@ pub fn source_allowed(svc: &ServiceEntry, saddr: [u8; 4]) -> bool {
 /// `lb_cluster_cidrs`), which reaches an external frontend with traffic
 /// policy Local through its in-cluster view (`FRONTEND_VIEW_IN_CLUSTER`).
 #[inline(always)]
-pub fn in_cluster(saddr: [u8; 4]) -> bool {
-    CLUSTER_CIDRS.get(&Key::new(32, saddr)).is_some()
+pub fn in_cluster(saddr: &Addr) -> bool {
+    CLUSTER_CIDRS.get(&Key::new(128, *saddr)).is_some()
 }
 
 /// The frontend `key` names, as the client reaches it: an external
@@ -39,7 +39,7 @@ pub fn in_cluster(saddr: [u8; 4]) -> bool {
 /// the node. `source`: the packet's source address; None for a socket hook
 /// (the node's or a pod's own socket: always in the cluster).
 #[inline(always)]
-pub fn frontend_for(key: FrontendKey, source: Option<[u8; 4]>) -> Option<ServiceEntry> {
+pub fn frontend_for(key: FrontendKey, source: Option<&Addr>) -> Option<ServiceEntry> {
     // SAFETY: copied out at once.
     let svc = *unsafe { FRONTENDS.get(key) }?;
     let local_external = SERVICE_F_EXTERNAL | SERVICE_F_LOCAL;
@@ -60,9 +60,10 @@ pub fn frontend_for(key: FrontendKey, source: Option<[u8; 4]>) -> Option<Service
 }
 
 /// The node facts the agent wrote; all zero (no SNAT) before it did.
+/// (Never `None`: an array of one always has element 0.)
 #[inline(always)]
-pub fn config() -> DatapathConfig {
-    CONFIG.get(0).copied().unwrap_or_default()
+pub fn config() -> Option<&'static DatapathConfig> {
+    CONFIG.get(0)
 }
 
 /// Whether a new flow from `saddr` to `backend` needs its source
@@ -72,8 +73,8 @@ pub fn config() -> DatapathConfig {
 ///   another node: the backend's reply must come back through this node
 ///   to be translated (kube-proxy masquerades here too).
 #[inline(always)]
-pub fn needs_snat(svc: &ServiceEntry, saddr: [u8; 4], backend: &Backend) -> bool {
-    if saddr == backend.addr {
+pub fn needs_snat(svc: &ServiceEntry, saddr: &Addr, backend: &Backend) -> bool {
+    if *saddr == backend.addr {
         return true;
     }
     svc.flags & SERVICE_F_EXTERNAL != 0

@@ -5,7 +5,7 @@ use core::ptr::read_volatile;
 
 use lb_common::{
     hash::affinity_rehash,
-    AffinityEntry, AffinityKey, Backend, MaglevKey, ServiceEntry, BACKEND_F_PRESENT, BACKEND_F_USABLE,
+    Addr, AffinityEntry, AffinityKey, Backend, MaglevKey, ServiceEntry, BACKEND_F_PRESENT, BACKEND_F_USABLE,
     SERVICE_F_AFFINITY, SERVICE_F_TABLE_B,
 };
 
@@ -30,11 +30,11 @@ pub struct Choice {
 
 /// The backend for a new flow from `client` whose flow hash is `hash`.
 #[inline(always)]
-pub fn choose(client: [u8; 4], hash: u64, svc: &ServiceEntry, now: u64) -> Option<Choice> {
+pub fn choose(client: &Addr, hash: u64, svc: &ServiceEntry, now: u64) -> Option<Choice> {
     let mut hash = hash;
     let affinity = svc.flags & SERVICE_F_AFFINITY != 0;
     let akey = AffinityKey {
-        client_addr: client,
+        client_addr: *client,
         service_id: svc.id,
     };
     if affinity {

@@ -1,7 +1,9 @@
 //! Socket-level translation ("socket LB"): cgroup/connect4 and
-//! cgroup/sendmsg4 replace a frontend address by a backend before any packet
-//! exists, and cgroup/recvmsg4 and cgroup/getpeername4 show the frontend
-//! again to the application. They act on every socket of the hooked cgroup,
+//! cgroup/sendmsg4 (connect6, sendmsg6) replace a frontend address by a
+//! backend before any packet exists, and cgroup/recvmsg4 and
+//! cgroup/getpeername4 (recvmsg6, getpeername6) show the frontend again to
+//! the application. An IPv6 socket's IPv4-mapped destination is an IPv4
+//! frontend, and is translated to an IPv4-mapped backend. They act on every socket of the hooked cgroup,
 //! in any network namespace (pods too), or with `--socket-lb-host-only` only
 //! on the node's own sockets (kubelet, hostNetwork pods).
 //!
@@ -16,12 +18,15 @@
 //! a frontend with loadBalancerSourceRanges (the source address is not
 //! chosen yet at connect()), and every socket outside the hooked cgroup.
 
+use core::ptr::{read_volatile, write_volatile};
+
 use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_ANY},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval},
     programs::SockAddrContext,
 };
 use lb_common::{
+    addr::{self, from_v4, from_words, Addr},
     hash::{flow_hash, fmix64},
     FrontendKey, SockReverseEntry, SockReverseKey, Verdict, CONFIG_F_SOCK_ALL_NETNS,
     FRONTEND_VIEW_ALL, IPPROTO_TCP,
@@ -39,11 +44,56 @@ const ALLOW: i32 = 1;
 const DENY: i32 = 0;
 const ECONNREFUSED: i32 = 111;
 
-/// connect4 and sendmsg4: translate a frontend destination to a backend.
+/// The destination (recvmsg, getpeername: the peer) a hook sees.
 #[inline(always)]
-pub fn translate(ctx: &SockAddrContext) -> i32 {
+fn user_addr(sa: *mut bpf_sock_addr, v6: bool) -> Addr {
+    // SAFETY: sa is the program's context; these fields are readable in
+    // the hooks of their family.
+    unsafe {
+        if v6 {
+            // One 4-byte load per word: the verifier refuses any other
+            // access to the context (a copy of the array is a memcpy).
+            let ip6 = &raw const (*sa).user_ip6;
+            from_words([
+                read_volatile(&raw const (*ip6)[0]),
+                read_volatile(&raw const (*ip6)[1]),
+                read_volatile(&raw const (*ip6)[2]),
+                read_volatile(&raw const (*ip6)[3]),
+            ])
+        } else {
+            from_v4((*sa).user_ip4.to_ne_bytes())
+        }
+    }
+}
+
+/// Writes `a:port` as the hook's address. (The caller checked `a` can be
+/// written in this family: an IPv4 hook takes only IPv4 addresses.)
+#[inline(always)]
+fn set_user_addr(sa: *mut bpf_sock_addr, v6: bool, a: &Addr, port: u16) {
+    // SAFETY: these hooks may write the address.
+    unsafe {
+        if v6 {
+            // One 4-byte store per word (see `user_addr`).
+            let w = addr::words(a);
+            let ip6 = &raw mut (*sa).user_ip6;
+            write_volatile(&raw mut (*ip6)[0], w[0]);
+            write_volatile(&raw mut (*ip6)[1], w[1]);
+            write_volatile(&raw mut (*ip6)[2], w[2]);
+            write_volatile(&raw mut (*ip6)[3], w[3]);
+        } else {
+            (*sa).user_ip4 = u32::from_ne_bytes(addr::v4(a));
+        }
+        (*sa).user_port = port.to_be() as u32;
+    }
+}
+
+/// connect and sendmsg: translate a frontend destination to a backend.
+#[inline(always)]
+pub fn translate(ctx: &SockAddrContext, v6: bool) -> i32 {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
-    let cfg = config();
+    let Some(cfg) = config() else {
+        return ALLOW;
+    };
     // Nothing before the agent wrote the config.
     if cfg.netns_cookie == 0 {
         return ALLOW;
@@ -54,13 +104,13 @@ pub fn translate(ctx: &SockAddrContext) -> i32 {
         return ALLOW;
     }
     // SAFETY: sa is the program's context; these fields are readable.
-    let (ip, port, proto) = unsafe { ((*sa).user_ip4, (*sa).user_port, (*sa).protocol) };
+    let (port, proto) = unsafe { ((*sa).user_port, (*sa).protocol) };
     let proto = proto as u8;
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return ALLOW;
     }
     let fkey = FrontendKey {
-        addr: ip.to_ne_bytes(),
+        addr: user_addr(sa, v6),
         port: u16::from_be(port as u16),
         proto,
         view: FRONTEND_VIEW_ALL,
@@ -86,13 +136,16 @@ pub fn translate(ctx: &SockAddrContext) -> i32 {
     } else {
         // sessionAffinity: the same choice as the TC path makes for this
         // client address (see pipeline::forward).
+        let node = cfg.snat_addr_for(&fkey.addr);
         let hash = if svc.flags & SERVICE_F_AFFINITY != 0 {
-            flow_hash(cfg.snat_addr, 0, fkey.port, proto)
+            flow_hash(&node, 0, fkey.port, proto)
         } else {
             fmix64(cookie)
         };
-        choose(cfg.snat_addr, hash, &svc, now)
+        choose(&node, hash, &svc, now)
     };
+    // (A frontend's backends are of its family: the agent writes no other.)
+    let choice = choice.filter(|c| addr::is_v4(&c.backend.addr) == addr::is_v4(&fkey.addr));
     let Some(choice) = choice else {
         // No usable backend (or, with traffic policy Local, none on this
         // node): refuse at once, as kube-proxy's REJECT would.
@@ -106,7 +159,7 @@ pub fn translate(ctx: &SockAddrContext) -> i32 {
         cookie,
         backend_addr: b.addr,
         backend_port: b.port,
-        _pad: 0,
+        _pad: [0; 6],
     };
     let entry = SockReverseEntry {
         frontend_addr: fkey.addr,
@@ -114,35 +167,27 @@ pub fn translate(ctx: &SockAddrContext) -> i32 {
         _pad: 0,
     };
     let _ = SOCK_REVERSE.insert(key, entry, BPF_ANY as u64);
-    // SAFETY: connect4/sendmsg4 may write the destination.
-    unsafe {
-        (*sa).user_ip4 = u32::from_ne_bytes(b.addr);
-        (*sa).user_port = b.port.to_be() as u32;
-    }
+    set_user_addr(sa, v6, &b.addr, b.port);
     count(Verdict::SockTranslated, 0);
     ALLOW
 }
 
-/// recvmsg4 and getpeername4: show the frontend instead of the backend.
+/// recvmsg and getpeername: show the frontend instead of the backend.
 #[inline(always)]
-pub fn reverse(ctx: &SockAddrContext) -> i32 {
+pub fn reverse(ctx: &SockAddrContext, v6: bool) -> i32 {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
     // SAFETY: helper on our own context; fields readable in these hooks.
     let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
-    let (ip, port) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
+    let port = unsafe { (*sa).user_port };
     let key = SockReverseKey {
         cookie,
-        backend_addr: ip.to_ne_bytes(),
+        backend_addr: user_addr(sa, v6),
         backend_port: u16::from_be(port as u16),
-        _pad: 0,
+        _pad: [0; 6],
     };
     // SAFETY: copied out at once.
     if let Some(e) = unsafe { SOCK_REVERSE.get(key) }.copied() {
-        // SAFETY: recvmsg4/getpeername4 may write the address.
-        unsafe {
-            (*sa).user_ip4 = u32::from_ne_bytes(e.frontend_addr);
-            (*sa).user_port = e.frontend_port.to_be() as u32;
-        }
+        set_user_addr(sa, v6, &e.frontend_addr, e.frontend_port);
     }
     ALLOW
 }

@@ -9,18 +9,19 @@ use aya_ebpf::{
         BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT,
     },
     helpers::{
-        bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail,
+        bpf_csum_diff, bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh,
+        bpf_skb_change_tail,
     },
     programs::TcContext,
 };
-use lb_common::{Verdict, IPPROTO_UDP};
+use lb_common::{addr, Addr, Verdict, IPPROTO_UDP};
 
 use crate::{
     conntrack::AddrPort,
     icmp,
     packet::{
-        Frag, IcmpError, Ipv4Flow, ETH_HLEN, ICMP_ERROR_MIN, IP_CSUM_OFF, IP_DADDR_OFF,
-        IP_SADDR_OFF, IP_TTL_OFF,
+        Frag, IcmpError, Flow, ETH_HLEN, ICMP6_ERROR_MIN, ICMP_ERROR_MIN, IP6_DADDR_OFF,
+        IP6_HOP_LIMIT_OFF, IP6_SADDR_OFF, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, IP_TTL_OFF,
     },
     pipeline::{self, classify, Action, Direction, IcmpRewrite, Route, Stage},
     reject,
@@ -28,6 +29,10 @@ use crate::{
 };
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+/// `BPF_F_RECOMPUTE_CSUM`: a store that keeps a CHECKSUM_COMPLETE skb's
+/// `csum` right (the IPv6 hop limit has no header checksum to do it).
+const BPF_F_RECOMPUTE_CSUM: u64 = 1;
 
 /// Each stage in a function of its own (see `pipeline::Stage`): their
 /// frames sit side by side under `run`, never on top of one another.
@@ -37,7 +42,11 @@ pub fn run(ctx: &TcContext, dir: Direction) -> i32 {
         Stage::Pass => TC_ACT_OK,
         Stage::Forward => match to_frontend(ctx) {
             NEW_FLOW => match new_flow(ctx) {
-                SNAT => snat_flow(ctx),
+                SNAT => match snat_flow(ctx) {
+                    NAT => snat_nat(ctx),
+                    rc => rc,
+                },
+                REJECT => reject_flow(ctx),
                 rc => rc,
             },
             rc => rc,
@@ -51,6 +60,10 @@ pub fn run(ctx: &TcContext, dir: Direction) -> i32 {
 const NEW_FLOW: i32 = -2;
 /// Not a verdict either: `new_flow` asks `run` for `snat_flow`.
 const SNAT: i32 = -3;
+/// Nor this: `new_flow` asks `run` for `reject_flow`.
+const REJECT: i32 = -4;
+/// Nor this: `snat_flow` asks `run` for `snat_nat`.
+const NAT: i32 = -5;
 
 #[inline(never)]
 fn to_frontend(ctx: &TcContext) -> i32 {
@@ -64,15 +77,45 @@ fn to_frontend(ctx: &TcContext) -> i32 {
 fn new_flow(ctx: &TcContext) -> i32 {
     match pipeline::new_flow() {
         Action::Snat => SNAT,
-        Action::Reject { flow } => reject(ctx, &flow).unwrap_or(TC_ACT_SHOT),
+        Action::Reject => REJECT,
         a => apply(ctx, a),
     }
 }
 
-/// A stage of its own: see `pipeline::snat_flow`.
+/// The refusal, a stage of its own: its frame (an IPv6 one is 110 bytes)
+/// does not fit on top of `new_flow`'s.
+#[inline(never)]
+fn reject_flow(ctx: &TcContext) -> i32 {
+    match pipeline::pending_flow() {
+        Some(f) => reject(ctx, f).unwrap_or(TC_ACT_SHOT),
+        None => TC_ACT_SHOT,
+    }
+}
+
+/// A stage of its own: see `pipeline::snat_flow`. The translation it
+/// decides is applied by `snat_nat`, a stage too (see `pipeline::stash_nat`).
 #[inline(never)]
 fn snat_flow(ctx: &TcContext) -> i32 {
-    apply(ctx, pipeline::snat_flow())
+    match pipeline::snat_flow() {
+        Action::Nat {
+            src: Some(src),
+            dst: Some(dst),
+            route,
+            ..
+        } => {
+            pipeline::stash_nat(src, dst, route);
+            NAT
+        }
+        a => apply(ctx, a),
+    }
+}
+
+#[inline(never)]
+fn snat_nat(ctx: &TcContext) -> i32 {
+    match pipeline::stashed_nat() {
+        Some((flow, src, dst, route)) => nat(ctx, flow, Some(src), Some(dst), route).unwrap_or(TC_ACT_SHOT),
+        None => TC_ACT_SHOT,
+    }
 }
 
 #[inline(never)]
@@ -84,7 +127,7 @@ fn reply(ctx: &TcContext) -> i32 {
 fn icmp_error(ctx: &TcContext) -> i32 {
     match pipeline::icmp() {
         Action::IcmpNat { icmp, to, route } => {
-            icmp_nat(ctx, &icmp, &to, route).unwrap_or(TC_ACT_SHOT)
+            icmp_nat(ctx, icmp, &to, route).unwrap_or(TC_ACT_SHOT)
         }
         _ => TC_ACT_OK,
     }
@@ -101,7 +144,7 @@ fn apply(ctx: &TcContext, a: Action) -> i32 {
             src,
             dst,
             route: r,
-        } => nat(ctx, &flow, src, dst, r),
+        } => nat(ctx, flow, src, dst, r),
         _ => Ok(TC_ACT_SHOT),
     };
     // A helper failed half-way (out of memory, unwritable skb): the packet
@@ -114,7 +157,7 @@ fn apply(ctx: &TcContext, a: Action) -> i32 {
 #[inline(always)]
 fn nat(
     ctx: &TcContext,
-    f: &Ipv4Flow,
+    f: &Flow,
     src: Option<AddrPort>,
     dst: Option<AddrPort>,
     redirect: bool,
@@ -141,10 +184,15 @@ fn icmp_nat(
     // Writes go straight into the packet: make its head linear and private
     // (a clone's data is shared) first. The quote may end before a TCP
     // checksum, so ask for that much only if it is there.
-    let want = if ctx.len() as usize >= ICMP_ERROR_MIN + 12 {
-        ICMP_ERROR_MIN + 12
+    let min = if icmp.v6 {
+        ICMP6_ERROR_MIN
     } else {
         ICMP_ERROR_MIN
+    };
+    let want = if ctx.len() as usize >= min + 12 {
+        min + 12
+    } else {
+        min
     };
     ctx.pull_data(want as u32)?;
     if icmp::rewrite(ctx, icmp, to).is_none() {
@@ -153,7 +201,7 @@ fn icmp_nat(
     if !redirect {
         return Ok(TC_ACT_OK);
     }
-    route(ctx, &Route::after_icmp_nat(to))
+    route(ctx, &Route::after_icmp_nat(icmp, to))
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -163,7 +211,10 @@ enum Side {
 }
 
 #[inline(always)]
-fn rewrite(ctx: &TcContext, f: &Ipv4Flow, side: Side, addr: [u8; 4], port: u16) -> Result<(), i64> {
+fn rewrite(ctx: &TcContext, f: &Flow, side: Side, to: Addr, port: u16) -> Result<(), i64> {
+    if f.v6 {
+        return rewrite6(ctx, f, side, &to, port);
+    }
     let (old_addr, addr_off, old_port, port_off) = match side {
         Side::Source => (f.saddr, ETH_HLEN + IP_SADDR_OFF, f.sport, f.l4_off as usize),
         Side::Destination => (
@@ -180,10 +231,11 @@ fn rewrite(ctx: &TcContext, f: &Ipv4Flow, side: Side, addr: [u8; 4], port: u16) 
     } else {
         0
     };
-    let old_a = u32::from_ne_bytes(old_addr) as u64;
-    let new_a = u32::from_ne_bytes(addr) as u64;
+    let new_addr = addr::v4(&to);
+    let old_a = u32::from_ne_bytes(addr::v4(&old_addr)) as u64;
+    let new_a = u32::from_ne_bytes(new_addr) as u64;
     ctx.l3_csum_replace(ETH_HLEN + IP_CSUM_OFF, old_a, new_a, 4)?;
-    ctx.store(addr_off, &addr, 0)?;
+    ctx.store(addr_off, &new_addr, 0)?;
     // A later fragment has no L4 header: the address was all there is (the
     // L4 checksum, in the first fragment, was updated there).
     if f.frag == Frag::Later {
@@ -202,6 +254,49 @@ fn rewrite(ctx: &TcContext, f: &Ipv4Flow, side: Side, addr: [u8; 4], port: u16) 
     Ok(())
 }
 
+/// `rewrite` for IPv6: no header checksum; the L4 checksum's pseudo-header
+/// change goes in as one difference (`bpf_csum_diff` over the 16 bytes).
+#[inline(always)]
+fn rewrite6(ctx: &TcContext, f: &Flow, side: Side, to: &Addr, port: u16) -> Result<(), i64> {
+    let (old_addr, addr_off, old_port, port_off) = match side {
+        Side::Source => (&f.saddr, ETH_HLEN + IP6_SADDR_OFF, f.sport, f.l4_off as usize),
+        Side::Destination => (
+            &f.daddr,
+            ETH_HLEN + IP6_DADDR_OFF,
+            f.dport,
+            f.l4_off as usize + 2,
+        ),
+    };
+    ctx.store(addr_off, &to.octets, 0)?;
+    if f.frag == Frag::Later {
+        return Ok(());
+    }
+    let mangled = if f.proto == IPPROTO_UDP {
+        BPF_F_MARK_MANGLED_0 as u64
+    } else {
+        0
+    };
+    let mut from = addr::words(old_addr);
+    let mut new = addr::words(to);
+    // SAFETY: both buffers are 16 bytes on our stack.
+    let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), 16, new.as_mut_ptr(), 16, 0) };
+    if diff < 0 {
+        return Err(diff);
+    }
+    // A size of 0 in the flags: `to` is a checksum difference.
+    ctx.l4_csum_replace(
+        f.l4_csum_off as usize,
+        0,
+        diff as u64,
+        BPF_F_PSEUDO_HDR as u64 | mangled,
+    )?;
+    let old_p = old_port.to_be() as u64;
+    let new_p = port.to_be();
+    ctx.l4_csum_replace(f.l4_csum_off as usize, old_p, new_p as u64, mangled | 2)?;
+    ctx.store(port_off, &new_p, 0)?;
+    Ok(())
+}
+
 /// Sends a translated packet straight to its next hop. The node's own
 /// routing would drop it: its source is now a node address (NodePort reply,
 /// SNAT), a martian on input.
@@ -209,7 +304,7 @@ fn rewrite(ctx: &TcContext, f: &Ipv4Flow, side: Side, addr: [u8; 4], port: u16) 
 fn route(ctx: &TcContext, r: &Route) -> Result<i32, i64> {
     // SAFETY: a zeroed bpf_fib_lookup is a valid argument.
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    p.family = AF_INET;
+    p.family = if r.v6 { AF_INET6 } else { AF_INET };
     p.l4_protocol = r.proto;
     p.sport = r.sport.to_be();
     p.dport = r.dport.to_be();
@@ -218,8 +313,13 @@ fn route(ctx: &TcContext, r: &Route) -> Result<i32, i64> {
     // the helper checks is_skb_forwardable(), which understands GSO.
     // SAFETY: reading a field of the context the program was given.
     p.ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(r.saddr);
-    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(r.daddr);
+    if r.v6 {
+        p.__bindgen_anon_3.ipv6_src = addr::words(&r.saddr);
+        p.__bindgen_anon_4.ipv6_dst = addr::words(&r.daddr);
+    } else {
+        p.__bindgen_anon_3.ipv4_src = addr::words(&r.saddr)[3];
+        p.__bindgen_anon_4.ipv4_dst = addr::words(&r.daddr)[3];
+    }
     // SAFETY: p lives on our stack for the duration of the call.
     let rc = unsafe {
         fib_lookup(
@@ -230,7 +330,7 @@ fn route(ctx: &TcContext, r: &Route) -> Result<i32, i64> {
         )
     };
     if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        decrement_ttl(ctx)?;
+        decrement_ttl(ctx, r.v6)?;
         ctx.store(0, &p.dmac, 0)?;
         ctx.store(6, &p.smac, 0)?;
         // SAFETY: a helper without memory arguments.
@@ -238,7 +338,7 @@ fn route(ctx: &TcContext, r: &Route) -> Result<i32, i64> {
         return Ok(r as i32);
     }
     if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
-        decrement_ttl(ctx)?;
+        decrement_ttl(ctx, r.v6)?;
         // SAFETY: a null params pointer asks the helper to resolve the
         // next hop from the packet itself.
         let r = unsafe { bpf_redirect_neigh(p.ifindex, core::ptr::null_mut(), 0, 0) };
@@ -251,7 +351,18 @@ fn route(ctx: &TcContext, r: &Route) -> Result<i32, i64> {
 
 /// We forward the reply ourselves, so we do the router's TTL decrement.
 #[inline(always)]
-fn decrement_ttl(ctx: &TcContext) -> Result<(), i64> {
+fn decrement_ttl(ctx: &TcContext, v6: bool) -> Result<(), i64> {
+    if v6 {
+        let hop_limit: u8 = ctx.load(ETH_HLEN + IP6_HOP_LIMIT_OFF)?;
+        if hop_limit <= 1 {
+            return Err(-1);
+        }
+        return ctx.store(
+            ETH_HLEN + IP6_HOP_LIMIT_OFF,
+            &(hop_limit - 1),
+            BPF_F_RECOMPUTE_CSUM,
+        );
+    }
     let word: [u8; 2] = ctx.load(ETH_HLEN + IP_TTL_OFF)?;
     if word[0] <= 1 {
         return Err(-1);
@@ -266,21 +377,38 @@ fn decrement_ttl(ctx: &TcContext) -> Result<(), i64> {
     ctx.store(ETH_HLEN + IP_TTL_OFF, &new[0], 0)
 }
 
-/// Turns the packet into an ICMP port unreachable and sends it back out the
-/// interface it came in on.
+/// Turns the packet into an ICMP (ICMPv6) port unreachable and sends it
+/// back out the interface it came in on.
 #[inline(always)]
-fn reject(ctx: &TcContext, f: &Ipv4Flow) -> Result<i32, i64> {
-    let Some(frame) = reject::build(ctx, f) else {
-        count(Verdict::DropRejectFailed, 0);
-        return Ok(TC_ACT_SHOT);
-    };
-    // SAFETY: resizing the skb; packet pointers are not used afterwards.
-    let rc = unsafe { bpf_skb_change_tail(ctx.skb.skb, reject::FRAME_LEN as u32, 0) };
-    if rc != 0 {
-        count(Verdict::DropRejectFailed, 0);
-        return Ok(TC_ACT_SHOT);
+fn reject(ctx: &TcContext, f: &Flow) -> Result<i32, i64> {
+    if f.v6 {
+        return match reject::build6(ctx, f) {
+            Some(frame) => send_back(ctx, frame),
+            None => reject_failed(),
+        };
     }
-    ctx.store(0, &frame, 0)?;
+    match reject::build(ctx, f) {
+        Some(frame) => send_back(ctx, frame),
+        None => reject_failed(),
+    }
+}
+
+#[inline(always)]
+fn reject_failed() -> Result<i32, i64> {
+    count(Verdict::DropRejectFailed, 0);
+    Ok(TC_ACT_SHOT)
+}
+
+/// Replaces the packet by `frame` and bounces it out its interface.
+#[inline(always)]
+fn send_back<T>(ctx: &TcContext, frame: &T) -> Result<i32, i64> {
+    let len = core::mem::size_of::<T>() as u32;
+    // SAFETY: resizing the skb; packet pointers are not used afterwards.
+    let rc = unsafe { bpf_skb_change_tail(ctx.skb.skb, len, 0) };
+    if rc != 0 {
+        return reject_failed();
+    }
+    ctx.store(0, frame, 0)?;
     // SAFETY: reading a field of our context; redirect has no memory args.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let r = unsafe { bpf_redirect(ifindex, 0) };

@@ -10,19 +10,20 @@ use aya_ebpf::{
     },
     programs::XdpContext,
 };
-use lb_common::{Verdict, IPPROTO_UDP};
+use lb_common::{addr, Addr, Verdict, IPPROTO_UDP};
 
 use crate::{
     conntrack::AddrPort,
-    csum::{update16, update32},
+    csum::{update16, update32, update_addr},
     icmp,
-    packet::{ptr_at, EthHdr, Frag, Ipv4Flow, Ipv4Hdr, L4Ports, ETH_HLEN},
+    packet::{ptr_at, EthHdr, Frag, Flow, Ipv4Hdr, Ipv6Hdr, L4Ports, ETH_HLEN},
     pipeline::{self, classify, Action, Direction, Route, Stage},
-    reject::{self, IcmpUnreachFrame},
+    reject,
     stats::count,
 };
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 
 /// Each stage in a function of its own (see `pipeline::Stage`).
 #[inline(always)]
@@ -31,7 +32,11 @@ pub fn run(ctx: &XdpContext) -> u32 {
         Stage::Pass => xdp_action::XDP_PASS,
         Stage::Forward => match to_frontend(ctx) {
             NEW_FLOW => match new_flow(ctx) {
-                SNAT => snat_flow(ctx),
+                SNAT => match snat_flow(ctx) {
+                    NAT => snat_nat(ctx),
+                    rc => rc,
+                },
+                REJECT => reject_flow(ctx),
                 rc => rc,
             },
             rc => rc,
@@ -45,6 +50,10 @@ pub fn run(ctx: &XdpContext) -> u32 {
 const NEW_FLOW: u32 = u32::MAX;
 /// Not a verdict either: `new_flow` asks `run` for `snat_flow`.
 const SNAT: u32 = u32::MAX - 1;
+/// Nor this: `new_flow` asks `run` for `reject_flow`.
+const REJECT: u32 = u32::MAX - 2;
+/// Nor this: `snat_flow` asks `run` for `snat_nat`.
+const NAT: u32 = u32::MAX - 3;
 
 #[inline(never)]
 fn to_frontend(ctx: &XdpContext) -> u32 {
@@ -58,15 +67,45 @@ fn to_frontend(ctx: &XdpContext) -> u32 {
 fn new_flow(ctx: &XdpContext) -> u32 {
     match pipeline::new_flow() {
         Action::Snat => SNAT,
-        Action::Reject { flow } => reject(ctx, &flow),
+        Action::Reject => REJECT,
         a => apply(ctx, a),
     }
 }
 
-/// A stage of its own: see `pipeline::snat_flow`.
+/// The refusal, a stage of its own: its frame (an IPv6 one is 110 bytes)
+/// does not fit on top of `new_flow`'s.
+#[inline(never)]
+fn reject_flow(ctx: &XdpContext) -> u32 {
+    match pipeline::pending_flow() {
+        Some(f) => reject(ctx, f),
+        None => xdp_action::XDP_DROP,
+    }
+}
+
+/// A stage of its own: see `pipeline::snat_flow`. The translation it
+/// decides is applied by `snat_nat`, a stage too (see `pipeline::stash_nat`).
 #[inline(never)]
 fn snat_flow(ctx: &XdpContext) -> u32 {
-    apply(ctx, pipeline::snat_flow())
+    match pipeline::snat_flow() {
+        Action::Nat {
+            src: Some(src),
+            dst: Some(dst),
+            route,
+            ..
+        } => {
+            pipeline::stash_nat(src, dst, route);
+            NAT
+        }
+        a => apply(ctx, a),
+    }
+}
+
+#[inline(never)]
+fn snat_nat(ctx: &XdpContext) -> u32 {
+    match pipeline::stashed_nat() {
+        Some((flow, src, dst, route)) => nat(ctx, flow, Some(src), Some(dst), route).unwrap_or(xdp_action::XDP_DROP),
+        None => xdp_action::XDP_DROP,
+    }
 }
 
 #[inline(never)]
@@ -77,8 +116,8 @@ fn reply(ctx: &XdpContext) -> u32 {
 #[inline(never)]
 fn icmp_error(ctx: &XdpContext) -> u32 {
     match pipeline::icmp() {
-        Action::IcmpNat { icmp, to, .. } => match icmp::rewrite(ctx, &icmp, &to) {
-            Some(()) => route(ctx, &Route::after_icmp_nat(&to)),
+        Action::IcmpNat { icmp, to, .. } => match icmp::rewrite(ctx, icmp, &to) {
+            Some(()) => route(ctx, &Route::after_icmp_nat(icmp, &to)),
             None => xdp_action::XDP_DROP,
         },
         _ => xdp_action::XDP_PASS,
@@ -96,7 +135,7 @@ fn apply(ctx: &XdpContext, a: Action) -> u32 {
             src,
             dst,
             route: r,
-        } => nat(ctx, &flow, src, dst, r).unwrap_or(xdp_action::XDP_DROP),
+        } => nat(ctx, flow, src, dst, r).unwrap_or(xdp_action::XDP_DROP),
         _ => xdp_action::XDP_DROP,
     }
 }
@@ -105,7 +144,7 @@ fn apply(ctx: &XdpContext, a: Action) -> u32 {
 #[inline(always)]
 fn nat(
     ctx: &XdpContext,
-    f: &Ipv4Flow,
+    f: &Flow,
     src: Option<AddrPort>,
     dst: Option<AddrPort>,
     redirect: bool,
@@ -123,7 +162,11 @@ fn nat(
 }
 
 #[inline(always)]
-fn rewrite(ctx: &XdpContext, f: &Ipv4Flow, source: bool, addr: [u8; 4], port: u16) -> Option<()> {
+fn rewrite(ctx: &XdpContext, f: &Flow, source: bool, to: Addr, port: u16) -> Option<()> {
+    if f.v6 {
+        return rewrite6(ctx, f, source, &to, port);
+    }
+    let addr = addr::v4(&to);
     let ip = ptr_at::<Ipv4Hdr, _>(ctx, ETH_HLEN)?;
     // SAFETY: ptr_at checked the pointer against data_end.
     let old_addr = unsafe {
@@ -166,6 +209,46 @@ fn rewrite(ctx: &XdpContext, f: &Ipv4Flow, source: bool, addr: [u8; 4], port: u1
     Some(())
 }
 
+/// `rewrite` for IPv6: no header checksum; the address moves the L4
+/// checksum through the pseudo-header.
+#[inline(always)]
+fn rewrite6(ctx: &XdpContext, f: &Flow, source: bool, to: &Addr, port: u16) -> Option<()> {
+    let ip = ptr_at::<Ipv6Hdr, _>(ctx, ETH_HLEN)?;
+    // SAFETY: ptr_at checked the pointer against data_end.
+    let old = unsafe {
+        let field = if source {
+            &raw mut (*ip).saddr
+        } else {
+            &raw mut (*ip).daddr
+        };
+        let old = Addr { octets: *field };
+        *field = to.octets;
+        old
+    };
+    if f.frag == Frag::Later {
+        return Some(());
+    }
+    let ports = ptr_at::<L4Ports, _>(ctx, f.l4_off as usize)?;
+    let csum = ptr_at::<u16, _>(ctx, f.l4_csum_off as usize)?;
+    let port = port.to_be();
+    // SAFETY: ptr_at checked every pointer against data_end.
+    unsafe {
+        let old_port = if source { (*ports).src } else { (*ports).dst };
+        let mut sum = update_addr(*csum, &old, to);
+        sum = update16(sum, old_port, port);
+        if f.proto == IPPROTO_UDP && sum == 0 {
+            sum = 0xffff;
+        }
+        *csum = sum;
+        if source {
+            (*ports).src = port;
+        } else {
+            (*ports).dst = port;
+        }
+    }
+    Some(())
+}
+
 /// Forwards a translated packet to its next hop (the stack would drop a
 /// packet whose source is a node address). Without a resolved neighbour,
 /// the stack gets it and decides.
@@ -173,19 +256,30 @@ fn rewrite(ctx: &XdpContext, f: &Ipv4Flow, source: bool, addr: [u8; 4], port: u1
 fn route(ctx: &XdpContext, r: &Route) -> u32 {
     // SAFETY: a zeroed bpf_fib_lookup is a valid argument.
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    p.family = AF_INET;
+    p.family = if r.v6 { AF_INET6 } else { AF_INET };
     p.l4_protocol = r.proto;
     p.sport = r.sport.to_be();
     p.dport = r.dport.to_be();
-    let Some(ip) = ptr_at::<Ipv4Hdr, _>(ctx, ETH_HLEN) else {
+    // The IP length, for the helper's MTU check.
+    let Some(len) = ptr_at::<[u8; 6], _>(ctx, ETH_HLEN) else {
         return xdp_action::XDP_DROP;
     };
     // SAFETY: ptr_at checked the pointer.
-    p.__bindgen_anon_1.tot_len = u16::from_be(unsafe { (*ip).tot_len });
+    let len = unsafe { *len };
+    p.__bindgen_anon_1.tot_len = if r.v6 {
+        u16::from_be_bytes([len[4], len[5]]).saturating_add(40)
+    } else {
+        u16::from_be_bytes([len[2], len[3]])
+    };
     // SAFETY: reading a field of the context the program was given.
     p.ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
-    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(r.saddr);
-    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(r.daddr);
+    if r.v6 {
+        p.__bindgen_anon_3.ipv6_src = addr::words(&r.saddr);
+        p.__bindgen_anon_4.ipv6_dst = addr::words(&r.daddr);
+    } else {
+        p.__bindgen_anon_3.ipv4_src = addr::words(&r.saddr)[3];
+        p.__bindgen_anon_4.ipv4_dst = addr::words(&r.daddr)[3];
+    }
     // SAFETY: p lives on our stack for the duration of the call.
     let rc = unsafe {
         fib_lookup(
@@ -197,6 +291,24 @@ fn route(ctx: &XdpContext, r: &Route) -> u32 {
     };
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
         return xdp_action::XDP_PASS;
+    }
+    if r.v6 {
+        let (Some(eth), Some(ip)) = (
+            ptr_at::<EthHdr, _>(ctx, 0),
+            ptr_at::<Ipv6Hdr, _>(ctx, ETH_HLEN),
+        ) else {
+            return xdp_action::XDP_DROP;
+        };
+        // SAFETY: ptr_at checked both pointers.
+        unsafe {
+            if (*ip).hop_limit <= 1 {
+                return xdp_action::XDP_PASS;
+            }
+            (*ip).hop_limit -= 1;
+            (*eth).dst = p.dmac;
+            (*eth).src = p.smac;
+            return bpf_redirect(p.ifindex, 0) as u32;
+        }
     }
     let (Some(eth), Some(ip)) = (
         ptr_at::<EthHdr, _>(ctx, 0),
@@ -219,16 +331,33 @@ fn route(ctx: &XdpContext, r: &Route) -> u32 {
     }
 }
 
-/// Rewrites the frame into an ICMP port unreachable and bounces it out the
-/// interface it came in on.
+/// Rewrites the frame into an ICMP (ICMPv6) port unreachable and bounces
+/// it out the interface it came in on.
 #[inline(always)]
-fn reject(ctx: &XdpContext, f: &Ipv4Flow) -> u32 {
-    let Some(frame) = reject::build(ctx, f) else {
-        count(Verdict::DropRejectFailed, 0);
-        return xdp_action::XDP_DROP;
-    };
+fn reject(ctx: &XdpContext, f: &Flow) -> u32 {
+    if f.v6 {
+        return match reject::build6(ctx, f) {
+            Some(frame) => send_back(ctx, frame),
+            None => reject_failed(),
+        };
+    }
+    match reject::build(ctx, f) {
+        Some(frame) => send_back(ctx, frame),
+        None => reject_failed(),
+    }
+}
+
+#[inline(always)]
+fn reject_failed() -> u32 {
+    count(Verdict::DropRejectFailed, 0);
+    xdp_action::XDP_DROP
+}
+
+/// Replaces the frame by `frame` and bounces it back.
+#[inline(always)]
+fn send_back<T: Copy>(ctx: &XdpContext, frame: &T) -> u32 {
     let cur = (ctx.data_end() - ctx.data()) as i32;
-    let want = reject::FRAME_LEN as i32;
+    let want = core::mem::size_of::<T>() as i32;
     // Grow at the head (XDP guarantees headroom), shrink at the tail.
     // SAFETY: resizing helpers; pointers are re-derived afterwards.
     let rc = unsafe {
@@ -241,14 +370,12 @@ fn reject(ctx: &XdpContext, f: &Ipv4Flow) -> u32 {
         }
     };
     if rc != 0 {
-        count(Verdict::DropRejectFailed, 0);
-        return xdp_action::XDP_DROP;
+        return reject_failed();
     }
-    let Some(out) = ptr_at::<IcmpUnreachFrame, _>(ctx, 0) else {
-        count(Verdict::DropRejectFailed, 0);
-        return xdp_action::XDP_DROP;
+    let Some(out) = ptr_at::<T, _>(ctx, 0) else {
+        return reject_failed();
     };
     // SAFETY: ptr_at checked the frame fits.
-    unsafe { *out = frame };
+    unsafe { *out = *frame };
     xdp_action::XDP_TX
 }

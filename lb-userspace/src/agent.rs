@@ -19,8 +19,8 @@ use std::{
 use anyhow::Context;
 use k8s_openapi::api::core::v1::Node;
 use lb_common::{
-    DatapathConfig, CONFIG_F_EXTERNAL_CLUSTER_IP_DROP, CONFIG_F_EXTERNAL_CLUSTER_IP_MASQ,
-    CONFIG_F_SOCK_ALL_NETNS,
+    addr, Addr, DatapathConfig, ADDR_UNSPECIFIED, CONFIG_F_EXTERNAL_CLUSTER_IP_DROP,
+    CONFIG_F_EXTERNAL_CLUSTER_IP_MASQ, CONFIG_F_SOCK_ALL_NETNS,
 };
 use tokio::{
     signal::unix::{signal, Signal, SignalKind},
@@ -164,7 +164,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     // Each Maglev writer thread holds up to `FRESH_PER_BATCH` new arrays
     // (descriptors) at once: the soft descriptor limit is raised to the
     // hard one, as the Go runtime does for its programs.
-    if let Ok((soft, hard)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
+    if let Ok((soft, hard)) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+    {
         if soft < hard {
             let _ = nix::sys::resource::setrlimit(
                 nix::sys::resource::Resource::RLIMIT_NOFILE,
@@ -307,7 +309,7 @@ struct Agent {
     node_ips_given: bool,
     node_missing_logged: bool,
     /// The SNAT address and flags last written to lb_config.
-    snat_addr: Option<([u8; 4], u32)>,
+    snat_addr: Option<(Addr, u32)>,
     /// This Node's spec.podCIDRs (IPv4).
     pod_cidrs: Vec<Prefix>,
     /// What lb_cluster_cidrs holds, once written.
@@ -846,7 +848,7 @@ impl Agent {
             .node()
             .node_ips
             .first()
-            .map_or([0; 4], |a| a.octets());
+            .map_or(ADDR_UNSPECIFIED, |a| addr::from_v4(a.octets()));
         let mut flags = if self.opts.socket_lb_host_only {
             0
         } else {
@@ -872,7 +874,7 @@ impl Agent {
         };
         let cfg = cookie.and_then(|cookie| {
             self.programmer.maps_mut().set_config(DatapathConfig {
-                snat_addr: addr,
+                snat_addr4: addr,
                 snat_port_min: self.opts.snat_ports.min,
                 snat_port_max: self.opts.snat_ports.max,
                 netns_cookie: cookie,

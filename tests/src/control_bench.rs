@@ -96,7 +96,12 @@ fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
 
 /// `services` Services of `ports` ports each (service ports = services x
 /// ports), `endpoints` endpoints each; `changes` endpoint flips.
-pub fn run(services: usize, ports: usize, endpoints: usize, changes: usize) -> anyhow::Result<Results> {
+pub fn run(
+    services: usize,
+    ports: usize,
+    endpoints: usize,
+    changes: usize,
+) -> anyhow::Result<Results> {
     let topo = Topology::new(0)?;
     let api = ApiServer::start(&topo.node, "127.0.0.1:6443".parse::<SocketAddr>()?)?;
     api.apply_value(
@@ -134,7 +139,7 @@ pub fn run(services: usize, ports: usize, endpoints: usize, changes: usize) -> a
         // Spread over the services; alternate unready / ready again.
         let i = (n * 7919) % services;
         let key = FrontendKey {
-            addr: cluster_ip(i).octets(),
+            addr: lb_common::addr::from_v4(cluster_ip(i).octets()),
             port: 80,
             proto: 6,
             view: lb_common::FRONTEND_VIEW_ALL,
@@ -151,7 +156,7 @@ pub fn run(services: usize, ports: usize, endpoints: usize, changes: usize) -> a
             key
         } else {
             FrontendKey {
-                addr: cluster_ip(i).octets(),
+                addr: lb_common::addr::from_v4(cluster_ip(i).octets()),
                 ..key
             }
         };

@@ -190,7 +190,7 @@ impl Fixture {
             _ns: ns,
         };
         fx.programmer.maps_mut().set_config(DatapathConfig {
-            snat_addr: NODE_IP.octets(),
+            snat_addr4: lb_common::addr::from_v4(NODE_IP.octets()),
             snat_port_min: SNAT_PORT_MIN,
             snat_port_max: SNAT_PORT_MAX,
             netns_cookie: 0,

@@ -437,7 +437,7 @@ impl Model {
             }
             let set = fe.backends.clone();
             let backend = MaglevTable::build(&set, table_size_for(set.len())).lookup(flow_hash(
-                p.saddr.octets(),
+                &lb_common::addr::from_v4(p.saddr.octets()),
                 p.sport,
                 p.dport,
                 p.proto,
@@ -801,8 +801,8 @@ fn state_of(fx: &Fixture, frame: &[u8]) -> String {
         return "-".into();
     };
     let key = |sa: Ipv4Addr, sp: u16, da: Ipv4Addr, dp: u16| lb_common::FlowKey {
-        src_addr: sa.octets(),
-        dst_addr: da.octets(),
+        src_addr: lb_common::addr::from_v4(sa.octets()),
+        dst_addr: lb_common::addr::from_v4(da.octets()),
         src_port: sp,
         dst_port: dp,
         proto: p.proto,

@@ -46,7 +46,10 @@ fn names_in(dir: &Path) -> Vec<(String, PathBuf)> {
 /// in them), pin directories and cgroups. Best effort: what cannot be
 /// removed stays for the next sweep.
 pub fn sweep() {
-    for (name, _) in names_in(Path::new("/run/netns")).into_iter().filter(|(n, _)| dead(n)) {
+    for (name, _) in names_in(Path::new("/run/netns"))
+        .into_iter()
+        .filter(|(n, _)| dead(n))
+    {
         if let Ok(out) = Command::new("ip").args(["netns", "pids", &name]).output() {
             for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
                 if let Ok(pid) = pid.parse::<i32>() {
@@ -59,14 +62,20 @@ pub fn sweep() {
         }
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
     }
-    for (_, path) in names_in(Path::new("/sys/fs/bpf")).into_iter().filter(|(n, _)| dead(n)) {
+    for (_, path) in names_in(Path::new("/sys/fs/bpf"))
+        .into_iter()
+        .filter(|(n, _)| dead(n))
+    {
         // Unpinning a link whose only holder was the pin detaches it.
         let _ = std::fs::remove_dir_all(&path);
     }
     if let Ok(root) = crate::cgroup::cgroup2_root() {
         for (_, path) in names_in(&root).into_iter().filter(|(n, _)| dead(n)) {
             let procs = std::fs::read_to_string(path.join("cgroup.procs")).unwrap_or_default();
-            for pid in procs.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+            for pid in procs
+                .split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+            {
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(pid),
                     nix::sys::signal::Signal::SIGKILL,
@@ -92,11 +101,27 @@ mod tests {
         assert_eq!(owner("lb24486x12-p66"), Some(24486));
         assert_eq!(owner("lbtest8441x16"), Some(8441));
         assert_eq!(owner("lb-bench-77x3"), Some(77));
-        assert_eq!(owner(&crate::netns::unique("lbfx")), Some(std::process::id()));
-        for other in ["lb", "lbx1", "lbtestx1", "lb12", "lb12x", "lb12xa", "eth0", "lb12y3", "cilium_host"] {
+        assert_eq!(
+            owner(&crate::netns::unique("lbfx")),
+            Some(std::process::id())
+        );
+        for other in [
+            "lb",
+            "lbx1",
+            "lbtestx1",
+            "lb12",
+            "lb12x",
+            "lb12xa",
+            "eth0",
+            "lb12y3",
+            "cilium_host",
+        ] {
             assert_eq!(owner(other), None, "{other}");
         }
-        assert!(!dead(&crate::netns::unique("lbtest")), "this process is alive");
+        assert!(
+            !dead(&crate::netns::unique("lbtest")),
+            "this process is alive"
+        );
     }
 
     #[test]
@@ -109,12 +134,23 @@ mod tests {
         let name = format!("lbtest{gone}x0");
         let live = crate::netns::unique("lbtest");
         for n in [&name, &live] {
-            assert!(Command::new("ip").args(["netns", "add", n]).status().unwrap().success());
+            assert!(Command::new("ip")
+                .args(["netns", "add", n])
+                .status()
+                .unwrap()
+                .success());
             std::fs::create_dir_all(Path::new("/sys/fs/bpf").join(n).join("inner")).unwrap();
             std::fs::create_dir(crate::cgroup::cgroup2_root().unwrap().join(n)).unwrap();
         }
         sweep();
-        let netns = String::from_utf8(Command::new("ip").args(["netns", "list"]).output().unwrap().stdout).unwrap();
+        let netns = String::from_utf8(
+            Command::new("ip")
+                .args(["netns", "list"])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap();
         let cgroups = crate::cgroup::cgroup2_root().unwrap();
         assert!(!netns.contains(&name), "{netns}");
         assert!(!Path::new("/sys/fs/bpf").join(&name).exists());

@@ -58,7 +58,12 @@ fn expected_backend(eps: &[Ipv4Addr], target: u16, sport: u16, dport: u16, proto
     let set: Vec<(Ipv4Addr, u16)> = eps.iter().map(|&ip| (ip, target)).collect();
     let table = MaglevTable::build(&set, table_size_for(set.len()));
     table
-        .lookup(flow_hash(CLIENT.octets(), sport, dport, proto))
+        .lookup(flow_hash(
+            &lb_common::addr::from_v4(CLIENT.octets()),
+            sport,
+            dport,
+            proto,
+        ))
         .0
 }
 
@@ -326,29 +331,40 @@ fn a_new_flow_never_uses_a_maglev_half_being_rewritten() {
         let mut fx = fixture();
         let more = four_backends();
         let key = FrontendKey {
-            addr: CLUSTER_IP.octets(),
+            addr: lb_common::addr::from_v4(CLUSTER_IP.octets()),
             port: 80,
             proto: TCP,
             view: FRONTEND_VIEW_ALL,
         };
         let entry = |fx: &Fixture| fx.maps().frontends.get(&key, 0).unwrap();
         let first = entry(&fx);
-        assert_eq!(first.flags & SERVICE_F_TABLE_B, 0, "a fresh table is read from half A");
+        assert_eq!(
+            first.flags & SERVICE_F_TABLE_B,
+            0,
+            "a fresh table is read from half A"
+        );
 
         reprogram(&mut fx, &more);
         let second = entry(&fx);
         assert_eq!(
-            (second.id, second.table_size, second.flags & SERVICE_F_TABLE_B),
+            (
+                second.id,
+                second.table_size,
+                second.flags & SERVICE_F_TABLE_B
+            ),
             (first.id, first.table_size, SERVICE_F_TABLE_B),
             "same array, now read from half B"
         );
         // Flows whose backend differs between the old table (half A) and
         // the new one (half B), each used once: every packet is a new flow.
         let mut moved = (40000..50000u16).filter(|&p| {
-            expected_backend(&backends(), 8080, p, 80, TCP) != expected_backend(&more, 8080, p, 80, TCP)
+            expected_backend(&backends(), 8080, p, 80, TCP)
+                != expected_backend(&more, 8080, p, 80, TCP)
         });
         let send = |fx: &Fixture, sport: u16| {
-            let out = fx.run(hook, &Spec::tcp(CLIENT, sport, CLUSTER_IP, 80).build()).unwrap();
+            let out = fx
+                .run(hook, &Spec::tcp(CLIENT, sport, CLUSTER_IP, 80).build())
+                .unwrap();
             (out.verdict, decode(&out.frame).daddr)
         };
         for sport in moved.by_ref().take(4) {
@@ -359,11 +375,20 @@ fn a_new_flow_never_uses_a_maglev_half_being_rewritten() {
         let inner = fx
             .maps()
             .maglev
-            .get(&lb_common::MaglevKey { service_id: second.id, table_size: second.table_size }, 0)
+            .get(
+                &lb_common::MaglevKey {
+                    service_id: second.id,
+                    table_size: second.table_size,
+                },
+                0,
+            )
             .unwrap();
         let mut inner: Array<_, MaglevSlots> = Array::try_from(Map::Array(inner)).unwrap();
         let header = inner.get(&0, 0).unwrap();
-        assert!(header[0] != 0 && header[1] != 0, "both halves complete: {header:?}");
+        assert!(
+            header[0] != 0 && header[1] != 0,
+            "both halves complete: {header:?}"
+        );
 
         // Half B being rewritten: new flows read half A, the old table.
         inner.set(0, [header[0], 0], 0).unwrap();
@@ -376,7 +401,14 @@ fn a_new_flow_never_uses_a_maglev_half_being_rewritten() {
         let dropped = fx.counter(Verdict::DropNoBackendEntry);
         let sport = moved.next().unwrap();
         let verdict = send(&fx, sport).0;
-        assert_eq!(verdict, if hook == Hook::Tc { TC_ACT_SHOT } else { XDP_DROP });
+        assert_eq!(
+            verdict,
+            if hook == Hook::Tc {
+                TC_ACT_SHOT
+            } else {
+                XDP_DROP
+            }
+        );
         assert_eq!(fx.counter(Verdict::DropNoBackendEntry), dropped + 1);
         // Half B complete again, with a new generation: read again.
         inner.set(0, [0, header[1] + 1], 0).unwrap();
@@ -462,7 +494,9 @@ fn non_ipv4_and_other_protocols_pass_untouched() {
         for frame in [&arp, &ipv6, &icmp] {
             assert_untouched(&fx, hook, frame);
         }
-        assert_eq!(fx.counter(Verdict::PassNotIpv4), 2);
+        assert_eq!(fx.counter(Verdict::PassNotIp), 1);
+        // An IPv4 packet labelled IPv6: its version nibble is wrong.
+        assert_eq!(fx.counter(Verdict::PassMalformed), 1);
         assert_eq!(fx.counter(Verdict::PassOtherProtocol), 1);
     }
 }
@@ -711,7 +745,7 @@ fn affinity_map(
 fn session_affinity_expires_after_its_timeout_to_a_fresh_choice() {
     let mut svc = Svc::web(backends().into_iter().map(Endpoint::ready).collect());
     svc.affinity_timeout_s = Some(1);
-    let own_hash = flow_hash(CLIENT.octets(), 0, 80, TCP);
+    let own_hash = flow_hash(&lb_common::addr::from_v4(CLIENT.octets()), 0, 80, TCP);
     let set: Vec<(Ipv4Addr, u16)> = backends().iter().map(|&ip| (ip, 8080)).collect();
     let table = MaglevTable::build(&set, table_size_for(set.len()));
     // Entries last used at these (long past) moments have expired; each

@@ -38,7 +38,12 @@ fn local() -> Vec<Ipv4Addr> {
 fn maglev(eps: &[Ipv4Addr], target: u16, sport: u16, dport: u16, proto: u8) -> Ipv4Addr {
     let set: Vec<(Ipv4Addr, u16)> = eps.iter().map(|&ip| (ip, target)).collect();
     MaglevTable::build(&set, table_size_for(set.len()))
-        .lookup(flow_hash(CLIENT.octets(), sport, dport, proto))
+        .lookup(flow_hash(
+            &lb_common::addr::from_v4(CLIENT.octets()),
+            sport,
+            dport,
+            proto,
+        ))
         .0
 }
 
@@ -57,7 +62,7 @@ fn one_port_fixture() -> Fixture {
     fx.programmer
         .maps_mut()
         .set_config(DatapathConfig {
-            snat_addr: NODE_IP.octets(),
+            snat_addr4: lb_common::addr::from_v4(NODE_IP.octets()),
             snat_port_min: SNAT_PORT,
             snat_port_max: SNAT_PORT,
             ..Default::default()
@@ -249,7 +254,11 @@ fn a_flow_that_begins_while_a_sweep_walks_the_tables_is_kept() {
         let sweep_clock = monotonic_ns();
         fx.run(hook, &Spec::tcp(CLIENT, 40000, CLUSTER_IP, 80).build())
             .unwrap();
-        assert_eq!(entries(&fx, map_names::CT_SYN), 2, "{hook:?}: the SYN's flow");
+        assert_eq!(
+            entries(&fx, map_names::CT_SYN),
+            2,
+            "{hook:?}: the SYN's flow"
+        );
         let s = sweep(fx.pin_dir(), sweep_clock).unwrap();
         assert_eq!(s[map_names::CT_SYN].expired, 0, "{hook:?}");
         assert_eq!(entries(&fx, map_names::CT_SYN), 2, "{hook:?}");

@@ -35,7 +35,12 @@ fn remote_fixture() -> Fixture {
 fn backend_for(eps: &[Ipv4Addr], client: Ipv4Addr, sport: u16, dport: u16, proto: u8) -> Ipv4Addr {
     let set: Vec<(Ipv4Addr, u16)> = eps.iter().map(|&ip| (ip, 8080)).collect();
     MaglevTable::build(&set, table_size_for(set.len()))
-        .lookup(flow_hash(client.octets(), sport, dport, proto))
+        .lookup(flow_hash(
+            &lb_common::addr::from_v4(client.octets()),
+            sport,
+            dport,
+            proto,
+        ))
         .0
 }
 
@@ -125,7 +130,7 @@ fn snat_ports_never_collide_for_one_backend() {
         fx.programmer
             .maps_mut()
             .set_config(DatapathConfig {
-                snat_addr: NODE_IP.octets(),
+                snat_addr4: lb_common::addr::from_v4(NODE_IP.octets()),
                 snat_port_min: 61_000,
                 snat_port_max: 61_000,
                 netns_cookie: 0,
@@ -371,7 +376,7 @@ fn an_outside_client_of_a_cluster_ip_is_masqueraded_or_dropped_a_pod_is_not() {
     let pods: lb_userspace::model::Prefix = "198.18.5.0/24".parse().unwrap();
     let pod = Ipv4Addr::new(198, 18, 5, 7);
     let config = |flags| DatapathConfig {
-        snat_addr: NODE_IP.octets(),
+        snat_addr4: lb_common::addr::from_v4(NODE_IP.octets()),
         snat_port_min: SNAT_PORT_MIN,
         snat_port_max: SNAT_PORT_MAX,
         flags,

@@ -308,7 +308,8 @@ fn a_relist_of_many_pages_removes_only_what_went_away() {
     let w = world(2);
     w.api.apply_yaml(&web(&[1]));
     for i in 0..FILLERS {
-        let ip = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(198, 19, 16, 0)) + i as u32);
+        let ip =
+            std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(198, 19, 16, 0)) + i as u32);
         w.api.apply_value(serde_json::json!({"apiVersion": "v1", "kind": "Service",
             "metadata": {"name": format!("filler-{i}"), "namespace": "fill"},
             "spec": {"type": "ClusterIP", "clusterIP": ip.to_string(), "clusterIPs": [ip.to_string()],
@@ -316,25 +317,40 @@ fn a_relist_of_many_pages_removes_only_what_went_away() {
     }
     let mut agent = w.agent();
     w.until_served_by(&["pod-1"]);
-    let programmed = |agent: &mut Agent| agent.logs().iter().filter(|l| l.contains("programmed")).count();
+    let programmed = |agent: &mut Agent| {
+        agent
+            .logs()
+            .iter()
+            .filter(|l| l.contains("programmed"))
+            .count()
+    };
     assert!(programmed(&mut agent) > FILLERS, "every filler programmed");
 
     // Gone while the API is down: one filler from the first page, one
     // from the last; pod-2 replaces pod-1. History compacted: a relist.
     w.api.stop();
     w.api.delete("Service", "fill", "filler-3");
-    w.api.delete("Service", "fill", &format!("filler-{}", FILLERS - 2));
+    w.api
+        .delete("Service", "fill", &format!("filler-{}", FILLERS - 2));
     w.api.apply_yaml(&web(&[2]));
     w.api.compact();
     w.api.restart().unwrap();
     w.until_served_by(&["pod-2"]);
     agent.wait_for_log("relisted", PATIENCE).unwrap();
-    agent.wait_for_log("fill/filler-3:http/TCP}: removed", PATIENCE).unwrap();
+    agent
+        .wait_for_log("fill/filler-3:http/TCP}: removed", PATIENCE)
+        .unwrap();
     let logs = agent.logs();
     let removed: Vec<&String> = logs.iter().filter(|l| l.ends_with("removed")).collect();
-    assert_eq!(removed.len(), 2, "exactly the two deleted fillers: {removed:#?}");
+    assert_eq!(
+        removed.len(),
+        2,
+        "exactly the two deleted fillers: {removed:#?}"
+    );
     assert!(removed.iter().any(|l| l.contains("fill/filler-3:")));
-    assert!(removed.iter().any(|l| l.contains(&format!("fill/filler-{}:", FILLERS - 2))));
+    assert!(removed
+        .iter()
+        .any(|l| l.contains(&format!("fill/filler-{}:", FILLERS - 2))));
 }
 
 #[test]

@@ -197,7 +197,7 @@ fn programmed_backends(pin_dir: &Path) -> BTreeSet<Ipv4Addr> {
         .iter()
         .filter_map(Result::ok)
         .filter(|b| b.flags & lb_common::BACKEND_F_PRESENT != 0)
-        .map(|b| Ipv4Addr::from(b.addr))
+        .map(|b| Ipv4Addr::from(lb_common::addr::v4(&b.addr)))
         .collect()
 }
 

@@ -2,6 +2,9 @@
 //! per flow (its client-side entry), with its service port, backend,
 //! translated source, TCP state and idle time.
 
+use super::endpoint;
+use lb_common::addr;
+use std::net::IpAddr;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write,
@@ -85,22 +88,21 @@ pub fn read(
                 || (!filter.services.is_empty() && !filter.services.contains(&e.service_id))
                 || filter
                     .client
-                    .is_some_and(|c| c != Ipv4Addr::from(k.src_addr))
+                    .is_some_and(|c| IpAddr::from(c) != addr::to_ip(&k.src_addr))
             {
                 continue;
             }
-            let client = format!("{}:{}", Ipv4Addr::from(k.src_addr), k.src_port);
+            let client = endpoint(&k.src_addr, k.src_port);
             out.push(FlowView {
                 table,
                 frontend: format!(
-                    "{}:{}/{}",
-                    Ipv4Addr::from(k.dst_addr),
-                    k.dst_port,
+                    "{}/{}",
+                    endpoint(&k.dst_addr, k.dst_port),
                     if k.proto == IPPROTO_TCP { "TCP" } else { "UDP" }
                 ),
-                backend: format!("{}:{}", Ipv4Addr::from(e.nat_addr), e.nat_port),
+                backend: endpoint(&e.nat_addr, e.nat_port),
                 seen_as: if e.flags & CT_F_SNAT != 0 {
-                    format!("{}:{}", Ipv4Addr::from(e.snat_addr), e.snat_port)
+                    endpoint(&e.snat_addr, e.snat_port)
                 } else {
                     client.clone()
                 },

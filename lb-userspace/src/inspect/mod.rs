@@ -18,3 +18,9 @@ pub enum Output {
     Table,
     Json,
 }
+
+/// `a:port`, or `[a]:port` for IPv6, as the inspection commands print an
+/// address of a map entry.
+pub fn endpoint(a: &lb_common::Addr, port: u16) -> String {
+    std::net::SocketAddr::new(lb_common::addr::to_ip(a), port).to_string()
+}

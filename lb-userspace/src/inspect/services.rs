@@ -3,7 +3,8 @@
 //! (`lb_frontends`, `lb_backends`, `lb_maglev`, `lb_svc_stats`) and named
 //! from `lb_svc_names`.
 
-use std::{collections::BTreeMap, fmt::Write, net::Ipv4Addr, path::Path};
+use super::endpoint;
+use std::{collections::BTreeMap, fmt::Write, path::Path};
 
 use aya::maps::{Array, HashMap, HashOfMaps, MapData};
 use lb_common::{
@@ -88,18 +89,17 @@ pub fn read(pin_dir: &Path) -> anyhow::Result<Vec<ServicePortView>> {
         let (k, e) = item?;
         let v = view(&mut by_id, e.id);
         v.table_size = e.table_size;
-        v.table_half = if e.flags & SERVICE_F_TABLE_B != 0 { "B" } else { "A" };
+        v.table_half = if e.flags & SERVICE_F_TABLE_B != 0 {
+            "B"
+        } else {
+            "A"
+        };
         v.usable_backends = e.backend_count;
         if e.flags & SERVICE_F_AFFINITY != 0 {
             v.affinity_timeout_s = Some(e.affinity_timeout_s);
         }
         v.frontends.push(FrontendView {
-            address: format!(
-                "{}:{}/{}",
-                Ipv4Addr::from(k.addr),
-                k.port,
-                protocol(k.proto)
-            ),
+            address: format!("{}/{}", endpoint(&k.addr, k.port), protocol(k.proto)),
             clients: if k.view == FRONTEND_VIEW_IN_CLUSTER {
                 "in-cluster"
             } else {
@@ -118,7 +118,7 @@ pub fn read(pin_dir: &Path) -> anyhow::Result<Vec<ServicePortView>> {
         }
         view(&mut by_id, b.service_id).backends.push(BackendView {
             id,
-            address: format!("{}:{}", Ipv4Addr::from(b.addr), b.port),
+            address: endpoint(&b.addr, b.port),
             usable: b.flags & BACKEND_F_USABLE != 0,
             terminating: b.flags & BACKEND_F_TERMINATING != 0,
             local: b.flags & BACKEND_F_LOCAL != 0,
@@ -165,7 +165,12 @@ pub fn one(pin_dir: &Path, which: &str) -> anyhow::Result<ServicePortView> {
 
 /// `sp` with each backend's share of its Maglev table.
 pub fn with_slots(pin_dir: &Path, mut sp: ServicePortView) -> anyhow::Result<ServicePortView> {
-    let slots = table(pin_dir, sp.id, sp.table_size, usize::from(sp.table_half == "B"))?;
+    let slots = table(
+        pin_dir,
+        sp.id,
+        sp.table_size,
+        usize::from(sp.table_half == "B"),
+    )?;
     let mut count: BTreeMap<u32, u32> = BTreeMap::new();
     for id in slots {
         *count.entry(id).or_default() += 1;

@@ -3,7 +3,8 @@
 //! interfaces and cgroups carry which program, and the node facts in
 //! `lb_config`.
 
-use std::{collections::BTreeMap, fmt::Write, net::Ipv4Addr, path::Path};
+use lb_common::{addr, ADDR_UNSPECIFIED};
+use std::{collections::BTreeMap, fmt::Write, path::Path};
 
 use aya::maps::{Array, MapData};
 use lb_common::{map_names, DatapathConfig, CONFIG_F_SOCK_ALL_NETNS};
@@ -47,14 +48,18 @@ pub fn status(pin_dir: &Path) -> anyhow::Result<String> {
     let has_cgroup_hooks = !cgroups.is_empty();
     match read_config(pin_dir) {
         Some(cfg) if cfg.netns_cookie != 0 => {
-            let snat = Ipv4Addr::from(cfg.snat_addr);
+            let snat: Vec<String> = [cfg.snat_addr4, cfg.snat_addr6]
+                .iter()
+                .filter(|a| **a != ADDR_UNSPECIFIED)
+                .map(|a| addr::to_ip(a).to_string())
+                .collect();
             writeln!(
                 out,
                 "SNAT address: {}",
-                if snat.is_unspecified() {
+                if snat.is_empty() {
                     "none".to_string()
                 } else {
-                    snat.to_string()
+                    snat.join(", ")
                 }
             )?;
             let scope = if !has_cgroup_hooks {

@@ -3,6 +3,7 @@
 //! restarted agent. The only `unsafe` of the agent besides syscalls lives
 //! here (mmap of Maglev arrays).
 
+use lb_common::{addr, Addr};
 use std::{
     os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
@@ -46,7 +47,7 @@ pub struct KernelMaps {
     pub service_stats: Array<MapData, Counter>,
     pub config: Array<MapData, DatapathConfig>,
     pub source_ranges: LpmTrie<MapData, SourceRange, u32>,
-    pub cluster_cidrs: LpmTrie<MapData, [u8; 4], u32>,
+    pub cluster_cidrs: LpmTrie<MapData, Addr, u32>,
     pub service_names: HashMap<MapData, u32, ServiceName>,
 }
 
@@ -80,17 +81,22 @@ impl KernelMaps {
     /// cluster): the new ones are added before the old ones go, so a pod
     /// covered by both never looks external in between.
     pub fn set_cluster_cidrs(&mut self, cidrs: &[Prefix]) -> anyhow::Result<()> {
-        let key = |p: &Prefix| Key::new(p.len as u32, p.addr.octets());
+        let key = |p: &Prefix| {
+            Key::new(
+                addr::prefix_len(true, p.len as u32),
+                addr::from_v4(p.addr.octets()),
+            )
+        };
         for p in cidrs {
             self.cluster_cidrs
                 .insert(&key(p), 1, 0)
                 .with_context(|| format!("writing cluster CIDR {p} to lb_cluster_cidrs"))?;
         }
-        let held: Vec<Key<[u8; 4]>> = self.cluster_cidrs.keys().filter_map(Result::ok).collect();
+        let held: Vec<Key<Addr>> = self.cluster_cidrs.keys().filter_map(Result::ok).collect();
         for k in held {
             let p = Prefix {
-                addr: std::net::Ipv4Addr::from(k.data()),
-                len: k.prefix_len() as u8,
+                addr: std::net::Ipv4Addr::from(addr::v4(&k.data())),
+                len: k.prefix_len().saturating_sub(96) as u8,
             };
             if !cidrs.contains(&p) {
                 ignore_missing(self.cluster_cidrs.remove(&k))
@@ -228,8 +234,8 @@ impl DatapathMaps for KernelMaps {
                 r.map(|k| {
                     let data = k.data();
                     let range = Prefix {
-                        addr: data.addr.into(),
-                        len: k.prefix_len().saturating_sub(32) as u8,
+                        addr: addr::v4(&data.addr).into(),
+                        len: k.prefix_len().saturating_sub(32 + 96) as u8,
                     };
                     (u32::from_be_bytes(data.service_id), range)
                 })
@@ -247,10 +253,10 @@ impl DatapathMaps for KernelMaps {
 
 fn source_range_key(service_id: u32, range: Prefix) -> Key<SourceRange> {
     Key::new(
-        32 + u32::from(range.len),
+        32 + addr::prefix_len(true, u32::from(range.len)),
         SourceRange {
             service_id: service_id.to_be_bytes(),
-            addr: range.addr.octets(),
+            addr: addr::from_v4(range.addr.octets()),
         },
     )
 }
@@ -352,7 +358,10 @@ fn swap_fresh(
             Ok(())
         } else {
             map.insert(key, &array, 0).with_context(|| {
-                format!("swapping in Maglev table {}/{}", key.service_id, key.table_size)
+                format!(
+                    "swapping in Maglev table {}/{}",
+                    key.service_id, key.table_size
+                )
             })
         });
     }

@@ -190,7 +190,8 @@ pub fn trim(
     ports: &[Arc<ServicePort>],
     lost: Option<&BTreeMap<FrontendId, String>>,
 ) -> Vec<Arc<ServicePort>> {
-    let is_lost = |f: &Frontend| lost.is_some_and(|l| l.contains_key(&(f.addr, f.port, f.protocol)));
+    let is_lost =
+        |f: &Frontend| lost.is_some_and(|l| l.contains_key(&(f.addr, f.port, f.protocol)));
     ports
         .iter()
         .filter_map(|p| {
@@ -217,4 +218,3 @@ pub fn partial_reason(
     }
     (!parts.is_empty()).then(|| parts.join("; "))
 }
-

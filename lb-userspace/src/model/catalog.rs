@@ -21,8 +21,8 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 use super::{
     assemble, build_service, object_key, partial_reason, trim, validate_slice, DesiredState,
-    FrontendId, NodeConfig, NodeNames, ObjectKey, Outcome, Rejection, ServiceBuild,
-    ServiceInput, ServicePortKey, ValidSlice,
+    FrontendId, NodeConfig, NodeNames, ObjectKey, Outcome, Rejection, ServiceBuild, ServiceInput,
+    ServicePortKey, ValidSlice,
 };
 
 #[derive(Debug, Default)]
@@ -72,7 +72,10 @@ pub struct Rebuilt {
 
 /// The keys of `held` a completed list did not name.
 fn unseen<V>(held: &BTreeMap<ObjectKey, V>, seen: &BTreeSet<ObjectKey>) -> Vec<ObjectKey> {
-    held.keys().filter(|k| !seen.contains(*k)).cloned().collect()
+    held.keys()
+        .filter(|k| !seen.contains(*k))
+        .cloned()
+        .collect()
 }
 
 impl Catalog {

@@ -125,7 +125,9 @@ impl ServiceInput {
                 .as_ref()
                 .map(|t| t.0.as_second()),
             headless_label: labels.is_some_and(|l| l.contains_key(HEADLESS_LABEL)),
-            proxy_name: labels.and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL)).cloned(),
+            proxy_name: labels
+                .and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL))
+                .cloned(),
             read: read_spec(svc),
         }
     }

@@ -169,7 +169,10 @@ fn check_slice(slice: &EndpointSlice, names: &mut NodeNames) -> Result<Option<Va
         let Some(n) = p.port else { continue };
         let n = port_number("port", n)?;
         // A repeated (name, protocol): the last one counts.
-        match ports.iter_mut().find(|(m, q, _)| *m == name && *q == protocol) {
+        match ports
+            .iter_mut()
+            .find(|(m, q, _)| *m == name && *q == protocol)
+        {
             Some(p) => p.2 = n,
             None => ports.push((name, protocol, n)),
         }

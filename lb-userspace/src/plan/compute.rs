@@ -13,6 +13,7 @@
 //! 4. `Hook`: frontends are pointed at the new table.
 //! 5. `Cleanup`: tables of other sizes, stale ranges and stale backends go.
 
+use lb_common::addr;
 use std::{
     collections::{BTreeMap, BTreeSet},
     hash::Hash,
@@ -234,7 +235,7 @@ fn take_over(state: &State, spec: &ServicePort, taken: &BTreeSet<u32>) -> Option
     for &bid in &state.held(id)?.backends {
         let b = state.backends[&bid];
         backend_ids
-            .entry((Ipv4Addr::from(b.addr), b.port))
+            .entry((Ipv4Addr::from(addr::v4(&b.addr)), b.port))
             .or_insert(bid);
     }
     Some(Record {
@@ -282,7 +283,7 @@ fn plan_port(
             flags |= BACKEND_F_LOCAL;
         }
         let b = Backend {
-            addr: e.addr.octets(),
+            addr: addr::from_v4(e.addr.octets()),
             port: e.port,
             flags,
             _pad: 0,
@@ -304,10 +305,7 @@ fn plan_port(
         (0, 0)
     } else {
         let size = table_size_for(usable.len());
-        let table = TableSpec::new(
-            usable.iter().map(|t| (*t, backend_ids[t])).collect(),
-            size,
-        );
+        let table = TableSpec::new(usable.iter().map(|t| (*t, backend_ids[t])).collect(), size);
         let digest = table.digest();
         let count = table.backends.len() as u32;
         let key = MaglevKey {
@@ -322,7 +320,10 @@ fn plan_port(
                     None => TableTarget::Fresh,
                 };
                 half = half_after(target);
-                step(Phase::Tables, Write::SetTable(key, Box::new(table), digest, target));
+                step(
+                    Phase::Tables,
+                    Write::SetTable(key, Box::new(table), digest, target),
+                );
             }
         }
         (size, count)
@@ -426,7 +427,7 @@ pub fn frontend_flags(spec: &ServicePort, f: &Frontend) -> u8 {
 
 pub fn frontend_key(f: &Frontend) -> FrontendKey {
     FrontendKey {
-        addr: f.addr.octets(),
+        addr: addr::from_v4(f.addr.octets()),
         port: f.port,
         proto: f.protocol.number(),
         view: if f.in_cluster {

@@ -335,7 +335,11 @@ mod tests {
     #[test]
     fn a_spec_builds_the_table_of_its_backends_as_ids_in_any_order() {
         let set = backends(7);
-        let ids: Vec<(BackendAddr, u32)> = set.iter().enumerate().map(|(i, b)| (*b, 100 + i as u32)).collect();
+        let ids: Vec<(BackendAddr, u32)> = set
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (*b, 100 + i as u32))
+            .collect();
         let spec = TableSpec::new(ids.clone(), 509);
         let mut reversed = ids.clone();
         reversed.reverse();
@@ -346,7 +350,12 @@ mod tests {
         let want: Vec<u32> = table
             .slots
             .iter()
-            .map(|&i| ids.iter().find(|b| b.0 == table.backends[i as usize]).unwrap().1)
+            .map(|&i| {
+                ids.iter()
+                    .find(|b| b.0 == table.backends[i as usize])
+                    .unwrap()
+                    .1
+            })
             .collect();
         assert_eq!(spec.slots(), want);
         // Another id, or another size, is another table.

@@ -120,8 +120,10 @@ impl DatapathMaps for MemoryMaps {
             .collect()
     }
     fn set_frontend(&mut self, key: FrontendKey, entry: ServiceEntry) -> anyhow::Result<()> {
-        self.log
-            .push(format!("set_frontend {:?}:{}", key.addr, key.port));
+        self.log.push(format!(
+            "set_frontend {}",
+            crate::inspect::endpoint(&key.addr, key.port)
+        ));
         self.frontends.insert(key, entry);
         Ok(())
     }

@@ -202,7 +202,11 @@ impl State {
             .filter_map(|f| self.frontends.get(f))
             .filter(|e| e.table_size == key.table_size)
             .fold(0, |read, e| {
-                read | if e.flags & SERVICE_F_TABLE_B != 0 { 0b10 } else { 0b01 }
+                read | if e.flags & SERVICE_F_TABLE_B != 0 {
+                    0b10
+                } else {
+                    0b01
+                }
             })
     }
 

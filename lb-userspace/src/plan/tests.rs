@@ -1,5 +1,6 @@
 //! Unit tests for the planner: diffs, id allocation, write order.
 
+use lb_common::addr::from_v4 as v4;
 use std::net::Ipv4Addr;
 
 use std::collections::HashMap;
@@ -84,7 +85,7 @@ fn programs_backends_table_and_frontends_consistently() {
     }
     let term = mine
         .iter()
-        .find(|(_, b)| b.addr == [198, 18, 1, 13])
+        .find(|(_, b)| b.addr == v4([198, 18, 1, 13]))
         .unwrap()
         .1;
     assert_eq!(term.flags, BACKEND_F_PRESENT | BACKEND_F_TERMINATING);
@@ -92,8 +93,8 @@ fn programs_backends_table_and_frontends_consistently() {
     // its frontends.
     let pos = |s: &str| m.log.iter().position(|l| l.starts_with(s)).unwrap();
     assert!(pos("set_backend") < pos("set_maglev"));
-    assert!(pos(&format!("set_maglev {id}/")) < pos("set_frontend [198, 19, 0, 10]:80"));
-    assert!(pos(&format!("set_maglev {id}/")) < pos("set_frontend [198, 18, 0, 2]:30080"));
+    assert!(pos(&format!("set_maglev {id}/")) < pos("set_frontend 198.19.0.10:80"));
+    assert!(pos(&format!("set_maglev {id}/")) < pos("set_frontend 198.18.0.2:30080"));
 }
 
 #[test]
@@ -120,12 +121,12 @@ fn removing_an_endpoint_keeps_other_backend_ids_and_clears_it_last() {
     let after = &p.maps().backends;
     let gone = before
         .iter()
-        .find(|(_, b)| b.addr == [198, 18, 1, 12] && b.service_id == id)
+        .find(|(_, b)| b.addr == v4([198, 18, 1, 12]) && b.service_id == id)
         .unwrap()
         .0;
     assert!(!after.contains_key(gone));
     for (bid, b) in &before {
-        if b.addr != [198, 18, 1, 12] {
+        if b.addr != v4([198, 18, 1, 12]) {
             assert_eq!(after[bid].addr, b.addr, "surviving backends keep their ids");
         }
     }
@@ -185,7 +186,7 @@ fn a_frontend_moving_between_services_ends_up_with_the_new_owner() {
         .maps()
         .frontends
         .iter()
-        .find(|(k, _)| k.addr == [198, 19, 0, 10] && k.port == 80)
+        .find(|(k, _)| k.addr == v4([198, 19, 0, 10]) && k.port == 80)
         .unwrap()
         .1
         .id;
@@ -211,7 +212,7 @@ fn policies_become_frontend_and_backend_flags_and_source_ranges() {
     let view_of = |addr: [u8; 4], port: u16, view: u8| {
         m.frontends
             .iter()
-            .find(|(k, _)| k.addr == addr && k.port == port && k.view == view)
+            .find(|(k, _)| k.addr == v4(addr) && k.port == port && k.view == view)
             .map(|(_, e)| (e.flags, e.id, e.backend_count))
             .unwrap()
     };
@@ -246,7 +247,12 @@ fn policies_become_frontend_and_backend_flags_and_source_ranges() {
     );
     assert!(
         m.frontends.keys().all(|k| k.view == 0
-            || [[198, 18, 0, 2], [198, 18, 5, 1], [198, 18, 6, 1]].contains(&k.addr)),
+            || [
+                v4([198, 18, 0, 2]),
+                v4([198, 18, 5, 1]),
+                v4([198, 18, 6, 1])
+            ]
+            .contains(&k.addr)),
         "only external frontends with policy Local have an in-cluster view"
     );
     let ranges: Vec<String> = m
@@ -348,9 +354,14 @@ fn a_restarted_programmer_keeps_every_id_and_rewrites_the_same_contents() {
         v
     };
     assert_eq!(unflipped(&m.frontends), unflipped(&frontends));
-    assert!(m.frontends.values().all(|e| e.flags & SERVICE_F_TABLE_B != 0));
+    assert!(m
+        .frontends
+        .values()
+        .all(|e| e.flags & SERVICE_F_TABLE_B != 0));
     assert!(
-        m.log.iter().all(|l| !l.starts_with("set_maglev") || l.ends_with("Half(1)")),
+        m.log
+            .iter()
+            .all(|l| !l.starts_with("set_maglev") || l.ends_with("Half(1)")),
         "{:?}",
         m.log
     );
@@ -379,14 +390,14 @@ fn a_restarted_programmer_deletes_only_what_went_away_meanwhile() {
         .maps()
         .backends
         .iter()
-        .find(|(_, b)| b.addr == [198, 18, 1, 11] && b.service_id == web)
+        .find(|(_, b)| b.addr == v4([198, 18, 1, 11]) && b.service_id == web)
         .unwrap()
         .0;
     // A backend no service owns (say, left by a crash mid-update).
     first.maps_mut().backends.insert(
         9999,
         lb_common::Backend {
-            addr: [198, 18, 1, 99],
+            addr: v4([198, 18, 1, 99]),
             port: 1,
             flags: BACKEND_F_PRESENT,
             _pad: 0,
@@ -407,14 +418,14 @@ fn a_restarted_programmer_deletes_only_what_went_away_meanwhile() {
     let m = second.maps();
     assert_eq!(
         m.backends[&kept].addr,
-        [198, 18, 1, 11],
+        v4([198, 18, 1, 11]),
         "a remaining backend keeps its id"
     );
     assert!(!m
         .backends
         .values()
-        .any(|b| b.addr == [198, 18, 1, 12] || b.addr == [198, 18, 1, 99]));
-    assert!(!m.frontends.keys().any(|k| k.addr == [198, 19, 0, 20]));
+        .any(|b| b.addr == v4([198, 18, 1, 12]) || b.addr == v4([198, 18, 1, 99])));
+    assert!(!m.frontends.keys().any(|k| k.addr == v4([198, 19, 0, 20])));
     let new = ServicePortKey {
         name: "new".into(),
         ..http()
@@ -513,11 +524,17 @@ impl DatapathMaps for Faulty {
             .collect()
     }
     fn set_frontend(&mut self, key: FrontendKey, entry: ServiceEntry) -> anyhow::Result<()> {
-        self.check(format!("set_frontend {:?}", key.addr))?;
+        self.check(format!(
+            "set_frontend {}",
+            lb_common::addr::to_ip(&key.addr)
+        ))?;
         self.inner.set_frontend(key, entry)
     }
     fn remove_frontend(&mut self, key: FrontendKey) -> anyhow::Result<()> {
-        self.check(format!("remove_frontend {:?}", key.addr))?;
+        self.check(format!(
+            "remove_frontend {}",
+            lb_common::addr::to_ip(&key.addr)
+        ))?;
         self.inner.remove_frontend(key)
     }
     fn set_source_range(&mut self, service_id: u32, range: Prefix) -> anyhow::Result<()> {
@@ -654,7 +671,8 @@ fn assert_safe(m: &MemoryMaps, states: &[&DesiredState], what: &str) {
                 continue;
             };
             assert!(
-                ok.unwrap().contains(&(b.addr, b.port)),
+                ok.unwrap()
+                    .contains(&(lb_common::addr::v4(&b.addr), b.port)),
                 "{what}: frontend {f:?} leads to {:?}:{}, not one of its endpoints",
                 b.addr,
                 b.port
@@ -873,6 +891,10 @@ fn a_table_write_targets_a_half_no_frontend_reads_else_a_fresh_array() {
         (Some(0), 0b11, Fresh),
         (None, 0b11, Fresh),
     ] {
-        assert_eq!(held(live).target(read), want, "live {live:?}, read {read:#b}");
+        assert_eq!(
+            held(live).target(read),
+            want,
+            "live {live:?}, read {read:#b}"
+        );
     }
 }
