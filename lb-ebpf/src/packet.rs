@@ -440,6 +440,14 @@ fn parse_v6<C: PacketBuf>(ctx: &C, flow: &mut Flow, icmp: &mut IcmpError) -> Par
         }
         i += 1;
     }
+    // SAFETY: ptr_at checked the header.
+    let (s0, d0) = unsafe { (&(*ip).saddr, &(*ip).daddr) };
+    if mapped_v4(s0) || mapped_v4(d0) {
+        // IPv4-mapped addresses never travel in IPv6 headers (RFC 4291
+        // 2.5.5.2); in the maps they stand for IPv4, so such a packet must
+        // never meet an IPv4 frontend or flow. Untouched: the stack drops it.
+        return Parsed::Malformed;
+    }
     let plain = off == ETH_HLEN + IPV6_HLEN;
     if next == IPPROTO_ICMPV6 && plain {
         return parse_icmp6_error(ctx, icmp);
@@ -521,6 +529,12 @@ fn parse_v6<C: PacketBuf>(ctx: &C, flow: &mut Flow, icmp: &mut IcmpError) -> Par
     };
         Parsed::Flow
     }
+}
+
+/// Whether 16 wire bytes are an IPv4-mapped address.
+#[inline(always)]
+fn mapped_v4(a: &[u8; 16]) -> bool {
+    a[..10] == [0; 10] && a[10] == 0xff && a[11] == 0xff
 }
 
 /// An ICMPv6 error quoting a TCP or UDP packet (neither packet with

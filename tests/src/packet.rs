@@ -321,3 +321,110 @@ mod tests {
         assert!(!d.ip_checksum_ok && !d.l4_checksum_ok);
     }
 }
+
+/// An IPv6 TCP or UDP frame, built from scratch like `Spec::build` (the
+/// L4 checksum over the IPv6 pseudo-header, computed whole).
+#[derive(Clone, Debug)]
+pub struct Spec6 {
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub saddr: std::net::Ipv6Addr,
+    pub daddr: std::net::Ipv6Addr,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub hop_limit: u8,
+    pub tcp_flags: u8,
+    pub payload: Vec<u8>,
+}
+
+impl Spec6 {
+    pub fn tcp(
+        saddr: std::net::Ipv6Addr,
+        sport: u16,
+        daddr: std::net::Ipv6Addr,
+        dport: u16,
+    ) -> Spec6 {
+        Spec6 {
+            src_mac: CLIENT_MAC,
+            dst_mac: NODE_MAC,
+            saddr,
+            daddr,
+            sport,
+            dport,
+            proto: TCP,
+            hop_limit: 64,
+            tcp_flags: TCP_SYN,
+            payload: Vec::new(),
+        }
+    }
+
+    pub fn udp(
+        saddr: std::net::Ipv6Addr,
+        sport: u16,
+        daddr: std::net::Ipv6Addr,
+        dport: u16,
+    ) -> Spec6 {
+        Spec6 {
+            proto: UDP,
+            tcp_flags: 0,
+            payload: b"hello".to_vec(),
+            ..Spec6::tcp(saddr, sport, daddr, dport)
+        }
+    }
+
+    pub fn build(&self) -> Vec<u8> {
+        let l4_len = if self.proto == TCP { 20 } else { 8 } + self.payload.len();
+        let mut p = Vec::with_capacity(14 + 40 + l4_len);
+        p.extend_from_slice(&self.dst_mac);
+        p.extend_from_slice(&self.src_mac);
+        p.extend_from_slice(&0x86ddu16.to_be_bytes());
+        p.extend_from_slice(&[0x60, 0, 0, 0]);
+        p.extend_from_slice(&(l4_len as u16).to_be_bytes());
+        p.push(self.proto);
+        p.push(self.hop_limit);
+        p.extend_from_slice(&self.saddr.octets());
+        p.extend_from_slice(&self.daddr.octets());
+        let l4 = p.len();
+        p.extend_from_slice(&self.sport.to_be_bytes());
+        p.extend_from_slice(&self.dport.to_be_bytes());
+        if self.proto == TCP {
+            p.extend_from_slice(&1000u32.to_be_bytes()); // seq
+            p.extend_from_slice(&0u32.to_be_bytes()); // ack
+            p.push(5 << 4);
+            p.push(self.tcp_flags);
+            p.extend_from_slice(&64240u16.to_be_bytes());
+            p.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
+        } else {
+            p.extend_from_slice(&(l4_len as u16).to_be_bytes());
+            p.extend_from_slice(&[0, 0]);
+        }
+        p.extend_from_slice(&self.payload);
+        let c = l4_checksum6(&p[14..]);
+        let c = if self.proto == UDP && c == 0 {
+            0xffff
+        } else {
+            c
+        };
+        let off = l4 + if self.proto == TCP { 16 } else { 6 };
+        p[off..off + 2].copy_from_slice(&c.to_be_bytes());
+        p
+    }
+}
+
+/// The L4 (or ICMPv6) checksum of the IPv6 packet `ip` without extension
+/// headers, computed with the checksum field taken as zero.
+pub fn l4_checksum6(ip: &[u8]) -> u16 {
+    let len = u16::from_be_bytes([ip[4], ip[5]]) as usize;
+    let proto = ip[6];
+    let mut seg = ip[40..40 + len].to_vec();
+    let off = match proto {
+        TCP => 16,
+        UDP => 6,
+        _ => 2, // ICMPv6
+    };
+    seg[off..off + 2].copy_from_slice(&[0, 0]);
+    let mut acc = sum(&ip[8..40], 0);
+    acc += len as u64 + proto as u64;
+    !fold(sum(&seg, acc))
+}

@@ -393,7 +393,7 @@ fn bpftool_dumps_pinned_maps_with_named_fields() {
     };
     let frontends = dump("lb_frontends");
     for field in [
-        "\"addr\": [198,19,0,10",
+        "\"octets\": [0,0,0,0,0,0,0,0,0,0,255,255,198,19,0,10",
         "\"port\": 80",
         "\"proto\": 6",
         "\"backend_count\": 1",
@@ -411,7 +411,7 @@ fn bpftool_dumps_pinned_maps_with_named_fields() {
     assert_eq!(agent.stat("dnat_new"), 1);
     let ct = dump("lb_ct_tcp");
     for field in [
-        "\"src_addr\": [0,0,0,0,0,0,0,0,0,0,255,255,198,18,0,1",
+        "\"octets\": [0,0,0,0,0,0,0,0,0,0,255,255,198,18,0,1",
         "\"nat_port\": 8080",
         "\"nat_port\": 30080",
         "\"direction\": 1",

@@ -50,10 +50,11 @@ const SERIES: [Series; 2] = [
 ];
 
 /// The test binaries run in each guest (tests/tests/<name>.rs).
-pub const GUEST_TESTS: [&str; 5] = [
+pub const GUEST_TESTS: [&str; 6] = [
     "fixtures",
     "fixtures_conntrack",
     "fixtures_egress",
+    "fixtures_ipv6",
     "fixtures_nat",
     "smoke",
 ];

@@ -31,9 +31,9 @@ pub struct CtSizes {
 /// Share of the node's memory the tables may take: Cilium's default
 /// `--bpf-map-dynamic-size-ratio` (0.25%).
 const MEMORY_SHARE: f64 = 0.0025;
-/// Kernel memory per entry, roughly: key 16 + value 32 + the hash element
-/// and LRU node headers (~56), rounded up.
-const BYTES_PER_ENTRY: u64 = 128;
+/// Kernel memory per entry, roughly: key 40 + value 56 (16-byte addresses,
+/// for IPv6) + the hash element and LRU node headers (~56), rounded up.
+const BYTES_PER_ENTRY: u64 = 160;
 /// An LRU table hands each CPU free entries in batches of 128
 /// (`LOCAL_FREE_TARGET`); fewer than this many per CPU evicts early.
 const MIN_PER_CPU: u32 = 512;
@@ -56,7 +56,7 @@ impl CtSizes {
 
     /// Sized from the node: 0.25% of its memory, the established TCP table
     /// taking half of it, between 2^16 and 2^23 entries. 24 GiB gives
-    /// 251,658 TCP entries (125,829 connections).
+    /// 201,326 TCP entries (100,663 connections).
     pub fn for_node(memory_bytes: u64, cpus: u32) -> CtSizes {
         let budget = (memory_bytes as f64 * MEMORY_SHARE) as u64 / BYTES_PER_ENTRY;
         // tcp + syn + udp + snat = tcp * (1 + 1/4 + 1/2 + 1/4) = 2 tcp
@@ -251,7 +251,7 @@ mod tests {
     #[test]
     fn sizes_follow_memory_within_bounds() {
         let s = CtSizes::for_node(24 << 30, 2);
-        assert_eq!(s.tcp, 251_658);
+        assert_eq!(s.tcp, 201_326);
         assert_eq!(s.udp, s.tcp / 2);
         assert_eq!(s.syn, s.tcp / 4);
         assert_eq!(CtSizes::for_node(1 << 30, 2).tcp, MIN_TCP);
