@@ -42,7 +42,7 @@ enum Cmd {
         #[arg(long)]
         only: Option<String>,
         /// Only these test binaries (of fixtures, fixtures_conntrack,
-        /// fixtures_egress, fixtures_nat, smoke; repeatable).
+        /// fixtures_egress, fixtures_ipv6, fixtures_nat, smoke; repeatable).
         #[arg(long = "test")]
         tests: Vec<String>,
         /// Hard time limit per guest, in minutes.
