@@ -166,3 +166,96 @@ fn ipv6_packets_with_ipv4_mapped_addresses_never_meet_ipv4_frontends() {
         assert_eq!(fx.counter(Verdict::PassMalformed), 1, "{hook:?}");
     }
 }
+
+/// An ICMPv6 error from `src` to `dst` quoting `quoted` (an IPv6 packet,
+/// from its header on), built from scratch.
+fn icmp6_error(src: Ipv6Addr, dst: Ipv6Addr, kind: [u8; 2], word: u32, quoted: &[u8]) -> Vec<u8> {
+    let len = 8 + quoted.len();
+    let mut f = Vec::new();
+    f.extend_from_slice(&CLIENT_MAC);
+    f.extend_from_slice(&NODE_MAC);
+    f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
+    f.extend_from_slice(&(len as u16).to_be_bytes());
+    f.extend_from_slice(&[58, 64]);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&dst.octets());
+    f.extend_from_slice(&kind);
+    f.extend_from_slice(&[0, 0]);
+    f.extend_from_slice(&word.to_be_bytes());
+    f.extend_from_slice(quoted);
+    let c = l4_checksum6(&f[14..]);
+    f[56..58].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+#[test]
+fn icmpv6_packet_too_big_about_a_translated_flow_reaches_the_client_translated_back() {
+    const ROUTER: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 0x99);
+    for hook in HOOKS {
+        let fx = fixture(false);
+        let sport = 40010;
+        let syn = Spec6::tcp(CLIENT6, sport, CLUSTER_IP6, 80);
+        let out = fx.run(hook, &syn.build()).unwrap();
+        let backend = expected_backend(sport, TCP);
+        assert_eq!(out.frame, Spec6::tcp(CLIENT6, sport, backend, 8080).build());
+        // A router towards the backend cannot forward the (translated)
+        // packet: packet too big, MTU 1280, quoting it as it was sent.
+        let mut sent = Spec6::tcp(CLIENT6, sport, backend, 8080);
+        sent.payload = vec![0xab; 64];
+        let mut asked = Spec6::tcp(CLIENT6, sport, CLUSTER_IP6, 80);
+        asked.payload = vec![0xab; 64];
+        let input = icmp6_error(ROUTER, CLIENT6, [2, 0], 1280, &sent.build()[14..]);
+        let out = fx.run(hook, &input).unwrap();
+        // The client learns the MTU for the flow it knows: to the frontend.
+        let want = icmp6_error(ROUTER, CLIENT6, [2, 0], 1280, &asked.build()[14..]);
+        assert_eq!(out.frame, want, "{hook:?}");
+        assert_eq!(fx.counter(Verdict::IcmpErrorNat), 1, "{hook:?}");
+    }
+}
+
+/// `frame` (an IPv6 TCP/UDP frame without extension headers) with
+/// `headers` (next header, total length in 8-byte units minus one, ...)
+/// inserted after the IPv6 header: each is `len` bytes of padding options.
+fn with_ext_headers(frame: &[u8], kinds: &[u8]) -> Vec<u8> {
+    let proto = frame[20];
+    let mut ext = Vec::new();
+    for (i, _) in kinds.iter().enumerate() {
+        let next = kinds.get(i + 1).copied().unwrap_or(proto);
+        // 8 bytes: next header, length 0, then a PadN option of 4 bytes.
+        ext.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
+    }
+    let mut f = frame[..54].to_vec();
+    f[20] = kinds[0];
+    let len = u16::from_be_bytes([f[18], f[19]]) as usize + ext.len();
+    f[18..20].copy_from_slice(&(len as u16).to_be_bytes());
+    f.extend_from_slice(&ext);
+    f.extend_from_slice(&frame[54..]);
+    f
+}
+
+#[test]
+fn ipv6_extension_headers_are_walked_within_a_bound() {
+    const DEST_OPTS: u8 = 60;
+    const HOP_BY_HOP: u8 = 0;
+    for hook in HOOKS {
+        let fx = fixture(false);
+        let sport = 40020;
+        let backend = expected_backend(sport, TCP);
+        // Hop-by-hop then destination options: translated, the headers
+        // kept as they were.
+        let plain = Spec6::tcp(CLIENT6, sport, CLUSTER_IP6, 80).build();
+        let input = with_ext_headers(&plain, &[HOP_BY_HOP, DEST_OPTS]);
+        let out = fx.run(hook, &input).unwrap();
+        let want = with_ext_headers(
+            &Spec6::tcp(CLIENT6, sport, backend, 8080).build(),
+            &[HOP_BY_HOP, DEST_OPTS],
+        );
+        assert_eq!(out.frame, want, "{hook:?}: two extension headers");
+        // Five: more than the datapath walks, passed untouched.
+        let five = with_ext_headers(&plain, &[DEST_OPTS; 5]);
+        let out = fx.run(hook, &five).unwrap();
+        assert_eq!(out.verdict, pass(hook));
+        assert_eq!(out.frame, five, "{hook:?}: five extension headers");
+        assert_eq!(fx.counter(Verdict::PassOtherProtocol), 1, "{hook:?}");
+    }
+}
