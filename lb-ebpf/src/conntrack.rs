@@ -511,17 +511,22 @@ fn claim(w: &Work, now: u64, recent_ok: bool) -> bool {
 /// then not reach the backend under the new flow's tuple.
 #[inline(always)]
 pub fn owns_reply(k: &FlowKey, h: &Hit, now: u64) -> bool {
-    let me = ends(k, &h.e);
-    let rkey = key(me.backend, me.seen_as, k.proto);
+    // The flow's ends and reply key in the per-CPU scratch: on the stack
+    // they are 120 bytes of a stage that must fit 512 with what it calls.
+    let Some(w) = work() else {
+        return false;
+    };
+    w.me = ends(k, &h.e);
+    w.rkey = key(w.me.backend, w.me.seen_as, k.proto);
     if h.e.flags & CT_F_SNAT != 0 {
-        return match SNAT.get_ptr_mut(&rkey) {
-            // SAFETY: copied out at once.
-            Some(p) => same_flow(&rkey, unsafe { &*p }, &me),
+        return match SNAT.get_ptr_mut(&w.rkey) {
+            // SAFETY: read in place, at once.
+            Some(p) => same_flow(&w.rkey, unsafe { &*p }, &w.me),
             None => false,
         };
     }
-    match lookup_plain_reply(&rkey, now) {
-        Some(r) => same_flow(&rkey, &r.e, &me),
+    match lookup_plain_reply(&w.rkey, now) {
+        Some(r) => same_flow(&w.rkey, &r.e, &w.me),
         None => true,
     }
 }
@@ -531,11 +536,15 @@ pub fn owns_reply(k: &FlowKey, h: &Hit, now: u64) -> bool {
 /// to be taken over.
 #[inline(always)]
 pub fn forget(k: &FlowKey, h: &Hit) {
-    let me = ends(k, &h.e);
-    let rkey = key(me.backend, me.seen_as, k.proto);
+    // In the scratch, as in `owns_reply`.
+    let Some(w) = work() else {
+        return;
+    };
+    w.me = ends(k, &h.e);
+    w.rkey = key(w.me.backend, w.me.seen_as, k.proto);
     remove(h.table, k);
     // The reply tuple may belong to a newer flow by now: only ours goes.
-    remove_if_mine(h.table, &rkey, &me);
+    remove_if_mine(h.table, &w.rkey, &w.me);
 }
 
 /// Deletes the entry for `k` in `t` if it is one of flow `me`'s.

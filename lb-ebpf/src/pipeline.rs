@@ -33,7 +33,6 @@ pub enum Action {
     /// routing would drop it as a martian (its source is now a node or
     /// frontend address).
     Nat {
-        flow: &'static Flow,
         src: Option<AddrPort>,
         dst: Option<AddrPort>,
         route: bool,
@@ -153,9 +152,9 @@ pub struct Pending {
     /// For `snat_flow`: the address to translate to, and what to count.
     snat_to: Addr,
     snat_verdict: u32,
-    /// The translation `snat_flow` decided, for `stashed_nat`.
-    nat_src: AddrPort,
-    nat_dst: AddrPort,
+    /// The translation a stage decided, for `stashed_nat`.
+    nat_src: Option<AddrPort>,
+    nat_dst: Option<AddrPort>,
     nat_route: bool,
 }
 
@@ -166,12 +165,15 @@ fn pending() -> Option<&'static mut Pending> {
     PENDING.get_ptr_mut(0).map(|p| unsafe { &mut *p })
 }
 
-/// Keeps the translation of a new SNAT flow for a stage of its own
-/// (`stashed_nat`): the port search leaves its loop from each of its 32
-/// tries in another state, and the verifier walked the translation and
-/// the FIB lookup after every one of them.
+/// Keeps a translation for a stage of its own that applies it
+/// (`stashed_nat`). Deciding and applying in one function made frames of
+/// up to 464 bytes (the FIB lookup's parameters on top of conntrack's
+/// copies), which Linux 6.1 refused with the call under them ("combined
+/// stack size ... 544"); and the SNAT port search leaves its loop from
+/// each of its 32 tries in another state, after every one of which the
+/// verifier walked the translation and the FIB lookup again.
 #[inline(always)]
-pub fn stash_nat(src: AddrPort, dst: AddrPort, route: bool) {
+pub fn stash_nat(src: Option<AddrPort>, dst: Option<AddrPort>, route: bool) {
     if let Some(p) = pending() {
         p.nat_src = src;
         p.nat_dst = dst;
@@ -181,7 +183,7 @@ pub fn stash_nat(src: AddrPort, dst: AddrPort, route: bool) {
 
 /// What `stash_nat` kept: the flow, its new source and destination.
 #[inline(always)]
-pub fn stashed_nat() -> Option<(&'static Flow, AddrPort, AddrPort, bool)> {
+pub fn stashed_nat() -> Option<(&'static Flow, Option<AddrPort>, Option<AddrPort>, bool)> {
     let p = pending()?;
     let Pending {
         flow,
@@ -267,7 +269,6 @@ pub fn reply() -> Action {
             count(translated(flow, Verdict::ReplyNat), len);
             count_service(h.e.service_id, len);
             Action::Nat {
-                flow,
                 src: Some(AddrPort::new(h.e.nat_addr, h.e.nat_port)),
                 dst: snat_of(&h.e),
                 route: ingress,
@@ -567,7 +568,6 @@ pub fn snat_flow() -> Action {
 #[inline(always)]
 fn to_backend(flow: &'static Flow, backend: AddrPort, snat: Option<AddrPort>) -> Action {
     Action::Nat {
-        flow,
         src: snat,
         dst: Some(backend),
         // A remapped client port keeps the client's address: the stack

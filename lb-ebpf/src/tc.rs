@@ -38,21 +38,25 @@ const BPF_F_RECOMPUTE_CSUM: u64 = 1;
 /// frames sit side by side under `run`, never on top of one another.
 #[inline(always)]
 pub fn run(ctx: &TcContext, dir: Direction) -> i32 {
-    match classify(ctx, dir) {
+    let rc = match classify(ctx, dir) {
         Stage::Pass => TC_ACT_OK,
-        Stage::Forward => match to_frontend(ctx) {
-            NEW_FLOW => match new_flow(ctx) {
-                SNAT => match snat_flow(ctx) {
-                    NAT => snat_nat(ctx),
-                    rc => rc,
-                },
+        Stage::Forward => match to_frontend() {
+            NEW_FLOW => match new_flow() {
+                SNAT => snat_flow(),
                 REJECT => reject_flow(ctx),
                 rc => rc,
             },
             rc => rc,
         },
-        Stage::Reply => reply(ctx),
+        Stage::Reply => reply(),
         Stage::Icmp => icmp_error(ctx),
+    };
+    // The translation a stage decided is applied by a stage of its own
+    // (see `pipeline::stash_nat`).
+    if rc == NAT {
+        apply_nat(ctx)
+    } else {
+        rc
     }
 }
 
@@ -66,19 +70,19 @@ const REJECT: i32 = -4;
 const NAT: i32 = -5;
 
 #[inline(never)]
-fn to_frontend(ctx: &TcContext) -> i32 {
+fn to_frontend() -> i32 {
     match pipeline::forward() {
         Action::NewFlow => NEW_FLOW,
-        a => apply(ctx, a),
+        a => settle(a),
     }
 }
 
 #[inline(never)]
-fn new_flow(ctx: &TcContext) -> i32 {
+fn new_flow() -> i32 {
     match pipeline::new_flow() {
         Action::Snat => SNAT,
         Action::Reject => REJECT,
-        a => apply(ctx, a),
+        a => settle(a),
     }
 }
 
@@ -92,35 +96,26 @@ fn reject_flow(ctx: &TcContext) -> i32 {
     }
 }
 
-/// A stage of its own: see `pipeline::snat_flow`. The translation it
-/// decides is applied by `snat_nat`, a stage too (see `pipeline::stash_nat`).
+/// A stage of its own: see `pipeline::snat_flow`.
 #[inline(never)]
-fn snat_flow(ctx: &TcContext) -> i32 {
-    match pipeline::snat_flow() {
-        Action::Nat {
-            src: Some(src),
-            dst: Some(dst),
-            route,
-            ..
-        } => {
-            pipeline::stash_nat(src, dst, route);
-            NAT
-        }
-        a => apply(ctx, a),
-    }
+fn snat_flow() -> i32 {
+    settle(pipeline::snat_flow())
 }
 
+/// Applies the translation a stage stashed.
 #[inline(never)]
-fn snat_nat(ctx: &TcContext) -> i32 {
+fn apply_nat(ctx: &TcContext) -> i32 {
     match pipeline::stashed_nat() {
-        Some((flow, src, dst, route)) => nat(ctx, flow, Some(src), Some(dst), route).unwrap_or(TC_ACT_SHOT),
+        // A helper failed half-way (out of memory, unwritable packet): it
+        // may be half-translated, so it must not go anywhere.
+        Some((flow, src, dst, route)) => nat(ctx, flow, src, dst, route).unwrap_or(TC_ACT_SHOT),
         None => TC_ACT_SHOT,
     }
 }
 
 #[inline(never)]
-fn reply(ctx: &TcContext) -> i32 {
-    apply(ctx, pipeline::reply())
+fn reply() -> i32 {
+    settle(pipeline::reply())
 }
 
 #[inline(never)]
@@ -133,23 +128,20 @@ fn icmp_error(ctx: &TcContext) -> i32 {
     }
 }
 
-/// Pass, drop or translate. (Refusals and ICMP errors are applied by
-/// their stages alone.)
+/// Pass, drop, or stash the translation for `apply_nat`. (Refusals and
+/// ICMP errors are applied by their stages alone.)
 #[inline(always)]
-fn apply(ctx: &TcContext, a: Action) -> i32 {
-    let rc = match a {
-        Action::Pass => Ok(TC_ACT_OK),
+fn settle(a: Action) -> i32 {
+    match a {
+        Action::Pass => TC_ACT_OK,
         Action::Nat {
-            flow,
-            src,
-            dst,
-            route: r,
-        } => nat(ctx, flow, src, dst, r),
-        _ => Ok(TC_ACT_SHOT),
-    };
-    // A helper failed half-way (out of memory, unwritable skb): the packet
-    // may be half-translated, so it must not go anywhere.
-    rc.unwrap_or(TC_ACT_SHOT)
+            src, dst, route, ..
+        } => {
+            pipeline::stash_nat(src, dst, route);
+            NAT
+        }
+        _ => TC_ACT_SHOT,
+    }
 }
 
 /// Translates a TCP/UDP packet, then lets the stack route it or routes it

@@ -28,21 +28,25 @@ const AF_INET6: u8 = 10;
 /// Each stage in a function of its own (see `pipeline::Stage`).
 #[inline(always)]
 pub fn run(ctx: &XdpContext) -> u32 {
-    match classify(ctx, Direction::Ingress) {
+    let rc = match classify(ctx, Direction::Ingress) {
         Stage::Pass => xdp_action::XDP_PASS,
-        Stage::Forward => match to_frontend(ctx) {
-            NEW_FLOW => match new_flow(ctx) {
-                SNAT => match snat_flow(ctx) {
-                    NAT => snat_nat(ctx),
-                    rc => rc,
-                },
+        Stage::Forward => match to_frontend() {
+            NEW_FLOW => match new_flow() {
+                SNAT => snat_flow(),
                 REJECT => reject_flow(ctx),
                 rc => rc,
             },
             rc => rc,
         },
-        Stage::Reply => reply(ctx),
+        Stage::Reply => reply(),
         Stage::Icmp => icmp_error(ctx),
+    };
+    // The translation a stage decided is applied by a stage of its own
+    // (see `pipeline::stash_nat`).
+    if rc == NAT {
+        apply_nat(ctx)
+    } else {
+        rc
     }
 }
 
@@ -56,19 +60,19 @@ const REJECT: u32 = u32::MAX - 2;
 const NAT: u32 = u32::MAX - 3;
 
 #[inline(never)]
-fn to_frontend(ctx: &XdpContext) -> u32 {
+fn to_frontend() -> u32 {
     match pipeline::forward() {
         Action::NewFlow => NEW_FLOW,
-        a => apply(ctx, a),
+        a => settle(a),
     }
 }
 
 #[inline(never)]
-fn new_flow(ctx: &XdpContext) -> u32 {
+fn new_flow() -> u32 {
     match pipeline::new_flow() {
         Action::Snat => SNAT,
         Action::Reject => REJECT,
-        a => apply(ctx, a),
+        a => settle(a),
     }
 }
 
@@ -82,35 +86,26 @@ fn reject_flow(ctx: &XdpContext) -> u32 {
     }
 }
 
-/// A stage of its own: see `pipeline::snat_flow`. The translation it
-/// decides is applied by `snat_nat`, a stage too (see `pipeline::stash_nat`).
+/// A stage of its own: see `pipeline::snat_flow`.
 #[inline(never)]
-fn snat_flow(ctx: &XdpContext) -> u32 {
-    match pipeline::snat_flow() {
-        Action::Nat {
-            src: Some(src),
-            dst: Some(dst),
-            route,
-            ..
-        } => {
-            pipeline::stash_nat(src, dst, route);
-            NAT
-        }
-        a => apply(ctx, a),
-    }
+fn snat_flow() -> u32 {
+    settle(pipeline::snat_flow())
 }
 
+/// Applies the translation a stage stashed.
 #[inline(never)]
-fn snat_nat(ctx: &XdpContext) -> u32 {
+fn apply_nat(ctx: &XdpContext) -> u32 {
     match pipeline::stashed_nat() {
-        Some((flow, src, dst, route)) => nat(ctx, flow, Some(src), Some(dst), route).unwrap_or(xdp_action::XDP_DROP),
+        // A helper failed half-way (out of memory, unwritable packet): it
+        // may be half-translated, so it must not go anywhere.
+        Some((flow, src, dst, route)) => nat(ctx, flow, src, dst, route).unwrap_or(xdp_action::XDP_DROP),
         None => xdp_action::XDP_DROP,
     }
 }
 
 #[inline(never)]
-fn reply(ctx: &XdpContext) -> u32 {
-    apply(ctx, pipeline::reply())
+fn reply() -> u32 {
+    settle(pipeline::reply())
 }
 
 #[inline(never)]
@@ -124,18 +119,18 @@ fn icmp_error(ctx: &XdpContext) -> u32 {
     }
 }
 
-/// Pass, drop or translate. (Refusals and ICMP errors are applied by
-/// their stages alone.)
+/// Pass, drop, or stash the translation for `apply_nat`. (Refusals and
+/// ICMP errors are applied by their stages alone.)
 #[inline(always)]
-fn apply(ctx: &XdpContext, a: Action) -> u32 {
+fn settle(a: Action) -> u32 {
     match a {
         Action::Pass => xdp_action::XDP_PASS,
         Action::Nat {
-            flow,
-            src,
-            dst,
-            route: r,
-        } => nat(ctx, flow, src, dst, r).unwrap_or(xdp_action::XDP_DROP),
+            src, dst, route, ..
+        } => {
+            pipeline::stash_nat(src, dst, route);
+            NAT
+        }
         _ => xdp_action::XDP_DROP,
     }
 }

@@ -10,7 +10,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::Arc,
     time::Instant,
@@ -309,7 +309,7 @@ struct Agent {
     node_ips_given: bool,
     node_missing_logged: bool,
     /// The SNAT address and flags last written to lb_config.
-    snat_addr: Option<(Addr, u32)>,
+    snat_addr: Option<((Addr, Addr), u32)>,
     /// This Node's spec.podCIDRs (IPv4).
     pod_cidrs: Vec<Prefix>,
     /// What lb_cluster_cidrs holds, once written.
@@ -843,12 +843,14 @@ impl Agent {
     /// Node facts the datapath reads: SNAT address (the first node
     /// address), SNAT ports, the node's netns cookie.
     fn write_config(&mut self) {
-        let addr = self
-            .catalog
-            .node()
-            .node_ips
-            .first()
-            .map_or(ADDR_UNSPECIFIED, |a| addr::from_v4(a.octets()));
+        // The first node address of each family masquerades that family.
+        let first = |v4: bool| {
+            let ips = &self.catalog.node().node_ips;
+            ips.iter()
+                .find(|a| a.is_ipv4() == v4)
+                .map_or(ADDR_UNSPECIFIED, |a| addr::from_ip(*a))
+        };
+        let addr = (first(true), first(false));
         let mut flags = if self.opts.socket_lb_host_only {
             0
         } else {
@@ -874,7 +876,8 @@ impl Agent {
         };
         let cfg = cookie.and_then(|cookie| {
             self.programmer.maps_mut().set_config(DatapathConfig {
-                snat_addr4: addr,
+                snat_addr4: addr.0,
+                snat_addr6: addr.1,
                 snat_port_min: self.opts.snat_ports.min,
                 snat_port_max: self.opts.snat_ports.max,
                 netns_cookie: cookie,
@@ -900,7 +903,7 @@ impl Agent {
         };
         let ips = match local_addresses() {
             Ok(all) => {
-                let mut ips: Vec<Ipv4Addr> = all
+                let mut ips: Vec<IpAddr> = all
                     .into_iter()
                     .filter(|a| cidrs.iter().any(|c| c.contains(*a)))
                     .collect();
@@ -964,17 +967,24 @@ pub enum ExternalClusterIp {
     Direct,
 }
 
-/// The IPv4 addresses of this network namespace's interfaces.
-fn local_addresses() -> nix::Result<Vec<Ipv4Addr>> {
+/// The addresses of this network namespace's interfaces, both families.
+fn local_addresses() -> nix::Result<Vec<IpAddr>> {
     Ok(nix::ifaddrs::getifaddrs()?
-        .filter_map(|i| i.address?.as_sockaddr_in().map(|a| a.ip()))
+        .filter_map(|i| {
+            let a = i.address?;
+            match (a.as_sockaddr_in(), a.as_sockaddr_in6()) {
+                (Some(v4), _) => Some(IpAddr::V4(v4.ip())),
+                (_, Some(v6)) => Some(IpAddr::V6(v6.ip())),
+                _ => None,
+            }
+        })
         .collect())
 }
 
 /// The Node label EndpointSlice zone hints name.
 const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
-/// IPv4 spec.podCIDRs (else spec.podCIDR) of a Node.
+/// spec.podCIDRs (else spec.podCIDR) of a Node, both families.
 fn pod_cidrs(node: &Node) -> Vec<Prefix> {
     let Some(spec) = &node.spec else {
         return Vec::new();
@@ -1060,8 +1070,9 @@ fn hook_labels(ingress: crate::kernel::interfaces::Ingress) -> String {
     Hook::for_ingress(ingress).map(Hook::label).join("+")
 }
 
-/// IPv4 InternalIP and ExternalIP addresses of a Node, in its order.
-fn node_addresses(node: &Node) -> Vec<Ipv4Addr> {
+/// InternalIP and ExternalIP addresses of a Node, both families, in its
+/// order.
+fn node_addresses(node: &Node) -> Vec<IpAddr> {
     let mut ips = Vec::new();
     for a in node
         .status
@@ -1071,7 +1082,7 @@ fn node_addresses(node: &Node) -> Vec<Ipv4Addr> {
         .flatten()
     {
         if a.type_ == "InternalIP" || a.type_ == "ExternalIP" {
-            if let Ok(ip) = a.address.parse::<Ipv4Addr>() {
+            if let Ok(ip) = a.address.parse::<IpAddr>() {
                 if !ips.contains(&ip) {
                     ips.push(ip);
                 }
@@ -1152,8 +1163,13 @@ fn service_span(key: &ServicePortKey) -> tracing::Span {
     tracing::info_span!("service", service = %key)
 }
 
-/// The value of `--node-ip`: IPv4 only for now.
-pub fn parse_node_ip(s: &str) -> Result<Ipv4Addr, String> {
-    s.parse()
-        .map_err(|_| format!("{s:?} is not an IPv4 address (IPv6 is not supported yet)"))
+/// A value of `--node-ip`: an IPv4 or IPv6 address.
+pub fn parse_node_ip(s: &str) -> Result<IpAddr, String> {
+    match s.parse::<IpAddr>() {
+        Ok(IpAddr::V6(a)) if a.to_ipv4_mapped().is_some() => Err(format!(
+            "{s:?} is IPv4-mapped: give the IPv4 address itself"
+        )),
+        Ok(a) => Ok(a),
+        Err(_) => Err(format!("{s:?} is not an IPv4 or IPv6 address")),
+    }
 }

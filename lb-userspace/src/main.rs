@@ -1,6 +1,6 @@
 //! `lb`: the agent and its inspection commands.
 
-use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode};
 
 use aya::maps::{MapData, PerCpuArray};
 use clap::{Parser, Subcommand};
@@ -62,10 +62,13 @@ enum Command {
         /// direct-action filters).
         #[arg(long, value_enum, value_name = "MODE", default_value = "auto")]
         tc_attach: TcAttach,
-        /// This node's address; NodePorts answer on each one given. From
-        /// the API: the Node's InternalIP and ExternalIP addresses.
+        /// This node's address, IPv4 or IPv6 (repeat for several, and for
+        /// each family of a dual-stack node); NodePorts answer on each one
+        /// given, and the first of each family is that family's SNAT
+        /// address. From the API: the Node's InternalIP and ExternalIP
+        /// addresses of both families.
         #[arg(long = "node-ip", value_name = "ADDR", value_parser = parse_node_ip)]
-        node_ips: Vec<Ipv4Addr>,
+        node_ips: Vec<std::net::IpAddr>,
         /// This node's name, as in EndpointSlice nodeName.
         #[arg(long, value_name = "NAME", env = "NODE_NAME", default_value = "")]
         node_name: String,
@@ -226,7 +229,7 @@ enum Command {
         service: Option<String>,
         /// Only flows from this client address.
         #[arg(long)]
-        client: Option<Ipv4Addr>,
+        client: Option<std::net::IpAddr>,
         #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
         #[arg(short, long, value_enum, default_value = "table")]
@@ -404,7 +407,7 @@ fn parse_http_addr(s: &str) -> Result<HttpAddr, String> {
 fn print_conntrack(
     pin_dir: &std::path::Path,
     service: Option<&str>,
-    client: Option<Ipv4Addr>,
+    client: Option<std::net::IpAddr>,
     output: Output,
 ) -> anyhow::Result<()> {
     let all = services::read(pin_dir)?;

@@ -92,7 +92,7 @@ impl Fixture {
         let objects = manifest::parse(yaml)?;
         let node = NodeConfig {
             name: NODE_NAME.into(),
-            node_ips: vec![NODE_IP],
+            node_ips: vec![NODE_IP.into()],
             service_proxy_name: None,
             ..Default::default()
         };
@@ -338,3 +338,23 @@ fn xdp_ctx(len: u32, ifindex: u32) -> Vec<u8> {
 
 /// The client address the fixtures use.
 pub const CLIENT: Ipv4Addr = crate::topology::CLIENT_IP;
+
+/// The userspace Maglev table over IPv4 endpoints (each on port `target`),
+/// for the tests that predict the datapath's choice.
+pub struct Maglev4(lb_userspace::plan::maglev::MaglevTable);
+
+impl Maglev4 {
+    pub fn new(eps: &[std::net::Ipv4Addr], target: u16) -> Maglev4 {
+        use lb_userspace::plan::maglev::{table_size_for, MaglevTable};
+        let set: Vec<(std::net::IpAddr, u16)> = eps.iter().map(|&ip| (ip.into(), target)).collect();
+        Maglev4(MaglevTable::build(&set, table_size_for(set.len())))
+    }
+
+    /// The endpoint slot `hash` names.
+    pub fn lookup(&self, hash: u64) -> std::net::Ipv4Addr {
+        match self.0.lookup(hash).0 {
+            std::net::IpAddr::V4(ip) => ip,
+            ip => panic!("{ip} in an IPv4 table"),
+        }
+    }
+}

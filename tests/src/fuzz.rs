@@ -435,13 +435,21 @@ impl Model {
             if verdict == drop && may_drop {
                 return Ok(());
             }
-            let set = fe.backends.clone();
-            let backend = MaglevTable::build(&set, table_size_for(set.len())).lookup(flow_hash(
+            let set: Vec<(std::net::IpAddr, u16)> = fe
+                .backends
+                .iter()
+                .map(|&(ip, port)| (ip.into(), port))
+                .collect();
+            let (ip, port) = MaglevTable::build(&set, table_size_for(set.len())).lookup(flow_hash(
                 &lb_common::addr::from_v4(p.saddr.octets()),
                 p.sport,
                 p.dport,
                 p.proto,
             ));
+            let std::net::IpAddr::V4(ip) = ip else {
+                return Err(format!("Maglev gave {ip}, not an IPv4 backend"));
+            };
+            let backend = (ip, port);
             // A pod reaching itself is masqueraded to the node too.
             let snat = fe.snat || backend.0 == p.saddr;
             let want_routed = verdict == redirect;

@@ -16,7 +16,6 @@ use lb_tests::{
     packet::{checksum, decode, Spec, CLIENT_MAC, NODE_MAC, TCP, TCP_ACK, TCP_SYN},
     topology::NODE_IP,
 };
-use lb_userspace::plan::maglev::{table_size_for, MaglevTable};
 
 const HOOKS: [Hook; 2] = [Hook::Tc, Hook::Xdp];
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
@@ -55,16 +54,12 @@ fn fixture() -> Fixture {
 /// The backend Maglev picks for a flow, computed from the userspace table
 /// and the shared flow hash: what the datapath must agree with.
 fn expected_backend(eps: &[Ipv4Addr], target: u16, sport: u16, dport: u16, proto: u8) -> Ipv4Addr {
-    let set: Vec<(Ipv4Addr, u16)> = eps.iter().map(|&ip| (ip, target)).collect();
-    let table = MaglevTable::build(&set, table_size_for(set.len()));
-    table
-        .lookup(flow_hash(
-            &lb_common::addr::from_v4(CLIENT.octets()),
-            sport,
-            dport,
-            proto,
-        ))
-        .0
+    Maglev4::new(eps, target).lookup(flow_hash(
+        &lb_common::addr::from_v4(CLIENT.octets()),
+        sport,
+        dport,
+        proto,
+    ))
 }
 
 fn pass_verdict(hook: Hook) -> u32 {
@@ -310,7 +305,7 @@ fn reprogram(fx: &mut Fixture, eps: &[Ipv4Addr]) {
     let objects = lb_userspace::source::manifest::parse(&config(eps)).unwrap();
     let node = lb_userspace::model::NodeConfig {
         name: "node-a".into(),
-        node_ips: vec![NODE_IP],
+        node_ips: vec![NODE_IP.into()],
         service_proxy_name: None,
         ..Default::default()
     };
@@ -746,16 +741,15 @@ fn session_affinity_expires_after_its_timeout_to_a_fresh_choice() {
     let mut svc = Svc::web(backends().into_iter().map(Endpoint::ready).collect());
     svc.affinity_timeout_s = Some(1);
     let own_hash = flow_hash(&lb_common::addr::from_v4(CLIENT.octets()), 0, 80, TCP);
-    let set: Vec<(Ipv4Addr, u16)> = backends().iter().map(|&ip| (ip, 8080)).collect();
-    let table = MaglevTable::build(&set, table_size_for(set.len()));
+    let table = Maglev4::new(&backends(), 8080);
     // Entries last used at these (long past) moments have expired; each
     // expiry gives its own fresh choice, and they are not all the first one.
     let expiries: [u64; 6] = [1, 2, 3, 5, 8, 13];
     let fresh: Vec<Ipv4Addr> = expiries
         .iter()
-        .map(|&l| table.lookup(affinity_rehash(own_hash, l)).0)
+        .map(|&l| table.lookup(affinity_rehash(own_hash, l)))
         .collect();
-    let first = table.lookup(own_hash).0;
+    let first = table.lookup(own_hash);
     assert!(
         fresh.iter().any(|&b| b != first),
         "the chosen expiry times must show a fresh choice: {fresh:?}"

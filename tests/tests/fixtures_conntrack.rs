@@ -17,10 +17,7 @@ use lb_tests::{
     },
     topology::NODE_IP,
 };
-use lb_userspace::{
-    kernel::conntrack::{monotonic_ns, sweep},
-    plan::maglev::{table_size_for, MaglevTable},
-};
+use lb_userspace::kernel::conntrack::{monotonic_ns, sweep};
 
 const HOOKS: [Hook; 2] = [Hook::Tc, Hook::Xdp];
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
@@ -36,15 +33,12 @@ fn local() -> Vec<Ipv4Addr> {
 
 /// The backend Maglev gives the client's flow among `eps` (port `target`).
 fn maglev(eps: &[Ipv4Addr], target: u16, sport: u16, dport: u16, proto: u8) -> Ipv4Addr {
-    let set: Vec<(Ipv4Addr, u16)> = eps.iter().map(|&ip| (ip, target)).collect();
-    MaglevTable::build(&set, table_size_for(set.len()))
-        .lookup(flow_hash(
-            &lb_common::addr::from_v4(CLIENT.octets()),
-            sport,
-            dport,
-            proto,
-        ))
-        .0
+    Maglev4::new(eps, target).lookup(flow_hash(
+        &lb_common::addr::from_v4(CLIENT.octets()),
+        sport,
+        dport,
+        proto,
+    ))
 }
 
 fn backend_for(eps: &[Ipv4Addr], sport: u16, dport: u16, proto: u8) -> Ipv4Addr {

@@ -17,10 +17,7 @@ use lb_tests::{
     fixture::*,
     packet::{l4_checksum6, Spec6, CLIENT_MAC, NODE_MAC, TCP, UDP},
 };
-use lb_userspace::plan::{
-    maglev::{table_size_for, MaglevTable},
-    DatapathMaps,
-};
+use lb_userspace::plan::DatapathMaps;
 
 const HOOKS: [Hook; 2] = [Hook::Tc, Hook::Xdp];
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
@@ -80,9 +77,7 @@ fn fixture(empty: bool) -> Fixture {
 /// The backend Maglev gives the IPv6 client's flow: the userspace table
 /// and the shared hash, with the IPv6 fold.
 fn expected_backend(sport: u16, proto: u8) -> Ipv6Addr {
-    let set: Vec<(Ipv4Addr, u16)> = backends().iter().map(|&ip| (ip, 8080)).collect();
-    let table = MaglevTable::build(&set, table_size_for(set.len()));
-    v6_of(table.lookup(flow_hash(&a6(CLIENT6), sport, 80, proto)).0)
+    v6_of(Maglev4::new(&backends(), 8080).lookup(flow_hash(&a6(CLIENT6), sport, 80, proto)))
 }
 
 fn pass(hook: Hook) -> u32 {

@@ -12,7 +12,6 @@ use lb_tests::{
     packet::{icmp_error_frame, Spec, CLIENT_MAC, NODE_MAC, TCP, TCP_ACK, TCP_SYN, UDP},
     topology::NODE_IP,
 };
-use lb_userspace::plan::maglev::{table_size_for, MaglevTable};
 
 const HOOKS: [Hook; 2] = [Hook::Tc, Hook::Xdp];
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
@@ -33,15 +32,12 @@ fn remote_fixture() -> Fixture {
 }
 
 fn backend_for(eps: &[Ipv4Addr], client: Ipv4Addr, sport: u16, dport: u16, proto: u8) -> Ipv4Addr {
-    let set: Vec<(Ipv4Addr, u16)> = eps.iter().map(|&ip| (ip, 8080)).collect();
-    MaglevTable::build(&set, table_size_for(set.len()))
-        .lookup(flow_hash(
-            &lb_common::addr::from_v4(client.octets()),
-            sport,
-            dport,
-            proto,
-        ))
-        .0
+    Maglev4::new(eps, 8080).lookup(flow_hash(
+        &lb_common::addr::from_v4(client.octets()),
+        sport,
+        dport,
+        proto,
+    ))
 }
 
 /// The SNAT port a translated packet got (chosen at random by the

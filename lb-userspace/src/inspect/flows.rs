@@ -8,7 +8,6 @@ use std::net::IpAddr;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write,
-    net::Ipv4Addr,
     path::Path,
 };
 
@@ -46,7 +45,7 @@ pub struct FlowView {
 pub struct Filter {
     /// Service ids (from `--service`); empty: every service.
     pub services: BTreeSet<u32>,
-    pub client: Option<Ipv4Addr>,
+    pub client: Option<IpAddr>,
 }
 
 impl Filter {
@@ -86,9 +85,7 @@ pub fn read(
             let Ok((k, e)) = item else { break };
             if e.direction != CT_FORWARD
                 || (!filter.services.is_empty() && !filter.services.contains(&e.service_id))
-                || filter
-                    .client
-                    .is_some_and(|c| IpAddr::from(c) != addr::to_ip(&k.src_addr))
+                || filter.client.is_some_and(|c| c != addr::to_ip(&k.src_addr))
             {
                 continue;
             }

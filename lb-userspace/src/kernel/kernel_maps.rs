@@ -82,10 +82,8 @@ impl KernelMaps {
     /// covered by both never looks external in between.
     pub fn set_cluster_cidrs(&mut self, cidrs: &[Prefix]) -> anyhow::Result<()> {
         let key = |p: &Prefix| {
-            Key::new(
-                addr::prefix_len(true, p.len as u32),
-                addr::from_v4(p.addr.octets()),
-            )
+            let (bits, a) = trie_prefix(p);
+            Key::new(bits, a)
         };
         for p in cidrs {
             self.cluster_cidrs
@@ -94,10 +92,7 @@ impl KernelMaps {
         }
         let held: Vec<Key<Addr>> = self.cluster_cidrs.keys().filter_map(Result::ok).collect();
         for k in held {
-            let p = Prefix {
-                addr: std::net::Ipv4Addr::from(addr::v4(&k.data())),
-                len: k.prefix_len().saturating_sub(96) as u8,
-            };
+            let p = prefix_of(k.prefix_len(), &k.data());
             if !cidrs.contains(&p) {
                 ignore_missing(self.cluster_cidrs.remove(&k))
                     .with_context(|| format!("removing cluster CIDR {p} from lb_cluster_cidrs"))?;
@@ -233,10 +228,7 @@ impl DatapathMaps for KernelMaps {
             .map(|r| {
                 r.map(|k| {
                     let data = k.data();
-                    let range = Prefix {
-                        addr: addr::v4(&data.addr).into(),
-                        len: k.prefix_len().saturating_sub(32 + 96) as u8,
-                    };
+                    let range = prefix_of(k.prefix_len().saturating_sub(32), &data.addr);
                     (u32::from_be_bytes(data.service_id), range)
                 })
             })
@@ -252,13 +244,32 @@ impl DatapathMaps for KernelMaps {
 }
 
 fn source_range_key(service_id: u32, range: Prefix) -> Key<SourceRange> {
+    let (bits, a) = trie_prefix(&range);
     Key::new(
-        32 + addr::prefix_len(true, u32::from(range.len)),
+        32 + bits,
         SourceRange {
             service_id: service_id.to_be_bytes(),
-            addr: addr::from_v4(range.addr.octets()),
+            addr: a,
         },
     )
+}
+
+/// A prefix as the tries hold it: its length in the 128-bit form and its
+/// address (IPv4 mapped; see `lb_common::addr`).
+fn trie_prefix(p: &Prefix) -> (u32, Addr) {
+    (
+        addr::prefix_len(p.addr.is_ipv4(), u32::from(p.len)),
+        addr::from_ip(p.addr),
+    )
+}
+
+/// The prefix a trie key of `bits` bits over `a` stands for.
+fn prefix_of(bits: u32, a: &Addr) -> Prefix {
+    let v4 = addr::is_v4(a);
+    Prefix {
+        addr: addr::to_ip(a),
+        len: if v4 { bits.saturating_sub(96) } else { bits } as u8,
+    }
 }
 
 /// Fresh arrays a writer thread swaps in per batch: bounds the descriptors

@@ -3,7 +3,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::IpAddr,
     sync::Arc,
 };
 
@@ -42,7 +42,7 @@ pub enum Outcome {
 }
 
 /// (address, port, protocol): what two Services cannot share.
-pub type FrontendId = (Ipv4Addr, u16, Protocol);
+pub type FrontendId = (IpAddr, u16, Protocol);
 
 impl ServiceBuild {
     pub fn key(&self) -> ObjectKey {
@@ -50,7 +50,7 @@ impl ServiceBuild {
     }
 
     /// The frontends this service asks for (none unless programmable).
-    pub fn frontends(&self) -> BTreeSet<(Ipv4Addr, u16, Protocol)> {
+    pub fn frontends(&self) -> BTreeSet<(IpAddr, u16, Protocol)> {
         match &self.outcome {
             Outcome::Program { ports, .. } => ports
                 .iter()

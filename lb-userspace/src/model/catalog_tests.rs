@@ -18,7 +18,7 @@ const POLICIES: &str = include_str!("../testdata/policies.yaml");
 fn node() -> NodeConfig {
     NodeConfig {
         name: "node-a".into(),
-        node_ips: vec![Ipv4Addr::new(198, 18, 0, 2)],
+        node_ips: vec![Ipv4Addr::new(198, 18, 0, 2).into()],
         service_proxy_name: None,
         ..Default::default()
     }

@@ -10,7 +10,12 @@
 //! externalTrafficPolicy Local) get their own table of this node's
 //! endpoints only.
 
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
+};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
@@ -83,6 +88,26 @@ pub struct ServicePortKey {
     pub port_name: String,
     pub protocol: Protocol,
     pub scope: Scope,
+    /// A dual-stack Service has a service port per family: each family's
+    /// frontends lead to that family's endpoints only.
+    pub family: Family,
+}
+
+/// An IP family.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    #[default]
+    V4,
+    V6,
+}
+
+impl Family {
+    pub const fn of(ip: IpAddr) -> Family {
+        match ip {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
 }
 
 impl ServicePortKey {
@@ -101,6 +126,10 @@ impl fmt::Display for ServicePortKey {
         write!(f, "/{}", self.protocol)?;
         if self.scope == Scope::Local {
             f.write_str("/local")?;
+        }
+        // IPv4 names are as they were before IPv6.
+        if self.family == Family::V6 {
+            f.write_str("/IPv6")?;
         }
         Ok(())
     }
@@ -123,10 +152,11 @@ impl FrontendKind {
     }
 }
 
-/// An IPv4 prefix (loadBalancerSourceRanges), host bits cleared.
+/// An IPv4 or IPv6 prefix (loadBalancerSourceRanges, CIDR flags), host
+/// bits cleared.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Prefix {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub len: u8,
 }
 
@@ -137,13 +167,29 @@ impl fmt::Display for Prefix {
 }
 
 impl Prefix {
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        let mask = if self.len == 0 {
-            0
-        } else {
-            u32::MAX << (32 - self.len)
-        };
-        u32::from(ip) & mask == u32::from(self.addr)
+    /// Whether `ip` (of either family) lies inside.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        Prefix::masked(ip, self.len).is_some_and(|a| a == self.addr)
+    }
+
+    pub fn family(&self) -> Family {
+        Family::of(self.addr)
+    }
+
+    /// `ip` with its host bits past `len` cleared; `None` if `len` is too
+    /// long for its family.
+    fn masked(ip: IpAddr, len: u8) -> Option<IpAddr> {
+        match ip {
+            IpAddr::V4(a) if len <= 32 => {
+                let mask = u32::MAX.checked_shl(32 - len as u32).unwrap_or(0);
+                Some(Ipv4Addr::from(u32::from(a) & mask).into())
+            }
+            IpAddr::V6(a) if len <= 128 => {
+                let mask = u128::MAX.checked_shl(128 - len as u32).unwrap_or(0);
+                Some(Ipv6Addr::from(u128::from(a) & mask).into())
+            }
+            _ => None,
+        }
     }
 }
 
@@ -151,18 +197,24 @@ impl std::str::FromStr for Prefix {
     type Err = String;
     fn from_str(s: &str) -> Result<Prefix, String> {
         let s = s.trim();
-        let (addr, len) = s.split_once('/').unwrap_or((s, "32"));
-        let addr: Ipv4Addr = addr
+        let (addr, len) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
             .parse()
-            .map_err(|_| format!("{s:?} is not an IPv4 CIDR"))?;
-        let len: u8 = len
-            .parse()
-            .ok()
-            .filter(|l| *l <= 32)
-            .ok_or_else(|| format!("{s:?} has a prefix length outside 0-32"))?;
-        let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+            .map_err(|_| format!("{s:?} is not an IPv4 or IPv6 CIDR"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len: u8 = match len {
+            None => max,
+            Some(l) => l
+                .parse()
+                .ok()
+                .filter(|l| *l <= max)
+                .ok_or_else(|| format!("{s:?} has a prefix length outside 0-{max}"))?,
+        };
         Ok(Prefix {
-            addr: Ipv4Addr::from(u32::from(addr) & mask),
+            addr: Prefix::masked(addr, len).expect("length checked"),
             len,
         })
     }
@@ -171,7 +223,7 @@ impl std::str::FromStr for Prefix {
 /// An address, port and protocol a service port answers on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Frontend {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
     pub kind: FrontendKind,
@@ -185,7 +237,8 @@ pub struct Frontend {
 
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.addr, self.port, self.protocol)?;
+        let at = std::net::SocketAddr::new(self.addr, self.port);
+        write!(f, "{at}/{}", self.protocol)?;
         if self.in_cluster {
             f.write_str(" (in-cluster)")?;
         }
@@ -196,7 +249,7 @@ impl fmt::Display for Frontend {
 /// One endpoint address with the port this service port targets on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Endpoint {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     pub ready: bool,
     pub serving: bool,
@@ -264,7 +317,7 @@ impl Topology {
 }
 
 impl Endpoint {
-    pub const fn target(&self) -> (Ipv4Addr, u16) {
+    pub const fn target(&self) -> (IpAddr, u16) {
         (self.addr, self.port)
     }
 }
@@ -349,8 +402,9 @@ impl fmt::Display for Rejection {
 #[derive(Clone, Debug, Default)]
 pub struct NodeConfig {
     pub name: String,
-    /// NodePorts answer on each of these.
-    pub node_ips: Vec<Ipv4Addr>,
+    /// NodePorts answer on each of these (both families); the first of
+    /// each family is the SNAT address for that family's flows.
+    pub node_ips: Vec<IpAddr>,
     /// `--service-proxy-name`: Services labelled
     /// `service.kubernetes.io/service-proxy-name` are ours only if the
     /// value equals this.
@@ -368,12 +422,12 @@ pub struct NodeConfig {
     pub localhost_nodeports: bool,
     /// `--nodeport-addresses CIDR,...`: the node's addresses in those
     /// ranges, where NodePorts answer instead of `node_ips`.
-    pub nodeport_ips: Option<Vec<Ipv4Addr>>,
+    pub nodeport_ips: Option<Vec<IpAddr>>,
 }
 
 impl NodeConfig {
     /// Where NodePorts answer.
-    pub fn nodeport_addresses(&self) -> &[Ipv4Addr] {
+    pub fn nodeport_addresses(&self) -> &[IpAddr] {
         self.nodeport_ips.as_deref().unwrap_or(&self.node_ips)
     }
 }

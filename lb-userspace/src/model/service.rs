@@ -16,8 +16,8 @@ use std::{
 use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 
 use super::{
-    port_number, ExternalIpPolicy, Frontend, FrontendKind, NodeConfig, Prefix, Protocol, Scope,
-    ServicePort, ServicePortKey, DEFAULT_AFFINITY_TIMEOUT_S, HEADLESS_LABEL,
+    port_number, ExternalIpPolicy, Family, Frontend, FrontendKind, NodeConfig, Prefix, Protocol,
+    Scope, ServicePort, ServicePortKey, DEFAULT_AFFINITY_TIMEOUT_S, HEADLESS_LABEL,
     MAX_AFFINITY_TIMEOUT_S, SERVICE_PROXY_NAME_LABEL,
 };
 
@@ -163,14 +163,12 @@ fn read_spec(svc: &Service) -> Result<Read, ServiceError> {
     }
     let cluster = cluster_ips(spec)?;
     if cluster.is_empty() {
-        return Ok(Read::Skip(
-            "no IPv4 clusterIP (IPv6 is not supported yet)".into(),
-        ));
+        return Ok(Read::Skip("no clusterIP".into()));
     }
     if spec.ports.as_ref().is_none_or(|p| p.is_empty()) {
         return Ok(Read::Skip("no ports".into()));
     }
-    let external = parse_ipv4_list("externalIPs", spec.external_ips.iter().flatten())?;
+    let external = parse_ip_list("externalIPs", spec.external_ips.iter().flatten())?;
     let load_balancer = if svc_type == "LoadBalancer" {
         load_balancer_ips(svc)?
     } else {
@@ -252,13 +250,14 @@ fn not_ours(svc: &ServiceInput, node: &NodeConfig) -> Option<String> {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Addresses {
-    cluster: Vec<Ipv4Addr>,
-    external: Vec<Ipv4Addr>,
-    load_balancer: Vec<Ipv4Addr>,
+    cluster: Vec<IpAddr>,
+    external: Vec<IpAddr>,
+    load_balancer: Vec<IpAddr>,
 }
 
-/// The IPv4 clusterIPs (`clusterIPs`, else `clusterIP`).
-fn cluster_ips(spec: &ServiceSpec) -> Result<Vec<Ipv4Addr>, ServiceError> {
+/// The clusterIPs (`clusterIPs`, else `clusterIP`), of both families: a
+/// dual-stack Service lists one of each.
+fn cluster_ips(spec: &ServiceSpec) -> Result<Vec<IpAddr>, ServiceError> {
     let mut ips: Vec<&String> = spec.cluster_ips.iter().flatten().collect();
     if ips.is_empty() {
         ips.extend(spec.cluster_ip.iter().filter(|ip| !ip.is_empty()));
@@ -266,17 +265,17 @@ fn cluster_ips(spec: &ServiceSpec) -> Result<Vec<Ipv4Addr>, ServiceError> {
     if ips.is_empty() {
         return Err(ServiceError::NoClusterIp);
     }
-    parse_ipv4_list("clusterIP", ips)
+    parse_ip_list("clusterIP", ips)
 }
 
 /// externalIPs the node's policy admits; the others are noted and left out
 /// (CVE-2020-8554: whoever may create a Service could otherwise take
 /// traffic meant for the node or for another Service).
 fn admitted_external_ips(
-    all: &[Ipv4Addr],
+    all: &[IpAddr],
     node: &NodeConfig,
     notes: &mut Vec<String>,
-) -> Vec<Ipv4Addr> {
+) -> Vec<IpAddr> {
     let mut out = Vec::new();
     for &ip in all {
         match refuse_external_ip(ip, node) {
@@ -288,17 +287,12 @@ fn admitted_external_ips(
 }
 
 /// Why the policy refuses `ip` as an externalIP, if it does.
-pub fn refuse_external_ip(ip: Ipv4Addr, node: &NodeConfig) -> Option<String> {
+pub fn refuse_external_ip(ip: IpAddr, node: &NodeConfig) -> Option<String> {
     match node.external_ips {
         ExternalIpPolicy::Allow => None,
         ExternalIpPolicy::Deny => Some("externalIPs are refused (--external-ips deny)".into()),
         ExternalIpPolicy::Restricted => {
-            if ip.is_unspecified()
-                || ip.is_loopback()
-                || ip.is_multicast()
-                || ip.is_broadcast()
-                || ip.is_link_local()
-            {
+            if !routable_unicast(ip) {
                 Some("not a routable unicast address".into())
             } else if node.node_ips.contains(&ip) || node.nodeport_addresses().contains(&ip) {
                 Some("it is this node's address (--external-ips allow admits it)".into())
@@ -319,7 +313,7 @@ pub fn refuse_external_ip(ip: Ipv4Addr, node: &NodeConfig) -> Option<String> {
 /// `status.loadBalancer.ingress[].ip`, except those with ipMode Proxy
 /// (KEP-1860: the load balancer proxies to the node itself, so its address
 /// must not be short-circuited here).
-fn load_balancer_ips(svc: &Service) -> Result<Vec<Ipv4Addr>, ServiceError> {
+fn load_balancer_ips(svc: &Service) -> Result<Vec<IpAddr>, ServiceError> {
     let ips = svc
         .status
         .as_ref()
@@ -329,19 +323,46 @@ fn load_balancer_ips(svc: &Service) -> Result<Vec<Ipv4Addr>, ServiceError> {
         .flatten()
         .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
         .filter_map(|i| i.ip.as_ref());
-    parse_ipv4_list("status.loadBalancer.ingress[].ip", ips)
+    parse_ip_list("status.loadBalancer.ingress[].ip", ips)
 }
 
-/// IPv4 addresses of a list; IPv6 ones are skipped (not supported yet).
-fn parse_ipv4_list<'a>(
+/// Whether `ip` may be an externalIP: not unspecified, loopback,
+/// multicast, broadcast or link-local.
+fn routable_unicast(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => {
+            !(a.is_unspecified()
+                || a.is_loopback()
+                || a.is_multicast()
+                || a.is_broadcast()
+                || a.is_link_local())
+        }
+        IpAddr::V6(a) => {
+            !(a.is_unspecified()
+                || a.is_loopback()
+                || a.is_multicast()
+                || a.is_unicast_link_local()
+                || a.to_ipv4_mapped().is_some())
+        }
+    }
+}
+
+/// The addresses of a list, of both families.
+fn parse_ip_list<'a>(
     field: &'static str,
     list: impl IntoIterator<Item = &'a String>,
-) -> Result<Vec<Ipv4Addr>, ServiceError> {
+) -> Result<Vec<IpAddr>, ServiceError> {
     let mut out = Vec::new();
     for ip in list {
         match ip.parse::<IpAddr>() {
-            Ok(IpAddr::V4(a)) => out.push(a),
-            Ok(IpAddr::V6(_)) => {}
+            // An IPv4-mapped IPv6 address stands for IPv4 in the maps.
+            Ok(IpAddr::V6(a)) if a.to_ipv4_mapped().is_some() => {
+                return Err(ServiceError::BadAddress {
+                    field,
+                    value: ip.clone(),
+                })
+            }
+            Ok(a) => out.push(a),
             Err(_) => {
                 return Err(ServiceError::BadAddress {
                     field,
@@ -422,14 +443,11 @@ fn traffic_policy(field: &'static str, value: Option<&str>) -> Result<Scope, Ser
     }
 }
 
-/// loadBalancerSourceRanges, sorted and unique. Like kube-proxy, a list may
-/// hold IPv6 ranges for the other family; they do not apply to IPv4.
+/// loadBalancerSourceRanges, sorted and unique, of both families; each
+/// applies to the frontends of its own family.
 fn source_ranges(spec: &ServiceSpec) -> Result<Vec<Prefix>, ServiceError> {
     let mut out = Vec::new();
     for r in spec.load_balancer_source_ranges.iter().flatten() {
-        if r.contains(':') {
-            continue;
-        }
         out.push(r.parse::<Prefix>().map_err(ServiceError::SourceRange)?);
     }
     out.sort();
@@ -496,10 +514,11 @@ fn service_ports(
     node: &NodeConfig,
 ) -> Result<Vec<ServicePort>, ServiceError> {
     let mut out = Vec::new();
+    let families: Vec<Family> = addrs.cluster.iter().map(|a| Family::of(*a)).collect();
     for p in specs {
         let (port_name, protocol, port) = (&p.name, p.protocol, p.port);
         fn at(
-            addrs: &[Ipv4Addr],
+            addrs: &[IpAddr],
             port: u16,
             protocol: Protocol,
             kind: FrontendKind,
@@ -536,13 +555,18 @@ fn service_ports(
             ));
             if node.localhost_nodeports {
                 frontends.extend(at(
-                    &[Ipv4Addr::LOCALHOST],
+                    &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
                     np,
                     protocol,
                     FrontendKind::NodePort,
                 ));
             }
         }
+        // Only the families of the Service's clusterIPs: kube-proxy runs a
+        // proxier per family, and one skips a Service without a clusterIP
+        // of its family, with its externalIPs, load-balancer IPs and
+        // NodePorts of that family.
+        frontends.retain(|f| families.contains(&Family::of(f.addr)));
         // externalTrafficPolicy Local applies to clients outside the
         // cluster: pods and the node reach the external frontends through
         // an in-cluster view with the internal policy's endpoints.
@@ -558,39 +582,47 @@ fn service_ports(
             frontends.extend(views);
         }
         for scope in [Scope::Cluster, Scope::Local] {
-            let mut mine: Vec<Frontend> = frontends
-                .iter()
-                .copied()
-                .filter(|f| policies.scope_of(f) == scope)
-                .collect();
-            if mine.is_empty() {
-                continue;
+            for family in [Family::V4, Family::V6] {
+                let mut mine: Vec<Frontend> = frontends
+                    .iter()
+                    .copied()
+                    .filter(|f| policies.scope_of(f) == scope && Family::of(f.addr) == family)
+                    .collect();
+                if mine.is_empty() {
+                    continue;
+                }
+                mine.sort();
+                mine.dedup();
+                let has_lb = mine.iter().any(|f| f.kind == FrontendKind::LoadBalancer);
+                out.push(ServicePort {
+                    key: ServicePortKey {
+                        namespace: namespace.into(),
+                        name: name.into(),
+                        port_name: port_name.clone(),
+                        protocol,
+                        scope,
+                        family,
+                    },
+                    frontends: mine,
+                    endpoints: Vec::new(),
+                    affinity_timeout_s: policies.affinity_timeout_s,
+                    source_ranges: if has_lb {
+                        policies
+                            .source_ranges
+                            .iter()
+                            .copied()
+                            .filter(|r| r.family() == family)
+                            .collect()
+                    } else {
+                        Vec::new()
+                    },
+                    endpoints_anywhere: false,
+                });
             }
-            mine.sort();
-            mine.dedup();
-            let has_lb = mine.iter().any(|f| f.kind == FrontendKind::LoadBalancer);
-            out.push(ServicePort {
-                key: ServicePortKey {
-                    namespace: namespace.into(),
-                    name: name.into(),
-                    port_name: port_name.clone(),
-                    protocol,
-                    scope,
-                },
-                frontends: mine,
-                endpoints: Vec::new(),
-                affinity_timeout_s: policies.affinity_timeout_s,
-                source_ranges: if has_lb {
-                    policies.source_ranges.clone()
-                } else {
-                    Vec::new()
-                },
-                endpoints_anywhere: false,
-            });
         }
     }
     // Two ports of one service may not share a frontend either.
-    let mut all: Vec<(Ipv4Addr, u16, Protocol, bool)> = out
+    let mut all: Vec<(IpAddr, u16, Protocol, bool)> = out
         .iter()
         .flat_map(|p| &p.frontends)
         .map(|f| (f.addr, f.port, f.protocol, f.in_cluster))
@@ -598,8 +630,9 @@ fn service_ports(
     all.sort();
     if let Some(w) = all.windows(2).find(|w| w[0] == w[1]) {
         return Err(ServiceError::DuplicateFrontend(format!(
-            "{}:{}/{}",
-            w[0].0, w[0].1, w[0].2
+            "{}/{}",
+            std::net::SocketAddr::new(w[0].0, w[0].1),
+            w[0].2
         )));
     }
     Ok(out)

@@ -3,14 +3,14 @@
 
 use std::{
     collections::{BTreeMap, HashSet},
-    net::Ipv4Addr,
+    net::IpAddr,
     sync::Arc,
 };
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::{
-    port_number, Endpoint, Hint, Hints, ObjectKey, Protocol, Rejection, ServicePortKey,
+    port_number, Endpoint, Family, Hint, Hints, ObjectKey, Protocol, Rejection, ServicePortKey,
     SERVICE_NAME_LABEL,
 };
 
@@ -39,7 +39,7 @@ pub struct ValidSlice {
 /// One endpoint of a slice: 32 bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct SliceEndpoint {
-    addr: Ipv4Addr,
+    addr: IpAddr,
     conditions: Conditions,
     node: Option<Arc<str>>,
     hints: Option<Box<SliceHints>>,
@@ -121,7 +121,6 @@ struct Conditions {
     terminating: bool,
 }
 
-/// `Ok(None)` for slices we knowingly ignore (not IPv4, no service label).
 impl ValidSlice {
     /// The Service this slice belongs to.
     pub fn service_key(&self) -> ObjectKey {
@@ -129,8 +128,8 @@ impl ValidSlice {
     }
 }
 
-/// Checks a slice: `Ok(None)` for slices the model ignores (not IPv4, or
-/// not for a Service), a rejection naming it if it is invalid. Node names
+/// Checks a slice: `Ok(None)` for slices the model ignores (FQDN, or not
+/// for a Service), a rejection naming it if it is invalid. Node names
 /// come from (and go into) `names`.
 pub fn validate_slice(
     slice: &EndpointSlice,
@@ -147,9 +146,11 @@ fn check_slice(slice: &EndpointSlice, names: &mut NodeNames) -> Result<Option<Va
     let Some(service) = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
         return Ok(None);
     };
-    if slice.address_type != "IPv4" {
-        return Ok(None);
-    }
+    let v6 = match slice.address_type.as_str() {
+        "IPv4" => false,
+        "IPv6" => true,
+        _ => return Ok(None),
+    };
     let namespace = slice
         .metadata
         .namespace
@@ -193,9 +194,16 @@ fn check_slice(slice: &EndpointSlice, names: &mut NodeNames) -> Result<Option<Va
         // Like kube-proxy, only an endpoint's first address is used (the
         // API says consumers may assume the others are interchangeable).
         if let Some(a) = e.addresses.first() {
-            let addr: Ipv4Addr = a
+            let addr: IpAddr = a
                 .parse()
-                .map_err(|_| format!("endpoint address {a:?} is not an IPv4 address"))?;
+                .ok()
+                .filter(|ip: &IpAddr| ip.is_ipv6() == v6)
+                .ok_or_else(|| {
+                    format!(
+                        "endpoint address {a:?} is not an {} address (addressType {})",
+                        slice.address_type, slice.address_type
+                    )
+                })?;
             endpoints.push(SliceEndpoint {
                 addr,
                 conditions,
@@ -223,7 +231,7 @@ pub(super) fn endpoints_for(
     node_name: &str,
     zone: Option<&str>,
 ) -> Vec<Endpoint> {
-    let mut merged: BTreeMap<(Ipv4Addr, u16), Endpoint> = BTreeMap::new();
+    let mut merged: BTreeMap<(IpAddr, u16), Endpoint> = BTreeMap::new();
     for s in slices {
         let Some(&(_, _, port)) = s
             .ports
@@ -233,6 +241,10 @@ pub(super) fn endpoints_for(
             continue;
         };
         for se in &s.endpoints {
+            // Each family's frontends lead to that family's endpoints.
+            if Family::of(se.addr) != key.family {
+                continue;
+            }
             let c = &se.conditions;
             let local = !node_name.is_empty() && se.node.as_deref() == Some(node_name);
             let e = merged.entry((se.addr, port)).or_insert(Endpoint {

@@ -1,10 +1,11 @@
 //! Unit tests for manifest parsing and the desired-state model.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use crate::{
     model::{
-        build, Build, ExternalIpPolicy, FrontendKind, NodeConfig, Protocol, Scope, ServicePortKey,
+        build, Build, ExternalIpPolicy, Family, FrontendKind, NodeConfig, Protocol, Scope,
+        ServicePortKey,
     },
     source::manifest,
 };
@@ -12,7 +13,7 @@ use crate::{
 fn node() -> NodeConfig {
     NodeConfig {
         name: "node-a".into(),
-        node_ips: vec![Ipv4Addr::new(198, 18, 0, 2)],
+        node_ips: vec![Ipv4Addr::new(198, 18, 0, 2).into()],
         service_proxy_name: None,
         ..Default::default()
     }
@@ -30,6 +31,7 @@ fn key(ns: &str, name: &str, port: &str, protocol: Protocol) -> ServicePortKey {
         name: name.into(),
         port_name: port.into(),
         protocol,
+        family: Family::V4,
         scope: Scope::Cluster,
     }
 }
@@ -55,7 +57,7 @@ fn multi_document_stream_gives_one_service_port_per_port() {
 fn usable_endpoints_are_ready_ones_then_terminating_serving_ones() {
     let b = build_yaml(include_str!("../testdata/basic.yaml"));
     let http = &b.state.services[&key("shop", "web", "http", Protocol::Tcp)];
-    let usable: Vec<Ipv4Addr> = http.usable_endpoints().iter().map(|e| e.addr).collect();
+    let usable: Vec<IpAddr> = http.usable_endpoints().iter().map(|e| e.addr).collect();
     // The terminating endpoint is listed but not used while ready ones exist.
     assert_eq!(
         usable,
@@ -73,7 +75,7 @@ fn usable_endpoints_are_ready_ones_then_terminating_serving_ones() {
         );
     let b = build_yaml(&only_terminating);
     let http = &b.state.services[&key("shop", "web", "http", Protocol::Tcp)];
-    let usable: Vec<Ipv4Addr> = http.usable_endpoints().iter().map(|e| e.addr).collect();
+    let usable: Vec<IpAddr> = http.usable_endpoints().iter().map(|e| e.addr).collect();
     assert_eq!(
         usable,
         [Ipv4Addr::new(198, 18, 1, 13)],
@@ -87,7 +89,7 @@ fn list_kind_merges_slices_and_skips_headless_and_external_name() {
     assert!(b.rejections.is_empty(), "{:?}", b.rejections);
     assert_eq!(b.state.services.len(), 1);
     let api = &b.state.services[&key("default", "api", "", Protocol::Tcp)];
-    let addrs: Vec<Ipv4Addr> = api.endpoints.iter().map(|e| e.addr).collect();
+    let addrs: Vec<IpAddr> = api.endpoints.iter().map(|e| e.addr).collect();
     assert_eq!(
         addrs,
         [Ipv4Addr::new(198, 18, 1, 21), Ipv4Addr::new(198, 18, 1, 22)],

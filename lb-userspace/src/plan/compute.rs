@@ -17,7 +17,7 @@ use lb_common::addr;
 use std::{
     collections::{BTreeMap, BTreeSet},
     hash::Hash,
-    net::Ipv4Addr,
+    net::IpAddr,
     sync::Arc,
 };
 
@@ -235,7 +235,7 @@ fn take_over(state: &State, spec: &ServicePort, taken: &BTreeSet<u32>) -> Option
     for &bid in &state.held(id)?.backends {
         let b = state.backends[&bid];
         backend_ids
-            .entry((Ipv4Addr::from(addr::v4(&b.addr)), b.port))
+            .entry((addr::to_ip(&b.addr), b.port))
             .or_insert(bid);
     }
     Some(Record {
@@ -258,7 +258,7 @@ fn plan_port(
     let empty = Default::default();
     let held = state.held(id).unwrap_or(&empty);
 
-    let usable: BTreeSet<(Ipv4Addr, u16)> =
+    let usable: BTreeSet<(IpAddr, u16)> =
         spec.usable_endpoints().iter().map(|e| e.target()).collect();
     let mut backend_ids = BTreeMap::new();
     for e in &spec.endpoints {
@@ -283,7 +283,7 @@ fn plan_port(
             flags |= BACKEND_F_LOCAL;
         }
         let b = Backend {
-            addr: addr::from_v4(e.addr.octets()),
+            addr: addr::from_ip(e.addr),
             port: e.port,
             flags,
             _pad: 0,
@@ -427,7 +427,7 @@ pub fn frontend_flags(spec: &ServicePort, f: &Frontend) -> u8 {
 
 pub fn frontend_key(f: &Frontend) -> FrontendKey {
     FrontendKey {
-        addr: addr::from_v4(f.addr.octets()),
+        addr: addr::from_ip(f.addr),
         port: f.port,
         proto: f.protocol.number(),
         view: if f.in_cluster {

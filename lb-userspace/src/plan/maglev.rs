@@ -6,7 +6,7 @@
 //! Backends are sorted first, so the same set gives the same table in any
 //! input order and on every node.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use xxhash_rust::xxh64::xxh64;
 
@@ -28,7 +28,7 @@ const OFFSET_SEED: u64 = 0x6d61_676c_6576_2d31;
 const SKIP_SEED: u64 = 0x6d61_676c_6576_2d32;
 
 /// A backend as Maglev sees it: its address and port are its identity.
-pub type BackendAddr = (Ipv4Addr, u16);
+pub type BackendAddr = (IpAddr, u16);
 
 pub fn table_size_for(backends: usize) -> u32 {
     let want = backends as u64 * MIN_SLOTS_PER_BACKEND;
@@ -60,10 +60,10 @@ impl MaglevTable {
         let perms: Vec<(u64, u64)> = sorted
             .iter()
             .map(|b| {
-                let id = identity(b);
+                let (id, n) = identity(b);
                 (
-                    xxh64(&id, OFFSET_SEED) % m64,
-                    xxh64(&id, SKIP_SEED) % (m64 - 1) + 1,
+                    xxh64(&id[..n], OFFSET_SEED) % m64,
+                    xxh64(&id[..n], SKIP_SEED) % (m64 - 1) + 1,
                 )
             })
             .collect();
@@ -156,10 +156,23 @@ impl TableSpec {
     }
 }
 
-fn identity(b: &BackendAddr) -> [u8; 6] {
-    let [a, b2, c, d] = b.0.octets();
-    let [p0, p1] = b.1.to_be_bytes();
-    [a, b2, c, d, p0, p1]
+/// The bytes a backend's permutation is hashed from: its address and port
+/// (6 bytes for IPv4, as before IPv6 existed, so IPv4 tables are the same
+/// across the upgrade; 18 for IPv6).
+fn identity(b: &BackendAddr) -> ([u8; 18], usize) {
+    let mut id = [0; 18];
+    let n = match b.0 {
+        IpAddr::V4(a) => {
+            id[..4].copy_from_slice(&a.octets());
+            4
+        }
+        IpAddr::V6(a) => {
+            id[..16].copy_from_slice(&a.octets());
+            16
+        }
+    };
+    id[n..n + 2].copy_from_slice(&b.1.to_be_bytes());
+    (id, n + 2)
 }
 
 #[cfg(test)]
@@ -168,7 +181,12 @@ mod tests {
 
     fn backends(n: u32) -> Vec<BackendAddr> {
         (0..n)
-            .map(|i| (Ipv4Addr::from(0xc612_0000 + i), 8080))
+            .map(|i| {
+                (
+                    IpAddr::from(std::net::Ipv4Addr::from(0xc612_0000 + i)),
+                    8080,
+                )
+            })
             .collect()
     }
 

@@ -8,7 +8,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    net::Ipv4Addr,
+    net::IpAddr,
     sync::Arc,
 };
 
@@ -118,7 +118,7 @@ pub struct Record {
     /// The spec last programmed completely; `None` when unknown (adopted
     /// from a previous agent, or its writes failed): it is rewritten.
     pub spec: Option<Arc<ServicePort>>,
-    pub backend_ids: BTreeMap<(Ipv4Addr, u16), u32>,
+    pub backend_ids: BTreeMap<(IpAddr, u16), u32>,
 }
 
 #[derive(Debug)]

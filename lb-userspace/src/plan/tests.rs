@@ -20,7 +20,7 @@ fn state(yaml: &str) -> DesiredState {
     let o = manifest::parse(yaml).unwrap();
     let node = NodeConfig {
         name: "n".into(),
-        node_ips: vec![Ipv4Addr::new(198, 18, 0, 2)],
+        node_ips: vec![Ipv4Addr::new(198, 18, 0, 2).into()],
         service_proxy_name: None,
         ..Default::default()
     };
@@ -34,6 +34,7 @@ fn http() -> ServicePortKey {
         port_name: "http".into(),
         protocol: Protocol::Tcp,
         scope: Scope::Cluster,
+        family: crate::model::Family::V4,
     }
 }
 
@@ -201,7 +202,7 @@ fn policies_become_frontend_and_backend_flags_and_source_ranges() {
     let o = manifest::parse(include_str!("../testdata/policies.yaml")).unwrap();
     let node = NodeConfig {
         name: "node-a".into(),
-        node_ips: vec![Ipv4Addr::new(198, 18, 0, 2)],
+        node_ips: vec![Ipv4Addr::new(198, 18, 0, 2).into()],
         service_proxy_name: None,
         ..Default::default()
     };
@@ -633,14 +634,16 @@ fn changes() -> Vec<(&'static str, String, String)> {
 }
 
 /// Every endpoint target a frontend may lead to in any of `states`.
-fn allowed(states: &[&DesiredState]) -> BTreeMap<FrontendKey, BTreeSet<([u8; 4], u16)>> {
-    let mut out: BTreeMap<FrontendKey, BTreeSet<([u8; 4], u16)>> = BTreeMap::new();
+fn allowed(states: &[&DesiredState]) -> BTreeMap<FrontendKey, BTreeSet<(lb_common::Addr, u16)>> {
+    let mut out: BTreeMap<FrontendKey, BTreeSet<(lb_common::Addr, u16)>> = BTreeMap::new();
     for s in states {
         for sp in s.services.values() {
             for f in &sp.frontends {
-                out.entry(frontend_key(f))
-                    .or_default()
-                    .extend(sp.endpoints.iter().map(|e| (e.addr.octets(), e.port)));
+                out.entry(frontend_key(f)).or_default().extend(
+                    sp.endpoints
+                        .iter()
+                        .map(|e| (lb_common::addr::from_ip(e.addr), e.port)),
+                );
             }
         }
     }
@@ -671,8 +674,7 @@ fn assert_safe(m: &MemoryMaps, states: &[&DesiredState], what: &str) {
                 continue;
             };
             assert!(
-                ok.unwrap()
-                    .contains(&(lb_common::addr::v4(&b.addr), b.port)),
+                ok.unwrap().contains(&(b.addr, b.port)),
                 "{what}: frontend {f:?} leads to {:?}:{}, not one of its endpoints",
                 b.addr,
                 b.port

@@ -60,9 +60,10 @@ fn tcp_service(
             port_name: String::new(),
             protocol: Protocol::Tcp,
             scope: Default::default(),
+            family: Default::default(),
         },
         frontends: vec![Frontend {
-            addr,
+            addr: addr.into(),
             port,
             protocol: Protocol::Tcp,
             kind,
@@ -71,7 +72,7 @@ fn tcp_service(
         endpoints: endpoints
             .into_iter()
             .map(|(addr, port)| Endpoint {
-                addr,
+                addr: addr.into(),
                 port,
                 ready: true,
                 serving: true,
@@ -334,8 +335,8 @@ fn maglev() {
 
 /// Median of 21 Maglev builds of `backends` at size `m`, in ms.
 fn maglev_ms(backends: usize, m: u32) -> f64 {
-    let set: Vec<(Ipv4Addr, u16)> = (0..backends as u32)
-        .map(|i| (Ipv4Addr::from(0xc612_8000 + i), 8080))
+    let set: Vec<(std::net::IpAddr, u16)> = (0..backends as u32)
+        .map(|i| (Ipv4Addr::from(0xc612_8000 + i).into(), 8080))
         .collect();
     let times: Vec<f64> = (0..21)
         .map(|_| {
