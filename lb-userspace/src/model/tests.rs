@@ -664,3 +664,99 @@ fn topology_hints_choose_endpoints_as_kube_proxy_does() {
         [A, B]
     );
 }
+
+#[test]
+fn dual_stack_services_get_a_service_port_per_family_with_that_familys_endpoints() {
+    let mut node = node();
+    node.node_ips.push("fd00:18::2".parse().unwrap());
+    let o = manifest::parse(include_str!("../testdata/dualstack.yaml")).unwrap();
+    assert!(o.rejections.is_empty(), "{:?}", o.rejections);
+    let b = build(&o.services, &o.slices, &node);
+    assert!(b.rejections.is_empty(), "{:?}", b.rejections);
+    let at = |sp: &crate::model::ServicePort| -> Vec<String> {
+        sp.frontends.iter().map(|f| f.to_string()).collect()
+    };
+    let eps = |sp: &crate::model::ServicePort| -> Vec<String> {
+        sp.endpoints.iter().map(|e| e.addr.to_string()).collect()
+    };
+    let web4 = &b.state.services[&key("shop", "web", "http", Protocol::Tcp)];
+    let web6_key = ServicePortKey {
+        family: Family::V6,
+        ..key("shop", "web", "http", Protocol::Tcp)
+    };
+    let web6 = &b.state.services[&web6_key];
+    assert_eq!(web6_key.to_string(), "shop/web:http/TCP/IPv6");
+    assert_eq!(at(web4), ["198.18.0.2:30090/TCP", "198.19.0.30:80/TCP"]);
+    assert_eq!(eps(web4), ["198.18.1.31"]);
+    assert_eq!(at(web6), ["[fd00:18::2]:30090/TCP", "[fd00:19::30]:80/TCP"]);
+    assert_eq!(eps(web6), ["fd00:18::1:31", "fd00:18::1:32"]);
+
+    // IPv6 only: one IPv6 service port, no NodePort on the IPv4 address.
+    let six: Vec<_> = b
+        .state
+        .services
+        .values()
+        .filter(|sp| sp.key.name == "six")
+        .collect();
+    assert_eq!(six.len(), 1);
+    assert_eq!(six[0].key.family, Family::V6);
+    assert_eq!(at(six[0]), ["[fd00:19::40]:53/UDP"]);
+    assert_eq!(eps(six[0]), ["fd00:18::1:41"]);
+
+    // IPv4 only: its IPv6 externalIP and load-balancer IP are left out (as
+    // kube-proxy's IPv6 proxier skips a Service without an IPv6
+    // clusterIP), and only its IPv4 source ranges apply.
+    let four: Vec<_> = b
+        .state
+        .services
+        .values()
+        .filter(|sp| sp.key.name == "four")
+        .collect();
+    assert!(four.iter().all(|sp| sp.key.family == Family::V4), "{four:?}");
+    assert!(
+        four.iter()
+            .flat_map(|sp| &sp.frontends)
+            .all(|f| f.addr.is_ipv4()),
+        "{four:?}"
+    );
+    let ranges: Vec<String> = four
+        .iter()
+        .flat_map(|sp| &sp.source_ranges)
+        .map(|r| r.to_string())
+        .collect();
+    assert_eq!(ranges, ["198.18.0.0/24"]);
+}
+
+#[test]
+fn an_endpoint_address_of_the_other_family_rejects_its_slice() {
+    let yaml = include_str!("../testdata/dualstack.yaml")
+        .replace("- addresses: [\"fd00:18::1:41\"]", "- addresses: [198.18.1.41]");
+    let b = build_yaml(&yaml);
+    assert_eq!(b.rejections.len(), 1, "{:?}", b.rejections);
+    assert_eq!(b.rejections[0].object, "EndpointSlice shop/six-a");
+    assert!(
+        b.rejections[0].reason.contains("not an IPv6 address"),
+        "{}",
+        b.rejections[0].reason
+    );
+    // The rest is programmed.
+    assert!(b.state.services.keys().any(|k| k.name == "web"));
+}
+
+#[test]
+fn prefixes_of_both_families_parse_and_contain() {
+    use crate::model::Prefix;
+    let p: Prefix = "fd00:18::1:0/112".parse().unwrap();
+    assert_eq!(p.to_string(), "fd00:18::1:0/112");
+    assert!(p.contains("fd00:18::1:31".parse().unwrap()));
+    assert!(!p.contains("fd00:18::2:31".parse().unwrap()));
+    assert!(!p.contains("198.18.1.31".parse().unwrap()));
+    let q: Prefix = "fd00:18::1:5/112".parse().unwrap();
+    assert_eq!(q, p, "host bits cleared");
+    assert!("fd00::/129".parse::<Prefix>().is_err());
+    let v4: Prefix = "198.18.1.0/24".parse().unwrap();
+    assert!(v4.contains("198.18.1.31".parse().unwrap()));
+    assert!(!v4.contains("fd00:18::1:31".parse().unwrap()));
+    let host: Prefix = "fd00::1".parse().unwrap();
+    assert_eq!(host.len, 128);
+}
