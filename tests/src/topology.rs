@@ -8,7 +8,7 @@
 //!                                                      --p2-- pod2 198.18.1.12 ...
 //! ```
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::Context;
 
@@ -23,6 +23,15 @@ pub const NODE_NAME: &str = "node-a";
 
 pub fn pod_ip(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, 1, 10 + i as u8)
+}
+
+/// The IPv6 addresses `Topology::add_ipv6` gives (fd00::/8 only).
+pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 1);
+pub const NODE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 2);
+pub const POD_GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0, 1, 0, 0, 0, 1);
+
+pub fn pod_ip6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x18, 0, 1, 0, 0, 0, 0x10 + i as u16)
 }
 
 pub struct Pod {
@@ -129,6 +138,70 @@ impl Topology {
                 crate::servers::PodServer::start(&p.ns, &format!("pod-{}", i + 1), 8080, 5353)
             })
             .collect()
+    }
+
+    /// Makes the node dual-stack: IPv6 addresses on the client, the NIC
+    /// and every pod present (`pod_ip6`, /128 routes like the IPv4 ones),
+    /// the client routing IPv6 ClusterIPs (fd00:19::/64) and pods via the
+    /// node, the node forwarding IPv6. Addresses skip duplicate address
+    /// detection, so they are usable at once.
+    pub fn add_ipv6(&self) -> anyhow::Result<()> {
+        let (node, client) = (&self.node, &self.client);
+        node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        for ns in [node, client] {
+            ns.sysctl("net.ipv6.conf.all.disable_ipv6", "0")?;
+        }
+        let nic = &self.nic;
+        node.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{NODE_IP6}/64"),
+            "dev",
+            nic,
+            "nodad",
+        ])?;
+        client.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{CLIENT_IP6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        for to in ["fd00:19::/64", "fd00:18:0:1::/64"] {
+            client.ip(&["-6", "route", "add", to, "via", &NODE_IP6.to_string()])?;
+        }
+        for (i, pod) in self.pods.iter().enumerate() {
+            let ip = pod_ip6(i + 1);
+            let gw = POD_GATEWAY6.to_string();
+            let host = &pod.host_iface;
+            node.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{gw}/128"),
+                "dev",
+                host,
+                "nodad",
+            ])?;
+            node.ip(&["-6", "route", "add", &format!("{ip}/128"), "dev", host])?;
+            pod.ns.sysctl("net.ipv6.conf.all.disable_ipv6", "0")?;
+            pod.ns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{ip}/128"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            pod.ns.ip(&["-6", "route", "add", &gw, "dev", "eth0"])?;
+            pod.ns
+                .ip(&["-6", "route", "add", "default", "via", &gw, "dev", "eth0"])?;
+        }
+        Ok(())
     }
 
     pub fn pod_ifaces(&self) -> Vec<String> {

@@ -712,7 +712,10 @@ fn dual_stack_services_get_a_service_port_per_family_with_that_familys_endpoints
         .values()
         .filter(|sp| sp.key.name == "four")
         .collect();
-    assert!(four.iter().all(|sp| sp.key.family == Family::V4), "{four:?}");
+    assert!(
+        four.iter().all(|sp| sp.key.family == Family::V4),
+        "{four:?}"
+    );
     assert!(
         four.iter()
             .flat_map(|sp| &sp.frontends)
@@ -729,8 +732,10 @@ fn dual_stack_services_get_a_service_port_per_family_with_that_familys_endpoints
 
 #[test]
 fn an_endpoint_address_of_the_other_family_rejects_its_slice() {
-    let yaml = include_str!("../testdata/dualstack.yaml")
-        .replace("- addresses: [\"fd00:18::1:41\"]", "- addresses: [198.18.1.41]");
+    let yaml = include_str!("../testdata/dualstack.yaml").replace(
+        "- addresses: [\"fd00:18::1:41\"]",
+        "- addresses: [198.18.1.41]",
+    );
     let b = build_yaml(&yaml);
     assert_eq!(b.rejections.len(), 1, "{:?}", b.rejections);
     assert_eq!(b.rejections[0].object, "EndpointSlice shop/six-a");
