@@ -102,6 +102,16 @@ impl Cgroup {
         tcp: Option<SocketAddrV4>,
         udp: Option<SocketAddrV4>,
     ) -> anyhow::Result<String> {
+        self.probe_any(ns, tcp.map(Into::into), udp.map(Into::into))
+    }
+
+    /// `probe` with addresses of either family.
+    pub fn probe_any(
+        &self,
+        ns: &Netns,
+        tcp: Option<std::net::SocketAddr>,
+        udp: Option<std::net::SocketAddr>,
+    ) -> anyhow::Result<String> {
         let (tcp, udp) = (tcp.map(|a| a.to_string()), udp.map(|a| a.to_string()));
         let mut env = Vec::new();
         if let Some(t) = &tcp {

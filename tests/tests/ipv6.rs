@@ -268,3 +268,56 @@ fn ipv6_nodeport_reaches_the_pods_from_an_external_client() {
     // Local backends: the client's address is kept.
     assert_eq!(peer.ip(), IpAddr::V6(CLIENT_IP6));
 }
+
+#[test]
+fn a_pod_reaching_itself_over_ipv6_is_masqueraded_to_the_nodes_ipv6_address() {
+    let n = Node::new();
+    // Pod 1 asks the ClusterIP until Maglev sends it to itself (hairpin):
+    // its reply would never leave it without the source translated.
+    let mut hairpin = None;
+    for _ in 0..40 {
+        let (pod, peer) = n.topo.pods[0]
+            .ns
+            .run(|| tcp_who6(v6(CLUSTER_IP6, 80)))
+            .unwrap()
+            .expect("TCP from pod 1");
+        if pod == "pod-1" {
+            hairpin = Some(peer);
+            break;
+        }
+        assert_eq!(peer.ip(), IpAddr::V6(pod_ip6(1)), "to pod-2: source kept");
+    }
+    let peer = hairpin.expect("pod 1 reached itself in 40 connections");
+    assert_eq!(peer.ip(), IpAddr::V6(NODE_IP6), "hairpin: SNAT to the node");
+}
+
+#[test]
+fn the_nodes_own_ipv6_sockets_are_translated_by_the_socket_hooks() {
+    lb_tests::require_root();
+    let topo = Topology::new(2).expect("topology");
+    topo.add_ipv6().expect("IPv6 addresses");
+    let _v4 = topo.start_servers(1).expect("servers");
+    let _v6 = Server6::start(&topo.pods[0].ns, "pod-1");
+    let config = ConfigFile::new(&dual_stack_web(1)).expect("config");
+    let cg = lb_tests::cgroup::Cgroup::new().unwrap();
+    let extra = [
+        "--node-ip".to_string(),
+        NODE_IP6.to_string(),
+        "--cgroup".to_string(),
+        cg.path.display().to_string(),
+    ];
+    let agent = Agent::start_with(&topo, &config.path, &extra).expect("agent");
+    let out = cg
+        .probe_any(
+            &topo.node,
+            Some(v6(CLUSTER_IP6, 80)),
+            Some(v6(CLUSTER_IP6, 53)),
+        )
+        .unwrap();
+    // connect6 chose the backend; getpeername6 and recvmsg6 show the
+    // frontend to the application.
+    assert!(out.contains("PROBE peer [fd00:19::10]:80"), "{out}");
+    assert!(out.contains("PROBE who pod-1"), "{out}");
+    assert!(out.contains("PROBE from [fd00:19::10]:53 pod-1"), "{out}");
+    assert!(agent.stat("sock_translated") >= 2);
+}

@@ -2,7 +2,7 @@
 //! namespace (the node's, or a pod's): it talks to the addresses it is
 //! given, as an application would, and prints what the application sees.
 //!
-//! `LB_PROBE_TCP=ip:port`: connects, prints `PROBE peer <getpeername()>`,
+//! `LB_PROBE_TCP=ip:port` (or `[ipv6]:port`): connects, prints `PROBE peer <getpeername()>`,
 //! sends `WHO` and prints `PROBE who <answer>` (the server's name and the
 //! client address it saw). `LB_PROBE_UDP=ip:port`: an unconnected socket
 //! sends one datagram and prints `PROBE from <recvfrom() source> <answer>`.
@@ -49,7 +49,7 @@ fn main() -> anyhow::Result<()> {
         println!("PROBE connects {count} {}", took.as_micros());
     }
     if let Ok(to) = std::env::var("LB_PROBE_TCP") {
-        let to: SocketAddrV4 = to.parse()?;
+        let to: std::net::SocketAddr = to.parse()?;
         let mut s = TcpStream::connect_timeout(&to.into(), Duration::from_secs(3))?;
         s.set_read_timeout(Some(Duration::from_secs(3)))?;
         println!("PROBE peer {}", s.peer_addr()?);
@@ -59,9 +59,10 @@ fn main() -> anyhow::Result<()> {
         println!("PROBE who {}", answer.trim());
     }
     if let Ok(to) = std::env::var("LB_PROBE_UDP") {
-        let u = UdpSocket::bind("0.0.0.0:0")?;
+        let to: std::net::SocketAddr = to.parse()?;
+        let u = UdpSocket::bind(if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" })?;
         u.set_read_timeout(Some(Duration::from_secs(3)))?;
-        u.send_to(b"WHO", to.as_str())?;
+        u.send_to(b"WHO", to)?;
         let mut buf = [0u8; 256];
         let (n, from) = u.recv_from(&mut buf)?;
         println!("PROBE from {from} {}", String::from_utf8_lossy(&buf[..n]));
