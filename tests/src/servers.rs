@@ -394,9 +394,10 @@ pub struct StreamReader {
 
 impl StreamReader {
     /// Connects from `ns` to `to` and starts reading.
-    pub fn open(ns: &Netns, to: SocketAddrV4) -> anyhow::Result<StreamReader> {
+    pub fn open(ns: &Netns, to: impl Into<std::net::SocketAddr>) -> anyhow::Result<StreamReader> {
+        let to: std::net::SocketAddr = to.into();
         let (backend, mut sock) = ns.run(move || -> anyhow::Result<(String, TcpStream)> {
-            let mut s = TcpStream::connect_timeout(&to.into(), Duration::from_secs(3))?;
+            let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
             s.write_all(b"STREAM\n")?;
             s.set_read_timeout(Some(Duration::from_secs(10)))?;
             let mut name = Vec::new();

@@ -60,11 +60,9 @@ impl Server6 {
                     tx.send(()).unwrap();
                     while !stop.load(Ordering::Relaxed) {
                         match l.accept() {
-                            Ok((mut c, peer)) => {
-                                c.set_nonblocking(false).unwrap();
-                                let mut buf = [0u8; 16];
-                                let _ = c.read(&mut buf);
-                                let _ = c.write_all(format!("{name} {peer}\n").as_bytes());
+                            Ok((c, peer)) => {
+                                let (name, stop) = (name.clone(), stop.clone());
+                                std::thread::spawn(move || serve(c, peer, &name, &stop));
                             }
                             Err(_) => std::thread::sleep(Duration::from_millis(5)),
                         }
@@ -106,6 +104,21 @@ impl Drop for Server6 {
             let _ = t.join();
         }
     }
+}
+
+/// One connection: `WHO` gets the name and the peer; `STREAM` the name,
+/// then data until the server stops or the client goes.
+fn serve(mut c: TcpStream, peer: SocketAddr, name: &str, stop: &AtomicBool) {
+    c.set_nonblocking(false).unwrap();
+    let mut buf = [0u8; 16];
+    let n = c.read(&mut buf).unwrap_or(0);
+    if buf[..n].starts_with(b"STREAM") {
+        let _ = c.write_all(format!("{name}\n").as_bytes());
+        let chunk = vec![b'x'; 16 * 1024];
+        while !stop.load(Ordering::Relaxed) && c.write_all(&chunk).is_ok() {}
+        return;
+    }
+    let _ = c.write_all(format!("{name} {peer}\n").as_bytes());
 }
 
 /// Who answered, and the peer it saw.
@@ -320,4 +333,34 @@ fn the_nodes_own_ipv6_sockets_are_translated_by_the_socket_hooks() {
     assert!(out.contains("PROBE who pod-1"), "{out}");
     assert!(out.contains("PROBE from [fd00:19::10]:53 pod-1"), "{out}");
     assert!(agent.stat("sock_translated") >= 2);
+}
+
+#[test]
+fn an_ipv6_stream_survives_an_agent_restart() {
+    use lb_tests::servers::StreamReader;
+    const SOME: u64 = 256 * 1024;
+    const PATIENCE: Duration = Duration::from_secs(10);
+    let mut n = Node::new();
+    let stream = StreamReader::open(&n.topo.client, v6(CLUSTER_IP6, 80)).expect("stream");
+    stream.wait_for_more(SOME, PATIENCE).unwrap();
+    // Stopped: the pinned datapath keeps the stream going.
+    let status = n
+        .agent
+        .stop_with(nix::sys::signal::Signal::SIGTERM)
+        .unwrap();
+    assert!(status.success());
+    stream.wait_for_more(SOME, PATIENCE).unwrap();
+    // The next agent adopts the maps: still flowing, and new IPv6 flows
+    // are balanced.
+    n.agent.start_again(None).unwrap();
+    stream.wait_for_more(SOME, PATIENCE).unwrap();
+    let (pod, _) = n
+        .topo
+        .client
+        .run(|| tcp_who6(v6(CLUSTER_IP6, 80)))
+        .unwrap()
+        .expect("a new IPv6 connection after the restart");
+    assert!(pod.starts_with("pod-"));
+    stream.wait_for_more(SOME, PATIENCE).unwrap();
+    stream.finish().expect("the stream never broke");
 }
