@@ -174,34 +174,7 @@ fn rewrite(ctx: &XdpContext, f: &Flow, source: bool, to: Addr, port: u16) -> Opt
         }
         old
     };
-    // A later fragment has no L4 header: the address was all there is (the
-    // L4 checksum, in the first fragment, was updated there).
-    if f.frag == Frag::Later {
-        return Some(());
-    }
-    let ports = ptr_at::<L4Ports, _>(ctx, f.l4_off as usize)?;
-    let csum = ptr_at::<u16, _>(ctx, f.l4_csum_off as usize)?;
-    let port = port.to_be();
-    // SAFETY: ptr_at checked every pointer against data_end.
-    unsafe {
-        let old_port = if source { (*ports).src } else { (*ports).dst };
-        let old_sum = *csum;
-        // A UDP checksum of 0 means "none" and stays so.
-        if !(f.proto == IPPROTO_UDP && old_sum == 0) {
-            let mut sum = update32(old_sum, old_addr, addr);
-            sum = update16(sum, old_port, port);
-            if f.proto == IPPROTO_UDP && sum == 0 {
-                sum = 0xffff;
-            }
-            *csum = sum;
-        }
-        if source {
-            (*ports).src = port;
-        } else {
-            (*ports).dst = port;
-        }
-    }
-    Some(())
+    rewrite_l4(ctx, f, source, port, |sum| update32(sum, old_addr, addr))
 }
 
 /// `rewrite` for IPv6: no header checksum; the address moves the L4
@@ -220,6 +193,21 @@ fn rewrite6(ctx: &XdpContext, f: &Flow, source: bool, to: &Addr, port: u16) -> O
         *field = to.octets;
         old
     };
+    rewrite_l4(ctx, f, source, port, |sum| update_addr(sum, &old, to))
+}
+
+/// The port, and the L4 checksum for the address change (`addr_update`,
+/// which the pseudo-header carries) and the port's. A later fragment has
+/// no L4 header: the address was all there is (the first fragment's
+/// checksum covered the change).
+#[inline(always)]
+fn rewrite_l4(
+    ctx: &XdpContext,
+    f: &Flow,
+    source: bool,
+    port: u16,
+    addr_update: impl FnOnce(u16) -> u16,
+) -> Option<()> {
     if f.frag == Frag::Later {
         return Some(());
     }
@@ -229,12 +217,16 @@ fn rewrite6(ctx: &XdpContext, f: &Flow, source: bool, to: &Addr, port: u16) -> O
     // SAFETY: ptr_at checked every pointer against data_end.
     unsafe {
         let old_port = if source { (*ports).src } else { (*ports).dst };
-        let mut sum = update_addr(*csum, &old, to);
-        sum = update16(sum, old_port, port);
-        if f.proto == IPPROTO_UDP && sum == 0 {
-            sum = 0xffff;
+        let old_sum = *csum;
+        // A UDP checksum of 0 means "none" (IPv4) and stays so; over IPv6
+        // it is invalid, and the stack drops the packet as it would have.
+        if !(f.proto == IPPROTO_UDP && old_sum == 0) {
+            let mut sum = update16(addr_update(old_sum), old_port, port);
+            if f.proto == IPPROTO_UDP && sum == 0 {
+                sum = 0xffff;
+            }
+            *csum = sum;
         }
-        *csum = sum;
         if source {
             (*ports).src = port;
         } else {

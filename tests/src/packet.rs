@@ -85,20 +85,14 @@ impl Spec {
         let c = checksum(&p[ip_start..ip_start + ihl]);
         p[ip_start + 10..ip_start + 12].copy_from_slice(&c.to_be_bytes());
         let l4 = p.len();
-        p.extend_from_slice(&self.sport.to_be_bytes());
-        p.extend_from_slice(&self.dport.to_be_bytes());
-        if self.proto == TCP {
-            p.extend_from_slice(&1000u32.to_be_bytes()); // seq
-            p.extend_from_slice(&0u32.to_be_bytes()); // ack
-            p.push(5 << 4);
-            p.push(self.tcp_flags);
-            p.extend_from_slice(&64240u16.to_be_bytes());
-            p.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
-        } else {
-            p.extend_from_slice(&(l4_len as u16).to_be_bytes());
-            p.extend_from_slice(&[0, 0]);
-        }
-        p.extend_from_slice(&self.payload);
+        push_l4(
+            &mut p,
+            self.sport,
+            self.dport,
+            self.proto,
+            self.tcp_flags,
+            &self.payload,
+        );
         if !(self.proto == UDP && self.udp_no_checksum) {
             let c = l4_checksum(&p[ip_start..]);
             let off = l4 + if self.proto == TCP { 16 } else { 6 };
@@ -386,20 +380,14 @@ impl Spec6 {
         p.extend_from_slice(&self.saddr.octets());
         p.extend_from_slice(&self.daddr.octets());
         let l4 = p.len();
-        p.extend_from_slice(&self.sport.to_be_bytes());
-        p.extend_from_slice(&self.dport.to_be_bytes());
-        if self.proto == TCP {
-            p.extend_from_slice(&1000u32.to_be_bytes()); // seq
-            p.extend_from_slice(&0u32.to_be_bytes()); // ack
-            p.push(5 << 4);
-            p.push(self.tcp_flags);
-            p.extend_from_slice(&64240u16.to_be_bytes());
-            p.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
-        } else {
-            p.extend_from_slice(&(l4_len as u16).to_be_bytes());
-            p.extend_from_slice(&[0, 0]);
-        }
-        p.extend_from_slice(&self.payload);
+        push_l4(
+            &mut p,
+            self.sport,
+            self.dport,
+            self.proto,
+            self.tcp_flags,
+            &self.payload,
+        );
         let c = l4_checksum6(&p[14..]);
         let c = if self.proto == UDP && c == 0 {
             0xffff
@@ -427,4 +415,23 @@ pub fn l4_checksum6(ip: &[u8]) -> u16 {
     let mut acc = sum(&ip[8..40], 0);
     acc += len as u64 + proto as u64;
     !fold(sum(&seg, acc))
+}
+
+/// A TCP (no options, fixed sequence numbers) or UDP header and the
+/// payload, the checksum left 0 for the caller.
+fn push_l4(p: &mut Vec<u8>, sport: u16, dport: u16, proto: u8, tcp_flags: u8, payload: &[u8]) {
+    p.extend_from_slice(&sport.to_be_bytes());
+    p.extend_from_slice(&dport.to_be_bytes());
+    if proto == TCP {
+        p.extend_from_slice(&1000u32.to_be_bytes()); // seq
+        p.extend_from_slice(&0u32.to_be_bytes()); // ack
+        p.push(5 << 4);
+        p.push(tcp_flags);
+        p.extend_from_slice(&64240u16.to_be_bytes());
+        p.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
+    } else {
+        p.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        p.extend_from_slice(&[0, 0]);
+    }
+    p.extend_from_slice(payload);
 }
