@@ -310,7 +310,7 @@ struct Agent {
     node_missing_logged: bool,
     /// The SNAT address and flags last written to lb_config.
     snat_addr: Option<((Addr, Addr), u32)>,
-    /// This Node's spec.podCIDRs (IPv4).
+    /// This Node's spec.podCIDRs (both families).
     pod_cidrs: Vec<Prefix>,
     /// What lb_cluster_cidrs holds, once written.
     cidrs_written: Option<Vec<Prefix>>,
