@@ -204,18 +204,41 @@ enum Side {
 
 #[inline(always)]
 fn rewrite(ctx: &TcContext, f: &Flow, side: Side, to: Addr, port: u16) -> Result<(), i64> {
-    if f.v6 {
-        return rewrite6(ctx, f, side, &to, port);
-    }
-    let (old_addr, addr_off, old_port, port_off) = match side {
-        Side::Source => (f.saddr, ETH_HLEN + IP_SADDR_OFF, f.sport, f.l4_off as usize),
-        Side::Destination => (
-            f.daddr,
-            ETH_HLEN + IP_DADDR_OFF,
-            f.dport,
-            f.l4_off as usize + 2,
-        ),
+    let source = side == Side::Source;
+    let (old_addr, old_port, port_off) = if source {
+        (&f.saddr, f.sport, f.l4_off as usize)
+    } else {
+        (&f.daddr, f.dport, f.l4_off as usize + 2)
     };
+    // The address, and its change to the L4 checksum through the
+    // pseudo-header, as l4_csum_replace's (from, to, size) arguments.
+    let (csum_from, csum_to, size) = if f.v6 {
+        // No header checksum; the 16 bytes' change goes in as one
+        // difference (size 0: `to` is a checksum difference).
+        let off = ETH_HLEN + if source { IP6_SADDR_OFF } else { IP6_DADDR_OFF };
+        ctx.store(off, &to.octets, 0)?;
+        let mut from = addr::words(old_addr);
+        let mut new = addr::words(&to);
+        // SAFETY: both buffers are 16 bytes on our stack.
+        let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), 16, new.as_mut_ptr(), 16, 0) };
+        if diff < 0 {
+            return Err(diff);
+        }
+        (0, diff as u64, 0)
+    } else {
+        let off = ETH_HLEN + if source { IP_SADDR_OFF } else { IP_DADDR_OFF };
+        let new_addr = addr::v4(&to);
+        let old_a = u32::from_ne_bytes(addr::v4(old_addr)) as u64;
+        let new_a = u32::from_ne_bytes(new_addr) as u64;
+        ctx.l3_csum_replace(ETH_HLEN + IP_CSUM_OFF, old_a, new_a, 4)?;
+        ctx.store(off, &new_addr, 0)?;
+        (old_a, new_a, 4)
+    };
+    // A later fragment has no L4 header: the address was all there is (the
+    // L4 checksum, in the first fragment, was updated there).
+    if f.frag == Frag::Later {
+        return Ok(());
+    }
     // UDP checksum 0 means "none": BPF_F_MARK_MANGLED_0 keeps it 0 and
     // writes a computed 0 as 0xffff.
     let mangled = if f.proto == IPPROTO_UDP {
@@ -223,64 +246,11 @@ fn rewrite(ctx: &TcContext, f: &Flow, side: Side, to: Addr, port: u16) -> Result
     } else {
         0
     };
-    let new_addr = addr::v4(&to);
-    let old_a = u32::from_ne_bytes(addr::v4(&old_addr)) as u64;
-    let new_a = u32::from_ne_bytes(new_addr) as u64;
-    ctx.l3_csum_replace(ETH_HLEN + IP_CSUM_OFF, old_a, new_a, 4)?;
-    ctx.store(addr_off, &new_addr, 0)?;
-    // A later fragment has no L4 header: the address was all there is (the
-    // L4 checksum, in the first fragment, was updated there).
-    if f.frag == Frag::Later {
-        return Ok(());
-    }
     ctx.l4_csum_replace(
         f.l4_csum_off as usize,
-        old_a,
-        new_a,
-        BPF_F_PSEUDO_HDR as u64 | mangled | 4,
-    )?;
-    let old_p = old_port.to_be() as u64;
-    let new_p = port.to_be();
-    ctx.l4_csum_replace(f.l4_csum_off as usize, old_p, new_p as u64, mangled | 2)?;
-    ctx.store(port_off, &new_p, 0)?;
-    Ok(())
-}
-
-/// `rewrite` for IPv6: no header checksum; the L4 checksum's pseudo-header
-/// change goes in as one difference (`bpf_csum_diff` over the 16 bytes).
-#[inline(always)]
-fn rewrite6(ctx: &TcContext, f: &Flow, side: Side, to: &Addr, port: u16) -> Result<(), i64> {
-    let (old_addr, addr_off, old_port, port_off) = match side {
-        Side::Source => (&f.saddr, ETH_HLEN + IP6_SADDR_OFF, f.sport, f.l4_off as usize),
-        Side::Destination => (
-            &f.daddr,
-            ETH_HLEN + IP6_DADDR_OFF,
-            f.dport,
-            f.l4_off as usize + 2,
-        ),
-    };
-    ctx.store(addr_off, &to.octets, 0)?;
-    if f.frag == Frag::Later {
-        return Ok(());
-    }
-    let mangled = if f.proto == IPPROTO_UDP {
-        BPF_F_MARK_MANGLED_0 as u64
-    } else {
-        0
-    };
-    let mut from = addr::words(old_addr);
-    let mut new = addr::words(to);
-    // SAFETY: both buffers are 16 bytes on our stack.
-    let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), 16, new.as_mut_ptr(), 16, 0) };
-    if diff < 0 {
-        return Err(diff);
-    }
-    // A size of 0 in the flags: `to` is a checksum difference.
-    ctx.l4_csum_replace(
-        f.l4_csum_off as usize,
-        0,
-        diff as u64,
-        BPF_F_PSEUDO_HDR as u64 | mangled,
+        csum_from,
+        csum_to,
+        BPF_F_PSEUDO_HDR as u64 | mangled | size,
     )?;
     let old_p = old_port.to_be() as u64;
     let new_p = port.to_be();
