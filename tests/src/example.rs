@@ -1,7 +1,10 @@
 //! Service and EndpointSlice YAML for tests and the demo, written the way
 //! `kubectl get svc,endpointslices -A -o yaml` prints them.
 
-use std::{fmt::Write, net::Ipv4Addr};
+use std::{
+    fmt::Write,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 #[derive(Clone, Debug)]
 pub struct Port {
@@ -14,7 +17,8 @@ pub struct Port {
 
 #[derive(Clone, Debug)]
 pub struct Endpoint {
-    pub ip: Ipv4Addr,
+    /// Either family: IPv6 endpoints go into the Service's IPv6 slices.
+    pub ip: IpAddr,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
@@ -27,9 +31,9 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// A ready endpoint on `topology::NODE_NAME`.
-    pub fn ready(ip: Ipv4Addr) -> Endpoint {
+    pub fn ready(ip: impl Into<IpAddr>) -> Endpoint {
         Endpoint {
-            ip,
+            ip: ip.into(),
             ready: true,
             serving: true,
             terminating: false,
@@ -37,7 +41,7 @@ impl Endpoint {
             zone_hint: None,
         }
     }
-    pub fn terminating(ip: Ipv4Addr) -> Endpoint {
+    pub fn terminating(ip: impl Into<IpAddr>) -> Endpoint {
         Endpoint {
             ready: false,
             terminating: true,
@@ -67,9 +71,12 @@ pub struct Extra {
     pub type_: Option<&'static str>,
     pub external_traffic_policy: Option<&'static str>,
     pub internal_traffic_policy: Option<&'static str>,
-    pub external_ips: Vec<Ipv4Addr>,
+    pub external_ips: Vec<IpAddr>,
     /// `status.loadBalancer.ingress[].ip`.
-    pub lb_ingress: Vec<Ipv4Addr>,
+    pub lb_ingress: Vec<IpAddr>,
+    /// An IPv6 ClusterIP as well: the Service becomes dual-stack
+    /// (`ipFamilies: [IPv4, IPv6]`, `RequireDualStack`).
+    pub cluster_ip6: Option<Ipv6Addr>,
     pub source_ranges: Vec<&'static str>,
     pub health_check_node_port: Option<u16>,
     pub labels: Vec<(&'static str, &'static str)>,
@@ -146,9 +153,24 @@ pub fn yaml(services: &[Svc]) -> String {
     for s in services {
         service_yaml(&mut out, s);
         let n = s.extra.slices.max(1);
-        for k in 0..n {
-            let eps: Vec<&Endpoint> = s.endpoints.iter().skip(k).step_by(n).collect();
-            slice_yaml(&mut out, s, &format!("{}-{}", s.name, k + 1), &eps);
+        // One set of slices per family, as the EndpointSlice controller
+        // writes them; an IPv4 slice always (perhaps empty), an IPv6 one
+        // for a dual-stack Service.
+        let families = [("IPv4", "", true), ("IPv6", "-v6", s.extra.cluster_ip6.is_some())];
+        for (family, suffix, wanted) in families {
+            if !wanted {
+                continue;
+            }
+            let of_family: Vec<&Endpoint> = s
+                .endpoints
+                .iter()
+                .filter(|e| e.ip.is_ipv6() == (family == "IPv6"))
+                .collect();
+            for k in 0..n {
+                let eps: Vec<&Endpoint> = of_family.iter().copied().skip(k).step_by(n).collect();
+                let name = format!("{}{suffix}-{}", s.name, k + 1);
+                slice_yaml(&mut out, s, &name, family, &eps);
+            }
         }
     }
     out
@@ -173,9 +195,17 @@ fn service_yaml(out: &mut String, s: &Svc) {
     }
     let _ = write!(
         out,
-        "  spec:\n    type: {type_}\n    clusterIP: {}\n    clusterIPs: [{}]\n",
-        s.cluster_ip, s.cluster_ip
+        "  spec:\n    type: {type_}\n    clusterIP: {}\n",
+        s.cluster_ip
     );
+    match x.cluster_ip6 {
+        None => {
+            let _ = writeln!(out, "    clusterIPs: [{}]", s.cluster_ip);
+        }
+        Some(ip6) => {
+            let _ = write!(out, "    clusterIPs: [{}, \"{ip6}\"]\n    ipFamilies: [IPv4, IPv6]\n    ipFamilyPolicy: RequireDualStack\n", s.cluster_ip);
+        }
+    }
     if let Some(p) = x.external_traffic_policy {
         let _ = writeln!(out, "    externalTrafficPolicy: {p}");
     }
@@ -187,7 +217,7 @@ fn service_yaml(out: &mut String, s: &Svc) {
     }
     if !x.external_ips.is_empty() {
         let ips: Vec<String> = x.external_ips.iter().map(|i| i.to_string()).collect();
-        let _ = writeln!(out, "    externalIPs: [{}]", ips.join(", "));
+        let _ = writeln!(out, "    externalIPs: [{}]", quoted(&ips));
     }
     if !x.source_ranges.is_empty() {
         let _ = writeln!(
@@ -213,15 +243,15 @@ fn service_yaml(out: &mut String, s: &Svc) {
     if !x.lb_ingress.is_empty() {
         out.push_str("  status:\n    loadBalancer:\n      ingress:\n");
         for ip in &x.lb_ingress {
-            let _ = writeln!(out, "      - ip: {ip}");
+            let _ = writeln!(out, "      - ip: \"{ip}\"");
         }
     }
 }
 
-fn slice_yaml(out: &mut String, s: &Svc, name: &str, endpoints: &[&Endpoint]) {
+fn slice_yaml(out: &mut String, s: &Svc, name: &str, family: &str, endpoints: &[&Endpoint]) {
     let _ = write!(
         out,
-        "- apiVersion: discovery.k8s.io/v1\n  kind: EndpointSlice\n  metadata:\n    name: {}\n    namespace: {}\n    labels:\n      kubernetes.io/service-name: {}\n  addressType: IPv4\n  ports:\n",
+        "- apiVersion: discovery.k8s.io/v1\n  kind: EndpointSlice\n  metadata:\n    name: {}\n    namespace: {}\n    labels:\n      kubernetes.io/service-name: {}\n  addressType: {family}\n  ports:\n",
         name, s.namespace, s.name
     );
     for p in &s.ports {
@@ -237,7 +267,7 @@ fn slice_yaml(out: &mut String, s: &Svc, name: &str, endpoints: &[&Endpoint]) {
         out.push_str("  endpoints:\n");
     }
     for e in endpoints {
-        let _ = writeln!(out, "  - addresses: [{}]", e.ip);
+        let _ = writeln!(out, "  - addresses: [\"{}\"]", e.ip);
         if let Some(n) = &e.node {
             let _ = writeln!(out, "    nodeName: {n}");
         }
@@ -250,4 +280,14 @@ fn slice_yaml(out: &mut String, s: &Svc, name: &str, endpoints: &[&Endpoint]) {
             let _ = writeln!(out, "    hints: {{forZones: [{{name: {z}}}]}}");
         }
     }
+}
+
+/// YAML flow-sequence items, quoted (an IPv6 address is not a plain scalar
+/// everywhere: `::1` would start a mapping key).
+fn quoted(items: &[String]) -> String {
+    items
+        .iter()
+        .map(|i| format!("\"{i}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

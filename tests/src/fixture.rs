@@ -5,9 +5,14 @@
 //! caller's namespace for FIB lookups, so replies route the same way on
 //! every machine. That namespace has a veth pair standing for the node's
 //! NIC (`fx0`, 198.18.0.2/24, MAC NODE_MAC) and a pod veth (`fx1`), and a
-//! permanent neighbour entry for the client (198.18.0.1, CLIENT_MAC).
+//! permanent neighbour entry for the client (198.18.0.1, CLIENT_MAC). The
+//! namespace is dual-stack: every IPv4 address and route there has its
+//! IPv6 twin (`v6_of`), so IPv6 fixtures route the same way.
 
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+};
 
 use aya::programs::{TestRun, TestRunOptions};
 use lb_common::{DatapathConfig, SNAT_PORT_MAX, SNAT_PORT_MIN};
@@ -27,7 +32,7 @@ use std::os::fd::AsFd;
 use crate::{
     netns::{unique, Netns},
     packet::{CLIENT_MAC, NODE_MAC},
-    topology::{NODE_IP, NODE_NAME},
+    topology::{NODE_IP, NODE_IP6, NODE_NAME},
 };
 
 /// Conntrack tables small enough that a fixture can fill them.
@@ -92,7 +97,7 @@ impl Fixture {
         let objects = manifest::parse(yaml)?;
         let node = NodeConfig {
             name: NODE_NAME.into(),
-            node_ips: vec![NODE_IP.into()],
+            node_ips: vec![NODE_IP.into(), NODE_IP6.into()],
             service_proxy_name: None,
             ..Default::default()
         };
@@ -166,6 +171,7 @@ impl Fixture {
             "permanent",
         ])?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
+        add_ipv6_twins(&ns)?;
         setns(ns.file()?.as_fd(), CloneFlags::CLONE_NEWNET)?;
         let pod_ifindex = nix::net::if_::if_nametoindex("fx1")?;
         let nic_ifindex = nix::net::if_::if_nametoindex("fx0")?;
@@ -191,6 +197,7 @@ impl Fixture {
         };
         fx.programmer.maps_mut().set_config(DatapathConfig {
             snat_addr4: lb_common::addr::from_v4(NODE_IP.octets()),
+            snat_addr6: lb_common::addr::from_ip(NODE_IP6.into()),
             snat_port_min: SNAT_PORT_MIN,
             snat_port_max: SNAT_PORT_MAX,
             netns_cookie: 0,
@@ -312,6 +319,42 @@ impl Drop for Fixture {
     }
 }
 
+/// The IPv6 twin of a fixture's IPv4 address: 198.18.x.y is
+/// fd00:18:0:x::y (so the client is fd00:18::1 and the node fd00:18::2, as
+/// in `topology`).
+pub fn v6_of(ip: Ipv4Addr) -> Ipv6Addr {
+    let o = ip.octets();
+    assert_eq!(&o[..2], &[198, 18], "{ip} has no IPv6 twin");
+    Ipv6Addr::new(0xfd00, 0x18, 0, o[2] as u16, 0, 0, 0, o[3] as u16)
+}
+
+/// The fixture namespace's IPv6 half: the node's address on `fx0`, local
+/// pods behind `fx1`, another node's pods via the client, permanent
+/// neighbours with the IPv4 ones' MACs. No duplicate address detection,
+/// so the address is usable at once.
+fn add_ipv6_twins(ns: &Netns) -> anyhow::Result<()> {
+    ns.sysctl("net.ipv6.conf.all.disable_ipv6", "0")?;
+    ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+    let six = |ip: [u8; 4]| v6_of(Ipv4Addr::from(ip)).to_string();
+    let node = format!("{}/64", six([198, 18, 0, 2]));
+    ns.ip(&["-6", "addr", "add", &node, "dev", "fx0", "nodad"])?;
+    ns.ip(&["-6", "route", "add", "fd00:18:0:1::/64", "dev", "fx1"])?;
+    let client = six([198, 18, 0, 1]);
+    ns.ip(&[
+        "-6", "route", "add", "fd00:18:0:2::/64", "via", &client, "dev", "fx0",
+    ])?;
+    let mut neighbours = vec![(client, CLIENT_MAC, "fx0")];
+    for i in 10..=13u8 {
+        neighbours.push((six([198, 18, 1, i]), pod_mac(i), "fx1"));
+    }
+    for (ip, m, dev) in neighbours {
+        ns.ip(&[
+            "-6", "neigh", "add", &ip, "lladdr", &mac(m), "dev", dev, "nud", "permanent",
+        ])?;
+    }
+    Ok(())
+}
+
 fn mac(m: [u8; 6]) -> String {
     m.iter()
         .map(|b| format!("{b:02x}"))
@@ -339,20 +382,35 @@ fn xdp_ctx(len: u32, ifindex: u32) -> Vec<u8> {
 /// The client address the fixtures use.
 pub const CLIENT: Ipv4Addr = crate::topology::CLIENT_IP;
 
-/// The userspace Maglev table over IPv4 endpoints (each on port `target`),
-/// for the tests that predict the datapath's choice.
-pub struct Maglev4(lb_userspace::plan::maglev::MaglevTable);
+/// The userspace Maglev table over endpoints of either family (each on
+/// port `target`), for the tests that predict the datapath's choice.
+pub struct Maglev(lb_userspace::plan::maglev::MaglevTable);
 
-impl Maglev4 {
-    pub fn new(eps: &[std::net::Ipv4Addr], target: u16) -> Maglev4 {
+impl Maglev {
+    pub fn new(eps: &[std::net::IpAddr], target: u16) -> Maglev {
         use lb_userspace::plan::maglev::{table_size_for, MaglevTable};
-        let set: Vec<(std::net::IpAddr, u16)> = eps.iter().map(|&ip| (ip.into(), target)).collect();
-        Maglev4(MaglevTable::build(&set, table_size_for(set.len())))
+        let set: Vec<(std::net::IpAddr, u16)> = eps.iter().map(|&ip| (ip, target)).collect();
+        Maglev(MaglevTable::build(&set, table_size_for(set.len())))
     }
 
     /// The endpoint slot `hash` names.
-    pub fn lookup(&self, hash: u64) -> std::net::Ipv4Addr {
-        match self.0.lookup(hash).0 {
+    pub fn lookup(&self, hash: u64) -> std::net::IpAddr {
+        self.0.lookup(hash).0
+    }
+}
+
+/// `Maglev` over IPv4 endpoints.
+pub struct Maglev4(Maglev);
+
+impl Maglev4 {
+    pub fn new(eps: &[Ipv4Addr], target: u16) -> Maglev4 {
+        let eps: Vec<std::net::IpAddr> = eps.iter().map(|&ip| ip.into()).collect();
+        Maglev4(Maglev::new(&eps, target))
+    }
+
+    /// The endpoint slot `hash` names.
+    pub fn lookup(&self, hash: u64) -> Ipv4Addr {
+        match self.0.lookup(hash) {
             std::net::IpAddr::V4(ip) => ip,
             ip => panic!("{ip} in an IPv4 table"),
         }

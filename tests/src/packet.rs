@@ -400,6 +400,62 @@ impl Spec6 {
     }
 }
 
+/// The frame `spec` builds, cut into IPv6 fragments carrying at most
+/// `chunk` bytes (a multiple of 8) of the fragmentable part each, as the
+/// sending host does (RFC 8200 4.5): a fragment header (next header 44)
+/// with `id`, the offset in 8-byte units and M on all but the last; the
+/// L4 checksum is the whole datagram's.
+pub fn fragments6(spec: &Spec6, chunk: usize, id: u32) -> Vec<Vec<u8>> {
+    assert!(chunk % 8 == 0);
+    let whole = spec.build();
+    let (head, payload) = whole.split_at(14 + 40);
+    let mut out = Vec::new();
+    for (i, piece) in payload.chunks(chunk).enumerate() {
+        let last = (i + 1) * chunk >= payload.len();
+        let mut f = head.to_vec();
+        f[18..20].copy_from_slice(&((8 + piece.len()) as u16).to_be_bytes());
+        f[20] = 44;
+        let off = ((i * chunk) as u16) | u16::from(!last);
+        f.extend_from_slice(&[spec.proto, 0]);
+        f.extend_from_slice(&off.to_be_bytes());
+        f.extend_from_slice(&id.to_be_bytes());
+        f.extend_from_slice(piece);
+        out.push(f);
+    }
+    out
+}
+
+/// What a test reads back from an IPv6 TCP/UDP frame without extension
+/// headers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decoded6 {
+    pub saddr: std::net::Ipv6Addr,
+    pub daddr: std::net::Ipv6Addr,
+    pub sport: u16,
+    pub dport: u16,
+    pub hop_limit: u8,
+    /// The L4 checksum, recomputed from scratch, matches.
+    pub l4_checksum_ok: bool,
+}
+
+pub fn decode6(frame: &[u8]) -> Decoded6 {
+    let ip = &frame[14..];
+    let addr = |at: usize| {
+        let o: [u8; 16] = ip[at..at + 16].try_into().unwrap();
+        std::net::Ipv6Addr::from(o)
+    };
+    let port = |at: usize| u16::from_be_bytes([ip[at], ip[at + 1]]);
+    let off = if ip[6] == TCP { 40 + 16 } else { 40 + 6 };
+    Decoded6 {
+        saddr: addr(8),
+        daddr: addr(24),
+        sport: port(40),
+        dport: port(42),
+        hop_limit: ip[7],
+        l4_checksum_ok: port(off) == l4_checksum6(ip),
+    }
+}
+
 /// The L4 (or ICMPv6) checksum of the IPv6 packet `ip` without extension
 /// headers, computed with the checksum field taken as zero.
 pub fn l4_checksum6(ip: &[u8]) -> u16 {

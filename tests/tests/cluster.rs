@@ -433,8 +433,8 @@ fn external_ips_and_load_balancer_ips_with_source_ranges() {
             &[(1, 0)],
             Extra {
                 type_: Some("LoadBalancer"),
-                external_ips: vec![external_ip(1)],
-                lb_ingress: vec![external_ip(2)],
+                external_ips: vec![external_ip(1).into()],
+                lb_ingress: vec![external_ip(2).into()],
                 source_ranges: ranges,
                 ..Extra::default()
             },
@@ -750,7 +750,7 @@ fn many_ports_both_protocols_many_slices_and_an_endpoint_moving_between_slices()
     w.update(&[moving.clone()]);
     // ... then only in slice 2 (slice 1 empty).
     moving.endpoints[0] = Endpoint {
-        ip: Ipv4Addr::new(198, 18, 250, 250),
+        ip: Ipv4Addr::new(198, 18, 250, 250).into(),
         ready: false,
         serving: false,
         ..moving.endpoints[0].clone()

@@ -567,7 +567,7 @@ fn should_be_possible_to_connect_to_a_service_via_external_ip_not_assigned_to_a_
     let w = World::new(2);
     let external = Ipv4Addr::new(198, 19, 200, 10);
     let mut svc = w.web();
-    svc.extra.external_ips = vec![external];
+    svc.extra.external_ips = vec![external.into()];
     let config = ConfigFile::new(&yaml(&[svc])).unwrap();
     let _agent = Agent::start(&w.topo, &config.path).unwrap();
     let to = SocketAddrV4::new(external, 80);

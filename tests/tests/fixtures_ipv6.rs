@@ -1,83 +1,84 @@
-//! The IPv6 datapath through BPF_PROG_TEST_RUN, TC and XDP: exact frames
-//! out for DNAT, the reply and the refusal. The agent does not program
-//! IPv6 services yet, so these fixtures write the maps themselves: the
-//! example service's frontend gets an IPv6 twin naming the same table, and
-//! its backends are given IPv6 addresses (the datapath reads a table of
-//! backend ids, whatever their family).
+//! The IPv6 datapath through BPF_PROG_TEST_RUN, TC and XDP, programmed by
+//! the real planner from dual-stack Services: exact frames out for DNAT,
+//! the reply, SNAT and its reverse, the refusal, ICMPv6 errors, extension
+//! headers and fragments; and the Service semantics the IPv4 fixtures
+//! prove, over IPv6: session affinity, source ranges, traffic policy
+//! Local, the terminating fallback and the conntrack tables under a flood.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_common::{
     addr::{self, Addr},
     hash::flow_hash,
-    Backend, FrontendKey, ServiceEntry, Verdict, FRONTEND_VIEW_ALL,
+    Verdict, SNAT_PORT_MAX, SNAT_PORT_MIN,
 };
 use lb_tests::{
     example::{yaml, Endpoint, Svc},
     fixture::*,
-    packet::{l4_checksum6, Spec6, CLIENT_MAC, NODE_MAC, TCP, UDP},
+    packet::{
+        decode6, fragments6, l4_checksum6, Spec6, CLIENT_MAC, NODE_MAC, TCP, TCP_ACK, TCP_SYN,
+        UDP,
+    },
+    topology::NODE_IP6,
 };
-use lb_userspace::plan::DatapathMaps;
 
 const HOOKS: [Hook; 2] = [Hook::Tc, Hook::Xdp];
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
 const CLUSTER_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x19, 0, 0, 0, 0, 0, 0x10);
 const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 1);
 
-fn backends() -> Vec<Ipv4Addr> {
-    (11..=13).map(|i| Ipv4Addr::new(198, 18, 1, i)).collect()
+/// The web Service's local pods, IPv6: fd00:18:0:1::b to ::d.
+fn backends() -> Vec<Ipv6Addr> {
+    (11..=13).map(|i| v6_of(Ipv4Addr::new(198, 18, 1, i))).collect()
 }
 
-/// The IPv6 address the fixture gives an IPv4 backend.
-fn v6_of(ip: Ipv4Addr) -> Ipv6Addr {
-    let o = ip.octets();
-    Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, o[2] as u16, o[3] as u16)
+/// Pods on another node (routed via the client's address).
+fn remote() -> Vec<Ipv6Addr> {
+    (11..=12).map(|i| v6_of(Ipv4Addr::new(198, 18, 2, i))).collect()
 }
 
 fn a6(ip: Ipv6Addr) -> Addr {
     addr::from_ip(ip.into())
 }
 
-/// The example service, its ClusterIP twinned on IPv6 and its backends
-/// readdressed; `empty`: the twin announces no usable backend.
-fn fixture(empty: bool) -> Fixture {
-    let eps = backends().into_iter().map(Endpoint::ready).collect();
-    let mut fx = Fixture::new(&yaml(&[Svc::web(eps)])).expect("fixture");
-    let snap = fx.maps().snapshot().unwrap();
-    let v4 = addr::from_v4(CLUSTER_IP.octets());
-    let (_, mut entry): (FrontendKey, ServiceEntry) = *snap
-        .frontends
-        .iter()
-        .find(|(k, _)| k.addr == v4 && k.port == 80)
-        .expect("the ClusterIP frontend");
-    for (id, b) in &snap.backends {
-        let ip = Ipv4Addr::from(addr::v4(&b.addr));
-        let b6 = Backend {
-            addr: a6(v6_of(ip)),
-            ..*b
-        };
-        fx.maps_mut().set_backend(*id, b6).unwrap();
-    }
-    if empty {
-        entry.backend_count = 0;
-    }
-    let key = FrontendKey {
-        addr: a6(CLUSTER_IP6),
-        port: 80,
-        proto: TCP,
-        view: FRONTEND_VIEW_ALL,
-    };
-    fx.maps_mut().set_frontend(key, entry).unwrap();
-    fx.maps_mut()
-        .set_frontend(FrontendKey { proto: UDP, ..key }, entry)
-        .unwrap();
-    fx
+/// The example web Service made dual-stack (ClusterIPs 198.19.0.10 and
+/// fd00:19::10), with IPv4 pods 198.18.1.11-13 and `eps6` as its IPv6
+/// endpoints.
+fn web(eps6: Vec<Endpoint>) -> Svc {
+    let mut eps: Vec<Endpoint> = (11..=13)
+        .map(|i| Endpoint::ready(Ipv4Addr::new(198, 18, 1, i)))
+        .collect();
+    eps.extend(eps6);
+    let mut svc = Svc::web(eps);
+    svc.extra.cluster_ip6 = Some(CLUSTER_IP6);
+    svc
 }
 
-/// The backend Maglev gives the IPv6 client's flow: the userspace table
-/// and the shared hash, with the IPv6 fold.
+fn ready(ips: Vec<Ipv6Addr>) -> Vec<Endpoint> {
+    ips.into_iter().map(Endpoint::ready).collect()
+}
+
+/// The dual-stack web Service on `backends()`; `empty`: no IPv6 endpoint.
+fn fixture(empty: bool) -> Fixture {
+    let eps6 = if empty { vec![] } else { ready(backends()) };
+    Fixture::new(&yaml(&[web(eps6)])).expect("fixture")
+}
+
+/// The backend Maglev gives `client`'s flow among `eps` (each on port
+/// `target`): the userspace table and the shared hash.
+fn maglev(eps: &[Ipv6Addr], target: u16, client: Ipv6Addr, sport: u16, dport: u16, proto: u8) -> Ipv6Addr {
+    let eps: Vec<IpAddr> = eps.iter().map(|&ip| ip.into()).collect();
+    match Maglev::new(&eps, target).lookup(flow_hash(&a6(client), sport, dport, proto)) {
+        IpAddr::V6(ip) => ip,
+        ip => panic!("{ip} in an IPv6 table"),
+    }
+}
+
+/// The backend of `CLIENT6`'s flow to the web Service's port (80/TCP or
+/// 53/UDP).
 fn expected_backend(sport: u16, proto: u8) -> Ipv6Addr {
-    v6_of(Maglev4::new(&backends(), 8080).lookup(flow_hash(&a6(CLIENT6), sport, 80, proto)))
+    let (dport, target) = if proto == TCP { (80, 8080) } else { (53, 5353) };
+    maglev(&backends(), target, CLIENT6, sport, dport, proto)
 }
 
 fn pass(hook: Hook) -> u32 {
@@ -88,30 +89,49 @@ fn pass(hook: Hook) -> u32 {
     }
 }
 
+fn drop_verdict(hook: Hook) -> u32 {
+    if hook == Hook::Tc {
+        TC_ACT_SHOT
+    } else {
+        XDP_DROP
+    }
+}
+
+fn redirect(hook: Hook) -> u32 {
+    if hook == Hook::Tc {
+        TC_ACT_REDIRECT
+    } else {
+        XDP_REDIRECT
+    }
+}
+
 #[test]
 fn ipv6_clusterip_flows_are_translated_to_the_maglev_backend_and_back() {
     for hook in HOOKS {
-        for (proto, sport) in [(TCP, 40000u16), (UDP, 40001)] {
+        for (proto, sport, port, target) in [(TCP, 40000u16, 80, 8080), (UDP, 40001, 53, 5353)] {
             let fx = fixture(false);
             let build = if proto == TCP { Spec6::tcp } else { Spec6::udp };
-            let input = build(CLIENT6, sport, CLUSTER_IP6, 80).build();
+            let input = build(CLIENT6, sport, CLUSTER_IP6, port).build();
             let out = fx.run(hook, &input).unwrap();
             let backend = expected_backend(sport, proto);
-            let want = build(CLIENT6, sport, backend, 8080).build();
+            let want = build(CLIENT6, sport, backend, target).build();
             assert_eq!(out.verdict, pass(hook), "{hook:?} {proto}");
             assert_eq!(out.frame, want, "{hook:?} {proto}: DNAT to {backend}");
             assert_eq!(fx.counter(Verdict::DnatNew), 1, "{hook:?} {proto}");
 
-            // The backend's reply comes back from the frontend.
-            let mut reply = build(backend, 8080, CLIENT6, sport);
+            // The backend's reply comes back from the frontend, routed
+            // by the datapath (the hop limit one lower).
+            let mut reply = build(backend, target, CLIENT6, sport);
             reply.src_mac = NODE_MAC;
             reply.dst_mac = CLIENT_MAC;
             reply.tcp_flags = 0x12; // SYN-ACK
-            let out = fx.run(hook, &reply.build()).unwrap();
-            let mut want = build(CLUSTER_IP6, 80, CLIENT6, sport);
+            let out = fx.run_on(hook, &reply.build(), fx.pod_ifindex).unwrap();
+            let mut want = build(CLUSTER_IP6, port, CLIENT6, sport);
             want.src_mac = NODE_MAC;
             want.dst_mac = CLIENT_MAC;
             want.tcp_flags = 0x12;
+            want.hop_limit = 63;
+            assert_eq!(out.verdict, redirect(hook), "{hook:?} {proto}: reply");
             assert_eq!(out.frame, want.build(), "{hook:?} {proto}: reply");
             assert_eq!(fx.counter(Verdict::ReplyNat), 1, "{hook:?} {proto}");
         }
@@ -164,14 +184,21 @@ fn ipv6_packets_with_ipv4_mapped_addresses_never_meet_ipv4_frontends() {
 
 /// An ICMPv6 error from `src` to `dst` quoting `quoted` (an IPv6 packet,
 /// from its header on), built from scratch.
-fn icmp6_error(src: Ipv6Addr, dst: Ipv6Addr, kind: [u8; 2], word: u32, quoted: &[u8]) -> Vec<u8> {
+fn icmp6_error(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    hop_limit: u8,
+    kind: [u8; 2],
+    word: u32,
+    quoted: &[u8],
+) -> Vec<u8> {
     let len = 8 + quoted.len();
     let mut f = Vec::new();
     f.extend_from_slice(&CLIENT_MAC);
     f.extend_from_slice(&NODE_MAC);
     f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
     f.extend_from_slice(&(len as u16).to_be_bytes());
-    f.extend_from_slice(&[58, 64]);
+    f.extend_from_slice(&[58, hop_limit]);
     f.extend_from_slice(&src.octets());
     f.extend_from_slice(&dst.octets());
     f.extend_from_slice(&kind);
@@ -199,10 +226,11 @@ fn icmpv6_packet_too_big_about_a_translated_flow_reaches_the_client_translated_b
         sent.payload = vec![0xab; 64];
         let mut asked = Spec6::tcp(CLIENT6, sport, CLUSTER_IP6, 80);
         asked.payload = vec![0xab; 64];
-        let input = icmp6_error(ROUTER, CLIENT6, [2, 0], 1280, &sent.build()[14..]);
-        let out = fx.run(hook, &input).unwrap();
-        // The client learns the MTU for the flow it knows: to the frontend.
-        let want = icmp6_error(ROUTER, CLIENT6, [2, 0], 1280, &asked.build()[14..]);
+        let input = icmp6_error(ROUTER, CLIENT6, 64, [2, 0], 1280, &sent.build()[14..]);
+        let out = fx.run_on(hook, &input, fx.nic_ifindex).unwrap();
+        // The client learns the MTU for the flow it knows: to the frontend
+        // (routed on to it by the datapath, the hop limit one lower).
+        let want = icmp6_error(ROUTER, CLIENT6, 63, [2, 0], 1280, &asked.build()[14..]);
         assert_eq!(out.frame, want, "{hook:?}");
         assert_eq!(fx.counter(Verdict::IcmpErrorNat), 1, "{hook:?}");
     }
@@ -252,5 +280,262 @@ fn ipv6_extension_headers_are_walked_within_a_bound() {
         assert_eq!(out.verdict, pass(hook));
         assert_eq!(out.frame, five, "{hook:?}: five extension headers");
         assert_eq!(fx.counter(Verdict::PassOtherProtocol), 1, "{hook:?}");
+    }
+}
+
+/// `p` as the node sends it on after translating its source to the node
+/// (`sport`) and its destination to `daddr:dport`: routed by the datapath,
+/// out of the NIC with the node's MAC and the hop limit one lower.
+fn routed_from_node(p: &Spec6, sport: u16, daddr: Ipv6Addr, dport: u16) -> Spec6 {
+    Spec6 {
+        src_mac: NODE_MAC,
+        dst_mac: CLIENT_MAC,
+        saddr: NODE_IP6,
+        sport,
+        daddr,
+        dport,
+        hop_limit: p.hop_limit - 1,
+        ..p.clone()
+    }
+}
+
+#[test]
+fn ipv6_node_port_to_a_remote_backend_is_snatted_and_the_reply_reversed() {
+    let eps6 = remote()
+        .into_iter()
+        .map(|ip| Endpoint::ready(ip).on("node-b"))
+        .collect();
+    let svc = web(eps6);
+    for hook in HOOKS {
+        let fx = Fixture::new(&yaml(&[svc.clone()])).unwrap();
+        let syn = Spec6::tcp(CLIENT6, 40000, NODE_IP6, 30080);
+        let backend = maglev(&remote(), 8080, CLIENT6, 40000, 30080, TCP);
+        let out = fx.run_on(hook, &syn.build(), fx.nic_ifindex).unwrap();
+        assert_eq!(out.verdict, redirect(hook), "{hook:?}");
+        let port = decode6(&out.frame).sport;
+        assert!((SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&port), "SNAT port {port}");
+        // Source: the node's IPv6 address and a SNAT port; destination:
+        // the backend; routed by us towards node B.
+        assert_eq!(out.frame, routed_from_node(&syn, port, backend, 8080).build(), "{hook:?}");
+        let ack = Spec6 {
+            tcp_flags: TCP_ACK,
+            ..syn.clone()
+        };
+        let out = fx.run_on(hook, &ack.build(), fx.nic_ifindex).unwrap();
+        assert_eq!(out.frame, routed_from_node(&ack, port, backend, 8080).build(), "{hook:?} ACK");
+        assert_eq!(fx.counter(Verdict::DnatNew), 1);
+        assert_eq!(fx.counter(Verdict::DnatEstablished), 1);
+
+        let reply = Spec6 {
+            tcp_flags: TCP_SYN | TCP_ACK,
+            ..Spec6::tcp(backend, 8080, NODE_IP6, port)
+        };
+        let out = fx.run_on(hook, &reply.build(), fx.nic_ifindex).unwrap();
+        assert_eq!(out.verdict, redirect(hook), "{hook:?}");
+        let want = routed_from_node(&reply, 30080, CLIENT6, 40000);
+        assert_eq!(out.frame, want.build(), "{hook:?} reply");
+        assert_eq!(fx.counter(Verdict::ReplyNat), 1);
+    }
+}
+
+#[test]
+fn ipv6_session_affinity_keeps_a_client_on_one_backend() {
+    let mut svc = web(ready(backends()));
+    svc.affinity_timeout_s = Some(300);
+    for hook in HOOKS {
+        let fx = Fixture::new(&yaml(&[svc.clone()])).unwrap();
+        let to = |client, sport| {
+            let out = fx.run(hook, &Spec6::tcp(client, sport, CLUSTER_IP6, 80).build());
+            decode6(&out.unwrap().frame).daddr
+        };
+        let first = to(CLIENT6, 40000);
+        // Sources ports that Maglev alone spreads over every backend.
+        let spread: std::collections::BTreeSet<Ipv6Addr> = (40001..40040)
+            .map(|sport| expected_backend(sport, TCP))
+            .collect();
+        assert_eq!(spread.len(), 3);
+        for sport in 40001..40040 {
+            assert_eq!(to(CLIENT6, sport), first, "{hook:?} sport {sport}");
+        }
+        assert_eq!(fx.counter(Verdict::DnatAffinity), 39);
+        // Another client is balanced on its own.
+        let other = Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 0x77);
+        let before = fx.counter(Verdict::DnatNew);
+        assert!(backends().contains(&to(other, 40000)), "{hook:?}");
+        assert_eq!(fx.counter(Verdict::DnatNew), before + 1, "{hook:?}");
+    }
+}
+
+#[test]
+fn ipv6_load_balancer_source_ranges_admit_only_their_clients() {
+    let lb_ip = Ipv6Addr::new(0xfd00, 0x18, 0, 9, 0, 0, 0, 1);
+    let mut svc = web(ready(backends()));
+    svc.extra.type_ = Some("LoadBalancer");
+    svc.extra.lb_ingress = vec![lb_ip.into()];
+    svc.extra.source_ranges = vec!["198.18.0.0/24", "fd00:18::1/128"];
+    let outsider = Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 5);
+    for hook in HOOKS {
+        let fx = Fixture::new(&yaml(&[svc.clone()])).unwrap();
+        let input = Spec6::tcp(CLIENT6, 40000, lb_ip, 80);
+        let out = fx.run_on(hook, &input.build(), fx.nic_ifindex).unwrap();
+        let backend = expected_backend(40000, TCP);
+        assert_eq!(decode6(&out.frame).daddr, backend, "{hook:?}: an admitted client");
+        assert_eq!(decode6(&out.frame).saddr, CLIENT6, "{hook:?}");
+
+        let input = Spec6::tcp(outsider, 40000, lb_ip, 80);
+        let out = fx.run_on(hook, &input.build(), fx.nic_ifindex).unwrap();
+        assert_eq!(out.verdict, drop_verdict(hook), "{hook:?}: outside the ranges");
+        assert_eq!(fx.counter(Verdict::DropSourceRange), 1, "{hook:?}");
+        // The ranges are the load-balancer address's alone: the ClusterIP
+        // still serves that client.
+        let input = Spec6::tcp(outsider, 40001, CLUSTER_IP6, 80);
+        let out = fx.run(hook, &input.build()).unwrap();
+        let backend = maglev(&backends(), 8080, outsider, 40001, 80, TCP);
+        assert_eq!(decode6(&out.frame).daddr, backend, "{hook:?}: its ClusterIP");
+    }
+}
+
+/// kube-proxy's rule for traffic policy Local, over IPv6: endpoints only
+/// elsewhere, dropped; a local endpoint, chosen with the client's address
+/// kept.
+#[test]
+fn ipv6_traffic_policy_local_keeps_the_client_address_or_drops() {
+    let local = |eps: Vec<Endpoint>| {
+        let mut svc = web(eps);
+        svc.extra.external_traffic_policy = Some("Local");
+        svc
+    };
+    let elsewhere = local(
+        remote()
+            .into_iter()
+            .map(|ip| Endpoint::ready(ip).on("node-b"))
+            .collect(),
+    );
+    let frame = Spec6::tcp(CLIENT6, 40000, NODE_IP6, 30080);
+    for hook in HOOKS {
+        let fx = Fixture::new(&yaml(&[elsewhere.clone()])).unwrap();
+        let out = fx.run_on(hook, &frame.build(), fx.nic_ifindex).unwrap();
+        assert_eq!(out.verdict, drop_verdict(hook), "{hook:?}: endpoints elsewhere");
+        assert_eq!(fx.counter(Verdict::DropNoLocalBackend), 1, "{hook:?}");
+
+        let fx = Fixture::new(&yaml(&[local(ready(backends()))])).unwrap();
+        let out = fx.run_on(hook, &frame.build(), fx.nic_ifindex).unwrap();
+        let backend = maglev(&backends(), 8080, CLIENT6, 40000, 30080, TCP);
+        let got = decode6(&out.frame);
+        assert_eq!((got.saddr, got.sport), (CLIENT6, 40000), "{hook:?}: no SNAT");
+        assert_eq!((got.daddr, got.dport), (backend, 8080), "{hook:?}");
+        assert!(got.l4_checksum_ok, "{hook:?}");
+    }
+}
+
+/// With no ready endpoint left, new flows go to the serving terminating
+/// ones (KEP-1669), over IPv6 as over IPv4.
+#[test]
+fn ipv6_terminating_endpoints_take_new_flows_when_none_is_ready() {
+    let going = backends()[..2].to_vec();
+    let eps6 = going.iter().map(|&ip| Endpoint::terminating(ip)).collect();
+    let svc = web(eps6);
+    for hook in HOOKS {
+        let fx = Fixture::new(&yaml(&[svc.clone()])).unwrap();
+        for sport in 40000..40016 {
+            let input = Spec6::tcp(CLIENT6, sport, CLUSTER_IP6, 80);
+            let out = fx.run(hook, &input.build()).unwrap();
+            let backend = maglev(&going, 8080, CLIENT6, sport, 80, TCP);
+            let want = Spec6::tcp(CLIENT6, sport, backend, 8080).build();
+            assert_eq!(out.frame, want, "{hook:?} sport {sport}");
+        }
+        assert_eq!(fx.counter(Verdict::DnatNew), 16, "{hook:?}");
+    }
+}
+
+/// A flood of IPv6 SYNs and UDP flows from spoofed sources, 4x the size
+/// of the handshake and UDP tables each, evicts no established IPv6 flow.
+#[test]
+fn ipv6_floods_evict_no_established_flow() {
+    for hook in HOOKS {
+        let fx = fixture(false);
+        let run = |s: Spec6| fx.run(hook, &s.build()).unwrap();
+        let est: Vec<u16> = (50_000..50_023).collect();
+        let reply = |sport: u16, flags: u8| Spec6 {
+            src_mac: NODE_MAC,
+            dst_mac: CLIENT_MAC,
+            tcp_flags: flags,
+            ..Spec6::tcp(expected_backend(sport, TCP), 8080, CLIENT6, sport)
+        };
+        for &sport in &est {
+            run(Spec6::tcp(CLIENT6, sport, CLUSTER_IP6, 80));
+            run(reply(sport, TCP_SYN | TCP_ACK));
+        }
+        let spoofed = |i: u32| Ipv6Addr::new(0xfd00, 0x18, 0, 0x100, 0, 0, (i >> 16) as u16, i as u16);
+        for i in 0..4 * FIXTURE_CT_SIZES.syn {
+            run(Spec6::tcp(spoofed(i), 1024 + (i % 60000) as u16, CLUSTER_IP6, 80));
+        }
+        for i in 0..4 * FIXTURE_CT_SIZES.udp {
+            run(Spec6::udp(spoofed(i), 1024 + (i % 60000) as u16, CLUSTER_IP6, 53));
+        }
+        let before = fx.counter(Verdict::DnatEstablished);
+        for &sport in &est {
+            let ack = Spec6 {
+                tcp_flags: TCP_ACK,
+                ..Spec6::tcp(CLIENT6, sport, CLUSTER_IP6, 80)
+            };
+            let out = decode6(&run(ack).frame);
+            assert_eq!(out.daddr, expected_backend(sport, TCP), "{hook:?} {sport}");
+            let back = decode6(&run(reply(sport, TCP_ACK)).frame);
+            assert_eq!((back.saddr, back.sport), (CLUSTER_IP6, 80), "{hook:?} {sport}");
+        }
+        assert_eq!(fx.counter(Verdict::DnatEstablished) - before, est.len() as u64);
+        assert_eq!(fx.counter(Verdict::DnatPickup), 0, "{hook:?}: no state was lost");
+    }
+}
+
+/// An IPv6 UDP datagram of 3,000 bytes in three fragments (the sender
+/// fragments; routers never do): every fragment follows the first to its
+/// backend, and the backend's fragmented answer comes back from the
+/// frontend.
+#[test]
+fn ipv6_fragments_follow_the_first_both_ways() {
+    let payload: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+    for hook in HOOKS {
+        let fx = fixture(false);
+        let backend = expected_backend(40000, UDP);
+        let request = Spec6 {
+            payload: payload.clone(),
+            ..Spec6::udp(CLIENT6, 40000, CLUSTER_IP6, 53)
+        };
+        let translated = Spec6 {
+            daddr: backend,
+            dport: 5353,
+            ..request.clone()
+        };
+        let want = fragments6(&translated, 1232, 0x4242);
+        let got = fragments6(&request, 1232, 0x4242);
+        assert_eq!(got.len(), 3);
+        for (i, frag) in got.iter().enumerate() {
+            let out = fx.run(hook, frag).unwrap();
+            assert_eq!(out.verdict, pass(hook), "{hook:?} fragment {i}");
+            assert_eq!(out.frame, want[i], "{hook:?} fragment {i}");
+        }
+        let answer = Spec6 {
+            src_mac: [0x02, 0, 0, 0, 0, 0x33],
+            dst_mac: [0x02, 0, 0, 0, 0, 0x44],
+            payload: payload.clone(),
+            ..Spec6::udp(backend, 5353, CLIENT6, 40000)
+        };
+        let back = Spec6 {
+            src_mac: NODE_MAC,
+            dst_mac: CLIENT_MAC,
+            saddr: CLUSTER_IP6,
+            sport: 53,
+            hop_limit: 63,
+            ..answer.clone()
+        };
+        let want = fragments6(&back, 1232, 0x4343);
+        for (i, frag) in fragments6(&answer, 1232, 0x4343).iter().enumerate() {
+            let out = fx.run_on(hook, frag, fx.pod_ifindex).unwrap();
+            assert_eq!(out.verdict, redirect(hook), "{hook:?} answer fragment {i}");
+            assert_eq!(out.frame, want[i], "{hook:?} answer fragment {i}");
+        }
+        assert_eq!(fx.counter(Verdict::FragmentNat), 4, "{hook:?}");
     }
 }

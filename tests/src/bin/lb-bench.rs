@@ -1,11 +1,13 @@
 //! `cargo xtask bench`: datapath cost per packet through BPF_PROG_TEST_RUN
 //! (the kernel times the program itself), for TC and XDP, with 1, 1,000 and
-//! 100,000 services programmed; the Maglev build time; and the control
+//! 50,000 services per family programmed (IPv4 and IPv6 side by side,
+//! each family's rows from the same datapath and run); the Maglev build
+//! time; and the control
 //! plane (see `lb_tests::control_bench`): cold start with 10,000 services x
 //! 10 endpoints and one-endpoint change latency; and the node (see
 //! `lb_tests::node_bench`): new pods' veths followed, and a pod's
-//! connections through socket LB versus TC. `lb-bench control` and
-//! `lb-bench node` run one part alone.
+//! connections through socket LB versus TC. `lb-bench datapath`,
+//! `lb-bench control` and `lb-bench node` run one part alone.
 //!
 //! Method. A test run repeats one frame in place, so a translated frame
 //! would stop matching after the first run. Two tricks keep every number a
@@ -22,17 +24,19 @@
 
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::{Duration, Instant},
 };
 
 use lb_tests::{
-    fixture::{Fixture, Hook},
-    packet::Spec,
+    fixture::{v6_of, Fixture, Hook},
+    packet::{Spec, Spec6},
+    topology::NODE_IP6,
 };
 use lb_userspace::{
     model::{
-        DesiredState, Endpoint, Frontend, FrontendKind, Protocol, ServicePort, ServicePortKey,
+        DesiredState, Endpoint, Family, Frontend, FrontendKind, Protocol, ServicePort,
+        ServicePortKey,
     },
     plan::maglev::{table_size_for, MaglevTable},
 };
@@ -45,11 +49,12 @@ const NEW_FLOWS: u16 = 20_000;
 /// Fewer for SNAT: every new flow holds a SNAT port for the run.
 const SNAT_NEW_FLOWS: u16 = 5_000;
 
-/// A one-port TCP service with one frontend and ready endpoints.
+/// A one-port TCP service with one frontend and ready endpoints, all of
+/// the frontend's family.
 fn tcp_service(
     name: String,
-    frontend: (Ipv4Addr, u16, FrontendKind),
-    endpoints: impl IntoIterator<Item = (Ipv4Addr, u16)>,
+    frontend: (IpAddr, u16, FrontendKind),
+    endpoints: impl IntoIterator<Item = (IpAddr, u16)>,
     local: bool,
 ) -> ServicePort {
     let (addr, port, kind) = frontend;
@@ -60,10 +65,10 @@ fn tcp_service(
             port_name: String::new(),
             protocol: Protocol::Tcp,
             scope: Default::default(),
-            family: Default::default(),
+            family: if addr.is_ipv6() { Family::V6 } else { Family::V4 },
         },
         frontends: vec![Frontend {
-            addr: addr.into(),
+            addr,
             port,
             protocol: Protocol::Tcp,
             kind,
@@ -72,7 +77,7 @@ fn tcp_service(
         endpoints: endpoints
             .into_iter()
             .map(|(addr, port)| Endpoint {
-                addr: addr.into(),
+                addr,
                 port,
                 ready: true,
                 serving: true,
@@ -87,35 +92,82 @@ fn tcp_service(
     }
 }
 
-/// `n` ClusterIP services, 198.19.x.y:80, one backend each. Service 0 is
-/// the measured one and targets itself (see the module comment). Plus the
-/// SNAT path: a NodePort whose backends are on another node (routed via
-/// the fixture's 198.18.0.1); 64 of them, so the SNAT ports of the measured
-/// flows are spread (a port is unique per backend) and rarely probe twice.
+/// The addresses one family's rows use.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Fam {
+    V4,
+    V6,
+}
+
+impl Fam {
+    fn name(self) -> &'static str {
+        match self {
+            Fam::V4 => "IPv4",
+            Fam::V6 => "IPv6",
+        }
+    }
+
+    /// The family's twin of an IPv4 address of the bench (198.19.x.y is
+    /// fd00:19::x:y; 198.18.x.y as in the fixture, `v6_of`).
+    fn addr(self, ip: Ipv4Addr) -> IpAddr {
+        match (self, ip.octets()) {
+            (Fam::V4, _) => ip.into(),
+            (Fam::V6, [198, 19, x, y]) => {
+                Ipv6Addr::new(0xfd00, 0x19, 0, 0, 0, 0, x as u16, y as u16).into()
+            }
+            (Fam::V6, _) => v6_of(ip).into(),
+        }
+    }
+
+    fn node_ip(self) -> IpAddr {
+        match self {
+            Fam::V4 => NODE_IP.into(),
+            Fam::V6 => NODE_IP6.into(),
+        }
+    }
+}
+
+/// A TCP SYN frame of either family.
+fn syn(saddr: IpAddr, sport: u16, daddr: IpAddr, dport: u16) -> Vec<u8> {
+    match (saddr, daddr) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => Spec::tcp(s, sport, d, dport).build(),
+        (IpAddr::V6(s), IpAddr::V6(d)) => Spec6::tcp(s, sport, d, dport).build(),
+        _ => panic!("{saddr} and {daddr} are of different families"),
+    }
+}
+
+/// `n` ClusterIP services per family, 198.19.x.y:80 and fd00:19::x:y, one
+/// backend each. Service 0 of each family is the measured one and targets
+/// itself (see the module comment). Plus the SNAT path, per family: a
+/// NodePort whose backends are on another node (routed via the fixture's
+/// client address); 64 of them, so the SNAT ports of the measured flows
+/// are spread (a port is unique per backend) and rarely probe twice.
 fn services(n: u32) -> DesiredState {
     let mut state = DesiredState::default();
-    for i in 0..n {
-        let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 1)) + i);
-        let backend = if i == 0 {
-            vip
-        } else {
-            Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 0)) + i)
-        };
+    for fam in [Fam::V4, Fam::V6] {
+        for i in 0..n {
+            let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 1)) + i);
+            let backend = if i == 0 {
+                vip
+            } else {
+                Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 0)) + i)
+            };
+            let sp = tcp_service(
+                format!("svc-{i}"),
+                (fam.addr(vip), 80, FrontendKind::ClusterIp),
+                [(fam.addr(backend), 80)],
+                true,
+            );
+            state.services.insert(sp.key.clone(), sp.into());
+        }
         let sp = tcp_service(
-            format!("svc-{i}"),
-            (vip, 80, FrontendKind::ClusterIp),
-            [(backend, 80)],
-            true,
+            "snat".into(),
+            (fam.node_ip(), SNAT_NODE_PORT, FrontendKind::NodePort),
+            (10..74).map(|i| (fam.addr(Ipv4Addr::new(198, 18, 2, i)), 8080)),
+            false,
         );
         state.services.insert(sp.key.clone(), sp.into());
     }
-    let sp = tcp_service(
-        "snat".into(),
-        (NODE_IP, SNAT_NODE_PORT, FrontendKind::NodePort),
-        (10..74).map(|i| (Ipv4Addr::new(198, 18, 2, i), 8080)),
-        false,
-    );
-    state.services.insert(sp.key.clone(), sp.into());
     state
 }
 
@@ -148,18 +200,19 @@ enum Path {
     Snat,
 }
 
-fn measure(fx: &Fixture, hook: Hook, path: Path) -> anyhow::Result<Row> {
+fn measure(fx: &Fixture, hook: Hook, path: Path, fam: Fam) -> anyhow::Result<Row> {
     let (vip, vport, ifindex) = match path {
-        Path::Dnat => (Ipv4Addr::new(198, 19, 0, 1), 80, 0),
-        Path::Snat => (NODE_IP, SNAT_NODE_PORT, fx.nic_ifindex),
+        Path::Dnat => (fam.addr(Ipv4Addr::new(198, 19, 0, 1)), 80, 0),
+        Path::Snat => (fam.node_ip(), SNAT_NODE_PORT, fx.nic_ifindex),
     };
+    let client = fam.addr(CLIENT);
     let time = |frame: &[u8], repeat| fx.time_on(hook, frame, repeat, ifindex).map(ns);
     let flows = match path {
         Path::Dnat => NEW_FLOWS,
         Path::Snat => SNAT_NEW_FLOWS,
     };
-    let other = Spec::tcp(CLIENT, 40000, Ipv4Addr::new(198, 18, 1, 50), 80).build();
-    let est = Spec::tcp(CLIENT, 40000, vip, vport).build();
+    let other = syn(client, 40000, fam.addr(Ipv4Addr::new(198, 18, 1, 50)), 80);
+    let est = syn(client, 40000, vip, vport);
     time(&est, 1)?; // the first run creates the flow
     let mut no_service = Vec::new();
     let mut established = Vec::new();
@@ -176,7 +229,7 @@ fn measure(fx: &Fixture, hook: Hook, path: Path) -> anyhow::Result<Row> {
     let base = if hook == Hook::Tc { 1024 } else { 1024 + flows };
     let mut fresh = Vec::with_capacity(flows as usize);
     for i in 0..flows {
-        let frame = Spec::tcp(CLIENT, base + i, vip, vport).build();
+        let frame = syn(client, base + i, vip, vport);
         fresh.push(time(&frame, 1)?);
     }
     let new_raw = fresh.iter().sum::<f64>() / fresh.len() as f64;
@@ -205,6 +258,7 @@ fn main() -> anyhow::Result<()> {
     lb_tests::require_root();
     // `lb-bench control`: the control-plane part only.
     match std::env::args().nth(1).as_deref() {
+        Some("datapath") => return datapath(),
         Some("control") => return control_plane(),
         Some("node") => return node(),
         Some("maglev") => {
@@ -214,10 +268,19 @@ fn main() -> anyhow::Result<()> {
         Some("compare") => return compare(std::env::args().skip(2).collect()),
         _ => {}
     }
+    datapath()?;
+    maglev();
+    control_plane()?;
+    node()
+}
+
+/// `lb-bench datapath`: the BPF_PROG_TEST_RUN rows.
+fn datapath() -> anyhow::Result<()> {
     println!("lb datapath benchmark: ns per packet, BPF_PROG_TEST_RUN (kernel-timed), {REPEAT} repeats (median of 5),");
     println!("new flows: mean of {NEW_FLOWS} single runs minus the per-call timer cost\n");
-    let mut rows: BTreeMap<(Path, u32, &str), Row> = BTreeMap::new();
-    for n in [1u32, 1_000, 100_000] {
+    let mut rows: BTreeMap<(Path, u32, &str, Fam), Row> = BTreeMap::new();
+    // Per family: 50,000 of each stays under MAX_SERVICES (131,072).
+    for n in [1u32, 1_000, 50_000] {
         let state = services(n);
         let t = Instant::now();
         // The conntrack tables the agent would size for this machine (the
@@ -226,43 +289,64 @@ fn main() -> anyhow::Result<()> {
         let fx = Fixture::with_state_sized(&state, &sizes)?;
         let took = t.elapsed();
         println!(
-            "programmed {n:>6} services (load + {n} Maglev tables + maps) in {:.2} s",
+            "programmed {n:>6} services per family, IPv4 and IPv6 (load + {} Maglev tables + maps) in {:.2} s",
+            2 * n + 2,
             took.as_secs_f64()
         );
         for (hook, name) in [(Hook::Tc, "TC"), (Hook::Xdp, "XDP")] {
             for path in [Path::Dnat, Path::Snat] {
-                rows.insert((path, n, name), measure(&fx, hook, path)?);
+                // The families alternate, so a slow spell of this shared
+                // machine falls on both alike.
+                for fam in [Fam::V4, Fam::V6] {
+                    rows.insert((path, n, name, fam), measure(&fx, hook, path, fam)?);
+                }
             }
         }
     }
     println!("\nDNAT = ClusterIP (stack routes); SNAT = NodePort to a backend on another node");
     println!("(source and destination translated, SNAT port allocated, FIB lookup + redirect)\n");
-    println!("| path | hook | services | no service | new flow | established | established (repeats) | (new flow raw) |");
-    println!("|---|---|---:|---:|---:|---:|---:|---:|");
-    for ((path, n, hook), r) in &rows {
+    println!("| path | hook | services per family | family | no service | new flow | established | established (repeats) | (new flow raw) |");
+    println!("|---|---|---:|---|---:|---:|---:|---:|---:|");
+    for ((path, n, hook, fam), r) in &rows {
         let name = if *path == Path::Dnat { "DNAT" } else { "SNAT" };
         let repeats = r.established.map_or("-".to_string(), |e| format!("{e:.0}"));
         println!(
-            "| {name} | {hook} | {n} | {:.0} | {:.0} | {:.0} | {repeats} | {:.0} |",
-            r.no_service, r.new_flow, r.established_single, r.new_raw
+            "| {name} | {hook} | {n} | {} | {:.0} | {:.0} | {:.0} | {repeats} | {:.0} |",
+            fam.name(),
+            r.no_service,
+            r.new_flow,
+            r.established_single,
+            r.new_raw
         );
     }
-    println!("\nSNAT / DNAT, same run (new flow, established):");
-    for ((path, n, hook), s) in &rows {
+    println!("\nSNAT / DNAT, same run and family (new flow, established):");
+    for ((path, n, hook, fam), s) in &rows {
         if *path != Path::Snat {
             continue;
         }
-        let d = &rows[&(Path::Dnat, *n, *hook)];
+        let d = &rows[&(Path::Dnat, *n, *hook, *fam)];
         println!(
-            "| {hook} | {n} | {:.2}x | {:.2}x |",
+            "| {hook} | {n} | {} | {:.2}x | {:.2}x |",
+            fam.name(),
             s.new_flow / d.new_flow,
             s.established_single / d.established_single
         );
     }
-
-    maglev();
-    control_plane()?;
-    node()
+    println!("\nIPv6 / IPv4, same run (no service, new flow, established):");
+    for ((path, n, hook, fam), six) in &rows {
+        if *fam != Fam::V6 {
+            continue;
+        }
+        let four = &rows[&(*path, *n, *hook, Fam::V4)];
+        let name = if *path == Path::Dnat { "DNAT" } else { "SNAT" };
+        println!(
+            "| {name} | {hook} | {n} | {:.2}x | {:.2}x | {:.2}x |",
+            six.no_service / four.no_service,
+            six.new_flow / four.new_flow,
+            six.established_single / four.established_single
+        );
+    }
+    Ok(())
 }
 
 /// `lb-bench compare [--rounds N] [--services N,N,...] [--slice-ms MS]
