@@ -3,7 +3,9 @@
 //! fabric holds static routes to each node's pod range (what a cloud route
 //! table or BGP would advertise) and to the "load-balancer" range, which it
 //! sends to node A. Only 198.18.0.0/15; nothing has a route out of the
-//! fabric, so no packet can leave the machine.
+//! fabric, so no packet can leave the machine. `Cluster::add_ipv6` makes
+//! it dual-stack: every address and route gets its twin in fd00:18::/32
+//! (`topology::v6_of`: 198.18.x.y is fd00:18:0:x::y).
 //!
 //! ```text
 //!                        client 198.18.9.2
@@ -15,7 +17,7 @@
 //! ```
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -23,7 +25,7 @@ use std::{
 use crate::{
     agent::Agent,
     netns::{unique, Netns},
-    topology::{wire_pod, Pod},
+    topology::{v6_of, wire_pod, Pod},
 };
 
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 9, 2);
@@ -78,6 +80,28 @@ pub struct Cluster {
     pub fabric: Netns,
     pub client: Netns,
     pub nodes: Vec<Node>,
+    /// `add_ipv6` ran: agents get each node's IPv6 address too.
+    pub dual_stack: bool,
+}
+
+/// The IPv6 twin of `node_ip(n)`.
+pub fn node_ip6(n: usize) -> Ipv6Addr {
+    v6_of(node_ip(n))
+}
+
+/// The IPv6 twin of `pod_ip(n, i)`.
+pub fn pod_ip6(n: usize, i: usize) -> Ipv6Addr {
+    v6_of(pod_ip(n, i))
+}
+
+/// The IPv6 twin of `CLIENT_IP`.
+pub fn client_ip6() -> Ipv6Addr {
+    v6_of(CLIENT_IP)
+}
+
+/// The IPv6 twin of `external_ip(i)`.
+pub fn external_ip6(i: u8) -> Ipv6Addr {
+    v6_of(external_ip(i))
 }
 
 impl Cluster {
@@ -154,17 +178,65 @@ impl Cluster {
             fabric,
             client,
             nodes,
+            dual_stack: false,
         })
     }
 
+    /// Makes the cluster dual-stack: every address above gets its IPv6
+    /// twin (/64 links, /128 pods), the fabric routes each node's pod /64
+    /// and the external /64 like their IPv4 ranges, everything forwards
+    /// IPv6. Addresses skip duplicate address detection (usable at once).
+    pub fn add_ipv6(&mut self) -> anyhow::Result<()> {
+        let six = |ip: Ipv4Addr| v6_of(ip).to_string();
+        let on = |ns: &Netns, ip: Ipv4Addr, len: u8, dev: &str| {
+            ns.ip(&["-6", "addr", "add", &format!("{}/{len}", six(ip)), "dev", dev, "nodad"])
+        };
+        let mut all: Vec<&Netns> = vec![&self.fabric, &self.client];
+        all.extend(self.nodes.iter().map(|n| &n.ns));
+        for ns in all {
+            ns.sysctl("net.ipv6.conf.all.disable_ipv6", "0")?;
+            ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        }
+        on(&self.fabric, FABRIC_CLIENT_SIDE, 64, "cli")?;
+        on(&self.client, CLIENT_IP, 64, "eth0")?;
+        let via = six(FABRIC_CLIENT_SIDE);
+        self.client.ip(&["-6", "route", "add", "default", "via", &via])?;
+        for (n, node) in self.nodes.iter().enumerate() {
+            on(&self.fabric, fabric_ip(n), 64, &format!("n{n}"))?;
+            on(&node.ns, node.ip, 64, "eth0")?;
+            node.ns.ip(&["-6", "route", "add", "default", "via", &six(fabric_ip(n))])?;
+            let pods = format!("{}/64", six(Ipv4Addr::new(198, 18, 1 + n as u8, 0)));
+            self.fabric.ip(&["-6", "route", "add", &pods, "via", &six(node.ip)])?;
+            for (i, pod) in node.pods.iter().enumerate() {
+                let (ip, gw) = (six(pod_ip(n, i)), six(pod_gateway(n)));
+                on(&node.ns, pod_gateway(n), 128, &pod.host_iface)?;
+                node.ns.ip(&["-6", "route", "add", &format!("{ip}/128"), "dev", &pod.host_iface])?;
+                pod.ns.sysctl("net.ipv6.conf.all.disable_ipv6", "0")?;
+                on(&pod.ns, pod_ip(n, i), 128, "eth0")?;
+                pod.ns.ip(&["-6", "route", "add", &gw, "dev", "eth0"])?;
+                pod.ns.ip(&["-6", "route", "add", "default", "via", &gw, "dev", "eth0"])?;
+            }
+        }
+        if let Some(a) = self.nodes.first() {
+            let external = format!("{}/64", six(external_ip(0)));
+            self.fabric.ip(&["-6", "route", "add", &external, "via", &six(a.ip)])?;
+        }
+        self.dual_stack = true;
+        Ok(())
+    }
+
     /// The test servers (`servers::PodServer`) in every pod, named by node
-    /// letter and index: a0, a1, b0, ...
+    /// letter and index: a0, a1, b0, ...; on both families once
+    /// `add_ipv6` ran.
     pub fn start_servers(&self) -> anyhow::Result<Vec<crate::servers::PodServer>> {
         let mut servers = Vec::new();
         for node in &self.nodes {
             for (i, p) in node.pods.iter().enumerate() {
                 let name = format!("{}{i}", &node.name[5..]);
                 servers.push(crate::servers::PodServer::start(&p.ns, &name, 8080, 5353)?);
+                if self.dual_stack {
+                    servers.push(crate::servers::PodServer::start_v6(&p.ns, &name, 8080, 5353)?);
+                }
             }
         }
         Ok(servers)
@@ -195,6 +267,9 @@ impl Cluster {
                     "--node-name".into(),
                     node.name.clone(),
                 ];
+                if self.dual_stack {
+                    args.extend(["--node-ip".into(), v6_of(node.ip).to_string()]);
+                }
                 args.extend_from_slice(extra);
                 let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("lbnode")));
                 let mut agent = Agent::spawn_with_env(&node.ns, &pin_dir, &args, env)?;

@@ -10,7 +10,7 @@
 //! IPv6 twin (`v6_of`), so IPv6 fixtures route the same way.
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr},
+    net::Ipv4Addr,
     path::PathBuf,
 };
 
@@ -319,14 +319,7 @@ impl Drop for Fixture {
     }
 }
 
-/// The IPv6 twin of a fixture's IPv4 address: 198.18.x.y is
-/// fd00:18:0:x::y (so the client is fd00:18::1 and the node fd00:18::2, as
-/// in `topology`).
-pub fn v6_of(ip: Ipv4Addr) -> Ipv6Addr {
-    let o = ip.octets();
-    assert_eq!(&o[..2], &[198, 18], "{ip} has no IPv6 twin");
-    Ipv6Addr::new(0xfd00, 0x18, 0, o[2] as u16, 0, 0, 0, o[3] as u16)
-}
+pub use crate::topology::v6_of;
 
 /// The fixture namespace's IPv6 half: the node's address on `fx0`, local
 /// pods behind `fx1`, another node's pods via the client, permanent

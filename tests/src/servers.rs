@@ -8,10 +8,17 @@
 //! - `STREAM` -> `<pod name>`, then data forever, until the client goes away
 //!
 //! UDP: any datagram -> `<pod name> <peer ip>:<peer port>`.
+//!
+//! The same servers listen on IPv6 with `PodServer::start_v6` (IPv6 only,
+//! so they sit beside the IPv4 ones on the same ports).
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{
+        IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener,
+        TcpStream, UdpSocket,
+    },
+    os::fd::{AsRawFd, OwnedFd},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -62,16 +69,39 @@ impl PodServer {
         tcp_port: u16,
         udp_port: u16,
     ) -> anyhow::Result<PodServer> {
+        Self::start_at(ns, name, addr.into(), tcp_port, udp_port)
+    }
+
+    /// The same servers on [::], IPv6 only: beside `start`'s on the same
+    /// ports, they make a pod dual-stack.
+    pub fn start_v6(
+        ns: &Netns,
+        name: &str,
+        tcp_port: u16,
+        udp_port: u16,
+    ) -> anyhow::Result<PodServer> {
+        Self::start_at(ns, name, Ipv6Addr::UNSPECIFIED.into(), tcp_port, udp_port)
+    }
+
+    fn start_at(
+        ns: &Netns,
+        name: &str,
+        addr: IpAddr,
+        tcp_port: u16,
+        udp_port: u16,
+    ) -> anyhow::Result<PodServer> {
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let mut threads = Vec::new();
         {
             let (stop, name, ready) = (stop.clone(), name.to_string(), ready_tx.clone());
-            threads.push(ns.spawn(move || tcp_server(&name, (addr, tcp_port), &stop, ready))?);
+            let at = SocketAddr::new(addr, tcp_port);
+            threads.push(ns.spawn(move || tcp_server(&name, at, &stop, ready))?);
         }
         {
             let (stop, name, ready) = (stop.clone(), name.to_string(), ready_tx);
-            threads.push(ns.spawn(move || udp_server(&name, (addr, udp_port), &stop, ready))?);
+            let at = SocketAddr::new(addr, udp_port);
+            threads.push(ns.spawn(move || udp_server(&name, at, &stop, ready))?);
         }
         for _ in 0..2 {
             ready_rx
@@ -93,8 +123,36 @@ impl Drop for PodServer {
 
 type Ready = std::sync::mpsc::Sender<anyhow::Result<()>>;
 
-fn tcp_server(name: &str, at: (Ipv4Addr, u16), stop: &Arc<AtomicBool>, ready: Ready) {
-    let listener = match TcpListener::bind(at) {
+/// A socket bound to `at`; an IPv6 one IPv6 only (std's would take IPv4
+/// too and collide with the IPv4 server on the port).
+fn bound(at: SocketAddr, ty: nix::sys::socket::SockType) -> std::io::Result<OwnedFd> {
+    use nix::sys::socket::{
+        bind, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockaddrIn, SockaddrIn6,
+    };
+    let family = match at {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let fd = socket(family, ty, SockFlag::empty(), None)?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    match at {
+        SocketAddr::V4(a) => bind(fd.as_raw_fd(), &SockaddrIn::from(a))?,
+        SocketAddr::V6(a) => {
+            setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
+            bind(fd.as_raw_fd(), &SockaddrIn6::from(a))?
+        }
+    }
+    Ok(fd)
+}
+
+fn tcp_listener(at: SocketAddr) -> std::io::Result<TcpListener> {
+    let fd = bound(at, nix::sys::socket::SockType::Stream)?;
+    nix::sys::socket::listen(&fd, nix::sys::socket::Backlog::new(128).unwrap())?;
+    Ok(TcpListener::from(fd))
+}
+
+fn tcp_server(name: &str, at: SocketAddr, stop: &Arc<AtomicBool>, ready: Ready) {
+    let listener = match tcp_listener(at) {
         Ok(l) => l,
         Err(e) => {
             let _ = ready.send(Err(e.into()));
@@ -206,8 +264,8 @@ fn serve_tcp(
     }
 }
 
-fn udp_server(name: &str, at: (Ipv4Addr, u16), stop: &Arc<AtomicBool>, ready: Ready) {
-    let sock = match UdpSocket::bind(at) {
+fn udp_server(name: &str, at: SocketAddr, stop: &Arc<AtomicBool>, ready: Ready) {
+    let sock = match bound(at, nix::sys::socket::SockType::Datagram).map(UdpSocket::from) {
         Ok(s) => s,
         Err(e) => {
             let _ = ready.send(Err(e.into()));
@@ -308,6 +366,46 @@ pub fn udp_big(to: SocketAddrV4, n: usize) -> anyhow::Result<(Answer, usize)> {
     anyhow::bail!("no answer to a {n}-byte datagram from {to}")
 }
 
+/// Who answered a `WHO` over IPv6, and the client address it saw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Answer6 {
+    pub pod: String,
+    pub peer: SocketAddrV6,
+}
+
+fn parse_answer6(text: &str) -> anyhow::Result<Answer6> {
+    let mut it = text.split_whitespace();
+    let pod = it.next().context("empty answer")?.to_string();
+    let peer = it.next().context("answer without peer")?.parse()?;
+    Ok(Answer6 { pod, peer })
+}
+
+/// `tcp_who` over IPv6.
+pub fn tcp_who6(to: SocketAddrV6) -> anyhow::Result<Answer6> {
+    let mut s = TcpStream::connect_timeout(&to.into(), Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    s.write_all(b"WHO\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    parse_answer6(&text)
+}
+
+/// `udp_who` over IPv6.
+pub fn udp_who6(to: SocketAddrV6) -> anyhow::Result<Answer6> {
+    let s = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))?;
+    s.connect(to)?;
+    s.set_read_timeout(Some(Duration::from_millis(500)))?;
+    let mut buf = [0u8; 256];
+    // A few tries: the first datagram can race neighbour discovery.
+    for _ in 0..6 {
+        s.send(b"WHO")?;
+        if let Ok(n) = s.recv(&mut buf) {
+            return parse_answer6(&String::from_utf8_lossy(&buf[..n]));
+        }
+    }
+    anyhow::bail!("no UDP answer from {to}")
+}
+
 /// An idle TCP connection (`ECHO`): who answered, and the open stream.
 pub fn tcp_echo_open(to: SocketAddrV4) -> anyhow::Result<(String, TcpStream)> {
     let mut s = TcpStream::connect_timeout(&to.into(), Duration::from_secs(3))?;
@@ -335,7 +433,7 @@ pub fn tcp_echo(s: &mut TcpStream, line: &str) -> anyhow::Result<String> {
 }
 
 /// Uploads `n` bytes of the pattern with `UPLOAD`; the server checks them.
-pub fn tcp_upload(to: SocketAddrV4, n: u64) -> anyhow::Result<()> {
+pub fn tcp_upload(to: impl Into<SocketAddr>, n: u64) -> anyhow::Result<()> {
     let mut s = TcpStream::connect_timeout(&to.into(), Duration::from_secs(3))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     s.set_write_timeout(Some(Duration::from_secs(10)))?;
@@ -358,7 +456,7 @@ pub fn tcp_upload(to: SocketAddrV4, n: u64) -> anyhow::Result<()> {
 }
 
 /// Downloads `n` bytes with `BULK` and checks every byte of the pattern.
-pub fn tcp_bulk(to: SocketAddrV4, n: u64) -> anyhow::Result<u64> {
+pub fn tcp_bulk(to: impl Into<SocketAddr>, n: u64) -> anyhow::Result<u64> {
     let mut s = TcpStream::connect_timeout(&to.into(), Duration::from_secs(3))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     writeln!(s, "BULK {n}")?;

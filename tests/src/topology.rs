@@ -30,6 +30,15 @@ pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 1);
 pub const NODE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 2);
 pub const POD_GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0, 1, 0, 0, 0, 1);
 
+/// The IPv6 twin the fixtures and the virtual cluster give an IPv4 test
+/// address: 198.18.x.y is fd00:18:0:x::y (so 198.18.0.1 is fd00:18::1,
+/// `CLIENT_IP6`, and 198.18.0.2 is `NODE_IP6`).
+pub fn v6_of(ip: Ipv4Addr) -> Ipv6Addr {
+    let o = ip.octets();
+    assert_eq!(&o[..2], &[198, 18], "{ip} has no IPv6 twin");
+    Ipv6Addr::new(0xfd00, 0x18, 0, o[2] as u16, 0, 0, 0, o[3] as u16)
+}
+
 pub fn pod_ip6(i: usize) -> Ipv6Addr {
     Ipv6Addr::new(0xfd00, 0x18, 0, 1, 0, 0, 0, 0x10 + i as u16)
 }

@@ -6,18 +6,21 @@
 use std::{
     collections::BTreeSet,
     io::{ErrorKind, Read, Write},
-    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6, TcpStream},
     time::{Duration, Instant},
 };
 
 use lb_tests::{
     agent::{Agent, ConfigFile},
-    cluster::{external_ip, node_name, pod_ip, Cluster, CLIENT_IP},
+    cluster::{
+        client_ip6, external_ip, external_ip6, node_ip6, node_name, pod_ip, pod_ip6, Cluster,
+        CLIENT_IP,
+    },
     example::{yaml, Endpoint, Extra, Svc},
     netns::Netns,
     servers::{
-        tcp_bulk, tcp_echo, tcp_echo_open, tcp_upload, tcp_who, tcp_who_client_closes, udp_big,
-        udp_who, Answer, PodServer,
+        tcp_bulk, tcp_echo, tcp_echo_open, tcp_upload, tcp_who, tcp_who6, tcp_who_client_closes,
+        udp_big, udp_who, udp_who6, Answer, Answer6, PodServer,
     },
 };
 
@@ -37,6 +40,21 @@ impl World {
     fn new() -> World {
         lb_tests::require_root();
         let c = Cluster::new(&[2, 2]).expect("cluster");
+        let servers = c.start_servers().expect("servers");
+        World {
+            c,
+            _servers: servers,
+            agents: Vec::new(),
+            config: None,
+        }
+    }
+
+    /// `new`, dual-stack: every address has its IPv6 twin, the servers
+    /// listen on both families, each agent gets both node addresses.
+    fn dual_stack() -> World {
+        lb_tests::require_root();
+        let mut c = Cluster::new(&[2, 2]).expect("cluster");
+        c.add_ipv6().expect("IPv6 addresses");
         let servers = c.start_servers().expect("servers");
         World {
             c,
@@ -951,4 +969,137 @@ fn a_3000_byte_udp_datagram_and_its_3000_byte_answer_cross_a_cluster_ip() {
     assert_eq!(answer.pod, "b0", "{answer:?}");
     assert_eq!(len, 3000);
     assert!(w.agents[0].stat("fragment_nat") >= 4);
+}
+
+// ---- IPv6 on the dual-stack cluster ----
+
+const CLUSTER_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x19, 0, 0, 0, 0, 0, 0x10);
+
+/// `web` made dual-stack (ClusterIPs 198.19.0.10 and fd00:19::10), each
+/// endpoint (node, pod) listed in both families' slices.
+fn web_dual(endpoints: &[(usize, usize)], extra: Extra) -> Svc {
+    let mut eps: Vec<Endpoint> = endpoints
+        .iter()
+        .map(|&(n, i)| Endpoint::ready(pod_ip(n, i)).on(&node_name(n)))
+        .collect();
+    eps.extend(
+        endpoints
+            .iter()
+            .map(|&(n, i)| Endpoint::ready(pod_ip6(n, i)).on(&node_name(n))),
+    );
+    let mut svc = Svc::web(eps);
+    svc.extra = Extra {
+        cluster_ip6: Some(CLUSTER_IP6),
+        ..extra
+    };
+    svc
+}
+
+fn tcp6(addr: Ipv6Addr, port: u16) -> SocketAddrV6 {
+    SocketAddrV6::new(addr, port, 0, 0)
+}
+
+fn who6(ns: &Netns, to: SocketAddrV6) -> Answer6 {
+    ns.run(move || tcp_who6(to))
+        .unwrap()
+        .unwrap_or_else(|e| panic!("TCP {to}: {e}"))
+}
+
+#[test]
+fn ipv6_cluster_ip_and_node_port_reach_backends_on_another_node() {
+    let mut w = World::dual_stack();
+    w.start(&[web_dual(&[(1, 0), (1, 1)], Extra::default())], &[]);
+    // A pod on node A to the IPv6 ClusterIP: node B's pods, the pod's
+    // address kept, over TCP and UDP.
+    let mut seen = BTreeSet::new();
+    for _ in 0..16 {
+        let a = who6(w.pod(0, 0), tcp6(CLUSTER_IP6, 80));
+        assert!(a.pod.starts_with('b'), "{a:?}");
+        assert_eq!(*a.peer.ip(), pod_ip6(0, 0), "no SNAT for pod traffic");
+        seen.insert(a.pod);
+        let u = w
+            .pod(0, 0)
+            .run(|| udp_who6(tcp6(CLUSTER_IP6, 53)))
+            .unwrap()
+            .expect("UDP over IPv6");
+        assert_eq!(*u.peer.ip(), pod_ip6(0, 0), "{u:?}");
+    }
+    assert_eq!(seen.len(), 2, "both remote backends: {seen:?}");
+    // The outside client to node A's IPv6 NodePort: SNAT to node A's IPv6
+    // address with a distinct port per flow, so node B's replies return.
+    let np = tcp6(node_ip6(0), NODE_PORT);
+    let mut ports = BTreeSet::new();
+    for _ in 0..30 {
+        let a = who6(&w.c.client, np);
+        assert!(a.pod.starts_with('b'), "{a:?}");
+        assert_eq!(*a.peer.ip(), node_ip6(0), "SNAT to node A: {a:?}");
+        assert!(a.peer.port() >= lb_common::SNAT_PORT_MIN, "{a:?}");
+        ports.insert((a.pod, a.peer.port()));
+    }
+    assert_eq!(ports.len(), 30, "one SNAT port per flow and backend");
+    // Megabytes each way, every byte checked.
+    w.c.client.run(move || tcp_bulk(np, 8 << 20)).unwrap().unwrap();
+    w.c.client.run(move || tcp_upload(np, 8 << 20)).unwrap().unwrap();
+    // The IPv4 half of the same Service still works beside it.
+    let a = who(&w.c.client, tcp(w.node_ip(0), NODE_PORT));
+    assert!(a.pod.starts_with('b'), "{a:?}");
+}
+
+#[test]
+fn ipv6_external_ips_with_source_ranges_and_traffic_policy_local() {
+    let mut w = World::dual_stack();
+    let extra = Extra {
+        type_: Some("LoadBalancer"),
+        external_traffic_policy: Some("Local"),
+        lb_ingress: vec![external_ip6(2).into()],
+        source_ranges: vec!["198.18.9.0/24", "fd00:18:0:9::/64"],
+        ..Extra::default()
+    };
+    // a0 on node A (where the fabric sends the external range), b0 on B.
+    w.start(&[web_dual(&[(0, 0), (1, 0)], extra)], &[]);
+    let lb = tcp6(external_ip6(2), 80);
+    for _ in 0..10 {
+        // Local: only node A's endpoint, the client's address kept.
+        let a = who6(&w.c.client, lb);
+        assert_eq!((a.pod.as_str(), *a.peer.ip()), ("a0", client_ip6()), "{a:?}");
+    }
+    // A pod of node B is outside the source ranges: dropped.
+    let kind = w
+        .pod(1, 0)
+        .run(move || {
+            TcpStream::connect_timeout(&lb.into(), Duration::from_millis(1500))
+                .err()
+                .map(|e| e.kind())
+        })
+        .unwrap()
+        .expect("a source outside the ranges was let in");
+    assert!(
+        matches!(kind, ErrorKind::TimedOut | ErrorKind::WouldBlock),
+        "{kind:?}"
+    );
+    // Node B's own datapath drops it, as kube-proxy's rules on every node
+    // would: the pod's packet never reaches the fabric.
+    assert!(w.agents[1].stat("drop_source_range") >= 1);
+}
+
+#[test]
+fn ipv6_path_mtu_discovery_works_through_a_smaller_link_both_ways() {
+    let mut w = World::dual_stack();
+    // The fabric's links to node B and to the client carry 1280 bytes
+    // (IPv6's minimum), the ends still believe in 1500. IPv6 routers never
+    // fragment: only the fabric's packet too big, about packets node A
+    // translated, tells the senders.
+    for link in ["n1", "cli"] {
+        w.c.fabric.ip(&["link", "set", link, "mtu", "1280"]).unwrap();
+    }
+    w.start(&[web_dual(&[(1, 0)], Extra::default())], &[]);
+    let np = tcp6(node_ip6(0), NODE_PORT);
+    // Upload: the fabric tells node A (the SNAT source) about a packet to
+    // b0; node A hands the error to the client.
+    w.c.client.run(move || tcp_upload(np, 4 << 20)).unwrap().unwrap();
+    // Download: the fabric tells node A (the NodePort) about a reply to
+    // the client; node A hands the error to b0.
+    w.c.client.run(move || tcp_bulk(np, 4 << 20)).unwrap().unwrap();
+    let translated = w.agents[0].stat("icmp_error_nat");
+    assert!(translated >= 2, "{translated}");
 }
