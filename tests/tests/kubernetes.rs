@@ -463,7 +463,7 @@ fn healthz_readyz_and_metrics_tell_the_truth() {
     assert!(sample(&m, "lb_sync_duration_seconds_count ") >= 1.0);
     assert!(sample(&m, "lb_datapath_packets_total{verdict=\"dnat_new\"}") >= 20.0);
     assert!(
-        sample(&m, "lb_service_packets_total{namespace=\"demo\",service=\"web\",port=\"http\",protocol=\"TCP\",scope=\"Cluster\"}")
+        sample(&m, "lb_service_packets_total{namespace=\"demo\",service=\"web\",port=\"http\",protocol=\"TCP\",scope=\"Cluster\",family=\"IPv4\"}")
             >= 20.0
     );
     assert!(sample(&m, "lb_map_entries{map=\"lb_ct_tcp\"}") >= 1.0);
@@ -604,4 +604,74 @@ fn zone_hints_follow_the_nodes_zone_label() {
     w.until_served_by(&["pod-2"]);
     w.api.apply_yaml(&node("z2"));
     w.until_served_by(&["pod-1"]);
+}
+
+/// A dual-stack Node (an InternalIP of each family, as the kubelet lists
+/// them) and no --node-ip: the NodePort answers on both, each family's
+/// SNAT address is the Node's, and an IPv6 Service from the API is served.
+#[test]
+fn a_dual_stack_nodes_addresses_from_the_api_serve_both_families() {
+    use lb_tests::{
+        servers::tcp_who6,
+        topology::{pod_ip6, CLIENT_IP6, NODE_IP6},
+    };
+    use std::net::{Ipv6Addr, SocketAddrV6};
+    let w = world(2);
+    w.topo.add_ipv6().unwrap();
+    let _v6: Vec<PodServer> = (0..2)
+        .map(|i| PodServer::start_v6(&w.topo.pods[i].ns, &format!("pod-{}", i + 1), 8080, 5353))
+        .collect::<anyhow::Result<_>>()
+        .unwrap();
+    w.api.apply_yaml(&format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {NODE_NAME}\n\
+         status:\n  addresses:\n  - {{type: Hostname, address: {NODE_NAME}}}\n  \
+         - {{type: InternalIP, address: \"{NODE_IP}\"}}\n  - {{type: InternalIP, address: \"{NODE_IP6}\"}}\n"
+    ));
+    let mut svc = Svc::web(
+        [pod_ip(1).into(), pod_ip(2).into(), pod_ip6(1).into(), pod_ip6(2).into()]
+            .into_iter()
+            .map(|ip: std::net::IpAddr| Endpoint::ready(ip))
+            .collect(),
+    );
+    svc.extra.cluster_ip6 = Some(Ipv6Addr::new(0xfd00, 0x19, 0, 0, 0, 0, 0, 0x10));
+    w.api.apply_yaml(&yaml(&[svc]));
+    let mut agent = w.agent();
+    agent
+        .wait_for_log("NodePorts answer on the Node's addresses", PATIENCE)
+        .unwrap();
+    let line = agent
+        .logs()
+        .into_iter()
+        .find(|l| l.contains("NodePorts answer on the Node's addresses"))
+        .unwrap();
+    assert!(line.contains(&NODE_IP6.to_string()), "{line}");
+    w.until_served_by(&["pod-1", "pod-2"]);
+    let np6 = SocketAddrV6::new(NODE_IP6, 30080, 0, 0);
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let a = w.topo.client.run(move || tcp_who6(np6)).unwrap().expect("IPv6 NodePort");
+        assert_eq!(*a.peer.ip(), CLIENT_IP6, "{a:?}");
+        seen.insert(a.pod);
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    // A pod reaching itself through the IPv6 ClusterIP is masqueraded to
+    // the Node's IPv6 address: the SNAT address came from the Node too.
+    let vip = SocketAddrV6::new(Ipv6Addr::new(0xfd00, 0x19, 0, 0, 0, 0, 0, 0x10), 80, 0, 0);
+    let mut hairpin = None;
+    for _ in 0..40 {
+        let a = w.topo.pods[0].ns.run(move || tcp_who6(vip)).unwrap().unwrap();
+        if a.pod == "pod-1" {
+            hairpin = Some(a.peer);
+            break;
+        }
+    }
+    let peer = hairpin.expect("pod 1 reached itself in 40 connections");
+    assert_eq!(*peer.ip(), NODE_IP6);
+    // Each family's service port has its own series.
+    let (_, m) = status_get(&w, "/metrics");
+    let series = |family: &str| {
+        format!("lb_service_packets_total{{namespace=\"demo\",service=\"web\",port=\"http\",protocol=\"TCP\",scope=\"Cluster\",family=\"{family}\"}}")
+    };
+    assert!(sample(&m, &series("IPv6")) >= 21.0, "{m}");
+    assert!(sample(&m, &series("IPv4")) >= 20.0, "{m}");
 }

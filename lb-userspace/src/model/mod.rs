@@ -108,6 +108,14 @@ impl Family {
             IpAddr::V6(_) => Family::V6,
         }
     }
+
+    /// The name Kubernetes gives the family (`ipFamilies`, `addressType`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
 }
 
 impl ServicePortKey {

@@ -269,6 +269,9 @@ impl Collector for DatapathCollector {
                         ("port", key.port_name),
                         ("protocol", key.protocol.to_string()),
                         ("scope", format!("{:?}", key.scope)),
+                        // A dual-stack Service has a service port per
+                        // family: without it their series would collide.
+                        ("family", key.family.name().to_string()),
                     ];
                     (labels, c)
                 })
