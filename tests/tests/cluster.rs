@@ -1103,3 +1103,66 @@ fn ipv6_path_mtu_discovery_works_through_a_smaller_link_both_ways() {
     let translated = w.agents[0].stat("icmp_error_nat");
     assert!(translated >= 2, "{translated}");
 }
+
+/// Refusals over IPv6, both kinds: a Service without endpoints answers
+/// ICMPv6 port unreachable itself; a backend's own port unreachable,
+/// about a SNATed or DNATed flow, reaches the client translated back.
+#[test]
+fn ipv6_refusals_reach_the_client_as_connection_refused() {
+    let mut w = World::dual_stack();
+    let mut dead = web_dual(&[(1, 0)], Extra::default());
+    dead.name = "dead";
+    dead.cluster_ip = Ipv4Addr::new(198, 19, 0, 12);
+    dead.extra.cluster_ip6 = Some(Ipv6Addr::new(0xfd00, 0x19, 0, 0, 0, 0, 0, 0x12));
+    // UDP to a port nobody listens on in the pod.
+    dead.ports = vec![lb_tests::example::Port {
+        name: "udp",
+        protocol: "UDP",
+        port: 54,
+        target: 9999,
+        node_port: Some(30054),
+    }];
+    let empty = web_dual(&[], Extra::default());
+    w.start(&[dead, empty], &[]);
+    let refused = |ns: &Netns, to: SocketAddrV6| {
+        ns.run(move || {
+            let s = std::net::UdpSocket::bind("[::]:0").unwrap();
+            s.connect(to).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            s.send(b"hello").unwrap();
+            let mut buf = [0u8; 64];
+            s.recv(&mut buf).unwrap_err().kind()
+        })
+        .unwrap()
+    };
+    let start = Instant::now();
+    // The backend refuses, through SNAT (NodePort, remote backend) and
+    // without (pod, ClusterIP).
+    assert_eq!(
+        refused(&w.c.client, tcp6(node_ip6(0), 30054)),
+        ErrorKind::ConnectionRefused
+    );
+    let dead_ip6 = Ipv6Addr::new(0xfd00, 0x19, 0, 0, 0, 0, 0, 0x12);
+    assert_eq!(
+        refused(w.pod(0, 0), tcp6(dead_ip6, 54)),
+        ErrorKind::ConnectionRefused
+    );
+    // No endpoint at all: the datapath refuses, TCP and UDP.
+    let kind = w
+        .c
+        .client
+        .run(|| {
+            TcpStream::connect_timeout(&tcp6(node_ip6(0), NODE_PORT).into(), Duration::from_secs(2))
+                .unwrap_err()
+                .kind()
+        })
+        .unwrap();
+    assert_eq!(kind, ErrorKind::ConnectionRefused);
+    assert_eq!(
+        refused(w.pod(0, 0), tcp6(CLUSTER_IP6, 53)),
+        ErrorKind::ConnectionRefused
+    );
+    assert!(start.elapsed() < Duration::from_secs(4));
+    assert!(w.agents[0].stat("icmp_error_nat") >= 2);
+    assert!(w.agents[0].stat("reject_no_backend") >= 2);
+}
