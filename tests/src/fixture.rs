@@ -68,6 +68,34 @@ pub enum Hook {
     TcEgress,
 }
 
+impl Hook {
+    /// The hook's "let it through to the stack" return code.
+    pub fn verdict_pass(self) -> u32 {
+        if self == Hook::Xdp {
+            XDP_PASS
+        } else {
+            TC_ACT_OK
+        }
+    }
+
+    pub fn verdict_drop(self) -> u32 {
+        if self == Hook::Xdp {
+            XDP_DROP
+        } else {
+            TC_ACT_SHOT
+        }
+    }
+
+    /// Sent out of an interface by the datapath itself.
+    pub fn verdict_redirect(self) -> u32 {
+        if self == Hook::Xdp {
+            XDP_REDIRECT
+        } else {
+            TC_ACT_REDIRECT
+        }
+    }
+}
+
 pub struct Fixture {
     pub dp: Option<Datapath>,
     pub programmer: Programmer<KernelMaps>,

@@ -296,21 +296,52 @@ pub struct Answer {
     pub peer: SocketAddrV4,
 }
 
-fn parse_answer(text: &str) -> anyhow::Result<Answer> {
+/// `<pod> <peer>`: who answered, and the peer it saw (of either family).
+fn parse_who<P>(text: &str) -> anyhow::Result<(String, P)>
+where
+    P: std::str::FromStr,
+    P::Err: std::error::Error + Send + Sync + 'static,
+{
     let mut it = text.split_whitespace();
     let pod = it.next().context("empty answer")?.to_string();
     let peer = it.next().context("answer without peer")?.parse()?;
-    Ok(Answer { pod, peer })
+    Ok((pod, peer))
 }
 
-/// One TCP connection to `to`: `WHO`, read the answer.
-pub fn tcp_who(to: SocketAddrV4) -> anyhow::Result<Answer> {
-    let mut s = TcpStream::connect_timeout(&to.into(), Duration::from_secs(3))?;
+fn parse_answer(text: &str) -> anyhow::Result<Answer> {
+    parse_who(text).map(|(pod, peer)| Answer { pod, peer })
+}
+
+/// One TCP connection to `to`: `WHO`, the answer's text.
+fn tcp_who_text(to: SocketAddr) -> anyhow::Result<String> {
+    let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
     s.set_read_timeout(Some(Duration::from_secs(3)))?;
     s.write_all(b"WHO\n")?;
     let mut text = String::new();
     s.read_to_string(&mut text)?;
-    parse_answer(&text)
+    Ok(text)
+}
+
+/// One UDP exchange with `to` from `local` (a fresh socket, so a new
+/// flow), a few tries: the first datagram of a flow can race ARP or
+/// neighbour discovery. The answer's text.
+fn udp_who_text(local: SocketAddr, to: SocketAddr) -> anyhow::Result<String> {
+    let s = UdpSocket::bind(local)?;
+    s.connect(to)?;
+    s.set_read_timeout(Some(Duration::from_millis(500)))?;
+    let mut buf = [0u8; 256];
+    for _ in 0..5 {
+        s.send(b"WHO")?;
+        if let Ok(n) = s.recv(&mut buf) {
+            return Ok(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    anyhow::bail!("no UDP answer from {to}")
+}
+
+/// One TCP connection to `to`: `WHO`, read the answer.
+pub fn tcp_who(to: SocketAddrV4) -> anyhow::Result<Answer> {
+    parse_answer(&tcp_who_text(to.into())?)
 }
 
 /// `tcp_who`, but the client closes the connection first, as HTTP
@@ -333,18 +364,8 @@ pub fn udp_who(to: SocketAddrV4) -> anyhow::Result<Answer> {
 /// pick one an earlier flow used, whose conntrack entry still names its
 /// backend).
 pub fn udp_who_from(local: u16, to: SocketAddrV4) -> anyhow::Result<Answer> {
-    let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, local))?;
-    s.connect(to)?;
-    s.set_read_timeout(Some(Duration::from_millis(500)))?;
-    let mut buf = [0u8; 256];
-    // A couple of tries: the first datagram of a flow can race ARP.
-    for _ in 0..4 {
-        s.send(b"WHO")?;
-        if let Ok(n) = s.recv(&mut buf) {
-            return parse_answer(&String::from_utf8_lossy(&buf[..n]));
-        }
-    }
-    anyhow::bail!("no UDP answer from {to}")
+    let local = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), local);
+    parse_answer(&udp_who_text(local, to.into())?)
 }
 
 /// A `BIG` UDP datagram of `n` bytes to `to`; the answer is as long. Who
@@ -373,37 +394,19 @@ pub struct Answer6 {
     pub peer: SocketAddrV6,
 }
 
-fn parse_answer6(text: &str) -> anyhow::Result<Answer6> {
-    let mut it = text.split_whitespace();
-    let pod = it.next().context("empty answer")?.to_string();
-    let peer = it.next().context("answer without peer")?.parse()?;
-    Ok(Answer6 { pod, peer })
+fn answer6((pod, peer): (String, SocketAddrV6)) -> Answer6 {
+    Answer6 { pod, peer }
 }
 
 /// `tcp_who` over IPv6.
 pub fn tcp_who6(to: SocketAddrV6) -> anyhow::Result<Answer6> {
-    let mut s = TcpStream::connect_timeout(&to.into(), Duration::from_secs(3))?;
-    s.set_read_timeout(Some(Duration::from_secs(3)))?;
-    s.write_all(b"WHO\n")?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    parse_answer6(&text)
+    parse_who(&tcp_who_text(to.into())?).map(answer6)
 }
 
 /// `udp_who` over IPv6.
 pub fn udp_who6(to: SocketAddrV6) -> anyhow::Result<Answer6> {
-    let s = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))?;
-    s.connect(to)?;
-    s.set_read_timeout(Some(Duration::from_millis(500)))?;
-    let mut buf = [0u8; 256];
-    // A few tries: the first datagram can race neighbour discovery.
-    for _ in 0..6 {
-        s.send(b"WHO")?;
-        if let Ok(n) = s.recv(&mut buf) {
-            return parse_answer6(&String::from_utf8_lossy(&buf[..n]));
-        }
-    }
-    anyhow::bail!("no UDP answer from {to}")
+    let local = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 0);
+    parse_who(&udp_who_text(local, to.into())?).map(answer6)
 }
 
 /// An idle TCP connection (`ECHO`): who answered, and the open stream.

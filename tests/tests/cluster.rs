@@ -586,40 +586,51 @@ fn path_mtu_discovery_works_through_a_smaller_link_both_ways() {
     assert!(translated >= 2, "{translated}");
 }
 
+/// UDP 54 (NodePort 30054) to pod port 9999, where nobody listens.
+fn port_nobody_listens_on() -> lb_tests::example::Port {
+    lb_tests::example::Port {
+        name: "udp",
+        protocol: "UDP",
+        port: 54,
+        target: 9999,
+        node_port: Some(30054),
+    }
+}
+
+/// One UDP datagram from `ns` to `to`, whose answer is expected to be a
+/// refusal: the error the socket reports.
+fn udp_refused(ns: &Netns, to: impl Into<std::net::SocketAddr>) -> ErrorKind {
+    let to = to.into();
+    ns.run(move || {
+        let any: std::net::SocketAddr = if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
+            .parse()
+            .unwrap();
+        let s = std::net::UdpSocket::bind(any).unwrap();
+        s.connect(to).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s.send(b"hello").unwrap();
+        let mut buf = [0u8; 64];
+        s.recv(&mut buf).unwrap_err().kind()
+    })
+    .unwrap()
+}
+
 #[test]
 fn a_backends_port_unreachable_reaches_the_client_as_connection_refused() {
     let mut w = World::new();
     let mut dead = web(&[(1, 0)], Extra::default());
     dead.name = "dead";
     dead.cluster_ip = Ipv4Addr::new(198, 19, 0, 12);
-    // UDP to a port nobody listens on in the pod.
-    dead.ports = vec![lb_tests::example::Port {
-        name: "udp",
-        protocol: "UDP",
-        port: 54,
-        target: 9999,
-        node_port: Some(30054),
-    }];
+    dead.ports = vec![port_nobody_listens_on()];
     w.start(&[dead], &[]);
-    let refused = |ns: &Netns, to: SocketAddrV4| {
-        ns.run(move || {
-            let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-            s.connect(to).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-            s.send(b"hello").unwrap();
-            let mut buf = [0u8; 64];
-            s.recv(&mut buf).unwrap_err().kind()
-        })
-        .unwrap()
-    };
     // Through SNAT (NodePort, remote backend) and without (pod, ClusterIP).
     let start = Instant::now();
     assert_eq!(
-        refused(&w.c.client, tcp(w.node_ip(0), 30054)),
+        udp_refused(&w.c.client, tcp(w.node_ip(0), 30054)),
         ErrorKind::ConnectionRefused
     );
     assert_eq!(
-        refused(w.pod(0, 0), tcp(Ipv4Addr::new(198, 19, 0, 12), 54)),
+        udp_refused(w.pod(0, 0), tcp(Ipv4Addr::new(198, 19, 0, 12), 54)),
         ErrorKind::ConnectionRefused
     );
     assert!(start.elapsed() < Duration::from_secs(3));
@@ -1114,37 +1125,19 @@ fn ipv6_refusals_reach_the_client_as_connection_refused() {
     dead.name = "dead";
     dead.cluster_ip = Ipv4Addr::new(198, 19, 0, 12);
     dead.extra.cluster_ip6 = Some(Ipv6Addr::new(0xfd00, 0x19, 0, 0, 0, 0, 0, 0x12));
-    // UDP to a port nobody listens on in the pod.
-    dead.ports = vec![lb_tests::example::Port {
-        name: "udp",
-        protocol: "UDP",
-        port: 54,
-        target: 9999,
-        node_port: Some(30054),
-    }];
+    dead.ports = vec![port_nobody_listens_on()];
     let empty = web_dual(&[], Extra::default());
     w.start(&[dead, empty], &[]);
-    let refused = |ns: &Netns, to: SocketAddrV6| {
-        ns.run(move || {
-            let s = std::net::UdpSocket::bind("[::]:0").unwrap();
-            s.connect(to).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-            s.send(b"hello").unwrap();
-            let mut buf = [0u8; 64];
-            s.recv(&mut buf).unwrap_err().kind()
-        })
-        .unwrap()
-    };
     let start = Instant::now();
     // The backend refuses, through SNAT (NodePort, remote backend) and
     // without (pod, ClusterIP).
     assert_eq!(
-        refused(&w.c.client, tcp6(node_ip6(0), 30054)),
+        udp_refused(&w.c.client, tcp6(node_ip6(0), 30054)),
         ErrorKind::ConnectionRefused
     );
     let dead_ip6 = Ipv6Addr::new(0xfd00, 0x19, 0, 0, 0, 0, 0, 0x12);
     assert_eq!(
-        refused(w.pod(0, 0), tcp6(dead_ip6, 54)),
+        udp_refused(w.pod(0, 0), tcp6(dead_ip6, 54)),
         ErrorKind::ConnectionRefused
     );
     // No endpoint at all: the datapath refuses, TCP and UDP.
@@ -1159,7 +1152,7 @@ fn ipv6_refusals_reach_the_client_as_connection_refused() {
         .unwrap();
     assert_eq!(kind, ErrorKind::ConnectionRefused);
     assert_eq!(
-        refused(w.pod(0, 0), tcp6(CLUSTER_IP6, 53)),
+        udp_refused(w.pod(0, 0), tcp6(CLUSTER_IP6, 53)),
         ErrorKind::ConnectionRefused
     );
     assert!(start.elapsed() < Duration::from_secs(4));

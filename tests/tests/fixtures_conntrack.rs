@@ -70,29 +70,8 @@ fn local_fixture() -> Fixture {
     Fixture::new(&yaml(&[Svc::web(eps)])).expect("fixture")
 }
 
-fn drop_verdict(hook: Hook) -> u32 {
-    if hook == Hook::Xdp {
-        XDP_DROP
-    } else {
-        TC_ACT_SHOT
-    }
-}
 
-fn pass_verdict(hook: Hook) -> u32 {
-    if hook == Hook::Xdp {
-        XDP_PASS
-    } else {
-        TC_ACT_OK
-    }
-}
 
-fn redirect(hook: Hook) -> u32 {
-    if hook == Hook::Xdp {
-        XDP_REDIRECT
-    } else {
-        TC_ACT_REDIRECT
-    }
-}
 
 /// A client port whose flow to the NodePort hashes to `backend`, other
 /// than those in `not`.
@@ -136,11 +115,11 @@ fn a_closed_flow_frees_its_snat_port_and_a_live_one_keeps_it() {
         assert_eq!(decode(&out.frame).sport, SNAT_PORT, "{hook:?}");
         assert_eq!(
             run(from_backend(backend, TCP_SYN | TCP_ACK)).verdict,
-            redirect(hook)
+            hook.verdict_redirect()
         );
-        assert_eq!(run(client(a, TCP_ACK)).verdict, redirect(hook));
+        assert_eq!(run(client(a, TCP_ACK)).verdict, hook.verdict_redirect());
         // While A lives, B finds no port.
-        assert_eq!(run(client(b, TCP_SYN)).verdict, drop_verdict(hook));
+        assert_eq!(run(client(b, TCP_SYN)).verdict, hook.verdict_drop());
         assert_eq!(fx.counter(Verdict::DropSnatExhausted), 1, "{hook:?}");
         // A closes...
         if close == "fin" {
@@ -161,12 +140,12 @@ fn a_closed_flow_frees_its_snat_port_and_a_live_one_keeps_it() {
         }
         // ... and B gets the port at once.
         let out = run(client(b, TCP_SYN));
-        assert_eq!(out.verdict, redirect(hook), "{hook:?} {close}");
+        assert_eq!(out.verdict, hook.verdict_redirect(), "{hook:?} {close}");
         assert_eq!(decode(&out.frame).sport, SNAT_PORT);
         // A's late packets no longer reach the backend under B's tuple.
         assert_eq!(
             run(client(a, TCP_ACK)).verdict,
-            drop_verdict(hook),
+            hook.verdict_drop(),
             "{close}"
         );
         // The backend's answer goes to B.
@@ -330,7 +309,7 @@ fn floods_of_syns_and_udp_flows_evict_no_established_flow_nor_a_snat_port() {
         let out = run(from_backend(backend, TCP_ACK));
         assert_eq!(decode(&out.frame).dport, a, "{hook:?}");
         let b = port_to(backend, &[a]);
-        assert_eq!(run(client(b, TCP_SYN)).verdict, drop_verdict(hook));
+        assert_eq!(run(client(b, TCP_SYN)).verdict, hook.verdict_drop());
     }
 }
 
@@ -357,7 +336,7 @@ fn one_client_port_to_two_frontends_of_one_backend_gets_a_second_port() {
         let second = fx.run(hook, &input.build()).unwrap();
         let port = decode(&second.frame).sport;
         assert!(port >= SNAT_PORT, "remapped to {port}");
-        assert_eq!(second.verdict, pass_verdict(hook), "routed as before");
+        assert_eq!(second.verdict, hook.verdict_pass(), "routed as before");
         let want = Spec {
             sport: port,
             daddr: pod,
@@ -413,7 +392,7 @@ fn every_fragment_follows_the_first_both_ways() {
         assert_eq!(got.len(), 3);
         for (i, frag) in got.iter().enumerate() {
             let out = fx.run(hook, frag).unwrap();
-            assert_eq!(out.verdict, pass_verdict(hook), "{hook:?} fragment {i}");
+            assert_eq!(out.verdict, hook.verdict_pass(), "{hook:?} fragment {i}");
             assert_eq!(out.frame, want[i], "{hook:?} fragment {i}");
         }
         // The backend's 3,000-byte answer, fragmented by its stack.
@@ -437,7 +416,7 @@ fn every_fragment_follows_the_first_both_ways() {
         );
         for (i, frag) in fragments(&answer, 1480).iter().enumerate() {
             let out = fx.run_on(hook, frag, fx.pod_ifindex).unwrap();
-            assert_eq!(out.verdict, redirect(hook), "{hook:?} answer fragment {i}");
+            assert_eq!(out.verdict, hook.verdict_redirect(), "{hook:?} answer fragment {i}");
             assert_eq!(out.frame, want[i], "{hook:?} answer fragment {i}");
         }
         assert_eq!(fx.counter(Verdict::FragmentNat), 4, "{hook:?}");
@@ -457,7 +436,7 @@ fn tcp_without_state_is_picked_up_or_dropped_never_started_blindly() {
             };
             assert_eq!(
                 fx.run(hook, &s.build()).unwrap().verdict,
-                drop_verdict(hook)
+                hook.verdict_drop()
             );
         }
         assert_eq!(fx.counter(Verdict::DropCtInvalid), 3, "{hook:?}");

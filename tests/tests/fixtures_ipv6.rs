@@ -81,29 +81,8 @@ fn expected_backend(sport: u16, proto: u8) -> Ipv6Addr {
     maglev(&backends(), target, CLIENT6, sport, dport, proto)
 }
 
-fn pass(hook: Hook) -> u32 {
-    if hook == Hook::Tc {
-        TC_ACT_OK
-    } else {
-        XDP_PASS
-    }
-}
 
-fn drop_verdict(hook: Hook) -> u32 {
-    if hook == Hook::Tc {
-        TC_ACT_SHOT
-    } else {
-        XDP_DROP
-    }
-}
 
-fn redirect(hook: Hook) -> u32 {
-    if hook == Hook::Tc {
-        TC_ACT_REDIRECT
-    } else {
-        XDP_REDIRECT
-    }
-}
 
 #[test]
 fn ipv6_clusterip_flows_are_translated_to_the_maglev_backend_and_back() {
@@ -115,7 +94,7 @@ fn ipv6_clusterip_flows_are_translated_to_the_maglev_backend_and_back() {
             let out = fx.run(hook, &input).unwrap();
             let backend = expected_backend(sport, proto);
             let want = build(CLIENT6, sport, backend, target).build();
-            assert_eq!(out.verdict, pass(hook), "{hook:?} {proto}");
+            assert_eq!(out.verdict, hook.verdict_pass(), "{hook:?} {proto}");
             assert_eq!(out.frame, want, "{hook:?} {proto}: DNAT to {backend}");
             assert_eq!(fx.counter(Verdict::DnatNew), 1, "{hook:?} {proto}");
 
@@ -131,7 +110,7 @@ fn ipv6_clusterip_flows_are_translated_to_the_maglev_backend_and_back() {
             want.dst_mac = CLIENT_MAC;
             want.tcp_flags = 0x12;
             want.hop_limit = 63;
-            assert_eq!(out.verdict, redirect(hook), "{hook:?} {proto}: reply");
+            assert_eq!(out.verdict, hook.verdict_redirect(), "{hook:?} {proto}: reply");
             assert_eq!(out.frame, want.build(), "{hook:?} {proto}: reply");
             assert_eq!(fx.counter(Verdict::ReplyNat), 1, "{hook:?} {proto}");
         }
@@ -176,7 +155,7 @@ fn ipv6_packets_with_ipv4_mapped_addresses_never_meet_ipv4_frontends() {
         let mapped = CLUSTER_IP.to_ipv6_mapped();
         let input = Spec6::tcp(CLIENT6, 40003, mapped, 80).build();
         let out = fx.run(hook, &input).unwrap();
-        assert_eq!(out.verdict, pass(hook));
+        assert_eq!(out.verdict, hook.verdict_pass());
         assert_eq!(out.frame, input, "{hook:?}: untouched");
         assert_eq!(fx.counter(Verdict::PassMalformed), 1, "{hook:?}");
     }
@@ -277,7 +256,7 @@ fn ipv6_extension_headers_are_walked_within_a_bound() {
         // Five: more than the datapath walks, passed untouched.
         let five = with_ext_headers(&plain, &[DEST_OPTS; 5]);
         let out = fx.run(hook, &five).unwrap();
-        assert_eq!(out.verdict, pass(hook));
+        assert_eq!(out.verdict, hook.verdict_pass());
         assert_eq!(out.frame, five, "{hook:?}: five extension headers");
         assert_eq!(fx.counter(Verdict::PassOtherProtocol), 1, "{hook:?}");
     }
@@ -311,7 +290,7 @@ fn ipv6_node_port_to_a_remote_backend_is_snatted_and_the_reply_reversed() {
         let syn = Spec6::tcp(CLIENT6, 40000, NODE_IP6, 30080);
         let backend = maglev(&remote(), 8080, CLIENT6, 40000, 30080, TCP);
         let out = fx.run_on(hook, &syn.build(), fx.nic_ifindex).unwrap();
-        assert_eq!(out.verdict, redirect(hook), "{hook:?}");
+        assert_eq!(out.verdict, hook.verdict_redirect(), "{hook:?}");
         let port = decode6(&out.frame).sport;
         assert!((SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&port), "SNAT port {port}");
         // Source: the node's IPv6 address and a SNAT port; destination:
@@ -331,7 +310,7 @@ fn ipv6_node_port_to_a_remote_backend_is_snatted_and_the_reply_reversed() {
             ..Spec6::tcp(backend, 8080, NODE_IP6, port)
         };
         let out = fx.run_on(hook, &reply.build(), fx.nic_ifindex).unwrap();
-        assert_eq!(out.verdict, redirect(hook), "{hook:?}");
+        assert_eq!(out.verdict, hook.verdict_redirect(), "{hook:?}");
         let want = routed_from_node(&reply, 30080, CLIENT6, 40000);
         assert_eq!(out.frame, want.build(), "{hook:?} reply");
         assert_eq!(fx.counter(Verdict::ReplyNat), 1);
@@ -384,7 +363,7 @@ fn ipv6_load_balancer_source_ranges_admit_only_their_clients() {
 
         let input = Spec6::tcp(outsider, 40000, lb_ip, 80);
         let out = fx.run_on(hook, &input.build(), fx.nic_ifindex).unwrap();
-        assert_eq!(out.verdict, drop_verdict(hook), "{hook:?}: outside the ranges");
+        assert_eq!(out.verdict, hook.verdict_drop(), "{hook:?}: outside the ranges");
         assert_eq!(fx.counter(Verdict::DropSourceRange), 1, "{hook:?}");
         // The ranges are the load-balancer address's alone: the ClusterIP
         // still serves that client.
@@ -415,7 +394,7 @@ fn ipv6_traffic_policy_local_keeps_the_client_address_or_drops() {
     for hook in HOOKS {
         let fx = Fixture::new(&yaml(&[elsewhere.clone()])).unwrap();
         let out = fx.run_on(hook, &frame.build(), fx.nic_ifindex).unwrap();
-        assert_eq!(out.verdict, drop_verdict(hook), "{hook:?}: endpoints elsewhere");
+        assert_eq!(out.verdict, hook.verdict_drop(), "{hook:?}: endpoints elsewhere");
         assert_eq!(fx.counter(Verdict::DropNoLocalBackend), 1, "{hook:?}");
 
         let fx = Fixture::new(&yaml(&[local(ready(backends()))])).unwrap();
@@ -513,7 +492,7 @@ fn ipv6_fragments_follow_the_first_both_ways() {
         assert_eq!(got.len(), 3);
         for (i, frag) in got.iter().enumerate() {
             let out = fx.run(hook, frag).unwrap();
-            assert_eq!(out.verdict, pass(hook), "{hook:?} fragment {i}");
+            assert_eq!(out.verdict, hook.verdict_pass(), "{hook:?} fragment {i}");
             assert_eq!(out.frame, want[i], "{hook:?} fragment {i}");
         }
         let answer = Spec6 {
@@ -533,7 +512,7 @@ fn ipv6_fragments_follow_the_first_both_ways() {
         let want = fragments6(&back, 1232, 0x4343);
         for (i, frag) in fragments6(&answer, 1232, 0x4343).iter().enumerate() {
             let out = fx.run_on(hook, frag, fx.pod_ifindex).unwrap();
-            assert_eq!(out.verdict, redirect(hook), "{hook:?} answer fragment {i}");
+            assert_eq!(out.verdict, hook.verdict_redirect(), "{hook:?} answer fragment {i}");
             assert_eq!(out.frame, want[i], "{hook:?} answer fragment {i}");
         }
         assert_eq!(fx.counter(Verdict::FragmentNat), 4, "{hook:?}");
