@@ -1057,11 +1057,12 @@ fn ipv6_cluster_ip_and_node_port_reach_backends_on_another_node() {
 }
 
 #[test]
-fn ipv6_external_ips_with_source_ranges_and_traffic_policy_local() {
+fn ipv6_external_and_load_balancer_ips_with_source_ranges_and_traffic_policy_local() {
     let mut w = World::dual_stack();
     let extra = Extra {
         type_: Some("LoadBalancer"),
         external_traffic_policy: Some("Local"),
+        external_ips: vec![external_ip6(1).into()],
         lb_ingress: vec![external_ip6(2).into()],
         source_ranges: vec!["198.18.9.0/24", "fd00:18:0:9::/64"],
         ..Extra::default()
@@ -1069,10 +1070,12 @@ fn ipv6_external_ips_with_source_ranges_and_traffic_policy_local() {
     // a0 on node A (where the fabric sends the external range), b0 on B.
     w.start(&[web_dual(&[(0, 0), (1, 0)], extra)], &[]);
     let lb = tcp6(external_ip6(2), 80);
-    for _ in 0..10 {
-        // Local: only node A's endpoint, the client's address kept.
-        let a = who6(&w.c.client, lb);
-        assert_eq!((a.pod.as_str(), *a.peer.ip()), ("a0", client_ip6()), "{a:?}");
+    for to in [lb, tcp6(external_ip6(1), 80)] {
+        for _ in 0..5 {
+            // Local: only node A's endpoint, the client's address kept.
+            let a = who6(&w.c.client, to);
+            assert_eq!((a.pod.as_str(), *a.peer.ip()), ("a0", client_ip6()), "{to}: {a:?}");
+        }
     }
     // A pod of node B is outside the source ranges: dropped.
     let kind = w
