@@ -1162,3 +1162,39 @@ fn ipv6_refusals_reach_the_client_as_connection_refused() {
     assert!(w.agents[0].stat("icmp_error_nat") >= 2);
     assert!(w.agents[0].stat("reject_no_backend") >= 2);
 }
+
+#[test]
+fn ipv6_internal_traffic_policy_local_and_session_affinity() {
+    let mut w = World::dual_stack();
+    let local = web_dual(
+        &[(0, 0), (1, 0)],
+        Extra {
+            internal_traffic_policy: Some("Local"),
+            ..Extra::default()
+        },
+    );
+    let mut sticky = web_dual(&[(0, 0), (0, 1), (1, 0), (1, 1)], Extra::default());
+    sticky.name = "sticky";
+    sticky.cluster_ip = Ipv4Addr::new(198, 19, 0, 13);
+    let sticky_ip6 = Ipv6Addr::new(0xfd00, 0x19, 0, 0, 0, 0, 0, 0x13);
+    sticky.extra.cluster_ip6 = Some(sticky_ip6);
+    sticky.affinity_timeout_s = Some(300);
+    for p in &mut sticky.ports {
+        p.node_port = None;
+    }
+    w.start(&[local, sticky], &[]);
+    // internalTrafficPolicy Local: each node's pods get its own endpoint.
+    for _ in 0..10 {
+        assert_eq!(who6(w.pod(0, 1), tcp6(CLUSTER_IP6, 80)).pod, "a0");
+        assert_eq!(who6(w.pod(1, 1), tcp6(CLUSTER_IP6, 80)).pod, "b0");
+    }
+    // ClientIP affinity: every connection of a client to the same pod,
+    // whichever node's datapath chose it.
+    for client in [w.pod(0, 1), w.pod(1, 1)] {
+        let first = who6(client, tcp6(sticky_ip6, 80)).pod;
+        for _ in 0..15 {
+            assert_eq!(who6(client, tcp6(sticky_ip6, 80)).pod, first);
+        }
+    }
+    assert!(w.agents[0].stat("dnat_affinity") >= 15);
+}
