@@ -189,7 +189,15 @@ impl Cluster {
     pub fn add_ipv6(&mut self) -> anyhow::Result<()> {
         let six = |ip: Ipv4Addr| v6_of(ip).to_string();
         let on = |ns: &Netns, ip: Ipv4Addr, len: u8, dev: &str| {
-            ns.ip(&["-6", "addr", "add", &format!("{}/{len}", six(ip)), "dev", dev, "nodad"])
+            ns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{}/{len}", six(ip)),
+                "dev",
+                dev,
+                "nodad",
+            ])
         };
         let mut all: Vec<&Netns> = vec![&self.fabric, &self.client];
         all.extend(self.nodes.iter().map(|n| &n.ns));
@@ -200,26 +208,38 @@ impl Cluster {
         on(&self.fabric, FABRIC_CLIENT_SIDE, 64, "cli")?;
         on(&self.client, CLIENT_IP, 64, "eth0")?;
         let via = six(FABRIC_CLIENT_SIDE);
-        self.client.ip(&["-6", "route", "add", "default", "via", &via])?;
+        self.client
+            .ip(&["-6", "route", "add", "default", "via", &via])?;
         for (n, node) in self.nodes.iter().enumerate() {
             on(&self.fabric, fabric_ip(n), 64, &format!("n{n}"))?;
             on(&node.ns, node.ip, 64, "eth0")?;
-            node.ns.ip(&["-6", "route", "add", "default", "via", &six(fabric_ip(n))])?;
+            node.ns
+                .ip(&["-6", "route", "add", "default", "via", &six(fabric_ip(n))])?;
             let pods = format!("{}/64", six(Ipv4Addr::new(198, 18, 1 + n as u8, 0)));
-            self.fabric.ip(&["-6", "route", "add", &pods, "via", &six(node.ip)])?;
+            self.fabric
+                .ip(&["-6", "route", "add", &pods, "via", &six(node.ip)])?;
             for (i, pod) in node.pods.iter().enumerate() {
                 let (ip, gw) = (six(pod_ip(n, i)), six(pod_gateway(n)));
                 on(&node.ns, pod_gateway(n), 128, &pod.host_iface)?;
-                node.ns.ip(&["-6", "route", "add", &format!("{ip}/128"), "dev", &pod.host_iface])?;
+                node.ns.ip(&[
+                    "-6",
+                    "route",
+                    "add",
+                    &format!("{ip}/128"),
+                    "dev",
+                    &pod.host_iface,
+                ])?;
                 pod.ns.sysctl("net.ipv6.conf.all.disable_ipv6", "0")?;
                 on(&pod.ns, pod_ip(n, i), 128, "eth0")?;
                 pod.ns.ip(&["-6", "route", "add", &gw, "dev", "eth0"])?;
-                pod.ns.ip(&["-6", "route", "add", "default", "via", &gw, "dev", "eth0"])?;
+                pod.ns
+                    .ip(&["-6", "route", "add", "default", "via", &gw, "dev", "eth0"])?;
             }
         }
         if let Some(a) = self.nodes.first() {
             let external = format!("{}/64", six(external_ip(0)));
-            self.fabric.ip(&["-6", "route", "add", &external, "via", &six(a.ip)])?;
+            self.fabric
+                .ip(&["-6", "route", "add", &external, "via", &six(a.ip)])?;
         }
         self.dual_stack = true;
         Ok(())
@@ -235,7 +255,9 @@ impl Cluster {
                 let name = format!("{}{i}", &node.name[5..]);
                 servers.push(crate::servers::PodServer::start(&p.ns, &name, 8080, 5353)?);
                 if self.dual_stack {
-                    servers.push(crate::servers::PodServer::start_v6(&p.ns, &name, 8080, 5353)?);
+                    servers.push(crate::servers::PodServer::start_v6(
+                        &p.ns, &name, 8080, 5353,
+                    )?);
                 }
             }
         }

@@ -156,7 +156,10 @@ pub fn yaml(services: &[Svc]) -> String {
         // One set of slices per family, as the EndpointSlice controller
         // writes them; an IPv4 slice always (perhaps empty), an IPv6 one
         // for a dual-stack Service.
-        let families = [("IPv4", "", true), ("IPv6", "-v6", s.extra.cluster_ip6.is_some())];
+        let families = [
+            ("IPv4", "", true),
+            ("IPv6", "-v6", s.extra.cluster_ip6.is_some()),
+        ];
         for (family, suffix, wanted) in families {
             if !wanted {
                 continue;

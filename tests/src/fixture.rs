@@ -9,10 +9,7 @@
 //! namespace is dual-stack: every IPv4 address and route there has its
 //! IPv6 twin (`v6_of`), so IPv6 fixtures route the same way.
 
-use std::{
-    net::Ipv4Addr,
-    path::PathBuf,
-};
+use std::{net::Ipv4Addr, path::PathBuf};
 
 use aya::programs::{TestRun, TestRunOptions};
 use lb_common::{DatapathConfig, SNAT_PORT_MAX, SNAT_PORT_MIN};
@@ -362,7 +359,14 @@ fn add_ipv6_twins(ns: &Netns) -> anyhow::Result<()> {
     ns.ip(&["-6", "route", "add", "fd00:18:0:1::/64", "dev", "fx1"])?;
     let client = six([198, 18, 0, 1]);
     ns.ip(&[
-        "-6", "route", "add", "fd00:18:0:2::/64", "via", &client, "dev", "fx0",
+        "-6",
+        "route",
+        "add",
+        "fd00:18:0:2::/64",
+        "via",
+        &client,
+        "dev",
+        "fx0",
     ])?;
     let mut neighbours = vec![(client, CLIENT_MAC, "fx0")];
     for i in 10..=13u8 {
@@ -370,7 +374,16 @@ fn add_ipv6_twins(ns: &Netns) -> anyhow::Result<()> {
     }
     for (ip, m, dev) in neighbours {
         ns.ip(&[
-            "-6", "neigh", "add", &ip, "lladdr", &mac(m), "dev", dev, "nud", "permanent",
+            "-6",
+            "neigh",
+            "add",
+            &ip,
+            "lladdr",
+            &mac(m),
+            "dev",
+            dev,
+            "nud",
+            "permanent",
         ])?;
     }
     Ok(())

@@ -15,8 +15,8 @@
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{
-        IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener,
-        TcpStream, UdpSocket,
+        IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream,
+        UdpSocket,
     },
     os::fd::{AsRawFd, OwnedFd},
     sync::{

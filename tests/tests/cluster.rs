@@ -1049,8 +1049,14 @@ fn ipv6_cluster_ip_and_node_port_reach_backends_on_another_node() {
     }
     assert_eq!(ports.len(), 30, "one SNAT port per flow and backend");
     // Megabytes each way, every byte checked.
-    w.c.client.run(move || tcp_bulk(np, 8 << 20)).unwrap().unwrap();
-    w.c.client.run(move || tcp_upload(np, 8 << 20)).unwrap().unwrap();
+    w.c.client
+        .run(move || tcp_bulk(np, 8 << 20))
+        .unwrap()
+        .unwrap();
+    w.c.client
+        .run(move || tcp_upload(np, 8 << 20))
+        .unwrap()
+        .unwrap();
     // The IPv4 half of the same Service still works beside it.
     let a = who(&w.c.client, tcp(w.node_ip(0), NODE_PORT));
     assert!(a.pod.starts_with('b'), "{a:?}");
@@ -1074,7 +1080,11 @@ fn ipv6_external_and_load_balancer_ips_with_source_ranges_and_traffic_policy_loc
         for _ in 0..5 {
             // Local: only node A's endpoint, the client's address kept.
             let a = who6(&w.c.client, to);
-            assert_eq!((a.pod.as_str(), *a.peer.ip()), ("a0", client_ip6()), "{to}: {a:?}");
+            assert_eq!(
+                (a.pod.as_str(), *a.peer.ip()),
+                ("a0", client_ip6()),
+                "{to}: {a:?}"
+            );
         }
     }
     // A pod of node B is outside the source ranges: dropped.
@@ -1104,16 +1114,24 @@ fn ipv6_path_mtu_discovery_works_through_a_smaller_link_both_ways() {
     // fragment: only the fabric's packet too big, about packets node A
     // translated, tells the senders.
     for link in ["n1", "cli"] {
-        w.c.fabric.ip(&["link", "set", link, "mtu", "1280"]).unwrap();
+        w.c.fabric
+            .ip(&["link", "set", link, "mtu", "1280"])
+            .unwrap();
     }
     w.start(&[web_dual(&[(1, 0)], Extra::default())], &[]);
     let np = tcp6(node_ip6(0), NODE_PORT);
     // Upload: the fabric tells node A (the SNAT source) about a packet to
     // b0; node A hands the error to the client.
-    w.c.client.run(move || tcp_upload(np, 4 << 20)).unwrap().unwrap();
+    w.c.client
+        .run(move || tcp_upload(np, 4 << 20))
+        .unwrap()
+        .unwrap();
     // Download: the fabric tells node A (the NodePort) about a reply to
     // the client; node A hands the error to b0.
-    w.c.client.run(move || tcp_bulk(np, 4 << 20)).unwrap().unwrap();
+    w.c.client
+        .run(move || tcp_bulk(np, 4 << 20))
+        .unwrap()
+        .unwrap();
     let translated = w.agents[0].stat("icmp_error_nat");
     assert!(translated >= 2, "{translated}");
 }

@@ -70,9 +70,6 @@ fn local_fixture() -> Fixture {
     Fixture::new(&yaml(&[Svc::web(eps)])).expect("fixture")
 }
 
-
-
-
 /// A client port whose flow to the NodePort hashes to `backend`, other
 /// than those in `not`.
 fn port_to(backend: Ipv4Addr, not: &[u16]) -> u16 {
@@ -416,7 +413,11 @@ fn every_fragment_follows_the_first_both_ways() {
         );
         for (i, frag) in fragments(&answer, 1480).iter().enumerate() {
             let out = fx.run_on(hook, frag, fx.pod_ifindex).unwrap();
-            assert_eq!(out.verdict, hook.verdict_redirect(), "{hook:?} answer fragment {i}");
+            assert_eq!(
+                out.verdict,
+                hook.verdict_redirect(),
+                "{hook:?} answer fragment {i}"
+            );
             assert_eq!(out.frame, want[i], "{hook:?} answer fragment {i}");
         }
         assert_eq!(fx.counter(Verdict::FragmentNat), 4, "{hook:?}");

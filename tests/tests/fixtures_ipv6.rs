@@ -16,8 +16,7 @@ use lb_tests::{
     example::{yaml, Endpoint, Svc},
     fixture::*,
     packet::{
-        decode6, fragments6, l4_checksum6, Spec6, CLIENT_MAC, NODE_MAC, TCP, TCP_ACK, TCP_SYN,
-        UDP,
+        decode6, fragments6, l4_checksum6, Spec6, CLIENT_MAC, NODE_MAC, TCP, TCP_ACK, TCP_SYN, UDP,
     },
     topology::NODE_IP6,
 };
@@ -29,12 +28,16 @@ const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 1);
 
 /// The web Service's local pods, IPv6: fd00:18:0:1::b to ::d.
 fn backends() -> Vec<Ipv6Addr> {
-    (11..=13).map(|i| v6_of(Ipv4Addr::new(198, 18, 1, i))).collect()
+    (11..=13)
+        .map(|i| v6_of(Ipv4Addr::new(198, 18, 1, i)))
+        .collect()
 }
 
 /// Pods on another node (routed via the client's address).
 fn remote() -> Vec<Ipv6Addr> {
-    (11..=12).map(|i| v6_of(Ipv4Addr::new(198, 18, 2, i))).collect()
+    (11..=12)
+        .map(|i| v6_of(Ipv4Addr::new(198, 18, 2, i)))
+        .collect()
 }
 
 fn a6(ip: Ipv6Addr) -> Addr {
@@ -66,7 +69,14 @@ fn fixture(empty: bool) -> Fixture {
 
 /// The backend Maglev gives `client`'s flow among `eps` (each on port
 /// `target`): the userspace table and the shared hash.
-fn maglev(eps: &[Ipv6Addr], target: u16, client: Ipv6Addr, sport: u16, dport: u16, proto: u8) -> Ipv6Addr {
+fn maglev(
+    eps: &[Ipv6Addr],
+    target: u16,
+    client: Ipv6Addr,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+) -> Ipv6Addr {
     let eps: Vec<IpAddr> = eps.iter().map(|&ip| ip.into()).collect();
     match Maglev::new(&eps, target).lookup(flow_hash(&a6(client), sport, dport, proto)) {
         IpAddr::V6(ip) => ip,
@@ -80,9 +90,6 @@ fn expected_backend(sport: u16, proto: u8) -> Ipv6Addr {
     let (dport, target) = if proto == TCP { (80, 8080) } else { (53, 5353) };
     maglev(&backends(), target, CLIENT6, sport, dport, proto)
 }
-
-
-
 
 #[test]
 fn ipv6_clusterip_flows_are_translated_to_the_maglev_backend_and_back() {
@@ -110,7 +117,11 @@ fn ipv6_clusterip_flows_are_translated_to_the_maglev_backend_and_back() {
             want.dst_mac = CLIENT_MAC;
             want.tcp_flags = 0x12;
             want.hop_limit = 63;
-            assert_eq!(out.verdict, hook.verdict_redirect(), "{hook:?} {proto}: reply");
+            assert_eq!(
+                out.verdict,
+                hook.verdict_redirect(),
+                "{hook:?} {proto}: reply"
+            );
             assert_eq!(out.frame, want.build(), "{hook:?} {proto}: reply");
             assert_eq!(fx.counter(Verdict::ReplyNat), 1, "{hook:?} {proto}");
         }
@@ -292,16 +303,27 @@ fn ipv6_node_port_to_a_remote_backend_is_snatted_and_the_reply_reversed() {
         let out = fx.run_on(hook, &syn.build(), fx.nic_ifindex).unwrap();
         assert_eq!(out.verdict, hook.verdict_redirect(), "{hook:?}");
         let port = decode6(&out.frame).sport;
-        assert!((SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&port), "SNAT port {port}");
+        assert!(
+            (SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&port),
+            "SNAT port {port}"
+        );
         // Source: the node's IPv6 address and a SNAT port; destination:
         // the backend; routed by us towards node B.
-        assert_eq!(out.frame, routed_from_node(&syn, port, backend, 8080).build(), "{hook:?}");
+        assert_eq!(
+            out.frame,
+            routed_from_node(&syn, port, backend, 8080).build(),
+            "{hook:?}"
+        );
         let ack = Spec6 {
             tcp_flags: TCP_ACK,
             ..syn.clone()
         };
         let out = fx.run_on(hook, &ack.build(), fx.nic_ifindex).unwrap();
-        assert_eq!(out.frame, routed_from_node(&ack, port, backend, 8080).build(), "{hook:?} ACK");
+        assert_eq!(
+            out.frame,
+            routed_from_node(&ack, port, backend, 8080).build(),
+            "{hook:?} ACK"
+        );
         assert_eq!(fx.counter(Verdict::DnatNew), 1);
         assert_eq!(fx.counter(Verdict::DnatEstablished), 1);
 
@@ -358,19 +380,31 @@ fn ipv6_load_balancer_source_ranges_admit_only_their_clients() {
         let input = Spec6::tcp(CLIENT6, 40000, lb_ip, 80);
         let out = fx.run_on(hook, &input.build(), fx.nic_ifindex).unwrap();
         let backend = expected_backend(40000, TCP);
-        assert_eq!(decode6(&out.frame).daddr, backend, "{hook:?}: an admitted client");
+        assert_eq!(
+            decode6(&out.frame).daddr,
+            backend,
+            "{hook:?}: an admitted client"
+        );
         assert_eq!(decode6(&out.frame).saddr, CLIENT6, "{hook:?}");
 
         let input = Spec6::tcp(outsider, 40000, lb_ip, 80);
         let out = fx.run_on(hook, &input.build(), fx.nic_ifindex).unwrap();
-        assert_eq!(out.verdict, hook.verdict_drop(), "{hook:?}: outside the ranges");
+        assert_eq!(
+            out.verdict,
+            hook.verdict_drop(),
+            "{hook:?}: outside the ranges"
+        );
         assert_eq!(fx.counter(Verdict::DropSourceRange), 1, "{hook:?}");
         // The ranges are the load-balancer address's alone: the ClusterIP
         // still serves that client.
         let input = Spec6::tcp(outsider, 40001, CLUSTER_IP6, 80);
         let out = fx.run(hook, &input.build()).unwrap();
         let backend = maglev(&backends(), 8080, outsider, 40001, 80, TCP);
-        assert_eq!(decode6(&out.frame).daddr, backend, "{hook:?}: its ClusterIP");
+        assert_eq!(
+            decode6(&out.frame).daddr,
+            backend,
+            "{hook:?}: its ClusterIP"
+        );
     }
 }
 
@@ -394,14 +428,22 @@ fn ipv6_traffic_policy_local_keeps_the_client_address_or_drops() {
     for hook in HOOKS {
         let fx = Fixture::new(&yaml(&[elsewhere.clone()])).unwrap();
         let out = fx.run_on(hook, &frame.build(), fx.nic_ifindex).unwrap();
-        assert_eq!(out.verdict, hook.verdict_drop(), "{hook:?}: endpoints elsewhere");
+        assert_eq!(
+            out.verdict,
+            hook.verdict_drop(),
+            "{hook:?}: endpoints elsewhere"
+        );
         assert_eq!(fx.counter(Verdict::DropNoLocalBackend), 1, "{hook:?}");
 
         let fx = Fixture::new(&yaml(&[local(ready(backends()))])).unwrap();
         let out = fx.run_on(hook, &frame.build(), fx.nic_ifindex).unwrap();
         let backend = maglev(&backends(), 8080, CLIENT6, 40000, 30080, TCP);
         let got = decode6(&out.frame);
-        assert_eq!((got.saddr, got.sport), (CLIENT6, 40000), "{hook:?}: no SNAT");
+        assert_eq!(
+            (got.saddr, got.sport),
+            (CLIENT6, 40000),
+            "{hook:?}: no SNAT"
+        );
         assert_eq!((got.daddr, got.dport), (backend, 8080), "{hook:?}");
         assert!(got.l4_checksum_ok, "{hook:?}");
     }
@@ -445,12 +487,23 @@ fn ipv6_floods_evict_no_established_flow() {
             run(Spec6::tcp(CLIENT6, sport, CLUSTER_IP6, 80));
             run(reply(sport, TCP_SYN | TCP_ACK));
         }
-        let spoofed = |i: u32| Ipv6Addr::new(0xfd00, 0x18, 0, 0x100, 0, 0, (i >> 16) as u16, i as u16);
+        let spoofed =
+            |i: u32| Ipv6Addr::new(0xfd00, 0x18, 0, 0x100, 0, 0, (i >> 16) as u16, i as u16);
         for i in 0..4 * FIXTURE_CT_SIZES.syn {
-            run(Spec6::tcp(spoofed(i), 1024 + (i % 60000) as u16, CLUSTER_IP6, 80));
+            run(Spec6::tcp(
+                spoofed(i),
+                1024 + (i % 60000) as u16,
+                CLUSTER_IP6,
+                80,
+            ));
         }
         for i in 0..4 * FIXTURE_CT_SIZES.udp {
-            run(Spec6::udp(spoofed(i), 1024 + (i % 60000) as u16, CLUSTER_IP6, 53));
+            run(Spec6::udp(
+                spoofed(i),
+                1024 + (i % 60000) as u16,
+                CLUSTER_IP6,
+                53,
+            ));
         }
         let before = fx.counter(Verdict::DnatEstablished);
         for &sport in &est {
@@ -461,10 +514,21 @@ fn ipv6_floods_evict_no_established_flow() {
             let out = decode6(&run(ack).frame);
             assert_eq!(out.daddr, expected_backend(sport, TCP), "{hook:?} {sport}");
             let back = decode6(&run(reply(sport, TCP_ACK)).frame);
-            assert_eq!((back.saddr, back.sport), (CLUSTER_IP6, 80), "{hook:?} {sport}");
+            assert_eq!(
+                (back.saddr, back.sport),
+                (CLUSTER_IP6, 80),
+                "{hook:?} {sport}"
+            );
         }
-        assert_eq!(fx.counter(Verdict::DnatEstablished) - before, est.len() as u64);
-        assert_eq!(fx.counter(Verdict::DnatPickup), 0, "{hook:?}: no state was lost");
+        assert_eq!(
+            fx.counter(Verdict::DnatEstablished) - before,
+            est.len() as u64
+        );
+        assert_eq!(
+            fx.counter(Verdict::DnatPickup),
+            0,
+            "{hook:?}: no state was lost"
+        );
     }
 }
 
@@ -512,7 +576,11 @@ fn ipv6_fragments_follow_the_first_both_ways() {
         let want = fragments6(&back, 1232, 0x4343);
         for (i, frag) in fragments6(&answer, 1232, 0x4343).iter().enumerate() {
             let out = fx.run_on(hook, frag, fx.pod_ifindex).unwrap();
-            assert_eq!(out.verdict, hook.verdict_redirect(), "{hook:?} answer fragment {i}");
+            assert_eq!(
+                out.verdict,
+                hook.verdict_redirect(),
+                "{hook:?} answer fragment {i}"
+            );
             assert_eq!(out.frame, want[i], "{hook:?} answer fragment {i}");
         }
         assert_eq!(fx.counter(Verdict::FragmentNat), 4, "{hook:?}");

@@ -628,10 +628,15 @@ fn a_dual_stack_nodes_addresses_from_the_api_serve_both_families() {
          - {{type: InternalIP, address: \"{NODE_IP}\"}}\n  - {{type: InternalIP, address: \"{NODE_IP6}\"}}\n"
     ));
     let mut svc = Svc::web(
-        [pod_ip(1).into(), pod_ip(2).into(), pod_ip6(1).into(), pod_ip6(2).into()]
-            .into_iter()
-            .map(|ip: std::net::IpAddr| Endpoint::ready(ip))
-            .collect(),
+        [
+            pod_ip(1).into(),
+            pod_ip(2).into(),
+            pod_ip6(1).into(),
+            pod_ip6(2).into(),
+        ]
+        .into_iter()
+        .map(|ip: std::net::IpAddr| Endpoint::ready(ip))
+        .collect(),
     );
     svc.extra.cluster_ip6 = Some(Ipv6Addr::new(0xfd00, 0x19, 0, 0, 0, 0, 0, 0x10));
     w.api.apply_yaml(&yaml(&[svc]));
@@ -649,7 +654,12 @@ fn a_dual_stack_nodes_addresses_from_the_api_serve_both_families() {
     let np6 = SocketAddrV6::new(NODE_IP6, 30080, 0, 0);
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..20 {
-        let a = w.topo.client.run(move || tcp_who6(np6)).unwrap().expect("IPv6 NodePort");
+        let a = w
+            .topo
+            .client
+            .run(move || tcp_who6(np6))
+            .unwrap()
+            .expect("IPv6 NodePort");
         assert_eq!(*a.peer.ip(), CLIENT_IP6, "{a:?}");
         seen.insert(a.pod);
     }
@@ -659,7 +669,11 @@ fn a_dual_stack_nodes_addresses_from_the_api_serve_both_families() {
     let vip = SocketAddrV6::new(Ipv6Addr::new(0xfd00, 0x19, 0, 0, 0, 0, 0, 0x10), 80, 0, 0);
     let mut hairpin = None;
     for _ in 0..40 {
-        let a = w.topo.pods[0].ns.run(move || tcp_who6(vip)).unwrap().unwrap();
+        let a = w.topo.pods[0]
+            .ns
+            .run(move || tcp_who6(vip))
+            .unwrap()
+            .unwrap();
         if a.pod == "pod-1" {
             hairpin = Some(a.peer);
             break;

@@ -65,7 +65,11 @@ fn tcp_service(
             port_name: String::new(),
             protocol: Protocol::Tcp,
             scope: Default::default(),
-            family: if addr.is_ipv6() { Family::V6 } else { Family::V4 },
+            family: if addr.is_ipv6() {
+                Family::V6
+            } else {
+                Family::V4
+            },
         },
         frontends: vec![Frontend {
             addr,
