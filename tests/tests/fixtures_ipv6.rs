@@ -61,6 +61,13 @@ fn ready(ips: Vec<Ipv6Addr>) -> Vec<Endpoint> {
     ips.into_iter().map(Endpoint::ready).collect()
 }
 
+/// Ready endpoints on another node.
+fn on_node_b(ips: Vec<Ipv6Addr>) -> Vec<Endpoint> {
+    ips.into_iter()
+        .map(|ip| Endpoint::ready(ip).on("node-b"))
+        .collect()
+}
+
 /// The dual-stack web Service on `backends()`; `empty`: no IPv6 endpoint.
 fn fixture(empty: bool) -> Fixture {
     let eps6 = if empty { vec![] } else { ready(backends()) };
@@ -291,11 +298,7 @@ fn routed_from_node(p: &Spec6, sport: u16, daddr: Ipv6Addr, dport: u16) -> Spec6
 
 #[test]
 fn ipv6_node_port_to_a_remote_backend_is_snatted_and_the_reply_reversed() {
-    let eps6 = remote()
-        .into_iter()
-        .map(|ip| Endpoint::ready(ip).on("node-b"))
-        .collect();
-    let svc = web(eps6);
+    let svc = web(on_node_b(remote()));
     for hook in HOOKS {
         let fx = Fixture::new(&yaml(&[svc.clone()])).unwrap();
         let syn = Spec6::tcp(CLIENT6, 40000, NODE_IP6, 30080);
@@ -418,12 +421,7 @@ fn ipv6_traffic_policy_local_keeps_the_client_address_or_drops() {
         svc.extra.external_traffic_policy = Some("Local");
         svc
     };
-    let elsewhere = local(
-        remote()
-            .into_iter()
-            .map(|ip| Endpoint::ready(ip).on("node-b"))
-            .collect(),
-    );
+    let elsewhere = local(on_node_b(remote()));
     let frame = Spec6::tcp(CLIENT6, 40000, NODE_IP6, 30080);
     for hook in HOOKS {
         let fx = Fixture::new(&yaml(&[elsewhere.clone()])).unwrap();
